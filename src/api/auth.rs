@@ -1,0 +1,44 @@
+//! `POST /auth/register`, `POST /auth/login`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use super::extract::{ClientIp, JsonBody};
+use crate::app::AppState;
+use crate::domain::{DisplayName, Password, Username};
+use crate::error::ApiResult;
+
+pub async fn register(
+    State(state): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
+    JsonBody(input): JsonBody,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    state.svc.check_auth_rate(&ip)?;
+    let username = Username::parse(input.req_str("username")?)?;
+    let password = Password::parse(input.req_str("password")?)?;
+    let display_name = input
+        .opt_str("display_name")?
+        .map(DisplayName::parse)
+        .transpose()?;
+    let (user, token) = state.svc.register(username, password, display_name).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"user": user, "token": token})),
+    ))
+}
+
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
+    JsonBody(input): JsonBody,
+) -> ApiResult<Json<Value>> {
+    state.svc.check_auth_rate(&ip)?;
+    let username = input.req_str("username")?;
+    let password = input.req_str("password")?;
+    let (user, token) = state.svc.login(username, password.to_string()).await?;
+    Ok(Json(json!({"user": user, "token": token})))
+}

@@ -1,0 +1,83 @@
+//! The REST API (API.md §4) and operations endpoints (§6), one file per resource.
+
+mod auth;
+pub mod extract;
+mod messages;
+mod ops;
+mod rooms;
+mod users;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::metrics as m;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/auth/register", post(auth::register))
+        .route("/auth/login", post(auth::login))
+        .route("/users/me", get(users::me).patch(users::update_me))
+        .route("/users/{id}", get(users::get))
+        .route("/rooms", post(rooms::create).get(rooms::list))
+        .route("/rooms/{id}", get(rooms::get).patch(rooms::update))
+        .route("/rooms/{id}/join", post(rooms::join))
+        .route("/rooms/{id}/leave", post(rooms::leave))
+        .route(
+            "/rooms/{id}/members",
+            post(rooms::add_member).get(rooms::members),
+        )
+        .route(
+            "/rooms/{id}/messages",
+            post(messages::send).get(messages::history),
+        )
+        .route("/cluster", get(ops::cluster));
+
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/health/live", get(ops::live))
+        .route("/health/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .merge(crate::web::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+/// Counts every request by route template (never the raw path: ids would make labels unbounded).
+async fn observe(State(_): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| {
+            if req.uri().path().starts_with("/socket.io") {
+                "/socket.io/".into()
+            } else {
+                "unmatched".into()
+            }
+        });
+    let method = req.method().clone();
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => status.clone())
+        .increment(1);
+    if route != "/socket.io/" && route != "/metrics" && !route.starts_with("/health") {
+        tracing::info!(method = %method, route = %route, status = %status, latency_us = started.elapsed().as_micros() as u64, "request");
+    }
+    res
+}

@@ -1,0 +1,154 @@
+//! Passwords (Argon2id) and user tokens (HS256 JWT).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+use crate::error::ApiError;
+
+/// Hashes off the async runtime: Argon2id is deliberately slow (tens of ms).
+pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("hashing task failed: {e}")))?
+    .map_err(|e| ApiError::Unavailable(format!("hashing failed: {e}")))
+}
+
+/// A hash of a password nobody knows, verified when the user does not exist so that a wrong
+/// username takes as long as a wrong password.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1kqbqQnmYAKQZx3E4fAcN0z0mJ2ppdjm0k5vQ7uBq0Q";
+
+pub async fn verify_password(password: String, hash: Option<String>) -> bool {
+    let known = hash.is_some();
+    let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
+    let ok = tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false);
+    ok && known
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Issues and checks user tokens.
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl Tokens {
+    pub fn new(secret: &Secret, ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
+            decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
+            validation,
+            ttl,
+        }
+    }
+
+    pub fn issue(&self, user_id: &str) -> Result<String, ApiError> {
+        let now = chrono::Utc::now().timestamp().max(0) as u64;
+        let claims = Claims {
+            sub: user_id.to_string(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| ApiError::Unavailable(format!("token signing failed: {e}")))
+    }
+
+    /// The user id of a valid token.
+    pub fn verify(&self, token: &str) -> Result<String, ApiError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|d| d.claims.sub)
+            .map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))
+    }
+}
+
+/// Embedded mode: the signing secret is generated once and kept (0600) in the data dir, so tokens
+/// stay valid across restarts.
+pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<Secret> {
+    use rand::RngCore;
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("jwt_secret");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim().to_string();
+        anyhow::ensure!(s.len() >= 32, "{} is shorter than 32 bytes", path.display());
+        return Ok(Secret::new(s));
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = hex::encode(bytes);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&path)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    Ok(Secret::new(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip_and_tamper() {
+        let t = Tokens::new(&Secret::new("x".repeat(32)), Duration::from_secs(60));
+        let tok = t.issue("user1").unwrap();
+        assert_eq!(t.verify(&tok).unwrap(), "user1");
+        let other = Tokens::new(&Secret::new("y".repeat(32)), Duration::from_secs(60));
+        assert!(other.verify(&tok).is_err());
+        assert!(t.verify("garbage").is_err());
+    }
+
+    #[tokio::test]
+    async fn password_hash_verifies() {
+        let h = hash_password("correct horse".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse".into(), Some(h.clone())).await);
+        assert!(!verify_password("wrong horse".into(), Some(h)).await);
+        assert!(!verify_password("anything".into(), None).await);
+    }
+
+    #[test]
+    fn secret_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_secret(dir.path()).unwrap();
+        let b = load_or_create_secret(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.expose().len(), 64);
+    }
+}

@@ -1,0 +1,8 @@
+//! Validated values ([`fields`]) and the objects of API.md §2 ([`models`]).
+
+pub mod fields;
+pub mod input;
+pub mod models;
+
+pub use fields::*;
+pub use models::*;

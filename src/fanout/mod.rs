@@ -1,0 +1,29 @@
+//! Delivers events to connected sockets.
+//!
+//! Promise: `publish_message` calls for one room are made in seq order (by the sequencer) and every
+//! socket that joined the room receives them in that order. A socket that cannot keep up is
+//! disconnected rather than skipped, so it reconnects and resyncs with `after_seq` instead of
+//! silently missing a message.
+
+pub mod local;
+
+use async_trait::async_trait;
+
+use crate::domain::{Message, Room, User};
+
+#[async_trait]
+pub trait Fanout: Send + Sync + 'static {
+    /// `message:new` to every socket that joined the message's room.
+    async fn publish_message(&self, msg: &Message);
+    /// `room:updated` to every socket that joined the room.
+    async fn room_updated(&self, room: &Room);
+    /// `user:updated` to the user's own sockets and to sockets in `room_ids`.
+    async fn user_updated(&self, user: &User, room_ids: &[String]);
+    /// `presence` to sockets in `room_ids`.
+    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]);
+}
+
+/// The Socket.IO room that holds a user's own sockets (room ids are ULIDs, never this shape).
+pub fn user_channel(user_id: &str) -> String {
+    format!("user:{user_id}")
+}

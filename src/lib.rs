@@ -1,0 +1,33 @@
+//! chatmesh: a real-time chat backend with gap-free per-room ordering.
+//!
+//! The same wire contract (`shared/API.md`) is served in every mode; each concern that differs
+//! between modes sits behind one trait, chosen once at start in [`app`].
+//!
+//! # Layout
+//! - [`config`]: typed settings from environment and flags, parsed once.
+//! - [`domain`]: validated newtypes (`Username`, `MessageBody`, ...) and the API objects.
+//! - [`error`]: the one error enum of the API, mapped once to HTTP and Socket.IO acks.
+//! - [`store`]: the durable [`store::Store`] trait and its SQLite implementation.
+//! - [`sequencer`]: assigns per-room seqs; embedded mode group-commits into the store.
+//! - [`fanout`]: delivers accepted messages to sockets, in seq order.
+//! - [`service`]: the operations both REST and Socket.IO call (never branching on the mode).
+//! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
+//! - [`auth`], [`ratelimit`], [`metrics`], [`telemetry`]: cross-cutting pieces.
+//! - [`app`]: `Application::build` wires one mode and `run_until_stopped` serves it.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod fanout;
+pub mod metrics;
+pub mod presence;
+pub mod ratelimit;
+pub mod realtime;
+pub mod sequencer;
+pub mod service;
+pub mod store;
+pub mod telemetry;
+pub mod web;

@@ -1,0 +1,184 @@
+//! The Socket.IO namespace `/` (API.md §5): handshake auth, connection bookkeeping and the event
+//! handlers ([`rooms`]: join/leave/sync, [`messages`]: send/typing).
+
+mod messages;
+mod order;
+mod rooms;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+
+use crate::app::AppState;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::fanout::user_channel;
+use crate::metrics as m;
+
+pub use order::SocketOrder;
+
+/// Packets this much over the body limit still get a clean `payload_too_large` ack; beyond it
+/// the transport itself refuses them and closes the connection.
+const TRANSPORT_SLACK: usize = 4;
+/// Packets buffered per socket before it counts as a slow consumer (see fanout).
+const SOCKET_BUFFER: usize = 8192;
+
+static CONNECTIONS: AtomicI64 = AtomicI64::new(0);
+
+/// Sockets connected to this instance.
+pub fn connection_count() -> i64 {
+    CONNECTIONS.load(Ordering::Relaxed)
+}
+
+/// Who a socket belongs to; set by the handshake middleware.
+#[derive(Clone)]
+pub struct Identity {
+    pub user_id: String,
+}
+
+pub fn build_layer(config: &Config) -> (SocketIoLayer, SocketIo) {
+    let transport_limit = (config.max_body_bytes * TRANSPORT_SLACK).max(256 * 1024);
+    SocketIo::builder()
+        .max_payload(transport_limit as u64)
+        .ws_max_message_size(transport_limit)
+        .ws_max_frame_size(transport_limit)
+        .max_buffer_size(SOCKET_BUFFER)
+        .ack_timeout(Duration::from_secs(10))
+        .build_layer()
+}
+
+pub fn register(io: &SocketIo, state: Arc<AppState>) {
+    let auth_state = state.clone();
+    let authenticate = move |s: SocketRef, TryData(auth): TryData<Value>| {
+        let state = auth_state.clone();
+        async move { authenticate(&state, &s, auth.ok()).await }
+    };
+    let on_connect = move |s: SocketRef| {
+        let state = state.clone();
+        async move { on_connect(state, s).await }
+    };
+    io.ns("/", on_connect.with(authenticate));
+}
+
+#[derive(Debug)]
+struct Unauthorized;
+
+impl std::fmt::Display for Unauthorized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The exact `connect_error` message API.md §5 promises.
+        f.write_str("unauthorized")
+    }
+}
+
+async fn authenticate(
+    state: &AppState,
+    s: &SocketRef,
+    auth: Option<Value>,
+) -> Result<(), Unauthorized> {
+    if state.is_draining() {
+        return Err(Unauthorized);
+    }
+    let token = auth
+        .as_ref()
+        .and_then(|a| a.get("token"))
+        .and_then(Value::as_str)
+        .ok_or(Unauthorized)?;
+    let user_id = state
+        .svc
+        .authenticate(token)
+        .await
+        .map_err(|_| Unauthorized)?;
+    // A signed token for a user the store does not know is refused too.
+    match state.svc.store.user(&user_id).await {
+        Ok(Some(_)) => {}
+        _ => return Err(Unauthorized),
+    }
+    s.extensions.insert(Identity { user_id });
+    s.extensions.insert(Arc::new(SocketOrder::default()));
+    Ok(())
+}
+
+async fn on_connect(state: Arc<AppState>, s: SocketRef) {
+    let Some(identity) = s.extensions.get::<Identity>() else {
+        let _ = s.disconnect();
+        return;
+    };
+    let uid = identity.user_id.clone();
+    CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    metrics::gauge!(m::CONNECTIONS).increment(1.0);
+    s.join(user_channel(&uid));
+    tracing::info!(socket = %s.id, user = %uid, transport = ?s.transport_type(), "socket connected");
+
+    rooms::register(&s, &state);
+    messages::register(&s, &state);
+
+    let disc_state = state.clone();
+    s.on_disconnect(move |s: SocketRef| {
+        let state = disc_state.clone();
+        async move {
+            CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+            let Some(identity) = s.extensions.get::<Identity>() else {
+                return;
+            };
+            tracing::info!(socket = %s.id, user = %identity.user_id, "socket disconnected");
+            if state.presence.disconnect(&identity.user_id) {
+                announce_presence(&state, &identity.user_id, false).await;
+            }
+        }
+    });
+
+    if state.presence.connect(&uid) {
+        announce_presence(&state, &uid, true).await;
+    }
+}
+
+async fn announce_presence(state: &AppState, user_id: &str, online: bool) {
+    match state.svc.store.room_ids_of_user(user_id).await {
+        Ok(rooms) => state.svc.fanout.presence(user_id, online, &rooms).await,
+        Err(e) => tracing::warn!(error = %e, "presence: could not list rooms"),
+    }
+}
+
+/// The payload of a client event as a JSON object, refusing oversized packets.
+fn payload(
+    state: &AppState,
+    data: Result<Value, impl std::fmt::Display>,
+) -> Result<crate::domain::input::Input, ApiError> {
+    let value =
+        data.map_err(|e| ApiError::validation(format!("payload must be a JSON object: {e}")))?;
+    // Re-serialized size is within a few bytes of the packet's own: close enough for a limit.
+    let size = serde_json::to_vec(&value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > state.config.max_body_bytes {
+        return Err(ApiError::PayloadTooLarge {
+            limit: state.config.max_body_bytes,
+        });
+    }
+    crate::domain::input::Input::from_value(value)
+}
+
+/// Sends the ack: `{ok: true, ...fields}` or the error shape.
+fn reply(ack: AckSender, result: Result<Value, ApiError>) {
+    let body = match result {
+        Ok(mut v) => {
+            v["ok"] = json!(true);
+            v
+        }
+        Err(e) => e.ack(),
+    };
+    let _ = ack.send(&body);
+}
+
+fn identity(s: &SocketRef) -> Result<Identity, ApiError> {
+    s.extensions
+        .get::<Identity>()
+        .ok_or_else(|| ApiError::Unauthorized("socket is not authenticated".into()))
+}

@@ -1,0 +1,363 @@
+//! The operations of the API, shared by REST and Socket.IO handlers. Handlers parse the wire
+//! format; this layer checks permissions and limits and calls the mode's implementations.
+//! Nothing here branches on the mode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{self, Tokens};
+use crate::domain::*;
+use crate::error::{ApiError, ApiResult};
+use crate::fanout::Fanout;
+use crate::metrics as m;
+use crate::ratelimit::RateLimiter;
+use crate::sequencer::{SendOutcome, Sequencer};
+use crate::store::{NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
+
+/// Page size of history reads when the client gives none, and the most it may ask for.
+pub const DEFAULT_PAGE: u32 = 50;
+pub const MAX_PAGE: u32 = 500;
+/// Public rooms listed by `GET /rooms?scope=public`.
+const PUBLIC_ROOMS_LIMIT: u32 = 500;
+
+pub struct ChatService {
+    pub store: Arc<dyn Store>,
+    pub sequencer: Arc<dyn Sequencer>,
+    pub fanout: Arc<dyn Fanout>,
+    pub tokens: Tokens,
+    pub region: String,
+    send_limiter: RateLimiter,
+    auth_limiter: RateLimiter,
+}
+
+/// Where a history page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    After(i64),
+    Before(i64),
+    Latest,
+}
+
+pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) if l < 1 => Err(ApiError::validation("limit must be at least 1")),
+        Some(l) => Ok(l.min(i64::from(MAX_PAGE)) as u32),
+    }
+}
+
+impl ChatService {
+    pub fn new(
+        store: Arc<dyn Store>,
+        sequencer: Arc<dyn Sequencer>,
+        fanout: Arc<dyn Fanout>,
+        tokens: Tokens,
+        region: String,
+        send_rate_per_sec: u32,
+        auth_rate_per_min: u32,
+    ) -> Self {
+        let send = f64::from(send_rate_per_sec);
+        let auth = f64::from(auth_rate_per_min);
+        Self {
+            store,
+            sequencer,
+            fanout,
+            tokens,
+            region,
+            send_limiter: RateLimiter::new(send, send * 10.0),
+            auth_limiter: RateLimiter::new(auth / 60.0, auth),
+        }
+    }
+
+    fn limited(kind: &'static str, retry_after: Duration) -> ApiError {
+        metrics::counter!(m::RATE_LIMITED, "kind" => kind).increment(1);
+        ApiError::RateLimited { retry_after }
+    }
+
+    pub fn check_auth_rate(&self, client_ip: &str) -> ApiResult<()> {
+        self.auth_limiter
+            .check(client_ip)
+            .map_err(|wait| Self::limited("auth", wait))
+    }
+
+    // ---- users ----
+
+    pub async fn register(
+        &self,
+        username: Username,
+        password: Password,
+        display_name: Option<DisplayName>,
+    ) -> ApiResult<(User, String)> {
+        let hash = auth::hash_password(password.into_inner()).await?;
+        let display_name = display_name
+            .map(DisplayName::into_inner)
+            .unwrap_or_else(|| username.to_string());
+        let user = self
+            .store
+            .create_user(NewUser {
+                id: new_id(),
+                username: username.into_inner(),
+                display_name,
+                password_hash: hash,
+                created_at: Timestamp::now(),
+            })
+            .await?;
+        let token = self.tokens.issue(&user.id)?;
+        Ok((user, token))
+    }
+
+    pub async fn login(&self, username: &str, password: String) -> ApiResult<(User, String)> {
+        // An impossible username is a wrong username: same answer, no hint.
+        let found = match Username::parse(username) {
+            Ok(u) => self.store.credentials(u.as_str()).await?,
+            Err(_) => None,
+        };
+        let (user, hash) = match found {
+            Some((u, h)) => (Some(u), Some(h)),
+            None => (None, None),
+        };
+        if !auth::verify_password(password, hash).await {
+            return Err(ApiError::InvalidCredentials);
+        }
+        let user = user.ok_or(ApiError::InvalidCredentials)?;
+        let token = self.tokens.issue(&user.id)?;
+        Ok((user, token))
+    }
+
+    pub async fn user(&self, id: &str) -> ApiResult<User> {
+        self.store
+            .user(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound("user not found".into()))
+    }
+
+    /// The authenticated user; a valid token for a user that no longer exists is unauthorized.
+    pub async fn authenticate(&self, token: &str) -> ApiResult<String> {
+        self.tokens.verify(token)
+    }
+
+    pub async fn update_me(&self, user_id: &str, patch: UserPatch) -> ApiResult<User> {
+        let user = self
+            .store
+            .update_user(user_id, patch, Timestamp::now())
+            .await?;
+        let rooms = self.store.room_ids_of_user(user_id).await?;
+        self.fanout.user_updated(&user, &rooms).await;
+        Ok(user)
+    }
+
+    // ---- rooms ----
+
+    pub async fn create_room(
+        &self,
+        owner_id: &str,
+        name: RoomName,
+        topic: Option<Topic>,
+        visibility: Visibility,
+    ) -> ApiResult<Room> {
+        Ok(self
+            .store
+            .create_room(NewRoom {
+                id: new_id(),
+                name: name.into_inner(),
+                topic: topic.map(Topic::into_inner).unwrap_or_default(),
+                visibility,
+                owner_id: owner_id.to_string(),
+                home_region: self.region.clone(),
+                created_at: Timestamp::now(),
+            })
+            .await?)
+    }
+
+    pub async fn joined_rooms(&self, user_id: &str) -> ApiResult<Vec<Room>> {
+        Ok(self.store.rooms_of_user(user_id).await?)
+    }
+
+    pub async fn public_rooms(&self) -> ApiResult<Vec<Room>> {
+        Ok(self.store.public_rooms(PUBLIC_ROOMS_LIMIT).await?)
+    }
+
+    async fn room_or_404(&self, room_id: &str) -> ApiResult<Room> {
+        self.store
+            .room(room_id)
+            .await?
+            .ok_or_else(ApiError::room_not_found)
+    }
+
+    /// A room the user may see: public, or private with the user a member.
+    pub async fn visible_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
+        let room = self.room_or_404(room_id).await?;
+        if room.visibility == Visibility::Private && !self.store.is_member(room_id, user_id).await?
+        {
+            return Err(ApiError::Forbidden("this room is private".into()));
+        }
+        Ok(room)
+    }
+
+    /// A room the user is a member of.
+    pub async fn member_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
+        let room = self.room_or_404(room_id).await?;
+        if !self.store.is_member(room_id, user_id).await? {
+            return Err(ApiError::not_member());
+        }
+        Ok(room)
+    }
+
+    pub async fn update_room(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        patch: RoomPatch,
+    ) -> ApiResult<Room> {
+        let room = self.room_or_404(room_id).await?;
+        if room.owner_id != user_id {
+            return Err(ApiError::Forbidden(
+                "only the owner may change the room".into(),
+            ));
+        }
+        let room = self
+            .store
+            .update_room(room_id, patch, Timestamp::now())
+            .await?;
+        self.fanout.room_updated(&room).await;
+        Ok(room)
+    }
+
+    /// Joins a public room (idempotent); a private room only for existing members.
+    pub async fn join_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
+        let room = self.room_or_404(room_id).await?;
+        if self.store.is_member(room_id, user_id).await? {
+            return Ok(room);
+        }
+        if room.visibility == Visibility::Private {
+            return Err(ApiError::Forbidden(
+                "this room is private; ask its owner for an invite".into(),
+            ));
+        }
+        self.store
+            .add_member(room_id, user_id, Timestamp::now())
+            .await?;
+        self.room_or_404(room_id).await
+    }
+
+    pub async fn leave_room(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
+        self.room_or_404(room_id).await?;
+        self.store.remove_member(room_id, user_id).await?;
+        Ok(())
+    }
+
+    pub async fn add_member(
+        &self,
+        owner_id: &str,
+        room_id: &str,
+        new_member: &str,
+    ) -> ApiResult<()> {
+        let room = self.room_or_404(room_id).await?;
+        if room.owner_id != owner_id {
+            return Err(ApiError::Forbidden("only the owner may add members".into()));
+        }
+        self.user(new_member).await?;
+        self.store
+            .add_member(room_id, new_member, Timestamp::now())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn members(&self, user_id: &str, room_id: &str) -> ApiResult<Vec<User>> {
+        self.member_room(user_id, room_id).await?;
+        Ok(self.store.members(room_id).await?)
+    }
+
+    // ---- messages ----
+
+    /// Validated send; `Ok((msg, true))` when newly accepted, `(original, false)` on a retry.
+    /// `turn` is held until the send is enqueued, so one socket's sends keep their order.
+    pub async fn send<T>(
+        &self,
+        sender_id: &str,
+        room_id: &str,
+        client_msg_id: ClientMsgId,
+        body: MessageBody,
+        turn: T,
+    ) -> ApiResult<(Message, bool)> {
+        let receipt = {
+            let _turn = turn;
+            self.send_limiter
+                .check(sender_id)
+                .map_err(|wait| Self::limited("send", wait))?;
+            self.member_room(sender_id, room_id).await?;
+            self.sequencer
+                .submit(SendRequest {
+                    message_id: new_id(),
+                    room_id: room_id.to_string(),
+                    sender_id: sender_id.to_string(),
+                    client_msg_id: client_msg_id.into_inner(),
+                    body: body.into_inner(),
+                    created_at: Timestamp::now(),
+                })
+                .await?
+        };
+        Ok(match receipt.await? {
+            SendOutcome::Accepted(msg) => {
+                metrics::counter!(m::MESSAGES_ACCEPTED).increment(1);
+                (msg, true)
+            }
+            SendOutcome::Duplicate(msg) => (msg, false),
+        })
+    }
+
+    /// A page of history for a user who may see the room.
+    pub async fn history(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        cursor: Cursor,
+        limit: u32,
+    ) -> ApiResult<HistoryPage> {
+        self.visible_room(user_id, room_id).await?;
+        self.page(room_id, cursor, limit).await
+    }
+
+    /// A page of history, without permission checks (the caller made them).
+    pub async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+        // Read one extra to learn whether there is more in the direction of travel.
+        let probe = limit + 1;
+        let (mut messages, more) = match cursor {
+            Cursor::After(after) => {
+                let mut msgs = self.store.messages_after(room_id, after, probe).await?;
+                let more = msgs.len() > limit as usize;
+                msgs.truncate(limit as usize);
+                (msgs, more)
+            }
+            Cursor::Before(before) => {
+                let mut msgs = self.store.messages_before(room_id, before, probe).await?;
+                let more = msgs.len() > limit as usize;
+                if more {
+                    msgs.remove(0);
+                }
+                (msgs, more)
+            }
+            Cursor::Latest => {
+                let mut msgs = self.store.messages_before(room_id, i64::MAX, probe).await?;
+                let more = msgs.len() > limit as usize;
+                if more {
+                    msgs.remove(0);
+                }
+                (msgs, more)
+            }
+        };
+        messages.shrink_to_fit();
+        let head_seq = self
+            .store
+            .head_seq(room_id)
+            .await?
+            .ok_or_else(ApiError::room_not_found)?;
+        // Messages may have been accepted between the read and the head: head is never below them.
+        let head_seq = head_seq.max(messages.last().map(|m| m.seq).unwrap_or(0));
+        Ok(HistoryPage {
+            messages,
+            head_seq,
+            has_more: more,
+        })
+    }
+}

@@ -1,0 +1,565 @@
+//! SQLite store for embedded mode: one file, WAL, `synchronous=FULL` so that a committed batch
+//! survives a crash of the process or the machine. Migrations are embedded in the binary.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult,
+    UserPatch,
+};
+use crate::domain::{Message, Room, Timestamp, User, Visibility};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+const USER_COLS: &str =
+    "id, username, display_name, status_text, avatar_url, created_at, updated_at";
+const ROOM_COLS: &str = "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
+const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, created_at";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+fn user_from(row: &SqliteRow) -> Result<User, sqlx::Error> {
+    Ok(User {
+        id: row.try_get("id")?,
+        username: row.try_get("username")?,
+        display_name: row.try_get("display_name")?,
+        status_text: row.try_get("status_text")?,
+        avatar_url: row.try_get("avatar_url")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+        updated_at: Timestamp(row.try_get("updated_at")?),
+    })
+}
+
+fn room_from(row: &SqliteRow) -> Result<Room, sqlx::Error> {
+    let visibility: String = row.try_get("visibility")?;
+    Ok(Room {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        topic: row.try_get("topic")?,
+        visibility: Visibility::parse(&visibility).map_err(|e| sqlx::Error::Decode(e.0.into()))?,
+        owner_id: row.try_get("owner_id")?,
+        home_region: row.try_get("home_region")?,
+        head_seq: row.try_get("head_seq")?,
+        member_count: row.try_get("member_count")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+        updated_at: Timestamp(row.try_get("updated_at")?),
+    })
+}
+
+fn message_from(row: &SqliteRow) -> Result<Message, sqlx::Error> {
+    Ok(Message {
+        id: row.try_get("id")?,
+        room_id: row.try_get("room_id")?,
+        seq: row.try_get("seq")?,
+        sender_id: row.try_get("sender_id")?,
+        client_msg_id: row.try_get("client_msg_id")?,
+        body: row.try_get("body")?,
+        created_at: Timestamp(row.try_get("created_at")?),
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file and runs the embedded migrations.
+    pub async fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    async fn room_in(
+        tx: &mut Transaction<'_, Sqlite>,
+        id: &str,
+    ) -> Result<Option<Room>, sqlx::Error> {
+        let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?");
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| room_from(&r))
+            .transpose()
+    }
+
+    async fn fetch_messages(
+        &self,
+        sql: String,
+        room_id: &str,
+        seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(room_id)
+            .bind(seq)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(message_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn create_user(&self, u: NewUser) -> StoreResult<User> {
+        let res = sqlx::query(
+            "INSERT INTO users (id, username, display_name, status_text, avatar_url, password_hash, created_at, updated_at)
+             VALUES (?, ?, ?, '', '', ?, ?, ?)",
+        )
+        .bind(&u.id)
+        .bind(&u.username)
+        .bind(&u.display_name)
+        .bind(&u.password_hash)
+        .bind(u.created_at.0)
+        .bind(u.created_at.0)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(_) => Ok(User {
+                id: u.id,
+                username: u.username,
+                display_name: u.display_name,
+                status_text: String::new(),
+                avatar_url: String::new(),
+                created_at: u.created_at,
+                updated_at: u.created_at,
+            }),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::UsernameTaken),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn user(&self, id: &str) -> StoreResult<Option<User>> {
+        let sql = format!("SELECT {USER_COLS} FROM users WHERE id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| user_from(&r)).transpose().map_err(unavailable)
+    }
+
+    async fn credentials(&self, username: &str) -> StoreResult<Option<(User, String)>> {
+        let sql = format!("SELECT {USER_COLS}, password_hash FROM users WHERE username = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let user = user_from(&r).map_err(unavailable)?;
+                let hash: String = r.try_get("password_hash").map_err(unavailable)?;
+                Ok(Some((user, hash)))
+            }
+        }
+    }
+
+    async fn update_user(&self, id: &str, p: UserPatch, now: Timestamp) -> StoreResult<User> {
+        let sql = format!(
+            "UPDATE users SET display_name = COALESCE(?, display_name), status_text = COALESCE(?, status_text),
+             avatar_url = COALESCE(?, avatar_url), updated_at = ? WHERE id = ? RETURNING {USER_COLS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(p.display_name)
+            .bind(p.status_text)
+            .bind(p.avatar_url)
+            .bind(now.0)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| user_from(&r))
+            .transpose()
+            .map_err(unavailable)?
+            .ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO rooms (id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.name)
+        .bind(&r.topic)
+        .bind(r.visibility.as_str())
+        .bind(&r.owner_id)
+        .bind(&r.home_region)
+        .bind(r.created_at.0)
+        .bind(r.created_at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("INSERT INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)")
+            .bind(&r.id)
+            .bind(&r.owner_id)
+            .bind(r.created_at.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Room {
+            id: r.id,
+            name: r.name,
+            topic: r.topic,
+            visibility: r.visibility,
+            owner_id: r.owner_id,
+            home_region: r.home_region,
+            head_seq: 0,
+            member_count: 1,
+            created_at: r.created_at,
+            updated_at: r.created_at,
+        })
+    }
+
+    async fn room(&self, id: &str) -> StoreResult<Option<Room>> {
+        let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| room_from(&r)).transpose().map_err(unavailable)
+    }
+
+    async fn update_room(&self, id: &str, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
+        let sql = format!(
+            "UPDATE rooms SET name = COALESCE(?, name), topic = COALESCE(?, topic), updated_at = ?
+             WHERE id = ? RETURNING {ROOM_COLS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(p.name)
+            .bind(p.topic)
+            .bind(now.0)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| room_from(&r))
+            .transpose()
+            .map_err(unavailable)?
+            .ok_or(StoreError::NotFound("room"))
+    }
+
+    async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>> {
+        let sql = format!(
+            "SELECT {} FROM rooms r JOIN memberships m ON m.room_id = r.id WHERE m.user_id = ?
+             ORDER BY r.created_at DESC, r.id DESC",
+            ROOM_COLS
+                .split(", ")
+                .map(|c| format!("r.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(room_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn public_rooms(&self, limit: u32) -> StoreResult<Vec<Room>> {
+        let sql = format!(
+            "SELECT {ROOM_COLS} FROM rooms WHERE visibility = 'public' ORDER BY created_at DESC, id DESC LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(room_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        if Self::room_in(&mut tx, room_id)
+            .await
+            .map_err(unavailable)?
+            .is_none()
+        {
+            return Err(StoreError::NotFound("room"));
+        }
+        let added = sqlx::query(
+            "INSERT OR IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)",
+        )
+        .bind(room_id)
+        .bind(user_id)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+                StoreError::NotFound("user")
+            }
+            _ => unavailable(e),
+        })?
+        .rows_affected()
+            == 1;
+        if added {
+            sqlx::query("UPDATE rooms SET member_count = member_count + 1 WHERE id = ?")
+                .bind(room_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(added)
+    }
+
+    async fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let removed = sqlx::query("DELETE FROM memberships WHERE room_id = ? AND user_id = ?")
+            .bind(room_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected()
+            == 1;
+        if removed {
+            sqlx::query("UPDATE rooms SET member_count = member_count - 1 WHERE id = ?")
+                .bind(room_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(removed)
+    }
+
+    async fn is_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+        let found = sqlx::query("SELECT 1 FROM memberships WHERE room_id = ? AND user_id = ?")
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(found.is_some())
+    }
+
+    async fn members(&self, room_id: &str) -> StoreResult<Vec<User>> {
+        let sql = format!(
+            "SELECT {} FROM users u JOIN memberships m ON m.user_id = u.id WHERE m.room_id = ?
+             ORDER BY m.joined_at, u.id",
+            USER_COLS
+                .split(", ")
+                .map(|c| format!("u.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(room_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter()
+            .map(user_from)
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)
+    }
+
+    async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT room_id FROM memberships WHERE user_id = ?")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn append_messages(&self, batch: &[SendRequest]) -> StoreResult<Vec<AppendOutcome>> {
+        // IMMEDIATE takes the write lock up front, so the seq read-increment cannot race another writer.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for req in batch {
+            let sql = format!(
+                "SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND sender_id = ? AND client_msg_id = ?"
+            );
+            let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&req.room_id)
+                .bind(&req.sender_id)
+                .bind(&req.client_msg_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+            if let Some(row) = existing {
+                let original = message_from(&row).map_err(unavailable)?;
+                out.push(if original.body == req.body {
+                    AppendOutcome::Duplicate(original)
+                } else {
+                    AppendOutcome::Conflict
+                });
+                continue;
+            }
+            let seq: Option<i64> = sqlx::query_scalar(
+                "UPDATE rooms SET head_seq = head_seq + 1 WHERE id = ? RETURNING head_seq",
+            )
+            .bind(&req.room_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let Some(seq) = seq else {
+                out.push(AppendOutcome::RoomMissing);
+                continue;
+            };
+            sqlx::query(
+                "INSERT INTO messages (room_id, seq, id, sender_id, client_msg_id, body, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&req.room_id)
+            .bind(seq)
+            .bind(&req.message_id)
+            .bind(&req.sender_id)
+            .bind(&req.client_msg_id)
+            .bind(&req.body)
+            .bind(req.created_at.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            out.push(AppendOutcome::Accepted(Message {
+                id: req.message_id.clone(),
+                room_id: req.room_id.clone(),
+                seq,
+                sender_id: req.sender_id.clone(),
+                client_msg_id: req.client_msg_id.clone(),
+                body: req.body.clone(),
+                created_at: req.created_at,
+            }));
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(out)
+    }
+
+    async fn upsert_messages(&self, batch: &[Message]) -> StoreResult<()> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        for m in batch {
+            sqlx::query(
+                "INSERT INTO messages (room_id, seq, id, sender_id, client_msg_id, body, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(&m.room_id)
+            .bind(m.seq)
+            .bind(&m.id)
+            .bind(&m.sender_id)
+            .bind(&m.client_msg_id)
+            .bind(&m.body)
+            .bind(m.created_at.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            sqlx::query("UPDATE rooms SET head_seq = MAX(head_seq, ?) WHERE id = ?")
+                .bind(m.seq)
+                .bind(&m.room_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn messages_after(
+        &self,
+        room_id: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let sql = format!(
+            "SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        );
+        self.fetch_messages(sql, room_id, after_seq, limit).await
+    }
+
+    async fn messages_before(
+        &self,
+        room_id: &str,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        let sql = format!(
+            "SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+        );
+        let mut msgs = self.fetch_messages(sql, room_id, before_seq, limit).await?;
+        msgs.reverse();
+        Ok(msgs)
+    }
+
+    async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar("SELECT head_seq FROM rooms WHERE id = ?")
+            .bind(room_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)
+    }
+}
