@@ -38,6 +38,10 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("the metrics recorder is installed once per process");
             describe();
+            // Series exist from the start, so dashboards and rate() see 0 rather than nothing.
+            metrics::counter!(MESSAGES_ACCEPTED).increment(0);
+            metrics::counter!(MESSAGES_DELIVERED).increment(0);
+            metrics::gauge!(CONNECTIONS).set(0.0);
             let upkeep = handle.clone();
             // Histograms are drained into their summaries by upkeep; without it memory grows.
             tokio::spawn(async move {

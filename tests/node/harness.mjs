@@ -137,7 +137,14 @@ export function connect(url, token, transports = ['websocket'], opts = {}) {
 
 /** Emit with an ack; resolves the ack payload. */
 export function emitAck(socket, event, payload, timeoutMs = 10000) {
-  return socket.timeout(timeoutMs).emitWithAck(event, payload);
+  return socket
+    .timeout(timeoutMs)
+    .emitWithAck(event, payload)
+    .catch((err) => {
+      // Name the event in the failure (the stock message is only "operation has timed out").
+      err.message = `${err.message} [${event} ${String(JSON.stringify(payload)).slice(0, 200)} on ${socket.io?.engine?.transport?.name ?? '?'}]`;
+      throw err;
+    });
 }
 
 export function sleep(ms) {
@@ -206,4 +213,25 @@ export async function fetchAllMessages(url, token, roomId) {
     after = r.body.messages[r.body.messages.length - 1].seq;
   }
   return { messages: all, head_seq: head };
+}
+
+let cmidCounter = 0;
+/** A fresh, valid client_msg_id ([A-Za-z0-9_-], <= 64 chars). */
+export function newCmid(prefix = 'm') {
+  cmidCounter += 1;
+  return `${prefix}-${process.pid}-${cmidCounter}-${Math.floor(Math.random() * 1e9)}`.slice(0, 64);
+}
+
+/** room:join that must succeed; resolves the ack. */
+export async function joinRoom(socket, roomId, extra = {}, timeoutMs = 10000) {
+  const ack = await emitAck(socket, 'room:join', { room_id: roomId, ...extra }, timeoutMs);
+  if (!ack || ack.ok !== true) throw new Error(`room:join ${roomId} failed: ${JSON.stringify(ack)}`);
+  return ack;
+}
+
+/** message:send that must succeed; resolves the acked Message. */
+export async function sendMessage(socket, roomId, body, clientMsgId = newCmid(), timeoutMs = 10000) {
+  const ack = await emitAck(socket, 'message:send', { room_id: roomId, client_msg_id: clientMsgId, body }, timeoutMs);
+  if (!ack || ack.ok !== true || !ack.message) throw new Error(`message:send failed: ${JSON.stringify(ack)}`);
+  return ack.message;
 }

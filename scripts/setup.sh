@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what chatmesh needs on a fresh machine of this kind. Idempotent: every step checks first.
+#   scripts/setup.sh          what running the server needs (Rust toolchain, Node for the web assets)
+#   scripts/setup.sh --test   plus what the test suite needs (Chromium, test clients from npm)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+need() { command -v "$1" >/dev/null 2>&1; }
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" = 0 ]; then
+    echo "setup: apt-get update" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  echo "setup: apt-get install $*" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+need cargo || { echo "setup: cargo is missing (install Rust with rustup)" >&2; exit 1; }
+need node && need npm || apt_install nodejs npm
+
+# The browser build of socket.io-client that the binary serves (build.rs copies it in).
+if [ ! -f web/node_modules/socket.io-client/dist/socket.io.min.js ]; then
+  (cd web && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+if [ "$want_test" = 1 ]; then
+  need chromium || apt_install chromium
+  need cargo-nextest || cargo install --locked cargo-nextest
+  rustup component add clippy rustfmt >/dev/null 2>&1 || true
+  if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ]; then
+    (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+fi

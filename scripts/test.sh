@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up and runs the whole test suite: lint, Rust unit + integration tests against the real
+# binary, then the independent-client suites (socket.io-client, Chromium) in Node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --quiet -- -D warnings
+cargo build --quiet --bins
+cargo nextest run --no-fail-fast
+
+mkdir -p target/test-artifacts
+cd tests/node
+CHATMESH_BIN="$(pwd)/../../target/debug/chatmesh" node --test --test-concurrency=2 --test-reporter=spec .

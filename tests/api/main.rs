@@ -1,0 +1,9 @@
+//! Integration tests against the real `chatmesh` binary (one test binary, one spawn helper).
+
+mod config;
+mod helpers;
+mod lifecycle;
+mod messages;
+mod ops;
+mod rooms;
+mod users;
