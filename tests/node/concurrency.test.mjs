@@ -102,3 +102,61 @@ describe('20 sockets x 25 concurrent sends into one room', () => {
     await burst((i) => (i % 2 === 0 ? ['polling'] : ['websocket']));
   });
 });
+
+describe('joining a room in the middle of a burst', () => {
+  test('join ack history + live message:new (deduped by seq) cover every seq exactly, live in order', async () => {
+    const url = server.url;
+    const SENDERS = 10;
+    const EACH = 30;
+    const N = SENDERS * EACH;
+    const room = await createRoom(url, users[0].token, 'late joiners');
+    const senders = [];
+    for (let i = 0; i < SENDERS; i++) {
+      const s = await connect(url, users[i].token, ['websocket']);
+      sockets.add(s);
+      senders.push(s);
+      await joinRoom(s, room.id);
+    }
+    // Late joiners: users 10..15, half on polling; connected before the burst, joined during it.
+    const late = [];
+    for (let i = SENDERS; i < SENDERS + 6; i++) {
+      const s = await connect(url, users[i].token, i % 2 ? ['polling'] : ['websocket']);
+      sockets.add(s);
+      late.push({ s, live: collect(s, 'message:new', (m) => m.room_id === room.id) });
+    }
+    const pending = [];
+    for (let k = 0; k < EACH; k++) {
+      for (let u = 0; u < SENDERS; u++) {
+        pending.push(emitAck(senders[u], 'message:send', { room_id: room.id, client_msg_id: `late-${u}-${k}`, body: `b${u}.${k}` }, 60000));
+      }
+    }
+    // Join while the sends are being processed, at staggered points.
+    const joins = late.map(({ s }, i) =>
+      new Promise((r) => setTimeout(r, 5 + i * 15)).then(() => joinRoom(s, room.id, { after_seq: 0 }, 30000)),
+    );
+    const acks = await Promise.all(pending);
+    for (const a of acks) assert.equal(a.ok, true, JSON.stringify(a));
+    const bySeq = new Map(acks.map((a) => [a.message.seq, a.message]));
+    assert.equal(bySeq.size, N);
+    const joinAcks = await Promise.all(joins);
+    await waitFor(
+      () => late.every(({ live }, i) => new Set([...joinAcks[i].messages, ...live].map((m) => m.seq)).size >= N),
+      30000,
+      'every late joiner has every seq',
+    );
+    late.forEach(({ live }, i) => {
+      const hist = joinAcks[i].messages;
+      hist.forEach((m, j) => assert.equal(m.seq, j + 1, `joiner ${i}: join history is 1..k`));
+      for (let j = 1; j < live.length; j++) {
+        assert.ok(live[j].seq > live[j - 1].seq, `joiner ${i}: live seq ${live[j].seq} after ${live[j - 1].seq}`);
+      }
+      const k = hist.length ? hist[hist.length - 1].seq : 0;
+      // Live delivery may overlap the history (joined before the read), but must leave no hole after it.
+      const firstLiveAfter = live.find((m) => m.seq > k);
+      if (k < N) assert.equal(firstLiveAfter?.seq, k + 1, `joiner ${i}: first live message after history seq ${k}`);
+      const union = new Map([...hist, ...live].map((m) => [m.seq, m]));
+      assert.equal(union.size, N);
+      for (const [seq, m] of union) assert.deepEqual(m, bySeq.get(seq));
+    });
+  });
+});

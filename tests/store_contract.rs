@@ -1,0 +1,407 @@
+//! The store contract: every `Store` backend must pass these, against a real backend.
+//!
+//! `contract_suite!(module, factory)` instantiates every case for one backend; the factory returns
+//! a fresh, empty store (its own file or database) and a guard that cleans it up on drop.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chatmesh::domain::{Message, Timestamp, Visibility};
+use chatmesh::store::sqlite::SqliteStore;
+use chatmesh::store::*;
+
+type Fresh = (Arc<dyn Store>, Box<dyn std::any::Any + Send>);
+
+async fn sqlite_store() -> Fresh {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("contract.db"))
+        .await
+        .unwrap();
+    (Arc::new(store), Box::new(dir))
+}
+
+fn id(prefix: &str, n: usize) -> String {
+    format!("{prefix}{n:020}")
+}
+
+async fn user(s: &dyn Store, n: usize) -> String {
+    let u = s
+        .create_user(NewUser {
+            id: id("u", n),
+            username: format!("user_{n}"),
+            display_name: format!("User {n}"),
+            password_hash: "$argon2id$fake".into(),
+            created_at: Timestamp(1_000 + n as i64),
+        })
+        .await
+        .unwrap();
+    u.id
+}
+
+async fn room(s: &dyn Store, n: usize, owner: &str, visibility: Visibility) -> String {
+    s.create_room(NewRoom {
+        id: id("r", n),
+        name: format!("room {n}"),
+        topic: String::new(),
+        visibility,
+        owner_id: owner.to_string(),
+        home_region: "local".into(),
+        created_at: Timestamp(2_000 + n as i64),
+    })
+    .await
+    .unwrap()
+    .id
+}
+
+fn req(room: &str, sender: &str, cmid: &str, body: &str) -> SendRequest {
+    SendRequest {
+        message_id: ulid::Ulid::generate().to_string(),
+        room_id: room.into(),
+        sender_id: sender.into(),
+        client_msg_id: cmid.into(),
+        body: body.into(),
+        created_at: Timestamp::now(),
+    }
+}
+
+fn accepted(o: &AppendOutcome) -> &Message {
+    match o {
+        AppendOutcome::Accepted(m) => m,
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+}
+
+pub async fn users_round_trip(s: Arc<dyn Store>) {
+    let uid = user(&*s, 1).await;
+    let got = s.user(&uid).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            got.username.as_str(),
+            got.status_text.as_str(),
+            got.created_at
+        ),
+        ("user_1", "", Timestamp(1_001))
+    );
+    let (cred_user, hash) = s.credentials("user_1").await.unwrap().unwrap();
+    assert_eq!(
+        (cred_user.id, hash.as_str()),
+        (uid.clone(), "$argon2id$fake")
+    );
+    assert!(s.credentials("nobody").await.unwrap().is_none());
+    assert!(s.user("missing").await.unwrap().is_none());
+
+    let dup = s
+        .create_user(NewUser {
+            id: id("u", 99),
+            username: "user_1".into(),
+            display_name: "x".into(),
+            password_hash: "h".into(),
+            created_at: Timestamp(5),
+        })
+        .await;
+    assert_eq!(dup.unwrap_err(), StoreError::UsernameTaken);
+
+    let patch = UserPatch {
+        status_text: Some("busy".into()),
+        ..Default::default()
+    };
+    let updated = s.update_user(&uid, patch, Timestamp(9_999)).await.unwrap();
+    assert_eq!(
+        (updated.status_text.as_str(), updated.display_name.as_str()),
+        ("busy", "User 1")
+    );
+    assert_eq!(updated.updated_at, Timestamp(9_999));
+    assert_eq!(s.user(&uid).await.unwrap().unwrap(), updated);
+    let missing = s
+        .update_user("missing", UserPatch::default(), Timestamp(1))
+        .await;
+    assert_eq!(missing.unwrap_err(), StoreError::NotFound("user"));
+}
+
+pub async fn rooms_and_listing(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let b = user(&*s, 2).await;
+    let r1 = room(&*s, 1, &a, Visibility::Public).await;
+    let r2 = room(&*s, 2, &a, Visibility::Private).await;
+    let r3 = room(&*s, 3, &b, Visibility::Public).await;
+
+    let got = s.room(&r1).await.unwrap().unwrap();
+    assert_eq!(
+        (got.head_seq, got.member_count, got.owner_id.as_str()),
+        (0, 1, a.as_str())
+    );
+    assert!(
+        s.is_member(&r1, &a).await.unwrap(),
+        "the owner is the first member"
+    );
+
+    let public: Vec<_> = s
+        .public_rooms(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(
+        public,
+        vec![r3.clone(), r1.clone()],
+        "public only, newest first"
+    );
+    assert_eq!(s.public_rooms(1).await.unwrap().len(), 1);
+    let mine: Vec<_> = s
+        .rooms_of_user(&a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(mine, vec![r2.clone(), r1.clone()]);
+
+    let patched = s
+        .update_room(
+            &r1,
+            RoomPatch {
+                topic: Some("t".into()),
+                ..Default::default()
+            },
+            Timestamp(7_000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            patched.name.as_str(),
+            patched.topic.as_str(),
+            patched.updated_at
+        ),
+        ("room 1", "t", Timestamp(7_000))
+    );
+    assert_eq!(
+        s.update_room("nope", RoomPatch::default(), Timestamp(1))
+            .await
+            .unwrap_err(),
+        StoreError::NotFound("room")
+    );
+    assert!(s.room("nope").await.unwrap().is_none());
+}
+
+pub async fn membership(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let b = user(&*s, 2).await;
+    let c = user(&*s, 3).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    assert!(s.add_member(&r, &b, Timestamp(3_010)).await.unwrap());
+    assert!(
+        !s.add_member(&r, &b, Timestamp(3_011)).await.unwrap(),
+        "adding twice is a no-op"
+    );
+    assert!(s.add_member(&r, &c, Timestamp(3_012)).await.unwrap());
+    assert_eq!(s.room(&r).await.unwrap().unwrap().member_count, 3);
+    let members: Vec<_> = s
+        .members(&r)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.id)
+        .collect();
+    assert_eq!(
+        members,
+        vec![a.clone(), b.clone(), c.clone()],
+        "in join order"
+    );
+    assert_eq!(s.room_ids_of_user(&b).await.unwrap(), vec![r.clone()]);
+
+    assert!(s.remove_member(&r, &b).await.unwrap());
+    assert!(!s.remove_member(&r, &b).await.unwrap());
+    assert!(!s.is_member(&r, &b).await.unwrap());
+    assert_eq!(s.room(&r).await.unwrap().unwrap().member_count, 2);
+    assert_eq!(
+        s.add_member("nope", &b, Timestamp(1)).await.unwrap_err(),
+        StoreError::NotFound("room")
+    );
+}
+
+pub async fn append_assigns_gap_free_seqs_and_dedupes(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let b = user(&*s, 2).await;
+    let r1 = room(&*s, 1, &a, Visibility::Public).await;
+    let r2 = room(&*s, 2, &a, Visibility::Public).await;
+
+    let out = s
+        .append_messages(&[
+            req(&r1, &a, "c1", "one"),
+            req(&r2, &a, "c1", "other room"),
+            req(&r1, &a, "c2", "two"),
+            req(&r1, &a, "c1", "one"),        // duplicate within the batch
+            req(&r1, &a, "c2", "not two"),    // conflict within the batch
+            req(&r1, &b, "c1", "b's own c1"), // client_msg_id is per sender
+            req("missing", &a, "c9", "lost"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(accepted(&out[0]).seq, 1);
+    assert_eq!(accepted(&out[1]).seq, 1, "seqs are per room");
+    assert_eq!(accepted(&out[2]).seq, 2);
+    assert_eq!(out[3], AppendOutcome::Duplicate(accepted(&out[0]).clone()));
+    assert_eq!(out[4], AppendOutcome::Conflict);
+    assert_eq!(accepted(&out[5]).seq, 3);
+    assert_eq!(out[6], AppendOutcome::RoomMissing);
+
+    // Across batches the original comes back with its id and seq.
+    let again = s
+        .append_messages(&[req(&r1, &a, "c2", "two"), req(&r1, &a, "c3", "three")])
+        .await
+        .unwrap();
+    assert_eq!(
+        again[0],
+        AppendOutcome::Duplicate(accepted(&out[2]).clone())
+    );
+    assert_eq!(accepted(&again[1]).seq, 4);
+    assert_eq!(s.head_seq(&r1).await.unwrap(), Some(4));
+    assert_eq!(s.head_seq(&r2).await.unwrap(), Some(1));
+    assert_eq!(s.head_seq("missing").await.unwrap(), None);
+    assert_eq!(s.room(&r1).await.unwrap().unwrap().head_seq, 4);
+
+    let stored = s.messages_after(&r1, 0, 100).await.unwrap();
+    assert_eq!(
+        stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(
+        stored[0],
+        *accepted(&out[0]),
+        "stored exactly as acknowledged"
+    );
+}
+
+pub async fn concurrent_appends_never_share_a_seq(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (s, r, a) = (s.clone(), r.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                let out = s
+                    .append_messages(&[req(&r, &a, &format!("w{w}-{i}"), "x")])
+                    .await
+                    .unwrap();
+                seqs.push(accepted(&out[0]).seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "one writer's seqs increase"
+        );
+        all.extend(seqs);
+    }
+    all.sort();
+    assert_eq!(all, (1..=200).collect::<Vec<_>>());
+}
+
+pub async fn upsert_is_idempotent(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let msg = |seq: i64| Message {
+        id: format!("m{seq:010}"),
+        room_id: r.clone(),
+        seq,
+        sender_id: a.clone(),
+        client_msg_id: format!("c{seq}"),
+        body: format!("body {seq}"),
+        created_at: Timestamp(seq),
+    };
+    s.upsert_messages(&[msg(1), msg(2), msg(3)]).await.unwrap();
+    s.upsert_messages(&[msg(2), msg(3), msg(4)]).await.unwrap();
+    s.upsert_messages(&[msg(4)]).await.unwrap();
+    let stored = s.messages_after(&r, 0, 100).await.unwrap();
+    assert_eq!(
+        stored,
+        vec![msg(1), msg(2), msg(3), msg(4)],
+        "each exactly once"
+    );
+    assert_eq!(s.head_seq(&r).await.unwrap(), Some(4));
+    // An older batch arriving late never lowers the head.
+    s.upsert_messages(&[msg(1)]).await.unwrap();
+    assert_eq!(s.head_seq(&r).await.unwrap(), Some(4));
+    // A sequenced message and a retry of its client_msg_id dedupe as one.
+    let out = s
+        .append_messages(&[req(&r, &a, "c2", "body 2")])
+        .await
+        .unwrap();
+    assert_eq!(out[0], AppendOutcome::Duplicate(msg(2)));
+}
+
+pub async fn paging(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let batch: Vec<_> = (1..=30)
+        .map(|i| req(&r, &a, &format!("c{i}"), &format!("{i}")))
+        .collect();
+    s.append_messages(&batch).await.unwrap();
+    let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(s.messages_after(&r, 10, 5).await.unwrap()),
+        vec![11, 12, 13, 14, 15]
+    );
+    assert_eq!(
+        seqs(s.messages_after(&r, 28, 5).await.unwrap()),
+        vec![29, 30]
+    );
+    assert_eq!(
+        seqs(s.messages_after(&r, 30, 5).await.unwrap()),
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        seqs(s.messages_before(&r, 11, 3).await.unwrap()),
+        vec![8, 9, 10],
+        "ascending"
+    );
+    assert_eq!(
+        seqs(s.messages_before(&r, 3, 10).await.unwrap()),
+        vec![1, 2]
+    );
+    assert_eq!(
+        seqs(s.messages_before(&r, i64::MAX, 2).await.unwrap()),
+        vec![29, 30]
+    );
+    assert!(s.messages_after("nope", 0, 5).await.unwrap().is_empty());
+    let ids: HashSet<_> = s
+        .messages_after(&r, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids.len(), 30);
+    s.ping().await.unwrap();
+}
+
+macro_rules! contract_suite {
+    ($backend:ident, $factory:path) => {
+        mod $backend {
+            use super::*;
+            contract_suite!(@cases $factory;
+                users_round_trip, rooms_and_listing, membership,
+                append_assigns_gap_free_seqs_and_dedupes, concurrent_appends_never_share_a_seq,
+                upsert_is_idempotent, paging);
+        }
+    };
+    (@cases $factory:path; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (store, _guard) = $factory().await;
+                super::$case(store).await;
+            }
+        )*
+    };
+}
+
+contract_suite!(sqlite, sqlite_store);
