@@ -6,7 +6,7 @@ mod order;
 mod rooms;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -77,7 +77,7 @@ impl std::fmt::Display for Unauthorized {
 }
 
 async fn authenticate(
-    state: &AppState,
+    state: &Arc<AppState>,
     s: &SocketRef,
     auth: Option<Value>,
 ) -> Result<(), Unauthorized> {
@@ -99,8 +99,14 @@ async fn authenticate(
         Ok(Some(_)) => {}
         _ => return Err(Unauthorized),
     }
+    s.join(user_channel(&user_id));
     s.extensions.insert(Identity { user_id });
     s.extensions.insert(Arc::new(SocketOrder::default()));
+    // Event handlers are registered here, before the CONNECT packet goes out: the connect handler
+    // runs on a spawned task, and a client that emits right after `connect` would otherwise race it
+    // and have its first events dropped unanswered.
+    rooms::register(s, state);
+    messages::register(s, state);
     Ok(())
 }
 
@@ -110,32 +116,46 @@ async fn on_connect(state: Arc<AppState>, s: SocketRef) {
         return;
     };
     let uid = identity.user_id.clone();
+    let counted = Arc::new(AtomicBool::new(true));
+    s.extensions.insert(Counted(counted));
     CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!(m::CONNECTIONS).increment(1.0);
-    s.join(user_channel(&uid));
+    let online = state.presence.connect(&uid);
     tracing::info!(socket = %s.id, user = %uid, transport = ?s.transport_type(), "socket connected");
-
-    rooms::register(&s, &state);
-    messages::register(&s, &state);
 
     let disc_state = state.clone();
     s.on_disconnect(move |s: SocketRef| {
         let state = disc_state.clone();
-        async move {
-            CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
-            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
-            let Some(identity) = s.extensions.get::<Identity>() else {
-                return;
-            };
-            tracing::info!(socket = %s.id, user = %identity.user_id, "socket disconnected");
-            if state.presence.disconnect(&identity.user_id) {
-                announce_presence(&state, &identity.user_id, false).await;
-            }
-        }
+        async move { on_disconnect(&state, &s).await }
     });
-
-    if state.presence.connect(&uid) {
+    if !s.connected() {
+        // Gone before the disconnect handler was in place: undo the bookkeeping here.
+        on_disconnect(&state, &s).await;
+        return;
+    }
+    if online {
         announce_presence(&state, &uid, true).await;
+    }
+}
+
+/// Set while a socket is counted as connected; whoever clears it first does the disconnect work,
+/// so it happens exactly once even when the disconnect races the connect handler.
+#[derive(Clone)]
+struct Counted(Arc<AtomicBool>);
+
+async fn on_disconnect(state: &AppState, s: &SocketRef) {
+    match s.extensions.get::<Counted>() {
+        Some(Counted(flag)) if flag.swap(false, Ordering::AcqRel) => {}
+        _ => return,
+    }
+    CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+    metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    let Some(identity) = s.extensions.get::<Identity>() else {
+        return;
+    };
+    tracing::info!(socket = %s.id, user = %identity.user_id, "socket disconnected");
+    if state.presence.disconnect(&identity.user_id) {
+        announce_presence(state, &identity.user_id, false).await;
     }
 }
 

@@ -104,7 +104,7 @@ describe('20 sockets x 25 concurrent sends into one room', () => {
 });
 
 describe('joining a room in the middle of a burst', () => {
-  test('join ack history + live message:new (deduped by seq) cover every seq exactly, live in order', async () => {
+  test('join ack history + live message:new (deduped by seq) cover every seq exactly, live in order', async (t) => {
     const url = server.url;
     const SENDERS = 10;
     const EACH = 30;
@@ -139,6 +139,7 @@ describe('joining a room in the middle of a burst', () => {
     const bySeq = new Map(acks.map((a) => [a.message.seq, a.message]));
     assert.equal(bySeq.size, N);
     const joinAcks = await Promise.all(joins);
+    t.diagnostic(`join history lengths: ${joinAcks.map((j) => j.messages.length).join(',')} of ${N}`);
     await waitFor(
       () => late.every(({ live }, i) => new Set([...joinAcks[i].messages, ...live].map((m) => m.seq)).size >= N),
       30000,

@@ -130,6 +130,12 @@ export function connect(url, token, transports = ['websocket'], opts = {}) {
     socket.once('connect', () => resolve(socket));
     socket.once('connect_error', (err) => {
       socket.close();
+      // Transport errors carry the HTTP status / cause in `description`: keep it visible.
+      if (err.description !== undefined && err.message !== 'unauthorized') {
+        const d = err.description;
+        const body = err.context?.responseText ? ` body=${String(err.context.responseText).slice(0, 200)}` : '';
+        err.message = `${err.message} (description: ${d?.message ?? d}${body})`;
+      }
       reject(err);
     });
   });
