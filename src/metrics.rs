@@ -11,6 +11,7 @@ pub const MESSAGES_DROPPED_SLOW: &str = "chatmesh_slow_consumers_disconnected_to
 pub const SEND_LATENCY: &str = "chatmesh_send_latency_seconds";
 pub const DELIVERY_LATENCY: &str = "chatmesh_delivery_latency_seconds";
 pub const COMMIT_BATCH_SIZE: &str = "chatmesh_commit_batch_size";
+pub const COMMIT_SECONDS: &str = "chatmesh_commit_seconds";
 pub const CONNECTIONS: &str = "chatmesh_connections";
 pub const HTTP_REQUESTS: &str = "chatmesh_http_requests_total";
 pub const DEPENDENCY_UP: &str = "chatmesh_dependency_up";
@@ -81,6 +82,11 @@ fn describe() {
         "Time from acceptance to emit on this instance"
     );
     describe_histogram!(COMMIT_BATCH_SIZE, "Sends per group-commit transaction");
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "Duration of one group-commit transaction, fsync included"
+    );
     describe_gauge!(CONNECTIONS, "Connected Socket.IO sockets on this instance");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
     describe_gauge!(

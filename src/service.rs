@@ -28,6 +28,9 @@ pub struct ChatService {
     pub region: String,
     send_limiter: RateLimiter,
     auth_limiter: RateLimiter,
+    /// Known (room, user) memberships: a send checks membership, and this keeps that check off
+    /// the store for active senders. Evicted on leave; entries expire so a stale one cannot live long.
+    memberships: moka::sync::Cache<(String, String), ()>,
 }
 
 /// Where a history page starts.
@@ -66,6 +69,10 @@ impl ChatService {
             region,
             send_limiter: RateLimiter::new(send, send * 10.0),
             auth_limiter: RateLimiter::new(auth / 60.0, auth),
+            memberships: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
         }
     }
 
@@ -194,6 +201,20 @@ impl ChatService {
         Ok(room)
     }
 
+    /// Succeeds when the user is a member; `forbidden` when not, `not_found` for an unknown room.
+    async fn ensure_member(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
+        let key = (room_id.to_string(), user_id.to_string());
+        if self.memberships.contains_key(&key) {
+            return Ok(());
+        }
+        if self.store.is_member(room_id, user_id).await? {
+            self.memberships.insert(key, ());
+            return Ok(());
+        }
+        self.room_or_404(room_id).await?;
+        Err(ApiError::not_member())
+    }
+
     /// A room the user is a member of.
     pub async fn member_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
         let room = self.room_or_404(room_id).await?;
@@ -243,6 +264,8 @@ impl ChatService {
     pub async fn leave_room(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
         self.room_or_404(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
+        self.memberships
+            .invalidate(&(room_id.to_string(), user_id.to_string()));
         Ok(())
     }
 
@@ -285,7 +308,7 @@ impl ChatService {
             self.send_limiter
                 .check(sender_id)
                 .map_err(|wait| Self::limited("send", wait))?;
-            self.member_room(sender_id, room_id).await?;
+            self.ensure_member(sender_id, room_id).await?;
             self.sequencer
                 .submit(SendRequest {
                     message_id: new_id(),

@@ -7,8 +7,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use chatmesh::domain::{Message, Timestamp, Visibility};
+use chatmesh::store::postgres::PostgresStore;
 use chatmesh::store::sqlite::SqliteStore;
 use chatmesh::store::*;
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
 type Fresh = (Arc<dyn Store>, Box<dyn std::any::Any + Send>);
 
@@ -18,6 +20,94 @@ async fn sqlite_store() -> Fresh {
         .await
         .unwrap();
     (Arc::new(store), Box::new(dir))
+}
+
+/// The PostgreSQL server the postgres cases run against; they need one and fail without it.
+const DEFAULT_POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+fn postgres_admin_url() -> String {
+    std::env::var("CHATMESH_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| DEFAULT_POSTGRES_ADMIN_URL.to_string())
+}
+
+/// `url` with its database name replaced by `db` (query parameters kept).
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[authority..].find('/') {
+        Some(i) => &base[..authority + i],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{db}?{query}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// A database created for one case; dropped (with its connections) when the case ends.
+struct PgDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs on a runtime worker: do the async cleanup on a thread with its own runtime.
+        let res = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut conn = PgConnection::connect(&url).await?;
+                let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
+                sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
+                conn.close().await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
+            Err(_) => eprintln!(
+                "could not drop test database {}: cleanup panicked",
+                self.name
+            ),
+        }
+    }
+}
+
+async fn postgres_store() -> Fresh {
+    let admin = postgres_admin_url();
+    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {admin}: {e}\n\
+             The postgres store contract cases need a real server (they are never skipped). \
+             Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+             or set CHATMESH_TEST_POSTGRES_URL to an admin URL that may CREATE DATABASE."
+        )
+    });
+    let name = format!(
+        "chatmesh_test_{}",
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    sqlx::query(AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {admin}: {e}"));
+    conn.close().await.ok();
+    let guard = PgDatabase {
+        admin_url: admin.clone(),
+        name: name.clone(),
+    };
+    let store = PostgresStore::connect(&with_database(&admin, &name))
+        .await
+        .unwrap_or_else(|e| panic!("PostgresStore::connect to database {name}: {e:#}"));
+    (Arc::new(store), Box::new(guard))
 }
 
 fn id(prefix: &str, n: usize) -> String {
@@ -405,3 +495,4 @@ macro_rules! contract_suite {
 }
 
 contract_suite!(sqlite, sqlite_store);
+contract_suite!(postgres, postgres_store);

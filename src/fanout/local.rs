@@ -22,8 +22,12 @@ impl LocalFanout {
 impl Fanout for LocalFanout {
     async fn publish_message(&self, msg: &Message) {
         let mut delivered = 0u64;
+        // Serialized once, copied verbatim into each socket's packet.
+        let Ok(raw) = serde_json::value::to_raw_value(msg) else {
+            return;
+        };
         for socket in self.io.to(msg.room_id.clone()).sockets() {
-            match socket.emit("message:new", msg) {
+            match socket.emit("message:new", &raw) {
                 Ok(()) => delivered += 1,
                 Err(SendError::Socket(_)) | Err(SendError::Serialize(_)) => {
                     // A full buffer would mean a gap in this socket's stream: cut it instead, the

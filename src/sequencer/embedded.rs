@@ -45,7 +45,10 @@ async fn commit_loop(
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (reqs, replies): (Vec<SendRequest>, Vec<Reply>) = jobs.drain(..).unzip();
         metrics::histogram!(m::COMMIT_BATCH_SIZE).record(reqs.len() as f64);
-        match store.append_messages(&reqs).await {
+        let started = Instant::now();
+        let result = store.append_messages(&reqs).await;
+        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        match result {
             Ok(outcomes) => {
                 let committed = Instant::now();
                 let accepted: Vec<_> = outcomes

@@ -1,6 +1,7 @@
 //! SQLite store for embedded mode: one file, WAL, `synchronous=FULL` so that a committed batch
 //! survives a crash of the process or the machine. Migrations are embedded in the binary.
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 use super::{
     AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult,
@@ -23,6 +24,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 const USER_COLS: &str =
     "id, username, display_name, status_text, avatar_url, created_at, updated_at";
 const ROOM_COLS: &str = "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
+/// Rows per lookup statement (3 bound values each) and per insert (7 each): well under SQLite's
+/// 32766 bound-variable limit.
+const LOOKUP_CHUNK: usize = 500;
+const INSERT_CHUNK: usize = 500;
 const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, created_at";
 
 pub struct SqliteStore {
@@ -431,67 +436,124 @@ impl Store for SqliteStore {
     }
 
     async fn append_messages(&self, batch: &[SendRequest]) -> StoreResult<Vec<AppendOutcome>> {
-        // IMMEDIATE takes the write lock up front, so the seq read-increment cannot race another writer.
+        // A whole batch costs a handful of statements, not a few per message: dedupe lookups,
+        // room heads, one multi-row insert and one head update per room. IMMEDIATE takes the write
+        // lock up front, so the heads read here cannot move before the commit.
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(unavailable)?;
+        let mut known: HashMap<(String, String, String), Message> = HashMap::new();
+        for chunk in batch.chunks(LOOKUP_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(format!(
+                "SELECT {MSG_COLS} FROM messages WHERE (room_id, sender_id, client_msg_id) IN (VALUES "
+            ));
+            let mut sep = q.separated(", ");
+            for r in chunk {
+                sep.push("(")
+                    .push_bind_unseparated(&r.room_id)
+                    .push_unseparated(", ");
+                sep.push_bind_unseparated(&r.sender_id)
+                    .push_unseparated(", ");
+                sep.push_bind_unseparated(&r.client_msg_id)
+                    .push_unseparated(")");
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
+                let m = message_from(&row).map_err(unavailable)?;
+                known.insert(
+                    (
+                        m.room_id.clone(),
+                        m.sender_id.clone(),
+                        m.client_msg_id.clone(),
+                    ),
+                    m,
+                );
+            }
+        }
+        let rooms: Vec<&str> = {
+            let mut seen = HashSet::new();
+            batch
+                .iter()
+                .map(|r| r.room_id.as_str())
+                .filter(|r| seen.insert(*r))
+                .collect()
+        };
+        let mut heads: HashMap<String, i64> = HashMap::new();
+        for chunk in rooms.chunks(LOOKUP_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("SELECT id, head_seq FROM rooms WHERE id IN (");
+            let mut sep = q.separated(", ");
+            for r in chunk {
+                sep.push_bind(*r);
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
+                heads.insert(
+                    row.try_get("id").map_err(unavailable)?,
+                    row.try_get("head_seq").map_err(unavailable)?,
+                );
+            }
+        }
+
         let mut out = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<Message> = Vec::new();
+        let mut touched: HashSet<&str> = HashSet::new();
         for req in batch {
-            let sql = format!(
-                "SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND sender_id = ? AND client_msg_id = ?"
+            let key = (
+                req.room_id.clone(),
+                req.sender_id.clone(),
+                req.client_msg_id.clone(),
             );
-            let existing = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(&req.room_id)
-                .bind(&req.sender_id)
-                .bind(&req.client_msg_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-            if let Some(row) = existing {
-                let original = message_from(&row).map_err(unavailable)?;
+            if let Some(original) = known.get(&key) {
                 out.push(if original.body == req.body {
-                    AppendOutcome::Duplicate(original)
+                    AppendOutcome::Duplicate(original.clone())
                 } else {
                     AppendOutcome::Conflict
                 });
                 continue;
             }
-            let seq: Option<i64> = sqlx::query_scalar(
-                "UPDATE rooms SET head_seq = head_seq + 1 WHERE id = ? RETURNING head_seq",
-            )
-            .bind(&req.room_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            let Some(seq) = seq else {
+            let Some(head) = heads.get_mut(&req.room_id) else {
                 out.push(AppendOutcome::RoomMissing);
                 continue;
             };
-            sqlx::query(
-                "INSERT INTO messages (room_id, seq, id, sender_id, client_msg_id, body, created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&req.room_id)
-            .bind(seq)
-            .bind(&req.message_id)
-            .bind(&req.sender_id)
-            .bind(&req.client_msg_id)
-            .bind(&req.body)
-            .bind(req.created_at.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            out.push(AppendOutcome::Accepted(Message {
+            *head += 1;
+            touched.insert(&req.room_id);
+            let msg = Message {
                 id: req.message_id.clone(),
                 room_id: req.room_id.clone(),
-                seq,
+                seq: *head,
                 sender_id: req.sender_id.clone(),
                 client_msg_id: req.client_msg_id.clone(),
                 body: req.body.clone(),
                 created_at: req.created_at,
-            }));
+            };
+            known.insert(key, msg.clone());
+            fresh.push(msg.clone());
+            out.push(AppendOutcome::Accepted(msg));
+        }
+        for chunk in fresh.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (room_id, seq, id, sender_id, client_msg_id, body, created_at) ",
+            );
+            q.push_values(chunk, |mut b, m| {
+                b.push_bind(&m.room_id)
+                    .push_bind(m.seq)
+                    .push_bind(&m.id)
+                    .push_bind(&m.sender_id)
+                    .push_bind(&m.client_msg_id)
+                    .push_bind(&m.body)
+                    .push_bind(m.created_at.0);
+            });
+            q.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        for room in touched {
+            sqlx::query("UPDATE rooms SET head_seq = ? WHERE id = ?")
+                .bind(heads[room])
+                .bind(room)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(out)

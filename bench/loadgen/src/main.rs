@@ -1,0 +1,275 @@
+//! chatmesh load generator. `ingest`: S senders over R rooms, each keeping `window` sends in flight
+//! (closed loop); reports acked msgs/s, send latency percentiles, deliveries with order checks, and
+//! the server's CPU time per ack when `--server-pid` is given. Prints one JSON object on stdout.
+
+mod sio;
+mod track;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::track::{OrderStats, OrderTracker};
+
+#[derive(Parser)]
+#[command(about = "Socket.IO load generator for chatmesh")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Acked messages per second into R rooms from S senders.
+    Ingest {
+        #[arg(long, default_value = "http://127.0.0.1:5001")]
+        url: String,
+        #[arg(long, default_value_t = 50)]
+        senders: usize,
+        #[arg(long, default_value_t = 10)]
+        rooms: usize,
+        /// Sends each sender keeps in flight.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Server process whose CPU time is sampled (user + system).
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn self_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+async fn rest(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: Value,
+    token: Option<&str>,
+) -> anyhow::Result<Value> {
+    let mut req = http.post(format!("{url}{path}")).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let res = req.send().await?;
+    let status = res.status();
+    let v: Value = res.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{path}: {status} {v}");
+    }
+    Ok(v)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx] as f64 / 1000.0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ingest(
+    url: String,
+    senders: usize,
+    rooms: usize,
+    window: usize,
+    seconds: f64,
+    warmup: f64,
+    server_pid: Option<u32>,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(senders >= rooms && rooms > 0, "need senders >= rooms > 0");
+    let http = reqwest::Client::new();
+    let run = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            % 0xffffff
+    );
+    // Register users (Argon2 is slow by design: a few at a time).
+    let mut tokens = Vec::with_capacity(senders);
+    for chunk in (0..senders).collect::<Vec<_>>().chunks(8) {
+        let futs = chunk.iter().map(|i| {
+            let http = http.clone();
+            let url = url.clone();
+            let name = format!("lg{run}_{i}");
+            async move {
+                let v = rest(
+                    &http,
+                    &url,
+                    "/api/v1/auth/register",
+                    json!({"username": name, "password": "loadgen-password"}),
+                    None,
+                )
+                .await?;
+                anyhow::Ok(v["token"].as_str().unwrap_or_default().to_string())
+            }
+        });
+        for t in futures::future::join_all(futs).await {
+            tokens.push(t?);
+        }
+    }
+    let mut room_ids = Vec::with_capacity(rooms);
+    for r in 0..rooms {
+        let v = rest(
+            &http,
+            &url,
+            "/api/v1/rooms",
+            json!({"name": format!("bench {run} {r}")}),
+            Some(&tokens[r]),
+        )
+        .await?;
+        room_ids.push(v["id"].as_str().unwrap_or_default().to_string());
+    }
+
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let latencies: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut trackers: Vec<Arc<std::sync::Mutex<OrderTracker>>> = Vec::new();
+    let delivered_measured = Arc::new(AtomicU64::new(0));
+
+    let mut tasks = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let room = room_ids[i % rooms].clone();
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        let client = sio::Client::connect(&url, token, ev_tx)
+            .await
+            .with_context(|| format!("sender {i}"))?;
+        let join = client.call("room:join", &json!({"room_id": room})).await?;
+        anyhow::ensure!(join["ok"] == true, "room:join: {join}");
+        // Deliveries: checked for order, counted while measuring.
+        let tracker = Arc::new(std::sync::Mutex::new(OrderTracker::default()));
+        trackers.push(tracker.clone());
+        let (measuring2, delivered2) = (measuring.clone(), delivered_measured.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some((name, payload)) = ev_rx.recv().await {
+                if name == "message:new" {
+                    let room = payload["room_id"].as_str().unwrap_or_default();
+                    tracker
+                        .lock()
+                        .unwrap()
+                        .observe(room, payload["seq"].as_i64().unwrap_or(-1));
+                    if measuring2.load(Ordering::Relaxed) {
+                        delivered2.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+        let (stop, measuring, acked, errors, latencies) = (
+            stop.clone(),
+            measuring.clone(),
+            acked.clone(),
+            errors.clone(),
+            latencies.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let client = Arc::new(client);
+            let mut in_flight = FuturesUnordered::new();
+            let mut n = 0u64;
+            let mut local_lat = Vec::new();
+            loop {
+                while in_flight.len() < window && !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let payload = json!({"room_id": room, "client_msg_id": format!("s{i}-{n}"), "body": format!("load {i} {n}")});
+                    let started = Instant::now();
+                    let Ok(rx) = client.emit("message:send", &payload).await else { break };
+                    in_flight.push(async move { (rx.await, started) });
+                }
+                let Some((ack, started)) = in_flight.next().await else { break };
+                let ok = matches!(&ack, Ok(v) if v["ok"] == true);
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        local_lat.push(started.elapsed().as_micros() as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies.lock().await.extend(local_lat);
+            drop(client);
+        }));
+    }
+
+    tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+    let cpu0 = server_pid.and_then(cpu_seconds);
+    let self0 = self_cpu_seconds();
+    let t0 = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = server_pid.and_then(cpu_seconds);
+    let self1 = self_cpu_seconds();
+    stop.store(true, Ordering::Relaxed);
+    // Let in-flight sends and their deliveries settle, then close everything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let acked = acked.load(Ordering::Relaxed);
+    let mut lat = latencies.lock().await.clone();
+    lat.sort_unstable();
+    let mut order = OrderStats::default();
+    for t in &trackers {
+        order.add(t.lock().unwrap().stats);
+    }
+    let server_cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    Ok(json!({
+        "scenario": "ingest",
+        "senders": senders, "rooms": rooms, "window": window, "seconds": elapsed,
+        "acked": acked,
+        "acked_per_sec": acked as f64 / elapsed,
+        "errors": errors.load(Ordering::Relaxed),
+        "latency_ms": {"p50": percentile(&lat, 0.50), "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999)},
+        "delivered_per_sec": delivered_measured.load(Ordering::Relaxed) as f64 / elapsed,
+        "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered},
+        "server_cpu_seconds": server_cpu,
+        "server_cpu_us_per_ack": server_cpu.map(|c| c * 1e6 / acked.max(1) as f64),
+        "loadgen_cpu_seconds": self1 - self0,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let out = match cli.scenario {
+        Scenario::Ingest {
+            url,
+            senders,
+            rooms,
+            window,
+            seconds,
+            warmup,
+            server_pid,
+        } => ingest(url, senders, rooms, window, seconds, warmup, server_pid).await?,
+    };
+    println!("{out}");
+    Ok(())
+}

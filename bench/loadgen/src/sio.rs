@@ -1,0 +1,165 @@
+//! A minimal Socket.IO v5 / Engine.IO v4 client over WebSocket: just what a load generator needs
+//! (auth on connect, events with acks, incoming events, ping/pong), with little per-message work.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, anyhow, bail};
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+type Acks = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+
+pub struct Client {
+    out: mpsc::UnboundedSender<String>,
+    acks: Acks,
+    next_ack: AtomicU64,
+}
+
+/// What the reader hands to the caller for every server event (`42["name", payload]`).
+pub type EventSink = mpsc::UnboundedSender<(String, Value)>;
+
+impl Client {
+    /// Connects to `base` (http://host:port), authenticates with `token`, and forwards every
+    /// server event to `events`.
+    pub async fn connect(base: &str, token: &str, events: EventSink) -> anyhow::Result<Self> {
+        let ws_url = format!(
+            "{}/socket.io/?EIO=4&transport=websocket",
+            base.replacen("http", "ws", 1)
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(&ws_url)
+            .await
+            .with_context(|| format!("connect {ws_url}"))?;
+        let (mut sink, mut stream) = ws.split();
+        let open = next_text(&mut stream).await?;
+        if !open.starts_with('0') {
+            bail!("expected engine.io open packet, got {open:?}");
+        }
+        sink.send(WsMessage::text(format!(
+            "40{}",
+            serde_json::json!({ "token": token })
+        )))
+        .await?;
+        let mut connect = next_text(&mut stream).await?;
+        while connect == "2" {
+            sink.send(WsMessage::text("3")).await?;
+            connect = next_text(&mut stream).await?;
+        }
+        if connect.starts_with("44") {
+            bail!("connect_error: {}", &connect[2..]);
+        }
+        if !connect.starts_with("40") {
+            bail!("expected socket.io connect, got {connect:?}");
+        }
+        let (out, mut out_rx) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            while let Some(frame) = out_rx.recv().await {
+                if sink.send(WsMessage::text(frame)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let acks: Acks = Arc::default();
+        let reader_acks = acks.clone();
+        let pong = out.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                let WsMessage::Text(text) = msg else { continue };
+                let text = text.as_str();
+                if text == "2" {
+                    let _ = pong.send("3".into());
+                } else if let Some(rest) = text.strip_prefix("43") {
+                    if let Some((id, payload)) = split_ack(rest) {
+                        if let Some(tx) = reader_acks.lock().await.remove(&id) {
+                            let _ = tx.send(payload);
+                        }
+                    }
+                } else if let Some(rest) = text.strip_prefix("42") {
+                    if let Ok(Value::Array(mut parts)) = serde_json::from_str::<Value>(rest) {
+                        if parts.len() >= 2 {
+                            let payload = parts.remove(1);
+                            let name = parts[0].as_str().unwrap_or_default().to_string();
+                            let _ = events.send((name, payload));
+                        }
+                    }
+                } else if text.starts_with('1') || text.starts_with("41") {
+                    break;
+                }
+            }
+            // Fail every pending ack: the connection is gone.
+            reader_acks.lock().await.clear();
+        });
+        Ok(Self {
+            out,
+            acks,
+            next_ack: AtomicU64::new(1),
+        })
+    }
+
+    /// Emits `event` with `payload`; the receiver resolves with the ack's first argument.
+    pub async fn emit(
+        &self,
+        event: &str,
+        payload: &Value,
+    ) -> anyhow::Result<oneshot::Receiver<Value>> {
+        let id = self.next_ack.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.acks.lock().await.insert(id, tx);
+        let frame = format!(
+            "42{id}{}",
+            serde_json::to_string(&serde_json::json!([event, payload]))?
+        );
+        self.out
+            .send(frame)
+            .map_err(|_| anyhow!("connection closed"))?;
+        Ok(rx)
+    }
+
+    pub async fn call(&self, event: &str, payload: &Value) -> anyhow::Result<Value> {
+        self.emit(event, payload)
+            .await?
+            .await
+            .map_err(|_| anyhow!("no ack for {event}: connection closed"))
+    }
+}
+
+/// `<id>[payload, ...]` → (id, payload).
+fn split_ack(rest: &str) -> Option<(u64, Value)> {
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let id = rest[..digits].parse().ok()?;
+    match serde_json::from_str::<Value>(&rest[digits..]).ok()? {
+        Value::Array(mut parts) if !parts.is_empty() => Some((id, parts.swap_remove(0))),
+        _ => None,
+    }
+}
+
+async fn next_text<S>(stream: &mut S) -> anyhow::Result<String>
+where
+    S: StreamExt<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        match stream.next().await {
+            Some(Ok(WsMessage::Text(t))) => return Ok(t.as_str().to_string()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("connection closed during handshake"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_acks() {
+        let (id, v) = split_ack(r#"17[{"ok":true,"message":{"seq":3}}]"#).unwrap();
+        assert_eq!(id, 17);
+        assert_eq!(v["message"]["seq"], 3);
+        assert!(split_ack("x[]").is_none());
+        assert!(split_ack("5[]").is_none());
+    }
+}
