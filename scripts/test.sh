@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --quiet --bins
-cargo nextest run --no-fail-fast
+cargo nextest run --workspace --no-fail-fast
 
 mkdir -p target/test-artifacts
 cd tests/node

@@ -131,13 +131,13 @@ async fn ingest(
         }
     }
     let mut room_ids = Vec::with_capacity(rooms);
-    for r in 0..rooms {
+    for (r, owner) in tokens.iter().take(rooms).enumerate() {
         let v = rest(
             &http,
             &url,
             "/api/v1/rooms",
             json!({"name": format!("bench {run} {r}")}),
-            Some(&tokens[r]),
+            Some(owner),
         )
         .await?;
         room_ids.push(v["id"].as_str().unwrap_or_default().to_string());

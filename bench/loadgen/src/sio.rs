@@ -48,8 +48,8 @@ impl Client {
             sink.send(WsMessage::text("3")).await?;
             connect = next_text(&mut stream).await?;
         }
-        if connect.starts_with("44") {
-            bail!("connect_error: {}", &connect[2..]);
+        if let Some(err) = connect.strip_prefix("44") {
+            bail!("connect_error: {err}");
         }
         if !connect.starts_with("40") {
             bail!("expected socket.io connect, got {connect:?}");
@@ -72,18 +72,18 @@ impl Client {
                 if text == "2" {
                     let _ = pong.send("3".into());
                 } else if let Some(rest) = text.strip_prefix("43") {
-                    if let Some((id, payload)) = split_ack(rest) {
-                        if let Some(tx) = reader_acks.lock().await.remove(&id) {
-                            let _ = tx.send(payload);
-                        }
+                    if let Some((id, payload)) = split_ack(rest)
+                        && let Some(tx) = reader_acks.lock().await.remove(&id)
+                    {
+                        let _ = tx.send(payload);
                     }
                 } else if let Some(rest) = text.strip_prefix("42") {
-                    if let Ok(Value::Array(mut parts)) = serde_json::from_str::<Value>(rest) {
-                        if parts.len() >= 2 {
-                            let payload = parts.remove(1);
-                            let name = parts[0].as_str().unwrap_or_default().to_string();
-                            let _ = events.send((name, payload));
-                        }
+                    if let Ok(Value::Array(mut parts)) = serde_json::from_str::<Value>(rest)
+                        && parts.len() >= 2
+                    {
+                        let payload = parts.remove(1);
+                        let name = parts[0].as_str().unwrap_or_default().to_string();
+                        let _ = events.send((name, payload));
                     }
                 } else if text.starts_with('1') || text.starts_with("41") {
                     break;
