@@ -30,6 +30,11 @@ fi
 
 if [ "$want_test" = 1 ]; then
   need chromium || apt_install chromium
+  # The store contract suite runs against a real PostgreSQL (one database per test).
+  need pg_isready || apt_install postgresql
+  if ! pg_isready -h 127.0.0.1 -q; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
+  fi
   need cargo-nextest || cargo install --locked cargo-nextest
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
   if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ]; then
