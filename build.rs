@@ -14,9 +14,7 @@ fn main() {
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(web)
             .status()
-            .unwrap_or_else(|e| {
-                panic!("web/: could not run `npm ci` ({e}); install Node.js and npm")
-            });
+            .unwrap_or_else(|e| panic!("web/: could not run `npm ci` ({e}); install Node.js and npm"));
         assert!(status.success(), "web/: `npm ci` failed");
     }
     let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");

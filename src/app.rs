@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
@@ -11,16 +12,25 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Tokens};
-use crate::config::{Config, StoreUrl};
+use crate::cluster::{self, InstanceRecord};
+use crate::config::{AckLevelArg, ClusterConfig, Config, StoreUrl};
 use crate::domain::Timestamp;
 use crate::fanout::Fanout;
 use crate::fanout::local::LocalFanout;
+use crate::fanout::redis::RedisFanout;
+use crate::history::{History, RedisHistory, StoreHistory};
+use crate::ops::{ClusterOps, EmbeddedOps, Ops};
 use crate::presence::LocalPresence;
+use crate::redis_io::{Keys, Redis};
 use crate::sequencer::Sequencer;
 use crate::sequencer::embedded::GroupCommitSequencer;
-use crate::service::ChatService;
+use crate::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
+use crate::service::{ChatService, Limits};
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
+use crate::sync::SyncStats;
+use crate::sync::redis::{SyncConfig, SyncWorker};
 use crate::{api, metrics, realtime};
 
 /// Everything a handler may need; shared as `Arc<AppState>`.
@@ -35,12 +45,98 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// In-flight sends; shutdown waits for them so an acked send is never cut off.
     pub inflight: TaskTracker,
+    /// Readiness and the cluster view of this mode.
+    pub ops: Arc<dyn Ops>,
 }
 
 impl AppState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// This instance as `/api/v1/cluster` and the heartbeat describe it.
+    pub async fn instance_record(&self) -> InstanceRecord {
+        let (ready, _) = self.ops.readiness().await;
+        InstanceRecord {
+            id: self.instance_id.clone(),
+            region: self.config.region.clone(),
+            address: self.config.bind.to_string(),
+            started_at: self.started_at,
+            last_seen: Timestamp::now(),
+            connections: realtime::connection_count(),
+            ready: ready && !self.is_draining(),
+        }
+    }
+}
+
+/// The implementations of one mode.
+struct Mode {
+    sequencer: Arc<dyn Sequencer>,
+    fanout: Arc<dyn Fanout>,
+    history: Arc<dyn History>,
+    ops: Arc<dyn Ops>,
+    heartbeat: Option<(Redis, Keys)>,
+}
+
+async fn open_store(url: &StoreUrl) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match url {
+        StoreUrl::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+        StoreUrl::Postgres { url } => Arc::new(PostgresStore::connect(url).await?),
+        StoreUrl::Mongo { .. } => anyhow::bail!("the MongoDB store is not available in this build"),
+    })
+}
+
+fn embedded_mode(store: Arc<dyn Store>, io: SocketIo) -> Mode {
+    let fanout: Arc<dyn Fanout> = Arc::new(LocalFanout::new(io));
+    Mode {
+        sequencer: Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone())),
+        fanout,
+        history: Arc::new(StoreHistory { store: store.clone() }),
+        ops: Arc::new(EmbeddedOps { store }),
+        heartbeat: None,
+    }
+}
+
+async fn cluster_mode(
+    c: &ClusterConfig,
+    store: Arc<dyn Store>,
+    io: SocketIo,
+    instance_id: &str,
+) -> anyhow::Result<Mode> {
+    let redis = Redis::connect(c.redis.clone()).await?;
+    let keys = Keys::new(&c.prefix, c.shards);
+    let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
+    let fanout = RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), instance_id.to_string()).await?;
+    let sequencer = RedisSequencer::start(
+        redis.clone(),
+        keys.clone(),
+        store.clone(),
+        RedisSequencerConfig {
+            ack_level: match c.ack_level {
+                AckLevelArg::Leader => AckLevel::Leader,
+                AckLevelArg::Replica => AckLevel::Replica,
+            },
+            wait_timeout: Duration::from_secs(1),
+            dedupe_ttl: c.dedupe_ttl,
+            backlog_limit: c.backlog_limit,
+        },
+    );
+    let stats = Arc::new(SyncStats::default());
+    let worker = Arc::new(SyncWorker::new(
+        redis.dedicated().await?,
+        keys.clone(),
+        store.clone(),
+        instance_id.to_string(),
+        SyncConfig { claim_idle: c.claim_idle, ..SyncConfig::default() },
+    ));
+    tokio::spawn(worker.run(stats.clone()));
+    Ok(Mode {
+        sequencer: Arc::new(sequencer),
+        fanout: fanout.clone(),
+        history,
+        ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats }),
+        heartbeat: Some((redis, keys)),
+    })
 }
 
 pub struct Application {
@@ -53,32 +149,28 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = metrics::install();
-        let store: Arc<dyn Store> = match &config.store {
-            StoreUrl::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
-        };
+        let store = open_store(&config.store).await?;
         let secret = match &config.jwt_secret {
             Some(s) => s.clone(),
             None => auth::load_or_create_secret(&config.store.data_dir())?,
         };
         let listener = TcpListener::bind(config.bind).await?;
         let addr = listener.local_addr()?;
-        let instance_id = config
-            .instance_id
-            .clone()
-            .unwrap_or_else(|| default_instance_id(addr));
-
+        let instance_id = config.instance_id.clone().unwrap_or_else(|| default_instance_id(addr));
         let (sio_layer, io) = realtime::build_layer(&config);
-        let fanout: Arc<dyn Fanout> = Arc::new(LocalFanout::new(io.clone()));
-        let sequencer: Arc<dyn Sequencer> =
-            Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone()));
+
+        let mode = match &config.cluster {
+            None => embedded_mode(store.clone(), io.clone()),
+            Some(cluster) => cluster_mode(cluster, store.clone(), io.clone(), &instance_id).await?,
+        };
         let svc = ChatService::new(
             store,
-            sequencer,
-            fanout,
+            mode.sequencer,
+            mode.fanout,
+            mode.history,
             Tokens::new(&secret, config.token_ttl),
             config.region.clone(),
-            config.send_rate_per_sec,
-            config.auth_rate_per_min,
+            Limits { send_rate_per_sec: config.send_rate_per_sec, auth_rate_per_min: config.auth_rate_per_min },
         );
         let state = Arc::new(AppState {
             svc,
@@ -89,31 +181,33 @@ impl Application {
             presence: LocalPresence::default(),
             draining: AtomicBool::new(false),
             inflight: TaskTracker::new(),
+            ops: mode.ops,
         });
+        if let Some((redis, keys)) = mode.heartbeat {
+            let hb_state = state.clone();
+            cluster::spawn_heartbeat(
+                redis,
+                keys,
+                Arc::new(move || {
+                    let st = hb_state.clone();
+                    Box::pin(async move { st.instance_record().await })
+                        as futures::future::BoxFuture<'static, InstanceRecord>
+                }),
+            );
+        }
         realtime::register(&io, state.clone());
         let router = api::router(state.clone()).layer(sio_layer);
-        Ok(Self {
-            listener,
-            router,
-            io,
-            state,
-        })
+        Ok(Self { listener, router, io, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listener.local_addr().expect("a bound listener has an address")
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self {
-            listener,
-            router,
-            io,
-            state,
-        } = self;
-        tracing::info!(addr = %listener.local_addr()?, instance_id = %state.instance_id, mode = "embedded", "listening");
+        let Self { listener, router, io, state } = self;
+        let mode = if state.config.cluster.is_some() { "cluster" } else { "embedded" };
+        tracing::info!(addr = %listener.local_addr()?, instance_id = %state.instance_id, mode, "listening");
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_state = state.clone();
         let drain_io = io.clone();
@@ -124,19 +218,12 @@ impl Application {
             tokio::time::sleep(drain_state.config.drain_delay).await;
             // Let in-flight sends finish so every ack already promised is delivered.
             drain_state.inflight.close();
-            let _ = tokio::time::timeout(
-                drain_state.config.shutdown_timeout,
-                drain_state.inflight.wait(),
-            )
-            .await;
+            let _ = tokio::time::timeout(drain_state.config.shutdown_timeout, drain_state.inflight.wait()).await;
             drain_io.close().await;
             let _ = closed_tx.send(());
         };
-        let server = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown);
+        let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown);
         // Long-polling requests can hold the server open: bound the wait after sockets are closed.
         let timeout = state.config.shutdown_timeout;
         tokio::select! {

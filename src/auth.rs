@@ -15,30 +15,23 @@ use crate::error::ApiError;
 
 /// Hashes off the async runtime: Argon2id is deliberately slow (tens of ms).
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default()
-            .hash_password(password.as_bytes())
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(|e| ApiError::Unavailable(format!("hashing task failed: {e}")))?
-    .map_err(|e| ApiError::Unavailable(format!("hashing failed: {e}")))
+    tokio::task::spawn_blocking(move || Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()))
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("hashing task failed: {e}")))?
+        .map_err(|e| ApiError::Unavailable(format!("hashing failed: {e}")))
 }
 
 /// A hash of a password nobody knows, verified when the user does not exist so that a wrong
 /// username takes as long as a wrong password.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1kqbqQnmYAKQZx3E4fAcN0z0mJ2ppdjm0k5vQ7uBq0Q";
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1kqbqQnmYAKQZx3E4fAcN0z0mJ2ppdjm0k5vQ7uBq0Q";
 
 pub async fn verify_password(password: String, hash: Option<String>) -> bool {
     let known = hash.is_some();
     let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
     let ok = tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
-            .map(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
+            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
             .unwrap_or(false)
     })
     .await
@@ -76,11 +69,7 @@ impl Tokens {
 
     pub fn issue(&self, user_id: &str) -> Result<String, ApiError> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
-        let claims = Claims {
-            sub: user_id.to_string(),
-            iat: now,
-            exp: now + self.ttl.as_secs(),
-        };
+        let claims = Claims { sub: user_id.to_string(), iat: now, exp: now + self.ttl.as_secs() };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ApiError::Unavailable(format!("token signing failed: {e}")))
     }

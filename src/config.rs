@@ -29,17 +29,19 @@ pub const KNOWN_ENV: &[&str] = &[
     "CHATMESH_DRAIN_DELAY_MS",
     "CHATMESH_SHUTDOWN_TIMEOUT_MS",
     "CHATMESH_TRUST_PROXY",
+    "CHATMESH_ACK_LEVEL",
+    "CHATMESH_REDIS_PREFIX",
+    "CHATMESH_SHARDS",
+    "CHATMESH_DEDUPE_TTL_HOURS",
+    "CHATMESH_SYNC_BACKLOG_LIMIT",
+    "CHATMESH_SYNC_CLAIM_IDLE_MS",
 ];
 
 /// Prefixes reserved for test harnesses and tools, not for the server.
 const IGNORED_ENV_PREFIXES: &[&str] = &["CHATMESH_TEST_", "CHATMESH_BENCH_"];
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "chatmesh",
-    version,
-    about = "Real-time chat backend with gap-free per-room ordering"
-)]
+#[command(name = "chatmesh", version, about = "Real-time chat backend with gap-free per-room ordering")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -54,27 +56,13 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Listen address.
-    #[arg(
-        long,
-        env = "CHATMESH_BIND",
-        value_name = "CHATMESH_BIND",
-        default_value = "127.0.0.1:5001"
-    )]
+    #[arg(long, env = "CHATMESH_BIND", value_name = "CHATMESH_BIND", default_value = "127.0.0.1:5001")]
     pub bind: SocketAddr,
     /// Unique id of this instance (default: hostname + port).
-    #[arg(
-        long,
-        env = "CHATMESH_INSTANCE_ID",
-        value_name = "CHATMESH_INSTANCE_ID"
-    )]
+    #[arg(long, env = "CHATMESH_INSTANCE_ID", value_name = "CHATMESH_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// Region / instance group name.
-    #[arg(
-        long,
-        env = "CHATMESH_REGION",
-        value_name = "CHATMESH_REGION",
-        default_value = "local"
-    )]
+    #[arg(long, env = "CHATMESH_REGION", value_name = "CHATMESH_REGION", default_value = "local")]
     pub region: String,
     /// Durable store: sqlite://PATH (postgres:// and mongodb:// in cluster builds).
     #[arg(
@@ -88,28 +76,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_REDIS_URL", value_name = "CHATMESH_REDIS_URL")]
     pub redis_url: Option<String>,
     /// User-token signing key (embedded mode: generated once into the data dir).
-    #[arg(
-        long,
-        env = "CHATMESH_JWT_SECRET",
-        value_name = "CHATMESH_JWT_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "CHATMESH_JWT_SECRET", value_name = "CHATMESH_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Signs instance-to-instance requests (cluster mode).
-    #[arg(
-        long,
-        env = "CHATMESH_CLUSTER_SECRET",
-        value_name = "CHATMESH_CLUSTER_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "CHATMESH_CLUSTER_SECRET", value_name = "CHATMESH_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
     /// Guards /api/v1/cluster and admin pages.
-    #[arg(
-        long,
-        env = "CHATMESH_ADMIN_TOKEN",
-        value_name = "CHATMESH_ADMIN_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "CHATMESH_ADMIN_TOKEN", value_name = "CHATMESH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Log format (default: pretty on a terminal, else json).
     #[arg(long, env = "CHATMESH_LOG_FORMAT", value_name = "CHATMESH_LOG_FORMAT")]
@@ -131,12 +104,7 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(60..=31_536_000))]
     pub token_ttl_secs: u64,
     /// On SIGTERM, how long readiness reports 503 before the listener closes (lets a balancer move traffic).
-    #[arg(
-        long,
-        env = "CHATMESH_DRAIN_DELAY_MS",
-        value_name = "CHATMESH_DRAIN_DELAY_MS",
-        default_value_t = 1000
-    )]
+    #[arg(long, env = "CHATMESH_DRAIN_DELAY_MS", value_name = "CHATMESH_DRAIN_DELAY_MS", default_value_t = 1000)]
     pub drain_delay_ms: u64,
     /// On SIGTERM, the longest wait for in-flight work before exiting.
     #[arg(
@@ -150,6 +118,35 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_TRUST_PROXY", value_name = "CHATMESH_TRUST_PROXY", default_value_t = false,
           action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
+    /// Cluster mode: when a send is acknowledged — `leader` (the Redis primary ran it) or
+    /// `replica` (WAIT 1: a replica has it too; survives losing the primary).
+    #[arg(long, env = "CHATMESH_ACK_LEVEL", value_name = "CHATMESH_ACK_LEVEL", default_value = "leader")]
+    pub ack_level: AckLevelArg,
+    /// Cluster mode: prefix of every Redis key and channel (several clusters can share a Redis).
+    #[arg(long, env = "CHATMESH_REDIS_PREFIX", value_name = "CHATMESH_REDIS_PREFIX", default_value = "cm")]
+    pub redis_prefix: String,
+    /// Cluster mode: shards rooms are spread over; fixed for the life of the cluster.
+    #[arg(long, env = "CHATMESH_SHARDS", value_name = "CHATMESH_SHARDS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub shards: u32,
+    /// Cluster mode: how long an accepted client_msg_id is remembered (at least 24 h).
+    #[arg(long, env = "CHATMESH_DEDUPE_TTL_HOURS", value_name = "CHATMESH_DEDUPE_TTL_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(24..=8760))]
+    pub dedupe_ttl_hours: u64,
+    /// Cluster mode: write-back entries per shard past which sends answer `unavailable`.
+    #[arg(long, env = "CHATMESH_SYNC_BACKLOG_LIMIT", value_name = "CHATMESH_SYNC_BACKLOG_LIMIT", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub sync_backlog_limit: u64,
+    /// Cluster mode: write-back entries idle this long on a consumer are taken over by another.
+    #[arg(long, env = "CHATMESH_SYNC_CLAIM_IDLE_MS", value_name = "CHATMESH_SYNC_CLAIM_IDLE_MS", default_value_t = 15_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub sync_claim_idle_ms: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckLevelArg {
+    Leader,
+    Replica,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +178,8 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreUrl {
     Sqlite { path: PathBuf },
+    Postgres { url: String },
+    Mongo { url: String },
 }
 
 impl StoreUrl {
@@ -190,27 +189,24 @@ impl StoreUrl {
             if path.is_empty() {
                 return Err("sqlite:// needs a file path, e.g. sqlite://./data/chatmesh.db".into());
             }
-            return Ok(Self::Sqlite {
-                path: PathBuf::from(path),
-            });
+            return Ok(Self::Sqlite { path: PathBuf::from(path) });
         }
-        if url.starts_with("postgres://")
-            || url.starts_with("postgresql://")
-            || url.starts_with("mongodb://")
-        {
-            return Err("this build serves embedded mode only; PostgreSQL and MongoDB stores come with cluster mode".into());
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres { url: url.to_string() });
         }
-        Err("expected sqlite://PATH".into())
+        if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
+            return Ok(Self::Mongo { url: url.to_string() });
+        }
+        Err("expected sqlite://PATH, postgres://... or mongodb://...".into())
     }
 
     /// Directory that holds the store and, in embedded mode, the generated JWT secret.
     pub fn data_dir(&self) -> PathBuf {
         match self {
-            Self::Sqlite { path } => path
-                .parent()
-                .map(PathBuf::from)
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or_else(|| ".".into()),
+            Self::Sqlite { path } => {
+                path.parent().map(PathBuf::from).filter(|p| !p.as_os_str().is_empty()).unwrap_or_else(|| ".".into())
+            }
+            Self::Postgres { .. } | Self::Mongo { .. } => PathBuf::from("./data"),
         }
     }
 }
@@ -233,6 +229,19 @@ pub struct Config {
     pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
     pub trust_proxy: bool,
+    /// Present in cluster mode (CHATMESH_REDIS_URL set).
+    pub cluster: Option<ClusterConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub redis: crate::redis_io::RedisUrl,
+    pub prefix: String,
+    pub shards: u32,
+    pub ack_level: AckLevelArg,
+    pub dedupe_ttl: Duration,
+    pub backlog_limit: u64,
+    pub claim_idle: Duration,
 }
 
 /// A setting that cannot be used; `Display` is the one line printed before exiting.
@@ -244,43 +253,60 @@ pub struct ConfigError {
 }
 
 fn invalid(name: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        name: name.into(),
-        reason: reason.into(),
-    }
+    ConfigError { name: name.into(), reason: reason.into() }
 }
 
 impl Config {
     pub fn from_args(args: ServeArgs, stdout_is_terminal: bool) -> Result<Self, ConfigError> {
-        let store =
-            StoreUrl::parse(&args.store_url).map_err(|r| invalid("CHATMESH_STORE_URL", r))?;
-        if args.redis_url.is_some() {
-            return Err(invalid(
-                "CHATMESH_REDIS_URL",
-                "cluster mode is not available in this build; unset it to run embedded",
-            ));
-        }
+        let store = StoreUrl::parse(&args.store_url).map_err(|r| invalid("CHATMESH_STORE_URL", r))?;
+        let cluster = match &args.redis_url {
+            None => None,
+            Some(url) => {
+                let redis = crate::redis_io::RedisUrl::parse(url).map_err(|r| invalid("CHATMESH_REDIS_URL", r))?;
+                if matches!(store, StoreUrl::Sqlite { .. }) {
+                    return Err(invalid(
+                        "CHATMESH_STORE_URL",
+                        "cluster mode needs a shared store (postgres:// or mongodb://); a SQLite file cannot be shared by instances on different machines",
+                    ));
+                }
+                if args.jwt_secret.is_none() {
+                    return Err(invalid(
+                        "CHATMESH_JWT_SECRET",
+                        "required in cluster mode (the same on every instance)",
+                    ));
+                }
+                if args.cluster_secret.is_none() {
+                    return Err(invalid("CHATMESH_CLUSTER_SECRET", "required in cluster mode"));
+                }
+                if args.redis_prefix.is_empty() || args.redis_prefix.contains(['{', '}', ' ']) {
+                    return Err(invalid("CHATMESH_REDIS_PREFIX", "must be non-empty, without braces or spaces"));
+                }
+                Some(ClusterConfig {
+                    redis,
+                    prefix: args.redis_prefix.clone(),
+                    shards: args.shards,
+                    ack_level: args.ack_level,
+                    dedupe_ttl: Duration::from_secs(args.dedupe_ttl_hours * 3600),
+                    backlog_limit: args.sync_backlog_limit,
+                    claim_idle: Duration::from_millis(args.sync_claim_idle_ms),
+                })
+            }
+        };
         if args.region.is_empty() || args.region.len() > 64 {
             return Err(invalid("CHATMESH_REGION", "must be 1..=64 characters"));
         }
         if let Some(id) = &args.instance_id
             && (id.is_empty() || id.len() > 128)
         {
-            return Err(invalid(
-                "CHATMESH_INSTANCE_ID",
-                "must be 1..=128 characters",
-            ));
+            return Err(invalid("CHATMESH_INSTANCE_ID", "must be 1..=128 characters"));
         }
-        let non_empty =
-            |name: &str, v: Option<String>, min: usize| -> Result<Option<Secret>, ConfigError> {
-                match v {
-                    Some(s) if s.len() < min => {
-                        Err(invalid(name, format!("must be at least {min} bytes")))
-                    }
-                    Some(s) => Ok(Some(Secret::new(s))),
-                    None => Ok(None),
-                }
-            };
+        let non_empty = |name: &str, v: Option<String>, min: usize| -> Result<Option<Secret>, ConfigError> {
+            match v {
+                Some(s) if s.len() < min => Err(invalid(name, format!("must be at least {min} bytes"))),
+                Some(s) => Ok(Some(Secret::new(s))),
+                None => Ok(None),
+            }
+        };
         Ok(Self {
             bind: args.bind,
             instance_id: args.instance_id,
@@ -289,11 +315,7 @@ impl Config {
             jwt_secret: non_empty("CHATMESH_JWT_SECRET", args.jwt_secret, 32)?,
             cluster_secret: non_empty("CHATMESH_CLUSTER_SECRET", args.cluster_secret, 32)?,
             admin_token: non_empty("CHATMESH_ADMIN_TOKEN", args.admin_token, 16)?,
-            log_format: args.log_format.unwrap_or(if stdout_is_terminal {
-                LogFormat::Pretty
-            } else {
-                LogFormat::Json
-            }),
+            log_format: args.log_format.unwrap_or(if stdout_is_terminal { LogFormat::Pretty } else { LogFormat::Json }),
             auth_rate_per_min: args.auth_rate_per_min,
             send_rate_per_sec: args.send_rate_per_sec,
             max_body_bytes: args.max_body_bytes as usize,
@@ -301,6 +323,7 @@ impl Config {
             drain_delay: Duration::from_millis(args.drain_delay_ms),
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
             trust_proxy: args.trust_proxy,
+            cluster,
         })
     }
 }
@@ -324,30 +347,21 @@ mod tests {
 
     #[test]
     fn unknown_env_is_named() {
-        let err = check_unknown_env(
-            ["CHATMESH_BIND".to_string(), "CHATMESH_BINDD".to_string()].into_iter(),
-        )
-        .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid setting CHATMESH_BINDD: unknown setting"
-        );
+        let err =
+            check_unknown_env(["CHATMESH_BIND".to_string(), "CHATMESH_BINDD".to_string()].into_iter()).unwrap_err();
+        assert_eq!(err.to_string(), "invalid setting CHATMESH_BINDD: unknown setting");
         assert!(check_unknown_env(["CHATMESH_TEST_MONGODB_URL".to_string()].into_iter()).is_ok());
     }
 
     #[test]
     fn store_url_forms() {
-        assert_eq!(
-            StoreUrl::parse("sqlite://./data/x.db").unwrap(),
-            StoreUrl::Sqlite {
-                path: "./data/x.db".into()
-            }
-        );
-        assert_eq!(
-            StoreUrl::parse("sqlite://x.db").unwrap().data_dir(),
-            PathBuf::from(".")
-        );
+        assert_eq!(StoreUrl::parse("sqlite://./data/x.db").unwrap(), StoreUrl::Sqlite { path: "./data/x.db".into() });
+        assert_eq!(StoreUrl::parse("sqlite://x.db").unwrap().data_dir(), PathBuf::from("."));
         assert!(StoreUrl::parse("sqlite://").is_err());
+        assert_eq!(
+            StoreUrl::parse("postgres://u@h/db").unwrap(),
+            StoreUrl::Postgres { url: "postgres://u@h/db".into() }
+        );
         assert!(StoreUrl::parse("mysql://x").is_err());
     }
 }

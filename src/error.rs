@@ -134,10 +134,7 @@ mod tests {
         );
         assert_eq!(e.ack()["ok"], json!(false));
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
-        let r = ApiError::RateLimited {
-            retry_after: Duration::from_millis(200),
-        }
-        .into_response();
+        let r = ApiError::RateLimited { retry_after: Duration::from_millis(200) }.into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     }

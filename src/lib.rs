@@ -10,6 +10,10 @@
 //! - [`store`]: the durable [`store::Store`] trait and its SQLite implementation.
 //! - [`sequencer`]: assigns per-room seqs; embedded mode group-commits into the store.
 //! - [`fanout`]: delivers accepted messages to sockets, in seq order.
+//! - [`history`]: reading messages (store; in cluster mode merged with Redis recent history).
+//! - [`sync`]: cluster write-back from Redis Streams into the store.
+//! - [`redis_io`]: Redis connections, key names, the send script; [`cluster`]: membership.
+//! - [`ops`]: readiness and the cluster view per mode.
 //! - [`service`]: the operations both REST and Socket.IO call (never branching on the mode).
 //! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
 //! - [`auth`], [`ratelimit`], [`metrics`], [`telemetry`]: cross-cutting pieces.
@@ -18,16 +22,21 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod fanout;
+pub mod history;
 pub mod metrics;
+pub mod ops;
 pub mod presence;
 pub mod ratelimit;
 pub mod realtime;
+pub mod redis_io;
 pub mod sequencer;
 pub mod service;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 pub mod web;

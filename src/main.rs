@@ -57,9 +57,5 @@ fn main() -> ExitCode {
 }
 
 fn first_line(s: &str) -> String {
-    s.lines()
-        .next()
-        .unwrap_or(s)
-        .trim_start_matches("error: ")
-        .to_string()
+    s.lines().next().unwrap_or(s).trim_start_matches("error: ").to_string()
 }

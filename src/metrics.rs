@@ -16,12 +16,15 @@ pub const CONNECTIONS: &str = "chatmesh_connections";
 pub const HTTP_REQUESTS: &str = "chatmesh_http_requests_total";
 pub const DEPENDENCY_UP: &str = "chatmesh_dependency_up";
 pub const RATE_LIMITED: &str = "chatmesh_rate_limited_total";
+pub const SYNC_PENDING: &str = "chatmesh_sync_pending";
+pub const SYNC_LAG: &str = "chatmesh_sync_lag_seconds";
+pub const SYNC_ERRORS: &str = "chatmesh_sync_errors_total";
+pub const SYNC_STORED: &str = "chatmesh_sync_stored_total";
+pub const SYNC_DEAD_LETTERED: &str = "chatmesh_sync_dead_lettered_total";
 
 /// Sub-millisecond to seconds: a send on loopback takes ~100 µs, a stalled store seconds.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -32,9 +35,7 @@ pub fn install() -> PrometheusHandle {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(COMMIT_BATCH_SIZE.into()), BATCH_BUCKETS)
-                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_BATCH_SIZE.into()), BATCH_BUCKETS))
                 .expect("static bucket lists are non-empty")
                 .install_recorder()
                 .expect("the metrics recorder is installed once per process");
@@ -59,39 +60,20 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        MESSAGES_ACCEPTED,
-        "Messages accepted (acknowledged) by this instance"
-    );
-    describe_counter!(
-        MESSAGES_DELIVERED,
-        "message:new events handed to local sockets"
-    );
-    describe_counter!(
-        MESSAGES_DROPPED_SLOW,
-        "Sockets disconnected because their send buffer was full"
-    );
-    describe_histogram!(
-        SEND_LATENCY,
-        Unit::Seconds,
-        "Time from a send's arrival to its ack"
-    );
-    describe_histogram!(
-        DELIVERY_LATENCY,
-        Unit::Seconds,
-        "Time from acceptance to emit on this instance"
-    );
+    describe_counter!(MESSAGES_ACCEPTED, "Messages accepted (acknowledged) by this instance");
+    describe_counter!(MESSAGES_DELIVERED, "message:new events handed to local sockets");
+    describe_counter!(MESSAGES_DROPPED_SLOW, "Sockets disconnected because their send buffer was full");
+    describe_histogram!(SEND_LATENCY, Unit::Seconds, "Time from a send's arrival to its ack");
+    describe_histogram!(DELIVERY_LATENCY, Unit::Seconds, "Time from acceptance to emit on this instance");
     describe_histogram!(COMMIT_BATCH_SIZE, "Sends per group-commit transaction");
-    describe_histogram!(
-        COMMIT_SECONDS,
-        Unit::Seconds,
-        "Duration of one group-commit transaction, fsync included"
-    );
+    describe_histogram!(COMMIT_SECONDS, Unit::Seconds, "Duration of one group-commit transaction, fsync included");
     describe_gauge!(CONNECTIONS, "Connected Socket.IO sockets on this instance");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
-    describe_gauge!(
-        DEPENDENCY_UP,
-        "1 when the dependency answered its last check"
-    );
+    describe_gauge!(DEPENDENCY_UP, "1 when the dependency answered its last check");
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by kind");
+    describe_gauge!(SYNC_PENDING, "Write-back entries not yet in the durable store (cluster mode)");
+    describe_gauge!(SYNC_LAG, Unit::Seconds, "Age of the oldest write-back entry not yet in the store");
+    describe_counter!(SYNC_ERRORS, "Failed sync steps, by kind (store_down, batch_refused)");
+    describe_counter!(SYNC_STORED, "Write-back entries made durable by this instance");
+    describe_counter!(SYNC_DEAD_LETTERED, "Write-back entries moved to a dead-letter stream");
 }

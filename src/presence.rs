@@ -12,10 +12,7 @@ pub struct LocalPresence {
 impl LocalPresence {
     /// Counts a new socket; true when it is the user's first (the user came online).
     pub fn connect(&self, user_id: &str) -> bool {
-        let mut m = self
-            .sockets_per_user
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut m = self.sockets_per_user.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(user_id.to_string()).or_insert(0);
         *n += 1;
         *n == 1
@@ -23,10 +20,7 @@ impl LocalPresence {
 
     /// Uncounts a socket; true when it was the user's last (the user went offline).
     pub fn disconnect(&self, user_id: &str) -> bool {
-        let mut m = self
-            .sockets_per_user
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut m = self.sockets_per_user.lock().unwrap_or_else(|p| p.into_inner());
         match m.get_mut(user_id) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -41,10 +35,7 @@ impl LocalPresence {
     }
 
     pub fn is_online(&self, user_id: &str) -> bool {
-        self.sockets_per_user
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(user_id)
+        self.sockets_per_user.lock().unwrap_or_else(|p| p.into_inner()).contains_key(user_id)
     }
 }
 

@@ -37,10 +37,7 @@ impl RateLimiter {
     fn check_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
         self.maybe_sweep(now);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let b = buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            last: now,
-        });
+        let b = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, last: now });
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
         b.last = now;
@@ -77,10 +74,7 @@ mod tests {
             assert!(l.check_at("a", t0).is_ok());
         }
         let wait = l.check_at("a", t0).unwrap_err();
-        assert!(
-            wait <= Duration::from_millis(500) && wait > Duration::from_millis(400),
-            "{wait:?}"
-        );
+        assert!(wait <= Duration::from_millis(500) && wait > Duration::from_millis(400), "{wait:?}");
         assert!(l.check_at("b", t0).is_ok(), "keys are independent");
         assert!(l.check_at("a", t0 + Duration::from_millis(500)).is_ok());
         assert!(l.check_at("a", t0 + Duration::from_millis(500)).is_err());

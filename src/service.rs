@@ -9,6 +9,8 @@ use crate::auth::{self, Tokens};
 use crate::domain::*;
 use crate::error::{ApiError, ApiResult};
 use crate::fanout::Fanout;
+pub use crate::history::Cursor;
+use crate::history::History;
 use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
 use crate::sequencer::{SendOutcome, Sequencer};
@@ -24,6 +26,7 @@ pub struct ChatService {
     pub store: Arc<dyn Store>,
     pub sequencer: Arc<dyn Sequencer>,
     pub fanout: Arc<dyn Fanout>,
+    pub history: Arc<dyn History>,
     pub tokens: Tokens,
     pub region: String,
     send_limiter: RateLimiter,
@@ -33,12 +36,10 @@ pub struct ChatService {
     memberships: moka::sync::Cache<(String, String), ()>,
 }
 
-/// Where a history page starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cursor {
-    After(i64),
-    Before(i64),
-    Latest,
+/// Rate limits from the configuration.
+pub struct Limits {
+    pub send_rate_per_sec: u32,
+    pub auth_rate_per_min: u32,
 }
 
 pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
@@ -54,17 +55,18 @@ impl ChatService {
         store: Arc<dyn Store>,
         sequencer: Arc<dyn Sequencer>,
         fanout: Arc<dyn Fanout>,
+        history: Arc<dyn History>,
         tokens: Tokens,
         region: String,
-        send_rate_per_sec: u32,
-        auth_rate_per_min: u32,
+        limits: Limits,
     ) -> Self {
-        let send = f64::from(send_rate_per_sec);
-        let auth = f64::from(auth_rate_per_min);
+        let send = f64::from(limits.send_rate_per_sec);
+        let auth = f64::from(limits.auth_rate_per_min);
         Self {
             store,
             sequencer,
             fanout,
+            history,
             tokens,
             region,
             send_limiter: RateLimiter::new(send, send * 10.0),
@@ -82,9 +84,7 @@ impl ChatService {
     }
 
     pub fn check_auth_rate(&self, client_ip: &str) -> ApiResult<()> {
-        self.auth_limiter
-            .check(client_ip)
-            .map_err(|wait| Self::limited("auth", wait))
+        self.auth_limiter.check(client_ip).map_err(|wait| Self::limited("auth", wait))
     }
 
     // ---- users ----
@@ -96,9 +96,7 @@ impl ChatService {
         display_name: Option<DisplayName>,
     ) -> ApiResult<(User, String)> {
         let hash = auth::hash_password(password.into_inner()).await?;
-        let display_name = display_name
-            .map(DisplayName::into_inner)
-            .unwrap_or_else(|| username.to_string());
+        let display_name = display_name.map(DisplayName::into_inner).unwrap_or_else(|| username.to_string());
         let user = self
             .store
             .create_user(NewUser {
@@ -132,10 +130,7 @@ impl ChatService {
     }
 
     pub async fn user(&self, id: &str) -> ApiResult<User> {
-        self.store
-            .user(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound("user not found".into()))
+        self.store.user(id).await?.ok_or_else(|| ApiError::NotFound("user not found".into()))
     }
 
     /// The authenticated user; a valid token for a user that no longer exists is unauthorized.
@@ -144,10 +139,7 @@ impl ChatService {
     }
 
     pub async fn update_me(&self, user_id: &str, patch: UserPatch) -> ApiResult<User> {
-        let user = self
-            .store
-            .update_user(user_id, patch, Timestamp::now())
-            .await?;
+        let user = self.store.update_user(user_id, patch, Timestamp::now()).await?;
         let rooms = self.store.room_ids_of_user(user_id).await?;
         self.fanout.user_updated(&user, &rooms).await;
         Ok(user)
@@ -185,17 +177,13 @@ impl ChatService {
     }
 
     async fn room_or_404(&self, room_id: &str) -> ApiResult<Room> {
-        self.store
-            .room(room_id)
-            .await?
-            .ok_or_else(ApiError::room_not_found)
+        self.store.room(room_id).await?.ok_or_else(ApiError::room_not_found)
     }
 
     /// A room the user may see: public, or private with the user a member.
     pub async fn visible_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
         let room = self.room_or_404(room_id).await?;
-        if room.visibility == Visibility::Private && !self.store.is_member(room_id, user_id).await?
-        {
+        if room.visibility == Visibility::Private && !self.store.is_member(room_id, user_id).await? {
             return Err(ApiError::Forbidden("this room is private".into()));
         }
         Ok(room)
@@ -224,22 +212,12 @@ impl ChatService {
         Ok(room)
     }
 
-    pub async fn update_room(
-        &self,
-        user_id: &str,
-        room_id: &str,
-        patch: RoomPatch,
-    ) -> ApiResult<Room> {
+    pub async fn update_room(&self, user_id: &str, room_id: &str, patch: RoomPatch) -> ApiResult<Room> {
         let room = self.room_or_404(room_id).await?;
         if room.owner_id != user_id {
-            return Err(ApiError::Forbidden(
-                "only the owner may change the room".into(),
-            ));
+            return Err(ApiError::Forbidden("only the owner may change the room".into()));
         }
-        let room = self
-            .store
-            .update_room(room_id, patch, Timestamp::now())
-            .await?;
+        let room = self.store.update_room(room_id, patch, Timestamp::now()).await?;
         self.fanout.room_updated(&room).await;
         Ok(room)
     }
@@ -251,38 +229,26 @@ impl ChatService {
             return Ok(room);
         }
         if room.visibility == Visibility::Private {
-            return Err(ApiError::Forbidden(
-                "this room is private; ask its owner for an invite".into(),
-            ));
+            return Err(ApiError::Forbidden("this room is private; ask its owner for an invite".into()));
         }
-        self.store
-            .add_member(room_id, user_id, Timestamp::now())
-            .await?;
+        self.store.add_member(room_id, user_id, Timestamp::now()).await?;
         self.room_or_404(room_id).await
     }
 
     pub async fn leave_room(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
         self.room_or_404(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
-        self.memberships
-            .invalidate(&(room_id.to_string(), user_id.to_string()));
+        self.memberships.invalidate(&(room_id.to_string(), user_id.to_string()));
         Ok(())
     }
 
-    pub async fn add_member(
-        &self,
-        owner_id: &str,
-        room_id: &str,
-        new_member: &str,
-    ) -> ApiResult<()> {
+    pub async fn add_member(&self, owner_id: &str, room_id: &str, new_member: &str) -> ApiResult<()> {
         let room = self.room_or_404(room_id).await?;
         if room.owner_id != owner_id {
             return Err(ApiError::Forbidden("only the owner may add members".into()));
         }
         self.user(new_member).await?;
-        self.store
-            .add_member(room_id, new_member, Timestamp::now())
-            .await?;
+        self.store.add_member(room_id, new_member, Timestamp::now()).await?;
         Ok(())
     }
 
@@ -305,9 +271,7 @@ impl ChatService {
     ) -> ApiResult<(Message, bool)> {
         let receipt = {
             let _turn = turn;
-            self.send_limiter
-                .check(sender_id)
-                .map_err(|wait| Self::limited("send", wait))?;
+            self.send_limiter.check(sender_id).map_err(|wait| Self::limited("send", wait))?;
             self.ensure_member(sender_id, room_id).await?;
             self.sequencer
                 .submit(SendRequest {
@@ -330,57 +294,13 @@ impl ChatService {
     }
 
     /// A page of history for a user who may see the room.
-    pub async fn history(
-        &self,
-        user_id: &str,
-        room_id: &str,
-        cursor: Cursor,
-        limit: u32,
-    ) -> ApiResult<HistoryPage> {
+    pub async fn history(&self, user_id: &str, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
         self.visible_room(user_id, room_id).await?;
         self.page(room_id, cursor, limit).await
     }
 
     /// A page of history, without permission checks (the caller made them).
     pub async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
-        // Read one extra to learn whether there is more in the direction of travel.
-        let probe = limit + 1;
-        let (mut messages, more) = match cursor {
-            Cursor::After(after) => {
-                let mut msgs = self.store.messages_after(room_id, after, probe).await?;
-                let more = msgs.len() > limit as usize;
-                msgs.truncate(limit as usize);
-                (msgs, more)
-            }
-            Cursor::Before(before) => {
-                let mut msgs = self.store.messages_before(room_id, before, probe).await?;
-                let more = msgs.len() > limit as usize;
-                if more {
-                    msgs.remove(0);
-                }
-                (msgs, more)
-            }
-            Cursor::Latest => {
-                let mut msgs = self.store.messages_before(room_id, i64::MAX, probe).await?;
-                let more = msgs.len() > limit as usize;
-                if more {
-                    msgs.remove(0);
-                }
-                (msgs, more)
-            }
-        };
-        messages.shrink_to_fit();
-        let head_seq = self
-            .store
-            .head_seq(room_id)
-            .await?
-            .ok_or_else(ApiError::room_not_found)?;
-        // Messages may have been accepted between the read and the head: head is never below them.
-        let head_seq = head_seq.max(messages.last().map(|m| m.seq).unwrap_or(0));
-        Ok(HistoryPage {
-            messages,
-            head_seq,
-            has_more: more,
-        })
+        self.history.page(room_id, cursor, limit).await
     }
 }

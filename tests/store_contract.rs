@@ -16,9 +16,7 @@ type Fresh = (Arc<dyn Store>, Box<dyn std::any::Any + Send>);
 
 async fn sqlite_store() -> Fresh {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("contract.db"))
-        .await
-        .unwrap();
+    let store = SqliteStore::open(&dir.path().join("contract.db")).await.unwrap();
     (Arc::new(store), Box::new(dir))
 }
 
@@ -26,8 +24,7 @@ async fn sqlite_store() -> Fresh {
 const DEFAULT_POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 fn postgres_admin_url() -> String {
-    std::env::var("CHATMESH_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| DEFAULT_POSTGRES_ADMIN_URL.to_string())
+    std::env::var("CHATMESH_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_ADMIN_URL.to_string())
 }
 
 /// `url` with its database name replaced by `db` (query parameters kept).
@@ -58,9 +55,7 @@ impl Drop for PgDatabase {
         let (url, name) = (self.admin_url.clone(), self.name.clone());
         // Drop runs on a runtime worker: do the async cleanup on a thread with its own runtime.
         let res = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
                 let mut conn = PgConnection::connect(&url).await?;
                 let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
@@ -73,10 +68,7 @@ impl Drop for PgDatabase {
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
-            Err(_) => eprintln!(
-                "could not drop test database {}: cleanup panicked",
-                self.name
-            ),
+            Err(_) => eprintln!("could not drop test database {}: cleanup panicked", self.name),
         }
     }
 }
@@ -91,19 +83,13 @@ async fn postgres_store() -> Fresh {
              or set CHATMESH_TEST_POSTGRES_URL to an admin URL that may CREATE DATABASE."
         )
     });
-    let name = format!(
-        "chatmesh_test_{}",
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
+    let name = format!("chatmesh_test_{}", ulid::Ulid::generate().to_string().to_lowercase());
     sqlx::query(AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
         .execute(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {admin}: {e}"));
     conn.close().await.ok();
-    let guard = PgDatabase {
-        admin_url: admin.clone(),
-        name: name.clone(),
-    };
+    let guard = PgDatabase { admin_url: admin.clone(), name: name.clone() };
     let store = PostgresStore::connect(&with_database(&admin, &name))
         .await
         .unwrap_or_else(|e| panic!("PostgresStore::connect to database {name}: {e:#}"));
@@ -164,19 +150,9 @@ fn accepted(o: &AppendOutcome) -> &Message {
 pub async fn users_round_trip(s: Arc<dyn Store>) {
     let uid = user(&*s, 1).await;
     let got = s.user(&uid).await.unwrap().unwrap();
-    assert_eq!(
-        (
-            got.username.as_str(),
-            got.status_text.as_str(),
-            got.created_at
-        ),
-        ("user_1", "", Timestamp(1_001))
-    );
+    assert_eq!((got.username.as_str(), got.status_text.as_str(), got.created_at), ("user_1", "", Timestamp(1_001)));
     let (cred_user, hash) = s.credentials("user_1").await.unwrap().unwrap();
-    assert_eq!(
-        (cred_user.id, hash.as_str()),
-        (uid.clone(), "$argon2id$fake")
-    );
+    assert_eq!((cred_user.id, hash.as_str()), (uid.clone(), "$argon2id$fake"));
     assert!(s.credentials("nobody").await.unwrap().is_none());
     assert!(s.user("missing").await.unwrap().is_none());
 
@@ -191,20 +167,12 @@ pub async fn users_round_trip(s: Arc<dyn Store>) {
         .await;
     assert_eq!(dup.unwrap_err(), StoreError::UsernameTaken);
 
-    let patch = UserPatch {
-        status_text: Some("busy".into()),
-        ..Default::default()
-    };
+    let patch = UserPatch { status_text: Some("busy".into()), ..Default::default() };
     let updated = s.update_user(&uid, patch, Timestamp(9_999)).await.unwrap();
-    assert_eq!(
-        (updated.status_text.as_str(), updated.display_name.as_str()),
-        ("busy", "User 1")
-    );
+    assert_eq!((updated.status_text.as_str(), updated.display_name.as_str()), ("busy", "User 1"));
     assert_eq!(updated.updated_at, Timestamp(9_999));
     assert_eq!(s.user(&uid).await.unwrap().unwrap(), updated);
-    let missing = s
-        .update_user("missing", UserPatch::default(), Timestamp(1))
-        .await;
+    let missing = s.update_user("missing", UserPatch::default(), Timestamp(1)).await;
     assert_eq!(missing.unwrap_err(), StoreError::NotFound("user"));
 }
 
@@ -216,60 +184,22 @@ pub async fn rooms_and_listing(s: Arc<dyn Store>) {
     let r3 = room(&*s, 3, &b, Visibility::Public).await;
 
     let got = s.room(&r1).await.unwrap().unwrap();
-    assert_eq!(
-        (got.head_seq, got.member_count, got.owner_id.as_str()),
-        (0, 1, a.as_str())
-    );
-    assert!(
-        s.is_member(&r1, &a).await.unwrap(),
-        "the owner is the first member"
-    );
+    assert_eq!((got.head_seq, got.member_count, got.owner_id.as_str()), (0, 1, a.as_str()));
+    assert!(s.is_member(&r1, &a).await.unwrap(), "the owner is the first member");
 
-    let public: Vec<_> = s
-        .public_rooms(10)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    assert_eq!(
-        public,
-        vec![r3.clone(), r1.clone()],
-        "public only, newest first"
-    );
+    let public: Vec<_> = s.public_rooms(10).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(public, vec![r3.clone(), r1.clone()], "public only, newest first");
     assert_eq!(s.public_rooms(1).await.unwrap().len(), 1);
-    let mine: Vec<_> = s
-        .rooms_of_user(&a)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
+    let mine: Vec<_> = s.rooms_of_user(&a).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(mine, vec![r2.clone(), r1.clone()]);
 
     let patched = s
-        .update_room(
-            &r1,
-            RoomPatch {
-                topic: Some("t".into()),
-                ..Default::default()
-            },
-            Timestamp(7_000),
-        )
+        .update_room(&r1, RoomPatch { topic: Some("t".into()), ..Default::default() }, Timestamp(7_000))
         .await
         .unwrap();
+    assert_eq!((patched.name.as_str(), patched.topic.as_str(), patched.updated_at), ("room 1", "t", Timestamp(7_000)));
     assert_eq!(
-        (
-            patched.name.as_str(),
-            patched.topic.as_str(),
-            patched.updated_at
-        ),
-        ("room 1", "t", Timestamp(7_000))
-    );
-    assert_eq!(
-        s.update_room("nope", RoomPatch::default(), Timestamp(1))
-            .await
-            .unwrap_err(),
+        s.update_room("nope", RoomPatch::default(), Timestamp(1)).await.unwrap_err(),
         StoreError::NotFound("room")
     );
     assert!(s.room("nope").await.unwrap().is_none());
@@ -281,34 +211,18 @@ pub async fn membership(s: Arc<dyn Store>) {
     let c = user(&*s, 3).await;
     let r = room(&*s, 1, &a, Visibility::Public).await;
     assert!(s.add_member(&r, &b, Timestamp(3_010)).await.unwrap());
-    assert!(
-        !s.add_member(&r, &b, Timestamp(3_011)).await.unwrap(),
-        "adding twice is a no-op"
-    );
+    assert!(!s.add_member(&r, &b, Timestamp(3_011)).await.unwrap(), "adding twice is a no-op");
     assert!(s.add_member(&r, &c, Timestamp(3_012)).await.unwrap());
     assert_eq!(s.room(&r).await.unwrap().unwrap().member_count, 3);
-    let members: Vec<_> = s
-        .members(&r)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|u| u.id)
-        .collect();
-    assert_eq!(
-        members,
-        vec![a.clone(), b.clone(), c.clone()],
-        "in join order"
-    );
+    let members: Vec<_> = s.members(&r).await.unwrap().into_iter().map(|u| u.id).collect();
+    assert_eq!(members, vec![a.clone(), b.clone(), c.clone()], "in join order");
     assert_eq!(s.room_ids_of_user(&b).await.unwrap(), vec![r.clone()]);
 
     assert!(s.remove_member(&r, &b).await.unwrap());
     assert!(!s.remove_member(&r, &b).await.unwrap());
     assert!(!s.is_member(&r, &b).await.unwrap());
     assert_eq!(s.room(&r).await.unwrap().unwrap().member_count, 2);
-    assert_eq!(
-        s.add_member("nope", &b, Timestamp(1)).await.unwrap_err(),
-        StoreError::NotFound("room")
-    );
+    assert_eq!(s.add_member("nope", &b, Timestamp(1)).await.unwrap_err(), StoreError::NotFound("room"));
 }
 
 pub async fn append_assigns_gap_free_seqs_and_dedupes(s: Arc<dyn Store>) {
@@ -338,14 +252,8 @@ pub async fn append_assigns_gap_free_seqs_and_dedupes(s: Arc<dyn Store>) {
     assert_eq!(out[6], AppendOutcome::RoomMissing);
 
     // Across batches the original comes back with its id and seq.
-    let again = s
-        .append_messages(&[req(&r1, &a, "c2", "two"), req(&r1, &a, "c3", "three")])
-        .await
-        .unwrap();
-    assert_eq!(
-        again[0],
-        AppendOutcome::Duplicate(accepted(&out[2]).clone())
-    );
+    let again = s.append_messages(&[req(&r1, &a, "c2", "two"), req(&r1, &a, "c3", "three")]).await.unwrap();
+    assert_eq!(again[0], AppendOutcome::Duplicate(accepted(&out[2]).clone()));
     assert_eq!(accepted(&again[1]).seq, 4);
     assert_eq!(s.head_seq(&r1).await.unwrap(), Some(4));
     assert_eq!(s.head_seq(&r2).await.unwrap(), Some(1));
@@ -353,15 +261,8 @@ pub async fn append_assigns_gap_free_seqs_and_dedupes(s: Arc<dyn Store>) {
     assert_eq!(s.room(&r1).await.unwrap().unwrap().head_seq, 4);
 
     let stored = s.messages_after(&r1, 0, 100).await.unwrap();
-    assert_eq!(
-        stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
-    assert_eq!(
-        stored[0],
-        *accepted(&out[0]),
-        "stored exactly as acknowledged"
-    );
+    assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(stored[0], *accepted(&out[0]), "stored exactly as acknowledged");
 }
 
 pub async fn concurrent_appends_never_share_a_seq(s: Arc<dyn Store>) {
@@ -373,10 +274,7 @@ pub async fn concurrent_appends_never_share_a_seq(s: Arc<dyn Store>) {
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for i in 0..25 {
-                let out = s
-                    .append_messages(&[req(&r, &a, &format!("w{w}-{i}"), "x")])
-                    .await
-                    .unwrap();
+                let out = s.append_messages(&[req(&r, &a, &format!("w{w}-{i}"), "x")]).await.unwrap();
                 seqs.push(accepted(&out[0]).seq);
             }
             seqs
@@ -385,10 +283,7 @@ pub async fn concurrent_appends_never_share_a_seq(s: Arc<dyn Store>) {
     let mut all = Vec::new();
     for t in tasks {
         let seqs = t.await.unwrap();
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "one writer's seqs increase"
-        );
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one writer's seqs increase");
         all.extend(seqs);
     }
     all.sort();
@@ -411,64 +306,30 @@ pub async fn upsert_is_idempotent(s: Arc<dyn Store>) {
     s.upsert_messages(&[msg(2), msg(3), msg(4)]).await.unwrap();
     s.upsert_messages(&[msg(4)]).await.unwrap();
     let stored = s.messages_after(&r, 0, 100).await.unwrap();
-    assert_eq!(
-        stored,
-        vec![msg(1), msg(2), msg(3), msg(4)],
-        "each exactly once"
-    );
+    assert_eq!(stored, vec![msg(1), msg(2), msg(3), msg(4)], "each exactly once");
     assert_eq!(s.head_seq(&r).await.unwrap(), Some(4));
     // An older batch arriving late never lowers the head.
     s.upsert_messages(&[msg(1)]).await.unwrap();
     assert_eq!(s.head_seq(&r).await.unwrap(), Some(4));
     // A sequenced message and a retry of its client_msg_id dedupe as one.
-    let out = s
-        .append_messages(&[req(&r, &a, "c2", "body 2")])
-        .await
-        .unwrap();
+    let out = s.append_messages(&[req(&r, &a, "c2", "body 2")]).await.unwrap();
     assert_eq!(out[0], AppendOutcome::Duplicate(msg(2)));
 }
 
 pub async fn paging(s: Arc<dyn Store>) {
     let a = user(&*s, 1).await;
     let r = room(&*s, 1, &a, Visibility::Public).await;
-    let batch: Vec<_> = (1..=30)
-        .map(|i| req(&r, &a, &format!("c{i}"), &format!("{i}")))
-        .collect();
+    let batch: Vec<_> = (1..=30).map(|i| req(&r, &a, &format!("c{i}"), &format!("{i}"))).collect();
     s.append_messages(&batch).await.unwrap();
     let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
-    assert_eq!(
-        seqs(s.messages_after(&r, 10, 5).await.unwrap()),
-        vec![11, 12, 13, 14, 15]
-    );
-    assert_eq!(
-        seqs(s.messages_after(&r, 28, 5).await.unwrap()),
-        vec![29, 30]
-    );
-    assert_eq!(
-        seqs(s.messages_after(&r, 30, 5).await.unwrap()),
-        Vec::<i64>::new()
-    );
-    assert_eq!(
-        seqs(s.messages_before(&r, 11, 3).await.unwrap()),
-        vec![8, 9, 10],
-        "ascending"
-    );
-    assert_eq!(
-        seqs(s.messages_before(&r, 3, 10).await.unwrap()),
-        vec![1, 2]
-    );
-    assert_eq!(
-        seqs(s.messages_before(&r, i64::MAX, 2).await.unwrap()),
-        vec![29, 30]
-    );
+    assert_eq!(seqs(s.messages_after(&r, 10, 5).await.unwrap()), vec![11, 12, 13, 14, 15]);
+    assert_eq!(seqs(s.messages_after(&r, 28, 5).await.unwrap()), vec![29, 30]);
+    assert_eq!(seqs(s.messages_after(&r, 30, 5).await.unwrap()), Vec::<i64>::new());
+    assert_eq!(seqs(s.messages_before(&r, 11, 3).await.unwrap()), vec![8, 9, 10], "ascending");
+    assert_eq!(seqs(s.messages_before(&r, 3, 10).await.unwrap()), vec![1, 2]);
+    assert_eq!(seqs(s.messages_before(&r, i64::MAX, 2).await.unwrap()), vec![29, 30]);
     assert!(s.messages_after("nope", 0, 5).await.unwrap().is_empty());
-    let ids: HashSet<_> = s
-        .messages_after(&r, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
+    let ids: HashSet<_> = s.messages_after(&r, 0, 100).await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(ids.len(), 30);
     s.ping().await.unwrap();
 }

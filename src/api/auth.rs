@@ -20,15 +20,9 @@ pub async fn register(
     state.svc.check_auth_rate(&ip)?;
     let username = Username::parse(input.req_str("username")?)?;
     let password = Password::parse(input.req_str("password")?)?;
-    let display_name = input
-        .opt_str("display_name")?
-        .map(DisplayName::parse)
-        .transpose()?;
+    let display_name = input.opt_str("display_name")?.map(DisplayName::parse).transpose()?;
     let (user, token) = state.svc.register(username, password, display_name).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"user": user, "token": token})),
-    ))
+    Ok((StatusCode::CREATED, Json(json!({"user": user, "token": token}))))
 }
 
 pub async fn login(

@@ -18,24 +18,14 @@ use crate::error::ApiError;
 pub struct AuthUser(pub String);
 
 pub fn bearer(parts: &Parts) -> Option<&str> {
-    parts
-        .headers
-        .get(AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+    parts.headers.get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
 impl FromRequestParts<Arc<AppState>> for AuthUser {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
-        let token =
-            bearer(parts).ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| ApiError::Unauthorized("missing bearer token".into()))?;
         Ok(Self(state.svc.authenticate(token).await?))
     }
 }
@@ -49,15 +39,13 @@ impl FromRequest<Arc<AppState>> for JsonBody {
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit: state.config.max_body_bytes,
-                }
+                ApiError::PayloadTooLarge { limit: state.config.max_body_bytes }
             } else {
                 ApiError::validation(format!("could not read the body: {rej}"))
             }
         })?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::validation(format!("malformed JSON: {e}")))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::validation(format!("malformed JSON: {e}")))?;
         Ok(Self(Input::from_value(value)?))
     }
 }
@@ -68,10 +56,7 @@ pub struct ClientIp(pub String);
 impl FromRequestParts<Arc<AppState>> for ClientIp {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         if state.config.trust_proxy
             && let Some(first) = parts
                 .headers
@@ -83,10 +68,7 @@ impl FromRequestParts<Arc<AppState>> for ClientIp {
         {
             return Ok(Self(first.to_string()));
         }
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string());
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
         Ok(Self(peer.unwrap_or_else(|| "unknown".into())))
     }
 }

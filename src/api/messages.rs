@@ -26,26 +26,16 @@ pub async fn send(
     let _inflight = state.inflight.token();
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;
-    let (msg, created) = state
-        .svc
-        .send(&uid, &room_id, client_msg_id, body, ())
-        .await?;
+    let (msg, created) = state.svc.send(&uid, &room_id, client_msg_id, body, ()).await?;
     metrics::histogram!(m::SEND_LATENCY).record(started.elapsed().as_secs_f64());
     tracing::info!(room = %msg.room_id, seq = msg.seq, created, latency_us = started.elapsed().as_micros() as u64, "send via REST");
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(msg)))
 }
 
 fn int_param(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<i64>> {
     q.get(name)
-        .map(|v| {
-            v.parse::<i64>()
-                .map_err(|_| ApiError::validation(format!("{name} must be an integer")))
-        })
+        .map(|v| v.parse::<i64>().map_err(|_| ApiError::validation(format!("{name} must be an integer"))))
         .transpose()
 }
 
@@ -55,24 +45,16 @@ pub async fn history(
     Path(room_id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<HistoryPage>> {
-    let after = int_param(&q, "after_seq")?
-        .map(|v| parse_seq("after_seq", v))
-        .transpose()?;
-    let before = int_param(&q, "before_seq")?
-        .map(|v| parse_seq("before_seq", v))
-        .transpose()?;
+    let after = int_param(&q, "after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
+    let before = int_param(&q, "before_seq")?.map(|v| parse_seq("before_seq", v)).transpose()?;
     let cursor = match (after, before) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::validation(
-                "give after_seq or before_seq, not both",
-            ));
+            return Err(ApiError::validation("give after_seq or before_seq, not both"));
         }
         (Some(a), None) => Cursor::After(a),
         (None, Some(b)) => Cursor::Before(b),
         (None, None) => Cursor::Latest,
     };
     let limit = clamp_limit(int_param(&q, "limit")?)?;
-    Ok(Json(
-        state.svc.history(&uid, &room_id, cursor, limit).await?,
-    ))
+    Ok(Json(state.svc.history(&uid, &room_id, cursor, limit).await?))
 }

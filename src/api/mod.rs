@@ -30,14 +30,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/rooms/{id}", get(rooms::get).patch(rooms::update))
         .route("/rooms/{id}/join", post(rooms::join))
         .route("/rooms/{id}/leave", post(rooms::leave))
-        .route(
-            "/rooms/{id}/members",
-            post(rooms::add_member).get(rooms::members),
-        )
-        .route(
-            "/rooms/{id}/messages",
-            post(messages::send).get(messages::history),
-        )
+        .route("/rooms/{id}/members", post(rooms::add_member).get(rooms::members))
+        .route("/rooms/{id}/messages", post(messages::send).get(messages::history))
         .route("/cluster", get(ops::cluster));
 
     Router::new()
@@ -59,23 +53,14 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 /// Counts every request by route template (never the raw path: ids would make labels unbounded).
 async fn observe(State(_): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| {
-            if req.uri().path().starts_with("/socket.io") {
-                "/socket.io/".into()
-            } else {
-                "unmatched".into()
-            }
-        });
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| {
+        if req.uri().path().starts_with("/socket.io") { "/socket.io/".into() } else { "unmatched".into() }
+    });
     let method = req.method().clone();
     let started = std::time::Instant::now();
     let res = next.run(req).await;
     let status = res.status().as_u16().to_string();
-    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => status.clone())
-        .increment(1);
+    metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => status.clone()).increment(1);
     if route != "/socket.io/" && route != "/metrics" && !route.starts_with("/health") {
         tracing::info!(method = %method, route = %route, status = %status, latency_us = started.elapsed().as_micros() as u64, "request");
     }

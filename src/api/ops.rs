@@ -1,7 +1,6 @@
 //! Operations endpoints: liveness, readiness, metrics, cluster view.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
@@ -13,28 +12,16 @@ use serde_json::{Value, json};
 use super::extract::bearer;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
-use crate::metrics as m;
 
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    let started = Instant::now();
-    let store_ok = state.svc.store.ping().await.is_ok();
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    metrics::gauge!(m::DEPENDENCY_UP, "dependency" => "store").set(if store_ok {
-        1.0
-    } else {
-        0.0
-    });
-    let checks = json!({"store": {"ok": store_ok, "latency_ms": latency_ms}});
+    let (ok, checks) = state.ops.readiness().await;
     let draining = state.is_draining();
-    if store_ok && !draining {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "checks": checks})),
-        )
+    if ok && !draining {
+        (StatusCode::OK, Json(json!({"status": "ready", "checks": checks})))
     } else {
         let mut body = json!({"status": "not_ready", "checks": checks});
         if draining {
@@ -45,10 +32,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Valu
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
 pub async fn cluster(State(state): State<Arc<AppState>>, parts: Parts) -> ApiResult<Json<Value>> {
@@ -57,21 +41,9 @@ pub async fn cluster(State(state): State<Arc<AppState>>, parts: Parts) -> ApiRes
     {
         return Err(ApiError::Unauthorized("admin token required".into()));
     }
-    let now = crate::domain::Timestamp::now();
-    let store_ok = state.svc.store.ping().await.is_ok();
-    let me = json!({
-        "id": state.instance_id,
-        "region": state.config.region,
-        "address": state.config.bind.to_string(),
-        "started_at": state.started_at,
-        "last_seen": now,
-        "connections": crate::realtime::connection_count(),
-        "ready": store_ok && !state.is_draining(),
-    });
-    Ok(Json(json!({
-        "instance_id": state.instance_id,
-        "region": state.config.region,
-        "instances": [me],
-        "sync": {"pending": 0, "lag_ms": 0},
-    })))
+    let me = state.instance_record().await;
+    let mut view = state.ops.cluster(me).await;
+    view["instance_id"] = json!(state.instance_id);
+    view["region"] = json!(state.config.region);
+    Ok(Json(view))
 }

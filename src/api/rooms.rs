@@ -21,15 +21,8 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<Room>)> {
     let name = RoomName::parse(input.req_str("name")?)?;
     let topic = input.opt_str("topic")?.map(Topic::parse).transpose()?;
-    let visibility = input
-        .opt_str("visibility")?
-        .map(Visibility::parse)
-        .transpose()?
-        .unwrap_or(Visibility::Public);
-    Ok((
-        StatusCode::CREATED,
-        Json(state.svc.create_room(&uid, name, topic, visibility).await?),
-    ))
+    let visibility = input.opt_str("visibility")?.map(Visibility::parse).transpose()?.unwrap_or(Visibility::Public);
+    Ok((StatusCode::CREATED, Json(state.svc.create_room(&uid, name, topic, visibility).await?)))
 }
 
 pub async fn list(
@@ -41,9 +34,7 @@ pub async fn list(
         None | Some("joined") => state.svc.joined_rooms(&uid).await?,
         Some("public") => state.svc.public_rooms().await?,
         Some(_) => {
-            return Err(ApiError::validation(
-                "scope must be \"joined\" or \"public\"",
-            ));
+            return Err(ApiError::validation("scope must be \"joined\" or \"public\""));
         }
     };
     Ok(Json(json!({ "rooms": rooms })))
@@ -64,16 +55,8 @@ pub async fn update(
     JsonBody(input): JsonBody,
 ) -> ApiResult<Json<Room>> {
     let patch = RoomPatch {
-        name: input
-            .opt_str("name")?
-            .map(RoomName::parse)
-            .transpose()?
-            .map(|v| v.into_inner()),
-        topic: input
-            .opt_str("topic")?
-            .map(Topic::parse)
-            .transpose()?
-            .map(|v| v.into_inner()),
+        name: input.opt_str("name")?.map(RoomName::parse).transpose()?.map(|v| v.into_inner()),
+        topic: input.opt_str("topic")?.map(Topic::parse).transpose()?.map(|v| v.into_inner()),
     };
     Ok(Json(state.svc.update_room(&uid, &id, patch).await?))
 }

@@ -11,10 +11,7 @@ use crate::domain::{AvatarUrl, DisplayName, StatusText, User};
 use crate::error::{ApiError, ApiResult};
 use crate::store::UserPatch;
 
-pub async fn me(
-    State(state): State<Arc<AppState>>,
-    AuthUser(uid): AuthUser,
-) -> ApiResult<Json<User>> {
+pub async fn me(State(state): State<Arc<AppState>>, AuthUser(uid): AuthUser) -> ApiResult<Json<User>> {
     // A token for a user that does not exist (any more) is not a valid identity.
     state.svc.user(&uid).await.map(Json).map_err(|e| match e {
         ApiError::NotFound(_) => ApiError::Unauthorized("the token's user does not exist".into()),
@@ -28,21 +25,9 @@ pub async fn update_me(
     JsonBody(input): JsonBody,
 ) -> ApiResult<Json<User>> {
     let patch = UserPatch {
-        display_name: input
-            .opt_str("display_name")?
-            .map(DisplayName::parse)
-            .transpose()?
-            .map(|v| v.into_inner()),
-        status_text: input
-            .opt_str("status_text")?
-            .map(StatusText::parse)
-            .transpose()?
-            .map(|v| v.into_inner()),
-        avatar_url: input
-            .opt_str("avatar_url")?
-            .map(AvatarUrl::parse)
-            .transpose()?
-            .map(|v| v.into_inner()),
+        display_name: input.opt_str("display_name")?.map(DisplayName::parse).transpose()?.map(|v| v.into_inner()),
+        status_text: input.opt_str("status_text")?.map(StatusText::parse).transpose()?.map(|v| v.into_inner()),
+        avatar_url: input.opt_str("avatar_url")?.map(AvatarUrl::parse).transpose()?.map(|v| v.into_inner()),
     };
     Ok(Json(state.svc.update_me(&uid, patch).await?))
 }

@@ -62,9 +62,7 @@ impl Username {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
         let lower = s.to_ascii_lowercase();
         if !(3..=32).contains(&lower.len())
-            || !lower
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            || !lower.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         {
             return err("username must be 3..=32 characters of [a-z0-9_]");
         }
@@ -105,14 +103,10 @@ impl AvatarUrl {
         if s.is_empty() {
             return Ok(Self(String::new()));
         }
-        let rest = s
-            .strip_prefix("https://")
-            .or_else(|| s.strip_prefix("http://"));
+        let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://"));
         match rest {
             Some(r)
-                if !r.is_empty()
-                    && !r.starts_with('/')
-                    && !s.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+                if !r.is_empty() && !r.starts_with('/') && !s.chars().any(|c| c.is_whitespace() || c.is_control()) =>
             {
                 Ok(Self(s.to_string()))
             }
@@ -154,11 +148,7 @@ impl MessageBody {
 
 impl ClientMsgId {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
-        if !(1..=64).contains(&s.len())
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if !(1..=64).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             return err("client_msg_id must be 1..=64 characters of [A-Za-z0-9_-]");
         }
         Ok(Self(s.to_string()))
@@ -167,9 +157,7 @@ impl ClientMsgId {
 
 /// Category Cc is U+0000..U+001F and U+007F..U+009F; `\n` and `\t` pass where multi-line text is allowed.
 fn reject_controls(field: &str, s: &str, allow_newline_tab: bool) -> Result<(), FieldError> {
-    let bad = s
-        .chars()
-        .any(|c| c.is_control() && !(allow_newline_tab && (c == '\n' || c == '\t')));
+    let bad = s.chars().any(|c| c.is_control() && !(allow_newline_tab && (c == '\n' || c == '\t')));
     if bad {
         return err(if allow_newline_tab {
             format!("{field} must not contain control characters other than \\n and \\t")
@@ -234,10 +222,7 @@ mod tests {
         assert!(MessageBody::parse("a\r\nb").is_err());
         assert!(MessageBody::parse("a\u{7f}").is_err());
         assert!(MessageBody::parse("a\u{85}").is_err());
-        assert_eq!(
-            MessageBody::parse("  a\n\tb  ").unwrap().as_str(),
-            "  a\n\tb  "
-        );
+        assert_eq!(MessageBody::parse("  a\n\tb  ").unwrap().as_str(), "  a\n\tb  ");
     }
 
     #[test]

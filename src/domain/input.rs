@@ -25,25 +25,22 @@ impl Input {
     }
 
     pub fn req_str(&self, name: &str) -> Result<&str, ApiError> {
-        self.opt_str(name)?
-            .ok_or_else(|| ApiError::validation(format!("{name} is required")))
+        self.opt_str(name)?.ok_or_else(|| ApiError::validation(format!("{name} is required")))
     }
 
     /// An integer field that may be absent.
     pub fn opt_int(&self, name: &str) -> Result<Option<i64>, ApiError> {
         match self.0.get(name) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| ApiError::validation(format!("{name} must be an integer"))),
+            Some(Value::Number(n)) => {
+                n.as_i64().map(Some).ok_or_else(|| ApiError::validation(format!("{name} must be an integer")))
+            }
             Some(_) => Err(ApiError::validation(format!("{name} must be an integer"))),
         }
     }
 
     pub fn req_int(&self, name: &str) -> Result<i64, ApiError> {
-        self.opt_int(name)?
-            .ok_or_else(|| ApiError::validation(format!("{name} is required")))
+        self.opt_int(name)?.ok_or_else(|| ApiError::validation(format!("{name} is required")))
     }
 }
 

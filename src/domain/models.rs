@@ -5,13 +5,24 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::Visibility;
 
 /// Milliseconds since the Unix epoch; serialized as RFC 3339 UTC with milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-#[serde(from = "i64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Timestamp(pub i64);
 
-impl From<i64> for Timestamp {
-    fn from(v: i64) -> Self {
-        Self(v)
+impl<'de> Deserialize<'de> for Timestamp {
+    /// Accepts the wire form (RFC 3339) and plain milliseconds.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Millis(i64),
+            Text(String),
+        }
+        match Either::deserialize(d)? {
+            Either::Millis(ms) => Ok(Self(ms)),
+            Either::Text(s) => chrono::DateTime::parse_from_rfc3339(&s)
+                .map(|t| Self(t.timestamp_millis()))
+                .map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -62,7 +73,7 @@ pub struct Room {
     pub updated_at: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub id: String,
     pub room_id: String,
@@ -87,10 +98,10 @@ mod tests {
 
     #[test]
     fn timestamps_have_millis_and_z() {
-        assert_eq!(
-            Timestamp(1_795_000_000_123).to_rfc3339(),
-            "2026-11-18T11:06:40.123Z"
-        );
+        assert_eq!(Timestamp(1_795_000_000_123).to_rfc3339(), "2026-11-18T11:06:40.123Z");
         assert_eq!(Timestamp(0).to_rfc3339(), "1970-01-01T00:00:00.000Z");
+        let back: Timestamp = serde_json::from_str("\"2026-11-18T11:06:40.123Z\"").unwrap();
+        assert_eq!(back, Timestamp(1_795_000_000_123));
+        assert_eq!(serde_json::from_str::<Timestamp>("42").unwrap(), Timestamp(42));
     }
 }

@@ -2,10 +2,12 @@
 
 use async_trait::async_trait;
 use serde_json::json;
-use socketioxide::{SendError, SocketIo};
+use serde_json::value::RawValue;
+use socketioxide::SocketIo;
 
 use super::{Fanout, user_channel};
 use crate::domain::{Message, Room, User};
+use crate::error::ApiError;
 use crate::metrics as m;
 
 pub struct LocalFanout {
@@ -18,27 +20,41 @@ impl LocalFanout {
     }
 }
 
+/// Emits `message:new` (already serialized) to this instance's sockets in the room. A socket whose
+/// buffer is full is disconnected: a skipped message would be a silent gap in its stream, a
+/// disconnect makes the client reconnect and resync from its last seq.
+pub fn deliver_local(io: &SocketIo, room_id: &str, seq: i64, raw: &RawValue) {
+    let mut delivered = 0u64;
+    for socket in io.to(room_id.to_string()).sockets() {
+        match socket.emit("message:new", raw) {
+            Ok(()) => delivered += 1,
+            Err(_) => {
+                metrics::counter!(m::MESSAGES_DROPPED_SLOW).increment(1);
+                tracing::warn!(socket = %socket.id, room = %room_id, seq, "slow consumer disconnected");
+                let _ = socket.disconnect();
+            }
+        }
+    }
+    metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
+}
+
+/// `typing` to this instance's sockets in the room, except the typist's own socket.
+pub async fn emit_typing(io: &SocketIo, room_id: &str, user_id: &str, except_socket: &str) {
+    let payload = json!({"room_id": room_id, "user_id": user_id});
+    for socket in io.to(room_id.to_string()).sockets() {
+        if socket.id.to_string() != except_socket {
+            let _ = socket.emit("typing", &payload);
+        }
+    }
+}
+
 #[async_trait]
 impl Fanout for LocalFanout {
     async fn publish_message(&self, msg: &Message) {
-        let mut delivered = 0u64;
         // Serialized once, copied verbatim into each socket's packet.
-        let Ok(raw) = serde_json::value::to_raw_value(msg) else {
-            return;
-        };
-        for socket in self.io.to(msg.room_id.clone()).sockets() {
-            match socket.emit("message:new", &raw) {
-                Ok(()) => delivered += 1,
-                Err(SendError::Socket(_)) | Err(SendError::Serialize(_)) => {
-                    // A full buffer would mean a gap in this socket's stream: cut it instead, the
-                    // client reconnects and resyncs from its last seq.
-                    metrics::counter!(m::MESSAGES_DROPPED_SLOW).increment(1);
-                    tracing::warn!(socket = %socket.id, room = %msg.room_id, seq = msg.seq, "slow consumer disconnected");
-                    let _ = socket.disconnect();
-                }
-            }
+        if let Ok(raw) = serde_json::value::to_raw_value(msg) {
+            deliver_local(&self.io, &msg.room_id, msg.seq, &raw);
         }
-        metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
     }
 
     async fn room_updated(&self, room: &Room) {
@@ -56,10 +72,15 @@ impl Fanout for LocalFanout {
             return;
         }
         let state = if online { "online" } else { "offline" };
-        let _ = self
-            .io
-            .to(room_ids.to_vec())
-            .emit("presence", &json!({"user_id": user_id, "state": state}))
-            .await;
+        let _ = self.io.to(room_ids.to_vec()).emit("presence", &json!({"user_id": user_id, "state": state})).await;
+    }
+
+    async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {
+        emit_typing(&self.io, room_id, user_id, except_socket).await;
+    }
+
+    async fn watch_room(&self, _room_id: &str) -> Result<(), ApiError> {
+        // Every accepted message is published in-process: nothing to subscribe to.
+        Ok(())
     }
 }

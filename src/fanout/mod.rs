@@ -6,6 +6,7 @@
 //! silently missing a message.
 
 pub mod local;
+pub mod redis;
 
 use async_trait::async_trait;
 
@@ -21,6 +22,11 @@ pub trait Fanout: Send + Sync + 'static {
     async fn user_updated(&self, user: &User, room_ids: &[String]);
     /// `presence` to sockets in `room_ids`.
     async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]);
+    /// `typing` to the room's sockets except `except_socket` (the typist's own).
+    async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str);
+    /// Called before a local socket reads history after joining `room_id`: from the moment this
+    /// returns, every message accepted in the room reaches this instance.
+    async fn watch_room(&self, room_id: &str) -> Result<(), crate::error::ApiError>;
 }
 
 /// The Socket.IO room that holds a user's own sockets (room ids are ULIDs, never this shape).

@@ -16,24 +16,18 @@ use crate::metrics as m;
 pub fn register(s: &SocketRef, state: &Arc<AppState>) {
     let st = state.clone();
     // The Ticket extractor comes last: extractors before it cannot fail, so no ticket is lost.
-    s.on(
-        "message:send",
-        move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender, ticket: Ticket| {
-            let st = st.clone();
-            async move {
-                let _inflight = st.inflight.token();
-                reply(ack, send(&st, &s, d, ticket).await)
-            }
-        },
-    );
+    s.on("message:send", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender, ticket: Ticket| {
+        let st = st.clone();
+        async move {
+            let _inflight = st.inflight.token();
+            reply(ack, send(&st, &s, d, ticket).await)
+        }
+    });
     let st = state.clone();
-    s.on(
-        "typing",
-        move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-            let st = st.clone();
-            async move { reply(ack, typing(&st, &s, d).await) }
-        },
-    );
+    s.on("typing", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
+        let st = st.clone();
+        async move { reply(ack, typing(&st, &s, d).await) }
+    });
 }
 
 async fn send<E: std::fmt::Display>(
@@ -49,34 +43,19 @@ async fn send<E: std::fmt::Display>(
     let room_id = input.req_str("room_id")?;
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;
-    let (msg, created) = state
-        .svc
-        .send(&me.user_id, room_id, client_msg_id, body, turn)
-        .await?;
+    let (msg, created) = state.svc.send(&me.user_id, room_id, client_msg_id, body, turn).await?;
     metrics::histogram!(m::SEND_LATENCY).record(started.elapsed().as_secs_f64());
     tracing::debug!(room = %msg.room_id, seq = msg.seq, created, latency_us = started.elapsed().as_micros() as u64, "send");
     Ok(json!({"message": msg}))
 }
 
-async fn typing<E: std::fmt::Display>(
-    state: &AppState,
-    s: &SocketRef,
-    data: Result<Value, E>,
-) -> ApiResult<Value> {
+async fn typing<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;
     if !s.rooms().iter().any(|r| r == room_id) {
-        return Err(ApiError::Forbidden(
-            "join the room before sending typing".into(),
-        ));
+        return Err(ApiError::Forbidden("join the room before sending typing".into()));
     }
-    let _ = s
-        .to(room_id.to_string())
-        .emit(
-            "typing",
-            &json!({"room_id": room_id, "user_id": me.user_id}),
-        )
-        .await;
+    state.svc.fanout.typing(room_id, &me.user_id, &s.id.to_string()).await;
     Ok(json!({}))
 }

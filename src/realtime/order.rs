@@ -58,16 +58,9 @@ impl Ticket {
 impl<A: Adapter> FromMessageParts<A> for Ticket {
     type Error = Infallible;
 
-    fn from_message_parts(
-        s: &Arc<Socket<A>>,
-        _: &mut Value,
-        _: &Option<i64>,
-    ) -> Result<Self, Infallible> {
+    fn from_message_parts(s: &Arc<Socket<A>>, _: &mut Value, _: &Option<i64>) -> Result<Self, Infallible> {
         let order = s.extensions.get::<Arc<SocketOrder>>();
-        let number = order
-            .as_ref()
-            .map(|o| o.next_ticket.fetch_add(1, Ordering::AcqRel))
-            .unwrap_or(0);
+        let number = order.as_ref().map(|o| o.next_ticket.fetch_add(1, Ordering::AcqRel)).unwrap_or(0);
         Ok(Self { order, number })
     }
 }
@@ -80,10 +73,7 @@ mod tests {
     async fn turns_follow_tickets() {
         let order = Arc::new(SocketOrder::default());
         let tickets: Vec<Ticket> = (0..3)
-            .map(|_| Ticket {
-                order: Some(order.clone()),
-                number: order.next_ticket.fetch_add(1, Ordering::AcqRel),
-            })
+            .map(|_| Ticket { order: Some(order.clone()), number: order.next_ticket.fetch_add(1, Ordering::AcqRel) })
             .collect();
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut handles = Vec::new();

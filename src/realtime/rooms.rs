@@ -13,74 +13,45 @@ use crate::service::{Cursor, MAX_PAGE, clamp_limit};
 
 pub fn register(s: &SocketRef, state: &Arc<AppState>) {
     let st = state.clone();
-    s.on(
-        "room:join",
-        move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-            let st = st.clone();
-            async move { reply(ack, join(&st, &s, d).await) }
-        },
-    );
+    s.on("room:join", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
+        let st = st.clone();
+        async move { reply(ack, join(&st, &s, d).await) }
+    });
     let st = state.clone();
-    s.on(
-        "room:leave",
-        move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-            let st = st.clone();
-            async move { reply(ack, leave(&st, &s, d).await) }
-        },
-    );
+    s.on("room:leave", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
+        let st = st.clone();
+        async move { reply(ack, leave(&st, &s, d).await) }
+    });
     let st = state.clone();
-    s.on(
-        "room:sync",
-        move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-            let st = st.clone();
-            async move { reply(ack, sync(&st, &s, d).await) }
-        },
-    );
+    s.on("room:sync", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
+        let st = st.clone();
+        async move { reply(ack, sync(&st, &s, d).await) }
+    });
 }
 
-async fn join<E: std::fmt::Display>(
-    state: &AppState,
-    s: &SocketRef,
-    data: Result<Value, E>,
-) -> ApiResult<Value> {
+async fn join<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;
-    let after = input
-        .opt_int("after_seq")?
-        .map(|v| parse_seq("after_seq", v))
-        .transpose()?;
+    let after = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
     let room = state.svc.join_room(&me.user_id, room_id).await?;
     // Join the delivery group before reading history: a message accepted in between is then
     // delivered live or found in the read (or both; clients dedupe by seq), never neither.
     s.join(room.id.clone());
+    state.svc.fanout.watch_room(&room.id).await?;
     let page = match after {
-        Some(after) => {
-            state
-                .svc
-                .page(&room.id, Cursor::After(after), MAX_PAGE)
-                .await?
-        }
+        Some(after) => state.svc.page(&room.id, Cursor::After(after), MAX_PAGE).await?,
         None => {
             let mut page = state.svc.page(&room.id, Cursor::After(i64::MAX), 1).await?;
             page.has_more = false;
             page
         }
     };
-    let room = crate::domain::Room {
-        head_seq: page.head_seq,
-        ..room
-    };
-    Ok(
-        json!({"room": room, "head_seq": page.head_seq, "messages": page.messages, "has_more": page.has_more}),
-    )
+    let room = crate::domain::Room { head_seq: page.head_seq, ..room };
+    Ok(json!({"room": room, "head_seq": page.head_seq, "messages": page.messages, "has_more": page.has_more}))
 }
 
-async fn leave<E: std::fmt::Display>(
-    state: &AppState,
-    s: &SocketRef,
-    data: Result<Value, E>,
-) -> ApiResult<Value> {
+async fn leave<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
     identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;
@@ -88,19 +59,12 @@ async fn leave<E: std::fmt::Display>(
     Ok(json!({}))
 }
 
-async fn sync<E: std::fmt::Display>(
-    state: &AppState,
-    s: &SocketRef,
-    data: Result<Value, E>,
-) -> ApiResult<Value> {
+async fn sync<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;
     let after = parse_seq("after_seq", input.req_int("after_seq")?)?;
     let limit = clamp_limit(input.opt_int("limit")?)?;
-    let page = state
-        .svc
-        .history(&me.user_id, room_id, Cursor::After(after), limit)
-        .await?;
+    let page = state.svc.history(&me.user_id, room_id, Cursor::After(after), limit).await?;
     Ok(json!({"messages": page.messages, "head_seq": page.head_seq, "has_more": page.has_more}))
 }

@@ -34,11 +34,7 @@ impl GroupCommitSequencer {
     }
 }
 
-async fn commit_loop(
-    mut rx: mpsc::Receiver<(SendRequest, Reply)>,
-    store: Arc<dyn Store>,
-    fanout: Arc<dyn Fanout>,
-) {
+async fn commit_loop(mut rx: mpsc::Receiver<(SendRequest, Reply)>, store: Arc<dyn Store>, fanout: Arc<dyn Fanout>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     // recv_many returns whatever is queued (at least one): under load batches grow by themselves,
     // at low load a send commits alone without waiting for company.
@@ -65,8 +61,7 @@ async fn commit_loop(
                     fanout.publish_message(msg).await;
                 }
                 if !accepted.is_empty() {
-                    metrics::histogram!(m::DELIVERY_LATENCY)
-                        .record(committed.elapsed().as_secs_f64());
+                    metrics::histogram!(m::DELIVERY_LATENCY).record(committed.elapsed().as_secs_f64());
                 }
             }
             Err(e) => {
@@ -84,20 +79,15 @@ impl Sequencer for GroupCommitSequencer {
     async fn submit(&self, req: SendRequest) -> Result<Receipt, ApiError> {
         let (tx, rx) = oneshot::channel();
         // A bounded channel's waiters are served first come, first served: submission order holds.
-        self.queue
-            .send((req, tx))
-            .await
-            .map_err(|_| ApiError::Unavailable("the sequencer is shutting down".into()))?;
+        self.queue.send((req, tx)).await.map_err(|_| ApiError::Unavailable("the sequencer is shutting down".into()))?;
         Ok(Box::pin(async move {
-            let outcome = rx
-                .await
-                .map_err(|_| ApiError::Unavailable("the sequencer stopped".into()))??;
+            let outcome = rx.await.map_err(|_| ApiError::Unavailable("the sequencer stopped".into()))??;
             match outcome {
                 AppendOutcome::Accepted(msg) => Ok(SendOutcome::Accepted(msg)),
                 AppendOutcome::Duplicate(msg) => Ok(SendOutcome::Duplicate(msg)),
-                AppendOutcome::Conflict => Err(ApiError::Conflict(
-                    "client_msg_id was already used with a different body".into(),
-                )),
+                AppendOutcome::Conflict => {
+                    Err(ApiError::Conflict("client_msg_id was already used with a different body".into()))
+                }
                 AppendOutcome::RoomMissing => Err(ApiError::room_not_found()),
             }
         }))

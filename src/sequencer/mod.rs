@@ -6,6 +6,7 @@
 //! the [`Fanout`](crate::fanout::Fanout) in seq order per room.
 
 pub mod embedded;
+pub mod redis;
 
 use async_trait::async_trait;
 

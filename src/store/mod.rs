@@ -125,19 +125,9 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_messages(&self, batch: &[Message]) -> StoreResult<()>;
 
     /// Messages with seq > after_seq, ascending, at most `limit`.
-    async fn messages_after(
-        &self,
-        room_id: &str,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>>;
+    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
     /// The `limit` messages just below `before_seq`, ascending.
-    async fn messages_before(
-        &self,
-        room_id: &str,
-        before_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>>;
+    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
     /// The room's head seq (0 when empty); `None` for an unknown room.
     async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>>;
 }

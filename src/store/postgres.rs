@@ -14,10 +14,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 
-use super::{
-    AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult,
-    UserPatch,
-};
+use super::{AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch};
 use crate::domain::{Message, Room, Timestamp, User, Visibility};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -28,9 +25,9 @@ const MAX_CONNECTIONS: u32 = 10;
 /// How long a caller waits for a pooled connection before the store reports `Unavailable`.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-const USER_COLS: &str =
-    "id, username, display_name, status_text, avatar_url, created_at, updated_at";
-const ROOM_COLS: &str = "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
+const USER_COLS: &str = "id, username, display_name, status_text, avatar_url, created_at, updated_at";
+const ROOM_COLS: &str =
+    "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
 const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, created_at";
 
 pub struct PostgresStore {
@@ -47,10 +44,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// `ROOM_COLS` / `USER_COLS` qualified with a table alias, for joins.
 fn qualified(cols: &str, alias: &str) -> String {
-    cols.split(", ")
-        .map(|c| format!("{alias}.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    cols.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
 }
 
 fn user_from(row: &PgRow) -> Result<User, sqlx::Error> {
@@ -105,11 +99,8 @@ impl PostgresStore {
     /// Connects a pool to `url` (`postgres://user[:password]@host[:port]/database`) and runs the
     /// embedded migrations (sqlx serializes concurrent migrators with an advisory lock).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect(url)
-            .await?;
+        let pool =
+            PgPoolOptions::new().max_connections(MAX_CONNECTIONS).acquire_timeout(ACQUIRE_TIMEOUT).connect(url).await?;
         MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
     }
@@ -126,13 +117,9 @@ impl PostgresStore {
     }
 
     /// The stored message with this dedupe key, compared with the request's body.
-    async fn dedupe_in(
-        tx: &mut Transaction<'_, Postgres>,
-        req: &SendRequest,
-    ) -> StoreResult<Option<AppendOutcome>> {
-        let sql = format!(
-            "SELECT {MSG_COLS} FROM messages WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3"
-        );
+    async fn dedupe_in(tx: &mut Transaction<'_, Postgres>, req: &SendRequest) -> StoreResult<Option<AppendOutcome>> {
+        let sql =
+            format!("SELECT {MSG_COLS} FROM messages WHERE room_id = $1 AND sender_id = $2 AND client_msg_id = $3");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&req.room_id)
             .bind(&req.sender_id)
@@ -142,20 +129,10 @@ impl PostgresStore {
             .map_err(unavailable)?;
         let Some(row) = row else { return Ok(None) };
         let original = message_from(&row).map_err(unavailable)?;
-        Ok(Some(if original.body == req.body {
-            AppendOutcome::Duplicate(original)
-        } else {
-            AppendOutcome::Conflict
-        }))
+        Ok(Some(if original.body == req.body { AppendOutcome::Duplicate(original) } else { AppendOutcome::Conflict }))
     }
 
-    async fn fetch_messages(
-        &self,
-        sql: String,
-        room_id: &str,
-        seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>> {
+    async fn fetch_messages(&self, sql: String, room_id: &str, seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(room_id)
             .bind(seq)
@@ -163,20 +140,14 @@ impl PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(message_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        rows.iter().map(message_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 }
 
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -209,11 +180,8 @@ impl Store for PostgresStore {
 
     async fn user(&self, id: &str) -> StoreResult<Option<User>> {
         let sql = format!("SELECT {USER_COLS} FROM users WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await.map_err(unavailable)?;
         row.map(|r| user_from(&r)).transpose().map_err(unavailable)
     }
 
@@ -248,10 +216,7 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.map(|r| user_from(&r))
-            .transpose()
-            .map_err(unavailable)?
-            .ok_or(StoreError::NotFound("user"))
+        row.map(|r| user_from(&r)).transpose().map_err(unavailable)?.ok_or(StoreError::NotFound("user"))
     }
 
     async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
@@ -294,11 +259,8 @@ impl Store for PostgresStore {
 
     async fn room(&self, id: &str) -> StoreResult<Option<Room>> {
         let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await.map_err(unavailable)?;
         row.map(|r| room_from(&r)).transpose().map_err(unavailable)
     }
 
@@ -315,10 +277,7 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.map(|r| room_from(&r))
-            .transpose()
-            .map_err(unavailable)?
-            .ok_or(StoreError::NotFound("room"))
+        row.map(|r| room_from(&r)).transpose().map_err(unavailable)?.ok_or(StoreError::NotFound("room"))
     }
 
     async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>> {
@@ -327,15 +286,9 @@ impl Store for PostgresStore {
              ORDER BY r.created_at DESC, r.id DESC",
             qualified(ROOM_COLS, "r")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(user_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(room_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_all(&self.pool).await.map_err(unavailable)?;
+        rows.iter().map(room_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn public_rooms(&self, limit: u32) -> StoreResult<Vec<Room>> {
@@ -347,10 +300,7 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(room_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        rows.iter().map(room_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool> {
@@ -434,15 +384,9 @@ impl Store for PostgresStore {
              ORDER BY m.joined_at, u.id",
             qualified(USER_COLS, "u")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(room_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(user_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(room_id).fetch_all(&self.pool).await.map_err(unavailable)?;
+        rows.iter().map(user_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>> {
@@ -471,13 +415,12 @@ impl Store for PostgresStore {
             }
             // The row lock taken here (or by lock_rooms) is held to commit: writers of one room
             // take turns, so each sees the previous one's head and seqs stay gap-free.
-            let seq: Option<i64> = sqlx::query_scalar(
-                "UPDATE rooms SET head_seq = head_seq + 1 WHERE id = $1 RETURNING head_seq",
-            )
-            .bind(&req.room_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            let seq: Option<i64> =
+                sqlx::query_scalar("UPDATE rooms SET head_seq = head_seq + 1 WHERE id = $1 RETURNING head_seq")
+                    .bind(&req.room_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
             let Some(seq) = seq else {
                 out.push(AppendOutcome::RoomMissing);
                 continue;
@@ -604,27 +547,13 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn messages_after(
-        &self,
-        room_id: &str,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>> {
-        let sql = format!(
-            "SELECT {MSG_COLS} FROM messages WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
-        );
+    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let sql = format!("SELECT {MSG_COLS} FROM messages WHERE room_id = $1 AND seq > $2 ORDER BY seq LIMIT $3");
         self.fetch_messages(sql, room_id, after_seq, limit).await
     }
 
-    async fn messages_before(
-        &self,
-        room_id: &str,
-        before_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>> {
-        let sql = format!(
-            "SELECT {MSG_COLS} FROM messages WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
-        );
+    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let sql = format!("SELECT {MSG_COLS} FROM messages WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3");
         let mut msgs = self.fetch_messages(sql, room_id, before_seq, limit).await?;
         msgs.reverse();
         Ok(msgs)

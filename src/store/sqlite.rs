@@ -8,22 +8,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-use super::{
-    AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult,
-    UserPatch,
-};
+use super::{AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch};
 use crate::domain::{Message, Room, Timestamp, User, Visibility};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-const USER_COLS: &str =
-    "id, username, display_name, status_text, avatar_url, created_at, updated_at";
-const ROOM_COLS: &str = "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
+const USER_COLS: &str = "id, username, display_name, status_text, avatar_url, created_at, updated_at";
+const ROOM_COLS: &str =
+    "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
 /// Rows per lookup statement (3 bound values each) and per insert (7 each): well under SQLite's
 /// 32766 bound-variable limit.
 const LOOKUP_CHUNK: usize = 500;
@@ -95,19 +91,12 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .min_connections(1)
-            .connect_with(opts)
-            .await?;
+        let pool = SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(opts).await?;
         MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
     }
 
-    async fn room_in(
-        tx: &mut Transaction<'_, Sqlite>,
-        id: &str,
-    ) -> Result<Option<Room>, sqlx::Error> {
+    async fn room_in(tx: &mut Transaction<'_, Sqlite>, id: &str) -> Result<Option<Room>, sqlx::Error> {
         let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?");
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
@@ -117,13 +106,7 @@ impl SqliteStore {
             .transpose()
     }
 
-    async fn fetch_messages(
-        &self,
-        sql: String,
-        room_id: &str,
-        seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>> {
+    async fn fetch_messages(&self, sql: String, room_id: &str, seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(room_id)
             .bind(seq)
@@ -131,20 +114,14 @@ impl SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(message_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        rows.iter().map(message_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 }
 
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -178,11 +155,8 @@ impl Store for SqliteStore {
 
     async fn user(&self, id: &str) -> StoreResult<Option<User>> {
         let sql = format!("SELECT {USER_COLS} FROM users WHERE id = ?");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await.map_err(unavailable)?;
         row.map(|r| user_from(&r)).transpose().map_err(unavailable)
     }
 
@@ -217,18 +191,11 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.map(|r| user_from(&r))
-            .transpose()
-            .map_err(unavailable)?
-            .ok_or(StoreError::NotFound("user"))
+        row.map(|r| user_from(&r)).transpose().map_err(unavailable)?.ok_or(StoreError::NotFound("user"))
     }
 
     async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         sqlx::query(
             "INSERT INTO rooms (id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, 0, 1, ?, ?)",
@@ -268,11 +235,8 @@ impl Store for SqliteStore {
 
     async fn room(&self, id: &str) -> StoreResult<Option<Room>> {
         let sql = format!("SELECT {ROOM_COLS} FROM rooms WHERE id = ?");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await.map_err(unavailable)?;
         row.map(|r| room_from(&r)).transpose().map_err(unavailable)
     }
 
@@ -289,31 +253,18 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
-        row.map(|r| room_from(&r))
-            .transpose()
-            .map_err(unavailable)?
-            .ok_or(StoreError::NotFound("room"))
+        row.map(|r| room_from(&r)).transpose().map_err(unavailable)?.ok_or(StoreError::NotFound("room"))
     }
 
     async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>> {
         let sql = format!(
             "SELECT {} FROM rooms r JOIN memberships m ON m.room_id = r.id WHERE m.user_id = ?
              ORDER BY r.created_at DESC, r.id DESC",
-            ROOM_COLS
-                .split(", ")
-                .map(|c| format!("r.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            ROOM_COLS.split(", ").map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", ")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(user_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(room_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_all(&self.pool).await.map_err(unavailable)?;
+        rows.iter().map(room_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn public_rooms(&self, limit: u32) -> StoreResult<Vec<Room>> {
@@ -325,40 +276,25 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
-        rows.iter()
-            .map(room_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        rows.iter().map(room_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
-        if Self::room_in(&mut tx, room_id)
-            .await
-            .map_err(unavailable)?
-            .is_none()
-        {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        if Self::room_in(&mut tx, room_id).await.map_err(unavailable)?.is_none() {
             return Err(StoreError::NotFound("room"));
         }
-        let added = sqlx::query(
-            "INSERT OR IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)",
-        )
-        .bind(room_id)
-        .bind(user_id)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
-                StoreError::NotFound("user")
-            }
-            _ => unavailable(e),
-        })?
-        .rows_affected()
+        let added = sqlx::query("INSERT OR IGNORE INTO memberships (room_id, user_id, joined_at) VALUES (?, ?, ?)")
+            .bind(room_id)
+            .bind(user_id)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound("user"),
+                _ => unavailable(e),
+            })?
+            .rows_affected()
             == 1;
         if added {
             sqlx::query("UPDATE rooms SET member_count = member_count + 1 WHERE id = ?")
@@ -372,11 +308,7 @@ impl Store for SqliteStore {
     }
 
     async fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         let removed = sqlx::query("DELETE FROM memberships WHERE room_id = ? AND user_id = ?")
             .bind(room_id)
             .bind(user_id)
@@ -410,21 +342,11 @@ impl Store for SqliteStore {
         let sql = format!(
             "SELECT {} FROM users u JOIN memberships m ON m.user_id = u.id WHERE m.room_id = ?
              ORDER BY m.joined_at, u.id",
-            USER_COLS
-                .split(", ")
-                .map(|c| format!("u.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            USER_COLS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(room_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter()
-            .map(user_from)
-            .collect::<Result<_, _>>()
-            .map_err(unavailable)
+        let rows =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(room_id).fetch_all(&self.pool).await.map_err(unavailable)?;
+        rows.iter().map(user_from).collect::<Result<_, _>>().map_err(unavailable)
     }
 
     async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>> {
@@ -439,11 +361,7 @@ impl Store for SqliteStore {
         // A whole batch costs a handful of statements, not a few per message: dedupe lookups,
         // room heads, one multi-row insert and one head update per room. IMMEDIATE takes the write
         // lock up front, so the heads read here cannot move before the commit.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         let mut known: HashMap<(String, String, String), Message> = HashMap::new();
         for chunk in batch.chunks(LOOKUP_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(format!(
@@ -451,34 +369,19 @@ impl Store for SqliteStore {
             ));
             let mut sep = q.separated(", ");
             for r in chunk {
-                sep.push("(")
-                    .push_bind_unseparated(&r.room_id)
-                    .push_unseparated(", ");
-                sep.push_bind_unseparated(&r.sender_id)
-                    .push_unseparated(", ");
-                sep.push_bind_unseparated(&r.client_msg_id)
-                    .push_unseparated(")");
+                sep.push("(").push_bind_unseparated(&r.room_id).push_unseparated(", ");
+                sep.push_bind_unseparated(&r.sender_id).push_unseparated(", ");
+                sep.push_bind_unseparated(&r.client_msg_id).push_unseparated(")");
             }
             q.push(")");
             for row in q.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
                 let m = message_from(&row).map_err(unavailable)?;
-                known.insert(
-                    (
-                        m.room_id.clone(),
-                        m.sender_id.clone(),
-                        m.client_msg_id.clone(),
-                    ),
-                    m,
-                );
+                known.insert((m.room_id.clone(), m.sender_id.clone(), m.client_msg_id.clone()), m);
             }
         }
         let rooms: Vec<&str> = {
             let mut seen = HashSet::new();
-            batch
-                .iter()
-                .map(|r| r.room_id.as_str())
-                .filter(|r| seen.insert(*r))
-                .collect()
+            batch.iter().map(|r| r.room_id.as_str()).filter(|r| seen.insert(*r)).collect()
         };
         let mut heads: HashMap<String, i64> = HashMap::new();
         for chunk in rooms.chunks(LOOKUP_CHUNK) {
@@ -489,10 +392,7 @@ impl Store for SqliteStore {
             }
             q.push(")");
             for row in q.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
-                heads.insert(
-                    row.try_get("id").map_err(unavailable)?,
-                    row.try_get("head_seq").map_err(unavailable)?,
-                );
+                heads.insert(row.try_get("id").map_err(unavailable)?, row.try_get("head_seq").map_err(unavailable)?);
             }
         }
 
@@ -500,11 +400,7 @@ impl Store for SqliteStore {
         let mut fresh: Vec<Message> = Vec::new();
         let mut touched: HashSet<&str> = HashSet::new();
         for req in batch {
-            let key = (
-                req.room_id.clone(),
-                req.sender_id.clone(),
-                req.client_msg_id.clone(),
-            );
+            let key = (req.room_id.clone(), req.sender_id.clone(), req.client_msg_id.clone());
             if let Some(original) = known.get(&key) {
                 out.push(if original.body == req.body {
                     AppendOutcome::Duplicate(original.clone())
@@ -560,11 +456,7 @@ impl Store for SqliteStore {
     }
 
     async fn upsert_messages(&self, batch: &[Message]) -> StoreResult<()> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         for m in batch {
             sqlx::query(
                 "INSERT INTO messages (room_id, seq, id, sender_id, client_msg_id, body, created_at)
@@ -591,27 +483,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn messages_after(
-        &self,
-        room_id: &str,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>> {
-        let sql = format!(
-            "SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND seq > ? ORDER BY seq LIMIT ?"
-        );
+    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let sql = format!("SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND seq > ? ORDER BY seq LIMIT ?");
         self.fetch_messages(sql, room_id, after_seq, limit).await
     }
 
-    async fn messages_before(
-        &self,
-        room_id: &str,
-        before_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<Message>> {
-        let sql = format!(
-            "SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
-        );
+    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let sql = format!("SELECT {MSG_COLS} FROM messages WHERE room_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?");
         let mut msgs = self.fetch_messages(sql, room_id, before_seq, limit).await?;
         msgs.reverse();
         Ok(msgs)

@@ -4,27 +4,12 @@ use crate::helpers::*;
 fn invalid_settings_stop_the_process_with_one_line_naming_them() {
     for (env, name) in [
         (vec![("CHATMESH_BIND", "not-an-address")], "CHATMESH_BIND"),
-        (
-            vec![("CHATMESH_MAX_BODY_BYTES", "lots")],
-            "CHATMESH_MAX_BODY_BYTES",
-        ),
-        (
-            vec![("CHATMESH_SEND_RATE_PER_SEC", "0")],
-            "CHATMESH_SEND_RATE_PER_SEC",
-        ),
-        (
-            vec![("CHATMESH_AUTH_RATE_PER_MIN", "-5")],
-            "CHATMESH_AUTH_RATE_PER_MIN",
-        ),
+        (vec![("CHATMESH_MAX_BODY_BYTES", "lots")], "CHATMESH_MAX_BODY_BYTES"),
+        (vec![("CHATMESH_SEND_RATE_PER_SEC", "0")], "CHATMESH_SEND_RATE_PER_SEC"),
+        (vec![("CHATMESH_AUTH_RATE_PER_MIN", "-5")], "CHATMESH_AUTH_RATE_PER_MIN"),
         (vec![("CHATMESH_LOG_FORMAT", "xml")], "CHATMESH_LOG_FORMAT"),
-        (
-            vec![("CHATMESH_STORE_URL", "mysql://db")],
-            "CHATMESH_STORE_URL",
-        ),
-        (
-            vec![("CHATMESH_JWT_SECRET", "short")],
-            "CHATMESH_JWT_SECRET",
-        ),
+        (vec![("CHATMESH_STORE_URL", "mysql://db")], "CHATMESH_STORE_URL"),
+        (vec![("CHATMESH_JWT_SECRET", "short")], "CHATMESH_JWT_SECRET"),
         (vec![("CHATMESH_BINDD", "127.0.0.1:1")], "CHATMESH_BINDD"),
     ] {
         let (code, stderr) = run_to_exit(&env, &["serve"]);
@@ -37,10 +22,7 @@ fn invalid_settings_stop_the_process_with_one_line_naming_them() {
 
 #[test]
 fn help_lists_every_setting() {
-    let out = std::process::Command::new(binary())
-        .args(["serve", "--help"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(binary()).args(["serve", "--help"]).output().unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for var in [

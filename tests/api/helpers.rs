@@ -35,10 +35,7 @@ pub fn run_to_exit(env: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String)
         .envs(env.iter().copied())
         .output()
         .expect("run chatmesh");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -60,10 +57,7 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "info")
         .env("CHATMESH_BIND", "127.0.0.1:0")
-        .env(
-            "CHATMESH_STORE_URL",
-            format!("sqlite://{}/chatmesh.db", data_dir.display()),
-        )
+        .env("CHATMESH_STORE_URL", format!("sqlite://{}/chatmesh.db", data_dir.display()))
         .env("CHATMESH_LOG_FORMAT", "json")
         .env("CHATMESH_AUTH_RATE_PER_MIN", "100000")
         .env("CHATMESH_SEND_RATE_PER_SEC", "100000")
@@ -71,11 +65,7 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn chatmesh");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn chatmesh");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -99,10 +89,7 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
         url: format!("http://{addr}"),
         child,
         _own_dir: own_dir,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
+        http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
     }
 }
 
@@ -115,25 +102,13 @@ pub struct Resp {
 impl Resp {
     /// The API error code, asserting the error shape of API.md §1.
     pub fn code(&self) -> &str {
-        assert!(
-            self.body["error"]["message"].is_string(),
-            "error shape: {}",
-            self.body
-        );
-        self.body["error"]["code"]
-            .as_str()
-            .unwrap_or_else(|| panic!("not an error body: {}", self.body))
+        assert!(self.body["error"]["message"].is_string(), "error shape: {}", self.body);
+        self.body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {}", self.body))
     }
 }
 
 impl TestApp {
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-        token: Option<&str>,
-    ) -> Resp {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Value>, token: Option<&str>) -> Resp {
         let mut req = self.http.request(method, format!("{}{}", self.url, path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -145,29 +120,13 @@ impl TestApp {
         let status = res.status();
         let headers = res.headers().clone();
         let text = res.text().await.unwrap();
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        let body =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Resp { status, headers, body }
     }
 
-    pub async fn raw(
-        &self,
-        method: Method,
-        path: &str,
-        body: Vec<u8>,
-        token: Option<&str>,
-    ) -> Resp {
-        let mut req = self
-            .http
-            .request(method, format!("{}{}", self.url, path))
-            .body(body);
+    pub async fn raw(&self, method: Method, path: &str, body: Vec<u8>, token: Option<&str>) -> Resp {
+        let mut req = self.http.request(method, format!("{}{}", self.url, path)).body(body);
         req = req.header("content-type", "application/json");
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -176,11 +135,7 @@ impl TestApp {
         let status = res.status();
         let headers = res.headers().clone();
         let text = res.text().await.unwrap();
-        Resp {
-            status,
-            headers,
-            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        }
+        Resp { status, headers, body: serde_json::from_str(&text).unwrap_or(Value::String(text)) }
     }
 
     /// Registers `username` and returns (user id, token).
@@ -194,20 +149,12 @@ impl TestApp {
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-        (
-            r.body["user"]["id"].as_str().unwrap().to_string(),
-            r.body["token"].as_str().unwrap().to_string(),
-        )
+        (r.body["user"]["id"].as_str().unwrap().to_string(), r.body["token"].as_str().unwrap().to_string())
     }
 
     pub async fn create_room(&self, token: &str, name: &str, visibility: &str) -> String {
         let r = self
-            .call(
-                Method::POST,
-                "/api/v1/rooms",
-                Some(json!({"name": name, "visibility": visibility})),
-                Some(token),
-            )
+            .call(Method::POST, "/api/v1/rooms", Some(json!({"name": name, "visibility": visibility})), Some(token))
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
         r.body["id"].as_str().unwrap().to_string()
@@ -224,10 +171,7 @@ impl TestApp {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
     }
 
@@ -238,10 +182,7 @@ impl TestApp {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "chatmesh did not exit within {within:?}"
-            );
+            assert!(std::time::Instant::now() < deadline, "chatmesh did not exit within {within:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -9,14 +9,8 @@ async fn room_lifecycle_and_permissions() {
     let (owner_id, owner) = app.register("owner").await;
     let (guest_id, guest) = app.register("guest").await;
 
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/rooms",
-            Some(json!({"name": "general", "topic": "hi"})),
-            Some(&owner),
-        )
-        .await;
+    let r =
+        app.call(Method::POST, "/api/v1/rooms", Some(json!({"name": "general", "topic": "hi"})), Some(&owner)).await;
     assert_eq!(r.status, StatusCode::CREATED);
     let room = r.body["id"].as_str().unwrap().to_string();
     assert_eq!(r.body["visibility"], "public");
@@ -32,19 +26,8 @@ async fn room_lifecycle_and_permissions() {
         json!({"name": "ok", "visibility": "secret"}),
         json!({}),
     ] {
-        let r = app
-            .call(
-                Method::POST,
-                "/api/v1/rooms",
-                Some(bad.clone()),
-                Some(&owner),
-            )
-            .await;
-        assert_eq!(
-            (r.status, r.code()),
-            (StatusCode::BAD_REQUEST, "validation_failed"),
-            "{bad}"
-        );
+        let r = app.call(Method::POST, "/api/v1/rooms", Some(bad.clone()), Some(&owner)).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"), "{bad}");
     }
     let r = app
         .call(
@@ -59,176 +42,54 @@ async fn room_lifecycle_and_permissions() {
     let private = app.create_room(&owner, "secret", "private").await;
 
     // Listing.
-    let r = app
-        .call(Method::GET, "/api/v1/rooms", None, Some(&guest))
-        .await;
-    assert_eq!(
-        r.body["rooms"].as_array().unwrap().len(),
-        0,
-        "joined is the default scope"
-    );
-    let r = app
-        .call(
-            Method::GET,
-            "/api/v1/rooms?scope=public",
-            None,
-            Some(&guest),
-        )
-        .await;
-    let public: Vec<_> = r.body["rooms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let r = app.call(Method::GET, "/api/v1/rooms", None, Some(&guest)).await;
+    assert_eq!(r.body["rooms"].as_array().unwrap().len(), 0, "joined is the default scope");
+    let r = app.call(Method::GET, "/api/v1/rooms?scope=public", None, Some(&guest)).await;
+    let public: Vec<_> =
+        r.body["rooms"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert!(public.contains(&room) && !public.contains(&private));
-    let r = app
-        .call(
-            Method::GET,
-            "/api/v1/rooms?scope=everything",
-            None,
-            Some(&guest),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::BAD_REQUEST, "validation_failed")
-    );
+    let r = app.call(Method::GET, "/api/v1/rooms?scope=everything", None, Some(&guest)).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"));
 
     // Visibility.
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/rooms/{room}"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{room}"), None, Some(&guest)).await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/rooms/{private}"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{private}"), None, Some(&guest)).await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
-    let r = app
-        .call(
-            Method::GET,
-            "/api/v1/rooms/01NOSUCHROOM0000000000000",
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::GET, "/api/v1/rooms/01NOSUCHROOM0000000000000", None, Some(&guest)).await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
 
     // Owner-only changes.
-    let r = app
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/rooms/{room}"),
-            Some(json!({"name": "hijack"})),
-            Some(&guest),
-        )
-        .await;
+    let r =
+        app.call(Method::PATCH, &format!("/api/v1/rooms/{room}"), Some(json!({"name": "hijack"})), Some(&guest)).await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
     let r = app
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/rooms/{room}"),
-            Some(json!({"topic": "new topic"})),
-            Some(&owner),
-        )
+        .call(Method::PATCH, &format!("/api/v1/rooms/{room}"), Some(json!({"topic": "new topic"})), Some(&owner))
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(
-        (r.body["topic"].as_str(), r.body["name"].as_str()),
-        (Some("new topic"), Some("general"))
-    );
-    let r = app
-        .call(
-            Method::PATCH,
-            &format!("/api/v1/rooms/{room}"),
-            Some(json!({"name": ""})),
-            Some(&owner),
-        )
-        .await;
+    assert_eq!((r.body["topic"].as_str(), r.body["name"].as_str()), (Some("new topic"), Some("general")));
+    let r = app.call(Method::PATCH, &format!("/api/v1/rooms/{room}"), Some(json!({"name": ""})), Some(&owner)).await;
     assert_eq!(r.code(), "validation_failed");
 
     // Members only.
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/rooms/{room}/members"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{room}/members"), None, Some(&guest)).await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
 
     // Join / leave.
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/rooms/{room}/join"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/join"), None, Some(&guest)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["member_count"], 2);
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/rooms/{room}/join"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/join"), None, Some(&guest)).await;
     assert_eq!(r.body["member_count"], 2, "joining twice is idempotent");
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/rooms/{room}/members"),
-            None,
-            Some(&guest),
-        )
-        .await;
-    let ids: Vec<_> = r.body["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["id"].as_str().unwrap().to_string())
-        .collect();
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{room}/members"), None, Some(&guest)).await;
+    let ids: Vec<_> =
+        r.body["members"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(ids, vec![owner_id.clone(), guest_id.clone()]);
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/rooms/{private}/join"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{private}/join"), None, Some(&guest)).await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/rooms/{room}/leave"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/leave"), None, Some(&guest)).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/rooms/{room}"),
-            None,
-            Some(&owner),
-        )
-        .await;
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{room}"), None, Some(&owner)).await;
     assert_eq!(r.body["member_count"], 1);
 
     // Invites.
@@ -250,14 +111,7 @@ async fn room_lifecycle_and_permissions() {
         )
         .await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/rooms/{private}/members"),
-            Some(json!({})),
-            Some(&owner),
-        )
-        .await;
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{private}/members"), Some(json!({})), Some(&owner)).await;
     assert_eq!(r.code(), "validation_failed");
     let r = app
         .call(
@@ -268,37 +122,13 @@ async fn room_lifecycle_and_permissions() {
         )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/rooms/{private}"),
-            None,
-            Some(&guest),
-        )
-        .await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "an invited member sees the private room"
-    );
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/rooms/{private}/join"),
-            None,
-            Some(&guest),
-        )
-        .await;
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{private}"), None, Some(&guest)).await;
+    assert_eq!(r.status, StatusCode::OK, "an invited member sees the private room");
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{private}/join"), None, Some(&guest)).await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = app
-        .call(Method::GET, "/api/v1/rooms", None, Some(&guest))
-        .await;
-    let joined: Vec<_> = r.body["rooms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let r = app.call(Method::GET, "/api/v1/rooms", None, Some(&guest)).await;
+    let joined: Vec<_> =
+        r.body["rooms"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(joined, vec![private.clone()]);
 }
 

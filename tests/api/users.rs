@@ -10,9 +10,7 @@ async fn register_login_and_errors() {
         .call(
             Method::POST,
             "/api/v1/auth/register",
-            Some(
-                json!({"username": "Alice_1", "password": "password123", "display_name": "Alice"}),
-            ),
+            Some(json!({"username": "Alice_1", "password": "password123", "display_name": "Alice"})),
             None,
         )
         .await;
@@ -21,10 +19,7 @@ async fn register_login_and_errors() {
     assert_eq!(r.body["user"]["display_name"], "Alice");
     assert!(r.body["user"].get("password_hash").is_none());
     let created = r.body["user"]["created_at"].as_str().unwrap();
-    assert!(
-        created.ends_with('Z') && created.len() == 24,
-        "RFC 3339 with millis: {created}"
-    );
+    assert!(created.ends_with('Z') && created.len() == 24, "RFC 3339 with millis: {created}");
 
     // Case-insensitive uniqueness.
     let r = app
@@ -38,58 +33,21 @@ async fn register_login_and_errors() {
     assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "conflict"));
 
     for (body, why) in [
-        (
-            json!({"username": "ab", "password": "password123"}),
-            "short username",
-        ),
-        (
-            json!({"username": "a".repeat(33), "password": "password123"}),
-            "long username",
-        ),
-        (
-            json!({"username": "bad name", "password": "password123"}),
-            "bad charset",
-        ),
-        (
-            json!({"username": "bobby", "password": "1234567"}),
-            "7-char password",
-        ),
-        (
-            json!({"username": "bobby", "password": "x".repeat(129)}),
-            "129-char password",
-        ),
-        (
-            json!({"username": "bobby", "password": "password123", "display_name": "x".repeat(65)}),
-            "long display_name",
-        ),
+        (json!({"username": "ab", "password": "password123"}), "short username"),
+        (json!({"username": "a".repeat(33), "password": "password123"}), "long username"),
+        (json!({"username": "bad name", "password": "password123"}), "bad charset"),
+        (json!({"username": "bobby", "password": "1234567"}), "7-char password"),
+        (json!({"username": "bobby", "password": "x".repeat(129)}), "129-char password"),
+        (json!({"username": "bobby", "password": "password123", "display_name": "x".repeat(65)}), "long display_name"),
         (json!({"password": "password123"}), "missing username"),
-        (
-            json!({"username": 5, "password": "password123"}),
-            "username not a string",
-        ),
+        (json!({"username": 5, "password": "password123"}), "username not a string"),
         (json!(["not", "an", "object"]), "array body"),
     ] {
-        let r = app
-            .call(Method::POST, "/api/v1/auth/register", Some(body), None)
-            .await;
-        assert_eq!(
-            (r.status, r.code()),
-            (StatusCode::BAD_REQUEST, "validation_failed"),
-            "{why}"
-        );
+        let r = app.call(Method::POST, "/api/v1/auth/register", Some(body), None).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"), "{why}");
     }
-    let r = app
-        .raw(
-            Method::POST,
-            "/api/v1/auth/register",
-            b"{not json".to_vec(),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::BAD_REQUEST, "validation_failed")
-    );
+    let r = app.raw(Method::POST, "/api/v1/auth/register", b"{not json".to_vec(), None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"));
 
     // Edges that must pass.
     let r = app
@@ -102,43 +60,19 @@ async fn register_login_and_errors() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/register",
-            Some(json!({"username": "abc", "password": "€".repeat(8)})),
-            None,
-        )
+        .call(Method::POST, "/api/v1/auth/register", Some(json!({"username": "abc", "password": "€".repeat(8)})), None)
         .await;
-    assert_eq!(
-        r.status,
-        StatusCode::CREATED,
-        "8 multi-byte chars is a valid password: {}",
-        r.body
-    );
+    assert_eq!(r.status, StatusCode::CREATED, "8 multi-byte chars is a valid password: {}", r.body);
 
     let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/login",
-            Some(json!({"username": "alice_1", "password": "password123"})),
-            None,
-        )
+        .call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "alice_1", "password": "password123"})), None)
         .await;
     assert_eq!(r.status, StatusCode::OK);
     let token = r.body["token"].as_str().unwrap().to_string();
     let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/login",
-            Some(json!({"username": "ALICE_1", "password": "password123"})),
-            None,
-        )
+        .call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "ALICE_1", "password": "password123"})), None)
         .await;
-    assert_eq!(
-        r.status,
-        StatusCode::OK,
-        "login is case-insensitive on the username"
-    );
+    assert_eq!(r.status, StatusCode::OK, "login is case-insensitive on the username");
     let r = app
         .call(
             Method::POST,
@@ -147,10 +81,7 @@ async fn register_login_and_errors() {
             None,
         )
         .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::UNAUTHORIZED, "invalid_credentials")
-    );
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
     let r = app
         .call(
             Method::POST,
@@ -159,14 +90,9 @@ async fn register_login_and_errors() {
             None,
         )
         .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::UNAUTHORIZED, "invalid_credentials")
-    );
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
 
-    let r = app
-        .call(Method::GET, "/api/v1/users/me", None, Some(&token))
-        .await;
+    let r = app.call(Method::GET, "/api/v1/users/me", None, Some(&token)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["username"], "alice_1");
 }
@@ -177,30 +103,12 @@ async fn tokens_are_checked() {
     let other = spawn_app().await;
     let (_, foreign_token) = other.register("mallory").await;
     let r = app.call(Method::GET, "/api/v1/users/me", None, None).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::UNAUTHORIZED, "unauthorized")
-    );
-    let r = app
-        .call(Method::GET, "/api/v1/users/me", None, Some("not.a.jwt"))
-        .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::UNAUTHORIZED, "unauthorized")
-    );
-    let r = app
-        .call(Method::GET, "/api/v1/users/me", None, Some(&foreign_token))
-        .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::UNAUTHORIZED, "unauthorized"),
-        "signed with another secret"
-    );
-    for (m, p) in [
-        (Method::GET, "/api/v1/rooms"),
-        (Method::POST, "/api/v1/rooms"),
-        (Method::GET, "/api/v1/users/x"),
-    ] {
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let r = app.call(Method::GET, "/api/v1/users/me", None, Some("not.a.jwt")).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let r = app.call(Method::GET, "/api/v1/users/me", None, Some(&foreign_token)).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"), "signed with another secret");
+    for (m, p) in [(Method::GET, "/api/v1/rooms"), (Method::POST, "/api/v1/rooms"), (Method::GET, "/api/v1/users/x")] {
         let r = app.call(m, p, Some(json!({})), None).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{p}");
     }
@@ -211,7 +119,10 @@ async fn profile_updates_and_limits() {
     let app = spawn_app().await;
     let (id, token) = app.register("carol").await;
     let patch = |body| app.call(Method::PATCH, "/api/v1/users/me", Some(body), Some(&token));
-    let r = patch(json!({"display_name": "Carol C", "status_text": "s".repeat(140), "avatar_url": "https://img.example/c.png"})).await;
+    let r = patch(
+        json!({"display_name": "Carol C", "status_text": "s".repeat(140), "avatar_url": "https://img.example/c.png"}),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["display_name"], "Carol C");
     assert_eq!(r.body["avatar_url"], "https://img.example/c.png");
@@ -225,44 +136,22 @@ async fn profile_updates_and_limits() {
         json!({"display_name": 7}),
     ] {
         let r = patch(bad.clone()).await;
-        assert_eq!(
-            (r.status, r.code()),
-            (StatusCode::BAD_REQUEST, "validation_failed"),
-            "{bad}"
-        );
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"), "{bad}");
     }
     let r = patch(json!({"avatar_url": ""})).await;
     assert_eq!(r.body["avatar_url"], "", "empty string clears the avatar");
     assert_eq!(r.body["display_name"], "Carol C", "absent fields are kept");
 
-    let r = app
-        .call(
-            Method::GET,
-            &format!("/api/v1/users/{id}"),
-            None,
-            Some(&token),
-        )
-        .await;
+    let r = app.call(Method::GET, &format!("/api/v1/users/{id}"), None, Some(&token)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["status_text"], "s".repeat(140));
-    let r = app
-        .call(
-            Method::GET,
-            "/api/v1/users/01NOSUCHUSER0000000000000",
-            None,
-            Some(&token),
-        )
-        .await;
+    let r = app.call(Method::GET, "/api/v1/users/01NOSUCHUSER0000000000000", None, Some(&token)).await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
 }
 
 #[tokio::test]
 async fn auth_attempts_are_rate_limited_per_ip() {
-    let app = spawn_with(Spawn {
-        env: vec![("CHATMESH_AUTH_RATE_PER_MIN", "3".into())],
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_with(Spawn { env: vec![("CHATMESH_AUTH_RATE_PER_MIN", "3".into())], ..Default::default() }).await;
     app.register("dave").await;
     for _ in 0..2 {
         let r = app
@@ -276,17 +165,9 @@ async fn auth_attempts_are_rate_limited_per_ip() {
         assert_eq!(r.status, StatusCode::OK);
     }
     let r = app
-        .call(
-            Method::POST,
-            "/api/v1/auth/login",
-            Some(json!({"username": "dave", "password": "password123"})),
-            None,
-        )
+        .call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "dave", "password": "password123"})), None)
         .await;
-    assert_eq!(
-        (r.status, r.code()),
-        (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
-    );
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=20).contains(&retry), "Retry-After {retry}");
 }

@@ -100,13 +100,8 @@ async fn ingest(
 ) -> anyhow::Result<Value> {
     anyhow::ensure!(senders >= rooms && rooms > 0, "need senders >= rooms > 0");
     let http = reqwest::Client::new();
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            % 0xffffff
-    );
+    let run =
+        format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 0xffffff);
     // Register users (Argon2 is slow by design: a few at a time).
     let mut tokens = Vec::with_capacity(senders);
     for chunk in (0..senders).collect::<Vec<_>>().chunks(8) {
@@ -132,14 +127,7 @@ async fn ingest(
     }
     let mut room_ids = Vec::with_capacity(rooms);
     for (r, owner) in tokens.iter().take(rooms).enumerate() {
-        let v = rest(
-            &http,
-            &url,
-            "/api/v1/rooms",
-            json!({"name": format!("bench {run} {r}")}),
-            Some(owner),
-        )
-        .await?;
+        let v = rest(&http, &url, "/api/v1/rooms", json!({"name": format!("bench {run} {r}")}), Some(owner)).await?;
         room_ids.push(v["id"].as_str().unwrap_or_default().to_string());
     }
 
@@ -155,9 +143,7 @@ async fn ingest(
     for (i, token) in tokens.iter().enumerate() {
         let room = room_ids[i % rooms].clone();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-        let client = sio::Client::connect(&url, token, ev_tx)
-            .await
-            .with_context(|| format!("sender {i}"))?;
+        let client = sio::Client::connect(&url, token, ev_tx).await.with_context(|| format!("sender {i}"))?;
         let join = client.call("room:join", &json!({"room_id": room})).await?;
         anyhow::ensure!(join["ok"] == true, "room:join: {join}");
         // Deliveries: checked for order, counted while measuring.
@@ -168,23 +154,15 @@ async fn ingest(
             while let Some((name, payload)) = ev_rx.recv().await {
                 if name == "message:new" {
                     let room = payload["room_id"].as_str().unwrap_or_default();
-                    tracker
-                        .lock()
-                        .unwrap()
-                        .observe(room, payload["seq"].as_i64().unwrap_or(-1));
+                    tracker.lock().unwrap().observe(room, payload["seq"].as_i64().unwrap_or(-1));
                     if measuring2.load(Ordering::Relaxed) {
                         delivered2.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }));
-        let (stop, measuring, acked, errors, latencies) = (
-            stop.clone(),
-            measuring.clone(),
-            acked.clone(),
-            errors.clone(),
-            latencies.clone(),
-        );
+        let (stop, measuring, acked, errors, latencies) =
+            (stop.clone(), measuring.clone(), acked.clone(), errors.clone(), latencies.clone());
         tasks.push(tokio::spawn(async move {
             let client = Arc::new(client);
             let mut in_flight = FuturesUnordered::new();
@@ -193,7 +171,8 @@ async fn ingest(
             loop {
                 while in_flight.len() < window && !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let payload = json!({"room_id": room, "client_msg_id": format!("s{i}-{n}"), "body": format!("load {i} {n}")});
+                    let payload =
+                        json!({"room_id": room, "client_msg_id": format!("s{i}-{n}"), "body": format!("load {i} {n}")});
                     let started = Instant::now();
                     let Ok(rx) = client.emit("message:send", &payload).await else { break };
                     in_flight.push(async move { (rx.await, started) });
@@ -260,15 +239,9 @@ async fn ingest(
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let out = match cli.scenario {
-        Scenario::Ingest {
-            url,
-            senders,
-            rooms,
-            window,
-            seconds,
-            warmup,
-            server_pid,
-        } => ingest(url, senders, rooms, window, seconds, warmup, server_pid).await?,
+        Scenario::Ingest { url, senders, rooms, window, seconds, warmup, server_pid } => {
+            ingest(url, senders, rooms, window, seconds, warmup, server_pid).await?
+        }
     };
     println!("{out}");
     Ok(())

@@ -26,23 +26,14 @@ impl Client {
     /// Connects to `base` (http://host:port), authenticates with `token`, and forwards every
     /// server event to `events`.
     pub async fn connect(base: &str, token: &str, events: EventSink) -> anyhow::Result<Self> {
-        let ws_url = format!(
-            "{}/socket.io/?EIO=4&transport=websocket",
-            base.replacen("http", "ws", 1)
-        );
-        let (ws, _) = tokio_tungstenite::connect_async(&ws_url)
-            .await
-            .with_context(|| format!("connect {ws_url}"))?;
+        let ws_url = format!("{}/socket.io/?EIO=4&transport=websocket", base.replacen("http", "ws", 1));
+        let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.with_context(|| format!("connect {ws_url}"))?;
         let (mut sink, mut stream) = ws.split();
         let open = next_text(&mut stream).await?;
         if !open.starts_with('0') {
             bail!("expected engine.io open packet, got {open:?}");
         }
-        sink.send(WsMessage::text(format!(
-            "40{}",
-            serde_json::json!({ "token": token })
-        )))
-        .await?;
+        sink.send(WsMessage::text(format!("40{}", serde_json::json!({ "token": token })))).await?;
         let mut connect = next_text(&mut stream).await?;
         while connect == "2" {
             sink.send(WsMessage::text("3")).await?;
@@ -92,37 +83,21 @@ impl Client {
             // Fail every pending ack: the connection is gone.
             reader_acks.lock().await.clear();
         });
-        Ok(Self {
-            out,
-            acks,
-            next_ack: AtomicU64::new(1),
-        })
+        Ok(Self { out, acks, next_ack: AtomicU64::new(1) })
     }
 
     /// Emits `event` with `payload`; the receiver resolves with the ack's first argument.
-    pub async fn emit(
-        &self,
-        event: &str,
-        payload: &Value,
-    ) -> anyhow::Result<oneshot::Receiver<Value>> {
+    pub async fn emit(&self, event: &str, payload: &Value) -> anyhow::Result<oneshot::Receiver<Value>> {
         let id = self.next_ack.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.acks.lock().await.insert(id, tx);
-        let frame = format!(
-            "42{id}{}",
-            serde_json::to_string(&serde_json::json!([event, payload]))?
-        );
-        self.out
-            .send(frame)
-            .map_err(|_| anyhow!("connection closed"))?;
+        let frame = format!("42{id}{}", serde_json::to_string(&serde_json::json!([event, payload]))?);
+        self.out.send(frame).map_err(|_| anyhow!("connection closed"))?;
         Ok(rx)
     }
 
     pub async fn call(&self, event: &str, payload: &Value) -> anyhow::Result<Value> {
-        self.emit(event, payload)
-            .await?
-            .await
-            .map_err(|_| anyhow!("no ack for {event}: connection closed"))
+        self.emit(event, payload).await?.await.map_err(|_| anyhow!("no ack for {event}: connection closed"))
     }
 }
 

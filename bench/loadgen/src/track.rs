@@ -45,10 +45,7 @@ impl OrderTracker {
                 self.last.insert(room.to_string(), seq);
             }
             Some(_) => {
-                let filled = self
-                    .seen_below
-                    .get_mut(room)
-                    .is_some_and(|h| h.remove(&seq));
+                let filled = self.seen_below.get_mut(room).is_some_and(|h| h.remove(&seq));
                 if filled {
                     self.stats.reordered += 1;
                 } else {
@@ -73,13 +70,7 @@ mod tests {
 
     #[test]
     fn in_order_is_clean_from_any_start() {
-        assert_eq!(
-            run(&[5, 6, 7, 8]),
-            OrderStats {
-                delivered: 4,
-                ..Default::default()
-            }
-        );
+        assert_eq!(run(&[5, 6, 7, 8]), OrderStats { delivered: 4, ..Default::default() });
     }
 
     #[test]
@@ -98,12 +89,6 @@ mod tests {
         for (r, s) in [("a", 1), ("b", 10), ("a", 2), ("b", 11)] {
             t.observe(r, s);
         }
-        assert_eq!(
-            t.stats,
-            OrderStats {
-                delivered: 4,
-                ..Default::default()
-            }
-        );
+        assert_eq!(t.stats, OrderStats { delivered: 4, ..Default::default() });
     }
 }

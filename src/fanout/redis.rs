@@ -1,0 +1,316 @@
+//! Cross-instance fan-out over Redis pub/sub.
+//!
+//! Messages: the send script PUBLISHes each accepted message on its room's channel, inside the
+//! same atomic step that assigned its seq, so every subscriber receives a room's messages in seq
+//! order. This instance subscribes to the rooms its sockets joined and emits locally. It also
+//! remembers the last seq it delivered per room: a jump (a reconnect of the pub/sub link lost
+//! some) is filled from history before the new message, so local sockets never see a gap.
+//!
+//! Other events (typing, presence, room/user updates) go over one events channel; they carry no
+//! ordering promise. A canary published every few seconds on this instance's own channel proves the
+//! subscription works; readiness turns red when it stops coming back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, PushInfo, PushKind, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use socketioxide::SocketIo;
+use tokio::sync::{Mutex, mpsc};
+
+use super::local::{deliver_local, emit_typing};
+use super::{Fanout, user_channel};
+use crate::domain::{Message, Room, Timestamp, User};
+use crate::error::ApiError;
+use crate::history::RedisHistory;
+use crate::redis_io::{Keys, Redis};
+
+/// How often the canary goes out, and how old the last one back may be for the link to count as up.
+pub const CANARY_EVERY: Duration = Duration::from_secs(2);
+pub const CANARY_STALE_MS: i64 = 7_000;
+
+#[derive(Serialize, Deserialize)]
+struct Event {
+    rooms: Vec<String>,
+    event: String,
+    data: serde_json::Value,
+    #[serde(default)]
+    except: Option<String>,
+}
+
+pub struct RedisFanout {
+    io: SocketIo,
+    redis: Redis,
+    keys: Keys,
+    instance_id: String,
+    pubsub: Mutex<ConnectionManager>,
+    watched: Mutex<HashSet<String>>,
+    last_canary_ms: Arc<AtomicI64>,
+}
+
+impl RedisFanout {
+    pub async fn start(
+        io: SocketIo,
+        redis: Redis,
+        keys: Keys,
+        history: Arc<RedisHistory>,
+        instance_id: String,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut pubsub = redis.pubsub(tx).await?;
+        pubsub.subscribe(keys.events_channel()).await?;
+        pubsub.subscribe(keys.canary_channel(&instance_id)).await?;
+        let fanout = Arc::new(Self {
+            io: io.clone(),
+            redis,
+            keys: keys.clone(),
+            instance_id: instance_id.clone(),
+            pubsub: Mutex::new(pubsub),
+            watched: Mutex::default(),
+            last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
+        });
+        let receiver = Receiver {
+            io,
+            keys,
+            history,
+            instance_id,
+            last_seq: HashMap::new(),
+            last_canary_ms: fanout.last_canary_ms.clone(),
+        };
+        tokio::spawn(receiver.run(rx));
+        tokio::spawn(canary_loop(fanout.clone()));
+        tokio::spawn(unwatch_loop(fanout.clone()));
+        Ok(fanout)
+    }
+
+    /// Whether the pub/sub path delivered this instance's canary recently.
+    pub fn fanout_ok(&self) -> bool {
+        Timestamp::now().0 - self.last_canary_ms.load(Ordering::Relaxed) < CANARY_STALE_MS
+    }
+
+    async fn publish_event(&self, ev: Event) {
+        let Ok(payload) = serde_json::to_string(&ev) else { return };
+        let mut conn = self.redis.conn().await;
+        if let Err(e) = conn.publish::<_, _, ()>(self.keys.events_channel(), payload).await {
+            tracing::warn!(error = %e, event = %ev.event, "could not publish an event");
+        }
+    }
+
+    /// Users online on some live instance other than this one.
+    async fn online_elsewhere(&self, user_id: &str) -> bool {
+        let mut conn = self.redis.conn().await;
+        let instances: Vec<String> = match crate::cluster::live_instance_ids(&mut conn, &self.keys).await {
+            Ok(ids) => ids,
+            Err(_) => return false,
+        };
+        for id in instances.iter().filter(|id| **id != self.instance_id) {
+            if conn.sismember::<_, _, bool>(self.keys.presence(id), user_id).await.unwrap_or(false) {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+async fn canary_loop(f: Arc<RedisFanout>) {
+    let mut tick = tokio::time::interval(CANARY_EVERY);
+    loop {
+        tick.tick().await;
+        let mut conn = f.redis.conn().await;
+        let _ = conn.publish::<_, _, ()>(f.keys.canary_channel(&f.instance_id), Timestamp::now().0).await;
+    }
+}
+
+/// Drops subscriptions of rooms no local socket is in any more.
+async fn unwatch_loop(f: Arc<RedisFanout>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let idle: Vec<String> = {
+            let watched = f.watched.lock().await;
+            watched.iter().filter(|room| f.io.to((*room).clone()).sockets().is_empty()).cloned().collect()
+        };
+        for room in idle {
+            let mut pubsub = f.pubsub.lock().await;
+            if f.io.to(room.clone()).sockets().is_empty() && pubsub.unsubscribe(f.keys.channel(&room)).await.is_ok() {
+                f.watched.lock().await.remove(&room);
+            }
+        }
+    }
+}
+
+struct Receiver {
+    io: SocketIo,
+    keys: Keys,
+    history: Arc<RedisHistory>,
+    instance_id: String,
+    last_seq: HashMap<String, i64>,
+    last_canary_ms: Arc<AtomicI64>,
+}
+
+fn bulk(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+impl Receiver {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<PushInfo>) {
+        while let Some(push) = rx.recv().await {
+            match push.kind {
+                PushKind::Message => {
+                    let (Some(channel), Some(payload)) =
+                        (push.data.first().and_then(bulk), push.data.get(1).and_then(bulk))
+                    else {
+                        continue;
+                    };
+                    self.on_message(&channel, payload).await;
+                }
+                PushKind::Disconnection => {
+                    tracing::warn!("fan-out subscription lost; the connection manager will resubscribe");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn on_message(&mut self, channel: &str, payload: String) {
+        if let Some(room) = self.keys.room_of_channel(channel) {
+            let room = room.to_string();
+            self.on_room_message(&room, payload).await;
+        } else if channel == self.keys.events_channel() {
+            if let Ok(ev) = serde_json::from_str::<Event>(&payload) {
+                self.on_event(ev).await;
+            }
+        } else if channel == self.keys.canary_channel(&self.instance_id) {
+            self.last_canary_ms.store(Timestamp::now().0, Ordering::Relaxed);
+        }
+    }
+
+    async fn on_room_message(&mut self, room: &str, payload: String) {
+        #[derive(Deserialize)]
+        struct SeqOnly {
+            seq: i64,
+        }
+        let Ok(SeqOnly { seq }) = serde_json::from_str::<SeqOnly>(&payload) else { return };
+        let last = self.last_seq.get(room).copied();
+        if let Some(last) = last {
+            if seq <= last {
+                return; // already delivered (a gap fill got there first)
+            }
+            if seq > last + 1 {
+                self.fill_gap(room, last + 1, seq - 1).await;
+            }
+        }
+        if let Ok(raw) = RawValue::from_string(payload) {
+            deliver_local(&self.io, room, seq, &raw);
+        }
+        self.last_seq.insert(room.to_string(), seq);
+    }
+
+    async fn fill_gap(&mut self, room: &str, from: i64, to: i64) {
+        tracing::warn!(room, from, to, "fan-out gap: filling from history");
+        match self.history.range(room, from, to).await {
+            Ok(msgs) => {
+                for m in msgs {
+                    if let Ok(raw) = serde_json::value::to_raw_value(&m) {
+                        deliver_local(&self.io, room, m.seq, &raw);
+                    }
+                }
+            }
+            Err(e) => {
+                // Cannot repair: cut the room's sockets so their clients resync by themselves.
+                tracing::warn!(error = %e, room, "gap fill failed; disconnecting the room's sockets");
+                for s in self.io.to(room.to_string()).sockets() {
+                    let _ = s.disconnect();
+                }
+            }
+        }
+    }
+
+    async fn on_event(&self, ev: Event) {
+        if ev.event == "typing" {
+            let room = ev.rooms.first().cloned().unwrap_or_default();
+            let user = ev.data["user_id"].as_str().unwrap_or_default();
+            emit_typing(&self.io, &room, user, ev.except.as_deref().unwrap_or_default()).await;
+            return;
+        }
+        if ev.rooms.is_empty() {
+            return;
+        }
+        let _ = self.io.to(ev.rooms).emit(&ev.event, &ev.data).await;
+    }
+}
+
+#[async_trait]
+impl Fanout for RedisFanout {
+    async fn publish_message(&self, _msg: &Message) {
+        // The send script publishes in the same atomic step as sequencing.
+    }
+
+    async fn room_updated(&self, room: &Room) {
+        let data = serde_json::to_value(room).unwrap_or_default();
+        self.publish_event(Event { rooms: vec![room.id.clone()], event: "room:updated".into(), data, except: None })
+            .await;
+    }
+
+    async fn user_updated(&self, user: &User, room_ids: &[String]) {
+        let mut rooms = room_ids.to_vec();
+        rooms.push(user_channel(&user.id));
+        let data = serde_json::to_value(user).unwrap_or_default();
+        self.publish_event(Event { rooms, event: "user:updated".into(), data, except: None }).await;
+    }
+
+    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) {
+        {
+            let mut conn = self.redis.conn().await;
+            let key = self.keys.presence(&self.instance_id);
+            let res = if online {
+                conn.sadd::<_, _, ()>(&key, user_id).await
+            } else {
+                conn.srem::<_, _, ()>(&key, user_id).await
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "presence: could not update this instance's set");
+            }
+        }
+        // Sockets of one user on two instances: only the first to come and the last to go count.
+        if self.online_elsewhere(user_id).await || room_ids.is_empty() {
+            return;
+        }
+        let state = if online { "online" } else { "offline" };
+        let data = serde_json::json!({"user_id": user_id, "state": state});
+        self.publish_event(Event { rooms: room_ids.to_vec(), event: "presence".into(), data, except: None }).await;
+    }
+
+    async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {
+        let data = serde_json::json!({"room_id": room_id, "user_id": user_id});
+        self.publish_event(Event {
+            rooms: vec![room_id.to_string()],
+            event: "typing".into(),
+            data,
+            except: Some(except_socket.to_string()),
+        })
+        .await;
+    }
+
+    async fn watch_room(&self, room_id: &str) -> Result<(), ApiError> {
+        if self.watched.lock().await.contains(room_id) {
+            return Ok(());
+        }
+        let mut pubsub = self.pubsub.lock().await;
+        pubsub.subscribe(self.keys.channel(room_id)).await.map_err(|e| {
+            tracing::warn!(error = %e, "subscribe failed");
+            ApiError::Unavailable("Redis is unavailable; retry".into())
+        })?;
+        self.watched.lock().await.insert(room_id.to_string());
+        Ok(())
+    }
+}

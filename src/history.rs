@@ -1,0 +1,181 @@
+//! Reading a room's messages. Embedded: the store. Cluster: the union of the store (synced) and
+//! the room's recent-history stream in Redis (everything not yet synced is still there), so a
+//! message is readable from any instance the moment it is acknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::streams::StreamRangeReply;
+
+use crate::domain::{HistoryPage, Message};
+use crate::error::{ApiError, ApiResult};
+use crate::redis_io::{Keys, Redis};
+use crate::store::Store;
+
+/// Where a history page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    After(i64),
+    Before(i64),
+    Latest,
+}
+
+#[async_trait]
+pub trait History: Send + Sync + 'static {
+    /// Up to `limit` messages ascending from the cursor, the room's head, and whether more exist
+    /// in the direction of travel. `not_found` for an unknown room.
+    async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage>;
+}
+
+/// Turns `limit + 1` messages read in the direction of travel into a page.
+fn into_page(mut msgs: Vec<Message>, cursor: Cursor, limit: u32, head: i64) -> HistoryPage {
+    let more = msgs.len() > limit as usize;
+    match cursor {
+        Cursor::After(_) => msgs.truncate(limit as usize),
+        Cursor::Before(_) | Cursor::Latest => {
+            if more {
+                msgs.drain(..msgs.len() - limit as usize);
+            }
+        }
+    }
+    let head_seq = head.max(msgs.last().map(|m| m.seq).unwrap_or(0));
+    HistoryPage { messages: msgs, head_seq, has_more: more }
+}
+
+pub struct StoreHistory {
+    pub store: Arc<dyn Store>,
+}
+
+async fn store_part(store: &dyn Store, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
+    Ok(match cursor {
+        Cursor::After(after) => store.messages_after(room_id, after, probe).await?,
+        Cursor::Before(before) => store.messages_before(room_id, before, probe).await?,
+        Cursor::Latest => store.messages_before(room_id, i64::MAX, probe).await?,
+    })
+}
+
+#[async_trait]
+impl History for StoreHistory {
+    async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+        let msgs = store_part(&*self.store, room_id, cursor, limit + 1).await?;
+        let head = self.store.head_seq(room_id).await?.ok_or_else(ApiError::room_not_found)?;
+        Ok(into_page(msgs, cursor, limit, head))
+    }
+}
+
+pub struct RedisHistory {
+    pub store: Arc<dyn Store>,
+    pub redis: Redis,
+    pub keys: Keys,
+}
+
+fn parse_entries(reply: StreamRangeReply) -> Vec<Message> {
+    reply
+        .ids
+        .into_iter()
+        .filter_map(|e| {
+            let raw: String = e.get("m")?;
+            serde_json::from_str(&raw).ok()
+        })
+        .collect()
+}
+
+impl RedisHistory {
+    /// Recent messages from the room's stream, in the direction of travel.
+    pub async fn recent(&self, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
+        let key = self.keys.history(room_id);
+        let mut conn = self.redis.conn().await;
+        let reply: Result<StreamRangeReply, _> = match cursor {
+            Cursor::After(after) => conn.xrange_count(&key, format!("{}-0", after.saturating_add(1)), "+", probe).await,
+            Cursor::Before(before) if before <= 1 => return Ok(Vec::new()),
+            Cursor::Before(before) => conn.xrevrange_count(&key, format!("{}-0", before - 1), "-", probe).await,
+            Cursor::Latest => conn.xrevrange_count(&key, "+", "-", probe).await,
+        };
+        let mut msgs = parse_entries(reply.map_err(|e| {
+            tracing::warn!(error = %e, "redis history read failed");
+            ApiError::Unavailable("Redis is unavailable; retry".into())
+        })?);
+        if !matches!(cursor, Cursor::After(_)) {
+            msgs.reverse();
+        }
+        Ok(msgs)
+    }
+
+    /// Messages with from <= seq <= to (used to fill a gap seen on the fan-out).
+    pub async fn range(&self, room_id: &str, from: i64, to: i64) -> ApiResult<Vec<Message>> {
+        let count = (to - from + 1).clamp(0, 10_000) as u32;
+        let page = self.page(room_id, Cursor::After(from - 1), count).await?;
+        Ok(page.messages.into_iter().filter(|m| m.seq <= to).collect())
+    }
+
+    async fn redis_head(&self, room_id: &str) -> ApiResult<Option<i64>> {
+        let mut conn = self.redis.conn().await;
+        conn.get::<_, Option<i64>>(self.keys.seq(room_id))
+            .await
+            .map_err(|_| ApiError::Unavailable("Redis is unavailable; retry".into()))
+    }
+}
+
+#[async_trait]
+impl History for RedisHistory {
+    async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+        let probe = limit + 1;
+        let (recent, stored, store_head, redis_head) = tokio::join!(
+            self.recent(room_id, cursor, probe),
+            store_part(&*self.store, room_id, cursor, probe),
+            self.store.head_seq(room_id),
+            self.redis_head(room_id),
+        );
+        let store_head = store_head?.ok_or_else(ApiError::room_not_found)?;
+        // Every message is in the store (synced) or in the stream (not yet synced, never trimmed):
+        // the union by seq is complete. Both sides were read from the same cursor.
+        let mut by_seq: BTreeMap<i64, Message> = BTreeMap::new();
+        for m in stored?.into_iter().chain(recent?) {
+            by_seq.insert(m.seq, m);
+        }
+        let mut msgs: Vec<Message> = by_seq.into_values().collect();
+        match cursor {
+            Cursor::After(_) => msgs.truncate(probe as usize),
+            _ => {
+                let keep = msgs.len().saturating_sub(probe as usize);
+                msgs.drain(..keep);
+            }
+        }
+        let head = store_head.max(redis_head?.unwrap_or(0));
+        Ok(into_page(msgs, cursor, limit, head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Timestamp;
+
+    fn m(seq: i64) -> Message {
+        Message {
+            id: format!("m{seq}"),
+            room_id: "r".into(),
+            seq,
+            sender_id: "u".into(),
+            client_msg_id: format!("c{seq}"),
+            body: "b".into(),
+            created_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn pages_keep_the_right_end() {
+        let p = into_page((1..=4).map(m).collect(), Cursor::After(0), 3, 9);
+        assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(p.has_more);
+        assert_eq!(p.head_seq, 9);
+        let p = into_page((5..=8).map(m).collect(), Cursor::Before(9), 3, 8);
+        assert_eq!(p.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![6, 7, 8]);
+        assert!(p.has_more);
+        let p = into_page((1..=2).map(m).collect(), Cursor::Latest, 3, 0);
+        assert!(!p.has_more);
+        assert_eq!(p.head_seq, 2, "head is never below what was read");
+    }
+}

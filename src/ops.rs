@@ -1,0 +1,87 @@
+//! Readiness and the cluster view, one implementation per mode.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use crate::cluster::{self, InstanceRecord};
+use crate::fanout::redis::RedisFanout;
+use crate::metrics as m;
+use crate::redis_io::{Keys, Redis};
+use crate::store::Store;
+use crate::sync::SyncStats;
+
+/// `(ok, latency_ms)` of one dependency check.
+async fn timed<F: std::future::Future<Output = bool>>(f: F) -> (bool, f64) {
+    let started = Instant::now();
+    let ok = f.await;
+    (ok, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+#[async_trait]
+pub trait Ops: Send + Sync + 'static {
+    /// Whether this instance can take traffic (draining aside), and the per-dependency checks.
+    async fn readiness(&self) -> (bool, Value);
+    /// Live instances (this one included, as `me` describes it) and the sync backlog.
+    async fn cluster(&self, me: InstanceRecord) -> Value;
+}
+
+pub struct EmbeddedOps {
+    pub store: Arc<dyn Store>,
+}
+
+#[async_trait]
+impl Ops for EmbeddedOps {
+    async fn readiness(&self) -> (bool, Value) {
+        let (ok, latency_ms) = timed(async { self.store.ping().await.is_ok() }).await;
+        metrics::gauge!(m::DEPENDENCY_UP, "dependency" => "store").set(if ok { 1.0 } else { 0.0 });
+        (ok, json!({"store": {"ok": ok, "latency_ms": latency_ms}}))
+    }
+
+    async fn cluster(&self, me: InstanceRecord) -> Value {
+        json!({"instances": [me], "sync": {"pending": 0, "lag_ms": 0}})
+    }
+}
+
+pub struct ClusterOps {
+    pub store: Arc<dyn Store>,
+    pub redis: Redis,
+    pub keys: Keys,
+    pub fanout: Arc<RedisFanout>,
+    pub sync: Arc<SyncStats>,
+}
+
+#[async_trait]
+impl Ops for ClusterOps {
+    /// Ready needs Redis and a working fan-out; the store may be down (sends keep being accepted
+    /// and wait in Redis), so its check and the sync lag are reported but do not gate.
+    async fn readiness(&self) -> (bool, Value) {
+        let (store_ok, store_ms) = timed(async { self.store.ping().await.is_ok() }).await;
+        let (redis_ok, redis_ms) = timed(async {
+            let mut conn = self.redis.conn().await;
+            redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+        })
+        .await;
+        let fanout_ok = self.fanout.fanout_ok();
+        for (dep, ok) in [("store", store_ok), ("redis", redis_ok), ("fanout", fanout_ok)] {
+            metrics::gauge!(m::DEPENDENCY_UP, "dependency" => dep).set(if ok { 1.0 } else { 0.0 });
+        }
+        let sync_fresh = crate::domain::Timestamp::now().0 - self.sync.refreshed_ms() < 5_000;
+        let checks = json!({
+            "store": {"ok": store_ok, "latency_ms": store_ms},
+            "redis": {"ok": redis_ok, "latency_ms": redis_ms, "fanout": fanout_ok},
+            "sync": {"ok": sync_fresh, "latency_ms": 0.0, "lag_ms": self.sync.lag_ms(), "pending": self.sync.pending()},
+        });
+        (redis_ok && fanout_ok, checks)
+    }
+
+    async fn cluster(&self, me: InstanceRecord) -> Value {
+        let mut instances = cluster::live_instances(&self.redis, &self.keys).await.unwrap_or_default();
+        instances.retain(|i| i.id != me.id);
+        instances.push(me);
+        instances.sort_by(|a, b| a.id.cmp(&b.id));
+        json!({"instances": instances, "sync": {"pending": self.sync.pending(), "lag_ms": self.sync.lag_ms()}})
+    }
+}

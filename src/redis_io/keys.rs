@@ -1,0 +1,105 @@
+//! Key and channel names. Every key one script touches carries its room's shard hash tag
+//! (`{sN}`), so the same scripts run unchanged on one Redis or on Redis Cluster.
+
+/// Shards rooms are spread over (fixed at cluster creation).
+pub const DEFAULT_SHARDS: u32 = 64;
+
+/// FNV-1a: stable across processes and versions (std's hasher is randomly seeded).
+pub fn shard_of(room_id: &str, shards: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in room_id.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % shards.max(1)
+}
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    pub shards: u32,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, shards: u32) -> Self {
+        Self { prefix: prefix.to_string(), shards }
+    }
+
+    fn tag(&self, room_id: &str) -> String {
+        format!("{}:{{s{}}}", self.prefix, shard_of(room_id, self.shards))
+    }
+
+    pub fn seq(&self, room_id: &str) -> String {
+        format!("{}:room:{room_id}:seq", self.tag(room_id))
+    }
+    pub fn history(&self, room_id: &str) -> String {
+        format!("{}:room:{room_id}:hist", self.tag(room_id))
+    }
+    pub fn dedupe(&self, room_id: &str, sender_id: &str, client_msg_id: &str) -> String {
+        format!("{}:room:{room_id}:dd:{sender_id}:{client_msg_id}", self.tag(room_id))
+    }
+    /// The room's fan-out channel.
+    pub fn channel(&self, room_id: &str) -> String {
+        format!("{}:room:{room_id}", self.tag(room_id))
+    }
+    /// The write-back stream of the room's shard.
+    pub fn sync_stream_of(&self, room_id: &str) -> String {
+        self.sync_stream(shard_of(room_id, self.shards))
+    }
+    pub fn sync_stream(&self, shard: u32) -> String {
+        format!("{}:{{s{shard}}}:sync", self.prefix)
+    }
+    pub fn dead_letter(&self, shard: u32) -> String {
+        format!("{}:{{s{shard}}}:sync:dead", self.prefix)
+    }
+    pub fn all_sync_streams(&self) -> Vec<String> {
+        (0..self.shards).map(|s| self.sync_stream(s)).collect()
+    }
+    /// Non-message events (typing, presence, room/user updates, cache invalidations).
+    pub fn events_channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+    pub fn instance(&self, id: &str) -> String {
+        format!("{}:instance:{id}", self.prefix)
+    }
+    pub fn instances_pattern(&self) -> String {
+        format!("{}:instance:*", self.prefix)
+    }
+    pub fn presence(&self, instance_id: &str) -> String {
+        format!("{}:presence:{instance_id}", self.prefix)
+    }
+    pub fn canary_channel(&self, instance_id: &str) -> String {
+        format!("{}:canary:{instance_id}", self.prefix)
+    }
+    /// Is `channel` a room fan-out channel? Returns the room id.
+    pub fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let rest = channel.strip_prefix(&self.prefix)?.strip_prefix(":{s")?;
+        let (_, rest) = rest.split_once("}:room:")?;
+        (!rest.contains(':')).then_some(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_a_room_share_one_hash_tag() {
+        let k = Keys::new("cm", 64);
+        let room = "01JROOM";
+        let tag = format!("{{s{}}}", shard_of(room, 64));
+        for key in [k.seq(room), k.history(room), k.dedupe(room, "u", "c"), k.channel(room), k.sync_stream_of(room)] {
+            assert!(key.contains(&tag), "{key}");
+        }
+        assert_eq!(k.room_of_channel(&k.channel(room)), Some(room));
+        assert_eq!(k.room_of_channel(&k.events_channel()), None);
+        assert_eq!(k.room_of_channel(&k.seq(room)), None);
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        assert_eq!(shard_of("abc", 64), shard_of("abc", 64));
+        let used: std::collections::HashSet<_> = (0..1000).map(|i| shard_of(&format!("room{i}"), 64)).collect();
+        assert!(used.len() > 50);
+    }
+}

@@ -1,0 +1,33 @@
+-- chatmesh send: dedupe, sequence, keep, queue for write-back, fan out. Atomic.
+-- KEYS[1] seq counter   KEYS[2] dedupe key   KEYS[3] room history stream   KEYS[4] shard write-back stream
+-- ARGV[1] store head seq ('' when unknown)   ARGV[2] message JSON up to the seq value
+-- ARGV[3] message JSON after the seq value   ARGV[4] dedupe TTL (s)   ARGV[5] fan-out channel
+-- ARGV[6] write-back backlog limit (entries)   ARGV[7] room id   ARGV[8] trace context ('' if none)
+-- Returns {'dup', json} | {'init'} | {'full'} | {'ok', json}
+local existing = redis.call('GET', KEYS[2])
+if existing then
+  return {'dup', existing}
+end
+if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[6]) then
+  return {'full'}
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[1] == '' then
+    return {'init'}
+  end
+  -- Never below what the store has, nor below what recent history still holds.
+  local floor = tonumber(ARGV[1])
+  local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    local s = tonumber(string.match(last[1][1], '^(%d+)'))
+    if s > floor then floor = s end
+  end
+  redis.call('SET', KEYS[1], floor)
+end
+local seq = redis.call('INCR', KEYS[1])
+local msg = ARGV[2] .. seq .. ARGV[3]
+redis.call('XADD', KEYS[3], seq .. '-0', 'm', msg)
+redis.call('XADD', KEYS[4], '*', 'm', msg, 'r', ARGV[7], 's', seq, 't', ARGV[8])
+redis.call('SET', KEYS[2], msg, 'EX', tonumber(ARGV[4]))
+redis.call('PUBLISH', ARGV[5], msg)
+return {'ok', msg}

@@ -1,0 +1,294 @@
+//! Cluster sequencer: one atomic Redis script per send (dedupe, seq INCR, recent history, write-back
+//! stream, dedupe key, PUBLISH). Queued sends go to Redis as one pipeline per batch, in submission
+//! order, over one multiplexed connection; with ack level `replica` the pipeline ends in `WAIT 1`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Receipt, SendOutcome, Sequencer};
+use crate::domain::Message;
+use crate::error::ApiError;
+use crate::redis_io::{Keys, Redis, SEND_SCRIPT, is_failover_error};
+use crate::store::{SendRequest, Store};
+
+const MAX_BATCH: usize = 256;
+const QUEUE: usize = 16_384;
+/// Rounds a batch may take to initialise missing room counters before giving up.
+const MAX_ROUNDS: usize = 3;
+
+/// How far an acknowledgement waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckLevel {
+    /// The primary ran the script (lost if the primary dies before replicating).
+    Leader,
+    /// At least one replica has it (`WAIT 1`): survives the loss of the primary.
+    Replica,
+}
+
+#[derive(Clone)]
+pub struct RedisSequencerConfig {
+    pub ack_level: AckLevel,
+    pub wait_timeout: Duration,
+    pub dedupe_ttl: Duration,
+    /// Write-back entries per shard past which sends answer `unavailable`.
+    pub backlog_limit: u64,
+}
+
+type Reply = oneshot::Sender<Result<SendOutcome, ApiError>>;
+
+pub struct RedisSequencer {
+    queue: mpsc::Sender<(SendRequest, Reply)>,
+}
+
+impl RedisSequencer {
+    pub fn start(redis: Redis, keys: Keys, store: Arc<dyn Store>, config: RedisSequencerConfig) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let worker = Worker { redis, keys, store, config, script: redis::Script::new(SEND_SCRIPT) };
+        tokio::spawn(worker.run(rx));
+        Self { queue: tx }
+    }
+}
+
+struct Worker {
+    redis: Redis,
+    keys: Keys,
+    store: Arc<dyn Store>,
+    config: RedisSequencerConfig,
+    script: redis::Script,
+}
+
+/// The JSON of a message with its seq left out: the script splices the seq in, so the stored,
+/// streamed and published bytes are exactly the wire form.
+fn json_around_seq(req: &SendRequest) -> (String, String) {
+    let msg = Message {
+        id: req.message_id.clone(),
+        room_id: req.room_id.clone(),
+        seq: 0,
+        sender_id: req.sender_id.clone(),
+        client_msg_id: req.client_msg_id.clone(),
+        body: req.body.clone(),
+        created_at: req.created_at,
+    };
+    let json = serde_json::to_string(&msg).expect("a message always serializes");
+    // Field order is fixed by the struct and quotes inside strings are escaped, so this marker
+    // occurs exactly once.
+    let marker = "\"seq\":0,";
+    let at = json.find(marker).expect("seq field present");
+    let split = at + "\"seq\":".len();
+    (json[..split].to_string(), json[split + 1..].to_string())
+}
+
+enum Step {
+    Done(Result<SendOutcome, ApiError>),
+    NeedsInit,
+}
+
+fn parse_reply(v: &Value, req: &SendRequest) -> Step {
+    let parts = match v {
+        Value::Array(parts) => parts,
+        other => return Step::Done(Err(ApiError::Unavailable(format!("unexpected script reply {other:?}")))),
+    };
+    let text = |i: usize| -> Option<String> {
+        match parts.get(i)? {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    let message = |i: usize| -> Result<Message, ApiError> {
+        text(i)
+            .and_then(|j| serde_json::from_str::<Message>(&j).ok())
+            .ok_or_else(|| ApiError::Unavailable("malformed message in Redis".into()))
+    };
+    match text(0).as_deref() {
+        Some("ok") => Step::Done(message(1).map(SendOutcome::Accepted)),
+        Some("dup") => Step::Done(message(1).and_then(|m| {
+            if m.body == req.body {
+                Ok(SendOutcome::Duplicate(m))
+            } else {
+                Err(ApiError::Conflict("client_msg_id was already used with a different body".into()))
+            }
+        })),
+        Some("init") => Step::NeedsInit,
+        Some("full") => Step::Done(Err(ApiError::Unavailable(
+            "the write-back backlog is full (the store is behind); retry later".into(),
+        ))),
+        other => Step::Done(Err(ApiError::Unavailable(format!("unexpected script reply {other:?}")))),
+    }
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<(SendRequest, Reply)>) {
+        let mut jobs = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+            let batch = std::mem::take(&mut jobs);
+            self.process(batch).await;
+        }
+    }
+
+    async fn process(&self, batch: Vec<(SendRequest, Reply)>) {
+        let mut pending: Vec<(SendRequest, Reply)> = batch;
+        let mut heads: HashMap<String, i64> = HashMap::new();
+        for _ in 0..MAX_ROUNDS {
+            let results = match self.run_pipeline(&pending, &heads).await {
+                Ok(r) => r,
+                Err(e) => {
+                    for (_, reply) in pending {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            };
+            let mut again = Vec::new();
+            let mut missing_rooms = Vec::new();
+            for ((req, reply), step) in pending.into_iter().zip(results) {
+                match step {
+                    Step::Done(result) => {
+                        let _ = reply.send(result);
+                    }
+                    Step::NeedsInit => {
+                        if !heads.contains_key(&req.room_id) && !missing_rooms.contains(&req.room_id) {
+                            missing_rooms.push(req.room_id.clone());
+                        }
+                        again.push((req, reply));
+                    }
+                }
+            }
+            if again.is_empty() {
+                return;
+            }
+            // A room's counter is missing (first send, or Redis lost its data): start from the
+            // store's head so no seq that already reached the store is ever handed out again.
+            let mut gone = Vec::new();
+            for room in missing_rooms {
+                match self.store.head_seq(&room).await {
+                    Ok(Some(head)) => {
+                        heads.insert(room, head);
+                    }
+                    Ok(None) => gone.push(room),
+                    Err(e) => {
+                        tracing::warn!(error = %e, room = %room, "cannot read the store head to initialise a counter");
+                    }
+                }
+            }
+            let (ready, unresolved): (Vec<_>, Vec<_>) =
+                again.into_iter().partition(|(req, _)| heads.contains_key(&req.room_id));
+            for (req, reply) in unresolved {
+                let err = if gone.contains(&req.room_id) {
+                    ApiError::room_not_found()
+                } else {
+                    ApiError::Unavailable("cannot initialise the room's sequence (store unreachable); retry".into())
+                };
+                let _ = reply.send(Err(err));
+            }
+            pending = ready;
+            if pending.is_empty() {
+                return;
+            }
+        }
+        for (_, reply) in pending {
+            let _ = reply.send(Err(ApiError::Unavailable("the room's sequence could not be initialised".into())));
+        }
+    }
+
+    async fn run_pipeline(
+        &self,
+        jobs: &[(SendRequest, Reply)],
+        heads: &HashMap<String, i64>,
+    ) -> Result<Vec<Step>, ApiError> {
+        let mut loaded_once = false;
+        loop {
+            let mut pipe = redis::pipe();
+            for (req, _) in jobs {
+                let (before, after) = json_around_seq(req);
+                let init = heads.get(&req.room_id).map(|h| h.to_string()).unwrap_or_default();
+                pipe.cmd("EVALSHA")
+                    .arg(self.script.get_hash())
+                    .arg(4)
+                    .arg(self.keys.seq(&req.room_id))
+                    .arg(self.keys.dedupe(&req.room_id, &req.sender_id, &req.client_msg_id))
+                    .arg(self.keys.history(&req.room_id))
+                    .arg(self.keys.sync_stream_of(&req.room_id))
+                    .arg(init)
+                    .arg(before)
+                    .arg(after)
+                    .arg(self.config.dedupe_ttl.as_secs())
+                    .arg(self.keys.channel(&req.room_id))
+                    .arg(self.config.backlog_limit)
+                    .arg(&req.room_id)
+                    .arg("");
+            }
+            if self.config.ack_level == AckLevel::Replica {
+                pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);
+            }
+            let mut conn = self.redis.conn().await;
+            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                Ok(mut values) => {
+                    if self.config.ack_level == AckLevel::Replica {
+                        let replicas = match values.pop() {
+                            Some(Value::Int(n)) => n,
+                            _ => 0,
+                        };
+                        if replicas < 1 {
+                            // Sequenced on the primary but not confirmed on a replica: not acked.
+                            // A retry with the same client_msg_id returns the original.
+                            return Err(ApiError::Unavailable("no replica confirmed the write in time; retry".into()));
+                        }
+                    }
+                    return Ok(jobs.iter().zip(values.iter()).map(|((req, _), v)| parse_reply(v, req)).collect());
+                }
+                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !loaded_once => {
+                    loaded_once = true;
+                    let mut conn = self.redis.conn().await;
+                    if let Err(e) = self.script.prepare_invoke().load_async(&mut conn).await {
+                        return Err(unavailable(&self.redis, e).await);
+                    }
+                }
+                Err(e) => return Err(unavailable(&self.redis, e).await),
+            }
+        }
+    }
+}
+
+async fn unavailable(redis: &Redis, e: redis::RedisError) -> ApiError {
+    tracing::warn!(error = %e, "redis send failed");
+    if is_failover_error(&e) {
+        redis.reresolve().await;
+    }
+    ApiError::Unavailable("Redis is unavailable; retry".into())
+}
+
+#[async_trait]
+impl Sequencer for RedisSequencer {
+    async fn submit(&self, req: SendRequest) -> Result<Receipt, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.queue.send((req, tx)).await.map_err(|_| ApiError::Unavailable("the sequencer is shutting down".into()))?;
+        Ok(Box::pin(async move { rx.await.map_err(|_| ApiError::Unavailable("the sequencer stopped".into()))? }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Timestamp;
+
+    #[test]
+    fn seq_is_spliced_into_the_wire_json() {
+        let req = SendRequest {
+            message_id: "m1".into(),
+            room_id: "r\"seq\":0,x".into(),
+            sender_id: "u".into(),
+            client_msg_id: "c".into(),
+            body: "\"seq\":0, in a body".into(),
+            created_at: Timestamp(0),
+        };
+        let (a, b) = json_around_seq(&req);
+        let m: Message = serde_json::from_str(&format!("{a}42{b}")).unwrap();
+        assert_eq!((m.seq, m.room_id.as_str(), m.body.as_str()), (42, req.room_id.as_str(), req.body.as_str()));
+    }
+}
