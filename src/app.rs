@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Tokens};
+use crate::cache::Caches;
 use crate::cluster::{self, InstanceRecord};
 use crate::config::{AckLevelArg, ClusterConfig, Config, StoreUrl};
 use crate::domain::Timestamp;
@@ -101,12 +102,14 @@ async fn cluster_mode(
     c: &ClusterConfig,
     store: Arc<dyn Store>,
     io: SocketIo,
+    caches: Arc<Caches>,
     instance_id: &str,
 ) -> anyhow::Result<Mode> {
     let redis = Redis::connect(c.redis.clone()).await?;
     let keys = Keys::new(&c.prefix, c.shards);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
-    let fanout = RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), instance_id.to_string()).await?;
+    let fanout =
+        RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), caches, instance_id.to_string()).await?;
     let sequencer = RedisSequencer::start(
         redis.clone(),
         keys.clone(),
@@ -159,9 +162,10 @@ impl Application {
         let instance_id = config.instance_id.clone().unwrap_or_else(|| default_instance_id(addr));
         let (sio_layer, io) = realtime::build_layer(&config);
 
+        let caches = Arc::new(Caches::default());
         let mode = match &config.cluster {
             None => embedded_mode(store.clone(), io.clone()),
-            Some(cluster) => cluster_mode(cluster, store.clone(), io.clone(), &instance_id).await?,
+            Some(cluster) => cluster_mode(cluster, store.clone(), io.clone(), caches.clone(), &instance_id).await?,
         };
         let svc = ChatService::new(
             store,
@@ -171,6 +175,7 @@ impl Application {
             Tokens::new(&secret, config.token_ttl),
             config.region.clone(),
             Limits { send_rate_per_sec: config.send_rate_per_sec, auth_rate_per_min: config.auth_rate_per_min },
+            caches,
         );
         let state = Arc::new(AppState {
             svc,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::{self, Tokens};
+use crate::cache::{Caches, Invalidation};
 use crate::domain::*;
 use crate::error::{ApiError, ApiResult};
 use crate::fanout::Fanout;
@@ -31,9 +32,8 @@ pub struct ChatService {
     pub region: String,
     send_limiter: RateLimiter,
     auth_limiter: RateLimiter,
-    /// Known (room, user) memberships: a send checks membership, and this keeps that check off
-    /// the store for active senders. Evicted on leave; entries expire so a stale one cannot live long.
-    memberships: moka::sync::Cache<(String, String), ()>,
+    /// L1 caches; evicted here and on every instance through the fan-out.
+    pub caches: Arc<Caches>,
 }
 
 /// Rate limits from the configuration.
@@ -59,6 +59,7 @@ impl ChatService {
         tokens: Tokens,
         region: String,
         limits: Limits,
+        caches: Arc<Caches>,
     ) -> Self {
         let send = f64::from(limits.send_rate_per_sec);
         let auth = f64::from(limits.auth_rate_per_min);
@@ -71,10 +72,7 @@ impl ChatService {
             region,
             send_limiter: RateLimiter::new(send, send * 10.0),
             auth_limiter: RateLimiter::new(auth / 60.0, auth),
-            memberships: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(60))
-                .build(),
+            caches,
         }
     }
 
@@ -130,7 +128,18 @@ impl ChatService {
     }
 
     pub async fn user(&self, id: &str) -> ApiResult<User> {
-        self.store.user(id).await?.ok_or_else(|| ApiError::NotFound("user not found".into()))
+        if let Some(u) = self.caches.users.get(id).await {
+            return Ok(u);
+        }
+        let user = self.store.user(id).await?.ok_or_else(|| ApiError::NotFound("user not found".into()))?;
+        self.caches.users.insert(id.to_string(), user.clone()).await;
+        Ok(user)
+    }
+
+    /// Evicts `what` here and on every other instance.
+    async fn changed(&self, what: Invalidation) {
+        self.caches.evict(&what).await;
+        self.fanout.invalidate(&what).await;
     }
 
     /// The authenticated user; a valid token for a user that no longer exists is unauthorized.
@@ -140,6 +149,7 @@ impl ChatService {
 
     pub async fn update_me(&self, user_id: &str, patch: UserPatch) -> ApiResult<User> {
         let user = self.store.update_user(user_id, patch, Timestamp::now()).await?;
+        self.changed(Invalidation::User { id: user_id.to_string() }).await;
         let rooms = self.store.room_ids_of_user(user_id).await?;
         self.fanout.user_updated(&user, &rooms).await;
         Ok(user)
@@ -176,14 +186,37 @@ impl ChatService {
         Ok(self.store.public_rooms(PUBLIC_ROOMS_LIMIT).await?)
     }
 
+    /// The room as stored now (head_seq and member_count current as far as the store knows).
     async fn room_or_404(&self, room_id: &str) -> ApiResult<Room> {
         self.store.room(room_id).await?.ok_or_else(ApiError::room_not_found)
+    }
+
+    /// The room for permission checks (cached: owner, visibility and existence).
+    async fn room_meta(&self, room_id: &str) -> ApiResult<Room> {
+        if let Some(r) = self.caches.rooms.get(room_id).await {
+            return Ok(r);
+        }
+        let room = self.room_or_404(room_id).await?;
+        self.caches.rooms.insert(room_id.to_string(), room.clone()).await;
+        Ok(room)
+    }
+
+    async fn is_member(&self, room_id: &str, user_id: &str) -> ApiResult<bool> {
+        let key = (room_id.to_string(), user_id.to_string());
+        if self.caches.members.contains_key(&key) {
+            return Ok(true);
+        }
+        let member = self.store.is_member(room_id, user_id).await?;
+        if member {
+            self.caches.members.insert(key, ()).await;
+        }
+        Ok(member)
     }
 
     /// A room the user may see: public, or private with the user a member.
     pub async fn visible_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
         let room = self.room_or_404(room_id).await?;
-        if room.visibility == Visibility::Private && !self.store.is_member(room_id, user_id).await? {
+        if room.visibility == Visibility::Private && !self.is_member(room_id, user_id).await? {
             return Err(ApiError::Forbidden("this room is private".into()));
         }
         Ok(room)
@@ -191,69 +224,64 @@ impl ChatService {
 
     /// Succeeds when the user is a member; `forbidden` when not, `not_found` for an unknown room.
     async fn ensure_member(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
-        let key = (room_id.to_string(), user_id.to_string());
-        if self.memberships.contains_key(&key) {
+        if self.is_member(room_id, user_id).await? {
             return Ok(());
         }
-        if self.store.is_member(room_id, user_id).await? {
-            self.memberships.insert(key, ());
-            return Ok(());
-        }
-        self.room_or_404(room_id).await?;
+        self.room_meta(room_id).await?;
         Err(ApiError::not_member())
     }
 
     /// A room the user is a member of.
     pub async fn member_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
-        let room = self.room_or_404(room_id).await?;
-        if !self.store.is_member(room_id, user_id).await? {
-            return Err(ApiError::not_member());
-        }
-        Ok(room)
+        self.ensure_member(user_id, room_id).await?;
+        self.room_or_404(room_id).await
     }
 
     pub async fn update_room(&self, user_id: &str, room_id: &str, patch: RoomPatch) -> ApiResult<Room> {
-        let room = self.room_or_404(room_id).await?;
+        let room = self.room_meta(room_id).await?;
         if room.owner_id != user_id {
             return Err(ApiError::Forbidden("only the owner may change the room".into()));
         }
         let room = self.store.update_room(room_id, patch, Timestamp::now()).await?;
+        self.changed(Invalidation::Room { id: room_id.to_string() }).await;
         self.fanout.room_updated(&room).await;
         Ok(room)
     }
 
     /// Joins a public room (idempotent); a private room only for existing members.
     pub async fn join_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
-        let room = self.room_or_404(room_id).await?;
-        if self.store.is_member(room_id, user_id).await? {
-            return Ok(room);
+        let room = self.room_meta(room_id).await?;
+        if self.is_member(room_id, user_id).await? {
+            return self.room_or_404(room_id).await;
         }
         if room.visibility == Visibility::Private {
             return Err(ApiError::Forbidden("this room is private; ask its owner for an invite".into()));
         }
         self.store.add_member(room_id, user_id, Timestamp::now()).await?;
+        self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
         self.room_or_404(room_id).await
     }
 
     pub async fn leave_room(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
-        self.room_or_404(room_id).await?;
+        self.room_meta(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
-        self.memberships.invalidate(&(room_id.to_string(), user_id.to_string()));
+        self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
         Ok(())
     }
 
     pub async fn add_member(&self, owner_id: &str, room_id: &str, new_member: &str) -> ApiResult<()> {
-        let room = self.room_or_404(room_id).await?;
+        let room = self.room_meta(room_id).await?;
         if room.owner_id != owner_id {
             return Err(ApiError::Forbidden("only the owner may add members".into()));
         }
         self.user(new_member).await?;
         self.store.add_member(room_id, new_member, Timestamp::now()).await?;
+        self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: new_member.to_string() }).await;
         Ok(())
     }
 
     pub async fn members(&self, user_id: &str, room_id: &str) -> ApiResult<Vec<User>> {
-        self.member_room(user_id, room_id).await?;
+        self.ensure_member(user_id, room_id).await?;
         Ok(self.store.members(room_id).await?)
     }
 

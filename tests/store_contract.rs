@@ -2,11 +2,16 @@
 //!
 //! `contract_suite!(module, factory)` instantiates every case for one backend; the factory returns
 //! a fresh, empty store (its own file or database) and a guard that cleans it up on drop.
+//!
+//! The MongoDB cases run when `CHATMESH_TEST_MONGODB_URL` is set (MongoDB is not installed on the
+//! development machines); without it each of them returns at once and says loudly that it did
+//! NOT RUN. SQLite and PostgreSQL always run.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use chatmesh::domain::{Message, Timestamp, Visibility};
+use chatmesh::store::mongodb::MongoStore;
 use chatmesh::store::postgres::PostgresStore;
 use chatmesh::store::sqlite::SqliteStore;
 use chatmesh::store::*;
@@ -94,6 +99,97 @@ async fn postgres_store() -> Fresh {
         .await
         .unwrap_or_else(|e| panic!("PostgresStore::connect to database {name}: {e:#}"));
     (Arc::new(store), Box::new(guard))
+}
+
+/// The MongoDB deployment the mongodb cases run against, e.g.
+/// `mongodb://127.0.0.1:27017/?replicaSet=rs0`. It must be a replica set (one node is enough):
+/// `append_messages` needs transactions, and answers `Unavailable` on a standalone server.
+const MONGODB_URL_VAR: &str = "CHATMESH_TEST_MONGODB_URL";
+
+/// The database named by a MongoDB URL's path, if any.
+fn url_database(url: &str) -> Option<&str> {
+    let base = url.split_once('?').map_or(url, |(base, _)| base);
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let path = &base[authority..];
+    path.find('/').map(|i| &path[i + 1..]).filter(|db| !db.is_empty())
+}
+
+/// `url` pointed at database `db`. With credentials and no `authSource`, the driver would
+/// authenticate against the database in the path: keep authenticating where the URL said.
+fn mongo_url_for(url: &str, db: &str) -> String {
+    let has_credentials = url.split_once("://").is_some_and(|(_, rest)| {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        authority.contains('@')
+    });
+    let mut out = with_database(url, db);
+    if has_credentials && !url.contains("authSource=") {
+        let auth_db = url_database(url).unwrap_or("admin");
+        out.push(if out.contains('?') { '&' } else { '?' });
+        out.push_str(&format!("authSource={auth_db}"));
+    }
+    out
+}
+
+/// A database created for one case; dropped when the case ends.
+struct MongoDatabase {
+    url: String,
+    name: String,
+}
+
+impl Drop for MongoDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        // Drop runs on a runtime worker: do the async cleanup on a thread with its own runtime.
+        let res = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let client = ::mongodb::Client::with_uri_str(&url).await?;
+                client.database(&name).drop().await?;
+                client.shutdown().await;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
+            Err(_) => eprintln!("could not drop test database {}: cleanup panicked", self.name),
+        }
+    }
+}
+
+/// `None` (after saying so on stderr) when `CHATMESH_TEST_MONGODB_URL` is not set: the one
+/// backend whose cases may not run, because no MongoDB server can be installed here.
+async fn mongo_store() -> Option<Fresh> {
+    let Some(url) = std::env::var(MONGODB_URL_VAR).ok().filter(|u| !u.trim().is_empty()) else {
+        eprintln!("MongoDB contract case NOT RUN: set {MONGODB_URL_VAR}");
+        return None;
+    };
+    let name = format!("chatmesh_test_{}", ulid::Ulid::generate().to_string().to_lowercase());
+    let url = mongo_url_for(&url, &name);
+    // The guard exists before the store: a connect that fails half-way still cleans up.
+    let guard = MongoDatabase { url: url.clone(), name: name.clone() };
+    let store =
+        MongoStore::connect(&url).await.unwrap_or_else(|e| panic!("MongoStore::connect to database {name}: {e:#}"));
+    Some((Arc::new(store), Box::new(guard)))
+}
+
+/// What a factory gives: a fresh store, or `None` when its backend is not configured here (only
+/// `mongo_store` answers that, and it says so).
+trait IntoFresh {
+    fn into_fresh(self) -> Option<Fresh>;
+}
+
+impl IntoFresh for Fresh {
+    fn into_fresh(self) -> Option<Fresh> {
+        Some(self)
+    }
+}
+
+impl IntoFresh for Option<Fresh> {
+    fn into_fresh(self) -> Option<Fresh> {
+        self
+    }
 }
 
 fn id(prefix: &str, n: usize) -> String {
@@ -348,7 +444,7 @@ macro_rules! contract_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let (store, _guard) = $factory().await;
+                let Some((store, _guard)) = IntoFresh::into_fresh($factory().await) else { return };
                 super::$case(store).await;
             }
         )*
@@ -357,3 +453,22 @@ macro_rules! contract_suite {
 
 contract_suite!(sqlite, sqlite_store);
 contract_suite!(postgres, postgres_store);
+contract_suite!(mongodb, mongo_store);
+
+#[test]
+fn mongo_urls_keep_options_and_auth_source() {
+    assert_eq!(
+        mongo_url_for("mongodb://127.0.0.1:27017/?replicaSet=rs0", "t1"),
+        "mongodb://127.0.0.1:27017/t1?replicaSet=rs0"
+    );
+    assert_eq!(mongo_url_for("mongodb://h1,h2:27018", "t1"), "mongodb://h1,h2:27018/t1");
+    assert_eq!(
+        mongo_url_for("mongodb://u:p@h1/app?w=majority", "t1"),
+        "mongodb://u:p@h1/t1?w=majority&authSource=app"
+    );
+    assert_eq!(mongo_url_for("mongodb://u:p@h1", "t1"), "mongodb://u:p@h1/t1?authSource=admin");
+    assert_eq!(
+        mongo_url_for("mongodb://u:p@h1/?authSource=x", "t1"),
+        "mongodb://u:p@h1/t1?authSource=x"
+    );
+}

@@ -23,6 +23,9 @@ pub async fn send(
     JsonBody(input): JsonBody,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
     let started = Instant::now();
+    if state.inflight.is_closed() {
+        return Err(ApiError::Unavailable("this instance is shutting down; retry".into()));
+    }
     let _inflight = state.inflight.token();
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;

@@ -79,6 +79,10 @@ impl Fanout for LocalFanout {
         emit_typing(&self.io, room_id, user_id, except_socket).await;
     }
 
+    async fn invalidate(&self, _what: &crate::cache::Invalidation) {
+        // One instance: the service evicted its own cache already.
+    }
+
     async fn watch_room(&self, _room_id: &str) -> Result<(), ApiError> {
         // Every accepted message is published in-process: nothing to subscribe to.
         Ok(())

@@ -25,6 +25,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use super::local::{deliver_local, emit_typing};
 use super::{Fanout, user_channel};
+use crate::cache::{Caches, Invalidation};
 use crate::domain::{Message, Room, Timestamp, User};
 use crate::error::ApiError;
 use crate::history::RedisHistory;
@@ -33,6 +34,8 @@ use crate::redis_io::{Keys, Redis};
 /// How often the canary goes out, and how old the last one back may be for the link to count as up.
 pub const CANARY_EVERY: Duration = Duration::from_secs(2);
 pub const CANARY_STALE_MS: i64 = 7_000;
+/// The events-channel name of cache invalidations (not a Socket.IO event).
+const INVALIDATE: &str = "cache:invalidate";
 
 #[derive(Serialize, Deserialize)]
 struct Event {
@@ -59,6 +62,7 @@ impl RedisFanout {
         redis: Redis,
         keys: Keys,
         history: Arc<RedisHistory>,
+        caches: Arc<Caches>,
         instance_id: String,
     ) -> anyhow::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -75,6 +79,7 @@ impl RedisFanout {
             last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
         });
         let receiver = Receiver {
+            caches,
             io,
             keys,
             history,
@@ -146,6 +151,7 @@ async fn unwatch_loop(f: Arc<RedisFanout>) {
 
 struct Receiver {
     io: SocketIo,
+    caches: Arc<Caches>,
     keys: Keys,
     history: Arc<RedisHistory>,
     instance_id: String,
@@ -236,6 +242,12 @@ impl Receiver {
     }
 
     async fn on_event(&self, ev: Event) {
+        if ev.event == INVALIDATE {
+            if let Ok(what) = serde_json::from_value::<Invalidation>(ev.data) {
+                self.caches.evict(&what).await;
+            }
+            return;
+        }
         if ev.event == "typing" {
             let room = ev.rooms.first().cloned().unwrap_or_default();
             let user = ev.data["user_id"].as_str().unwrap_or_default();
@@ -299,6 +311,11 @@ impl Fanout for RedisFanout {
             except: Some(except_socket.to_string()),
         })
         .await;
+    }
+
+    async fn invalidate(&self, what: &Invalidation) {
+        let data = serde_json::to_value(what).unwrap_or_default();
+        self.publish_event(Event { rooms: Vec::new(), event: INVALIDATE.into(), data, except: None }).await;
     }
 
     async fn watch_room(&self, room_id: &str) -> Result<(), ApiError> {

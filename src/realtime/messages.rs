@@ -19,6 +19,11 @@ pub fn register(s: &SocketRef, state: &Arc<AppState>) {
     s.on("message:send", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender, ticket: Ticket| {
         let st = st.clone();
         async move {
+            if st.inflight.is_closed() {
+                // Past the drain: answer rather than leave the client waiting on a closing socket.
+                let err = ApiError::Unavailable("this instance is shutting down; reconnect and retry".into());
+                return reply(ack, Err(err));
+            }
             let _inflight = st.inflight.token();
             reply(ack, send(&st, &s, d, ticket).await)
         }

@@ -3,6 +3,7 @@
 //! One trait, one implementation per backend, chosen once at start. Every backend passes the same
 //! contract suite (`tests/store_contract.rs`). The promises each method makes are stated on it.
 
+pub mod mongodb;
 pub mod postgres;
 pub mod sqlite;
 

@@ -241,3 +241,202 @@ export async function sendMessage(socket, roomId, body, clientMsgId = newCmid(),
   if (!ack || ack.ok !== true || !ack.message) throw new Error(`message:send failed: ${JSON.stringify(ack)}`);
   return ack.message;
 }
+
+// ---- cluster mode: a private redis-server, a fresh PostgreSQL database, N instances ----
+
+import { execFile, execFileSync } from 'node:child_process';
+import { createServer as createNetServer } from 'node:net';
+import { randomBytes } from 'node:crypto';
+
+const PG_HOST = process.env.CHATMESH_TEST_PG_HOST || '127.0.0.1';
+const PG_PORT = process.env.CHATMESH_TEST_PG_PORT || '5432';
+const PG_USER = process.env.CHATMESH_TEST_PG_USER || 'postgres';
+
+// Children that must not outlive this test process even if a test throws before its after() runs.
+const orphanGuards = new Set();
+function runOrphanGuards() {
+  for (const kill of orphanGuards) {
+    try {
+      kill();
+    } catch {
+      // already gone
+    }
+  }
+  orphanGuards.clear();
+}
+process.on('exit', runOrphanGuards);
+let signalHandlersInstalled = false;
+/** Also clean up when the runner interrupts this file (Ctrl-C, timeout): installed on first use. */
+function guardSignals() {
+  if (signalHandlersInstalled) return;
+  signalHandlersInstalled = true;
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+    process.once(sig, () => {
+      runOrphanGuards();
+      process.exit(128 + ({ SIGINT: 2, SIGTERM: 15, SIGHUP: 1 })[sig]);
+    });
+  }
+}
+
+/** A TCP port that was free a moment ago (bind :0, read it, close). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = createNetServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Run a command; resolves {code, stdout, stderr} (never rejects on a non-zero exit). */
+export function run(cmd, args, opts = {}) {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { timeout: 30000, maxBuffer: 64 << 20, ...opts }, (err, stdout, stderr) => {
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : -1) : 0, stdout: String(stdout), stderr: String(stderr) });
+    });
+  });
+}
+
+/**
+ * Start a private, non-persistent redis-server on a free port (never the machine's 6379).
+ * Resolves {port, url, proc, stop()} once `redis-cli ping` answers PONG.
+ */
+export async function startRedis() {
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const out = [];
+    proc.stdout.on('data', (d) => out.push(d.toString()));
+    proc.stderr.on('data', (d) => out.push(d.toString()));
+    const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+    const guard = () => proc.kill('SIGKILL');
+    guardSignals();
+    orphanGuards.add(guard);
+    const stop = async () => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      await exited;
+      orphanGuards.delete(guard);
+    };
+    const deadline = Date.now() + 10000;
+    let up = false;
+    while (Date.now() < deadline && proc.exitCode === null && proc.signalCode === null) {
+      const r = await run('redis-cli', ['-h', '127.0.0.1', '-p', String(port), 'ping'], { timeout: 2000 });
+      if (r.stdout.trim() === 'PONG') {
+        up = true;
+        break;
+      }
+      await sleep(50);
+    }
+    if (up) return { port, url: `redis://127.0.0.1:${port}`, proc, stop };
+    await stop();
+    if (attempt === 4) throw new Error(`redis-server did not start on port ${port}: ${out.join('')}`);
+  }
+  throw new Error('unreachable');
+}
+
+function psqlArgs(db, sql) {
+  return ['-h', PG_HOST, '-p', PG_PORT, '-U', PG_USER, '-d', db, '-v', 'ON_ERROR_STOP=1', '-Atc', sql];
+}
+
+/** Run one SQL statement with psql; resolves the rows (arrays of strings, `|`-separated fields). */
+export async function pgQuery(db, sql) {
+  const r = await run('psql', psqlArgs(db, sql));
+  if (r.code !== 0) throw new Error(`psql -d ${db} -c ${JSON.stringify(sql)} failed: ${r.stderr.trim()}`);
+  return r.stdout
+    .split('\n')
+    .filter((l) => l.length > 0)
+    .map((l) => l.split('|'));
+}
+
+/** Create a fresh PostgreSQL database on the machine's server; resolves {name, url, query(sql), drop()}. */
+export async function createPgDatabase(prefix = 'chatmesh_node_') {
+  const name = `${prefix}${randomBytes(6).toString('hex')}`;
+  await pgQuery('postgres', `CREATE DATABASE ${name}`);
+  const drop = async () => {
+    orphanGuards.delete(guard);
+    await pgQuery('postgres', `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+  };
+  // Last resort on exit (synchronous, best effort).
+  const guard = () => {
+    execFileSync('psql', psqlArgs('postgres', `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`), { stdio: 'ignore', timeout: 10000 });
+  };
+  orphanGuards.add(guard);
+  return { name, url: `postgres://${PG_USER}@${PG_HOST}:${PG_PORT}/${name}`, query: (sql) => pgQuery(name, sql), drop };
+}
+
+/** Resolve once GET /health/ready answers 200 on every server. */
+export async function waitReady(servers, timeoutMs = 30000) {
+  const last = new Map();
+  await waitFor(
+    async () => {
+      const rs = await Promise.all(
+        servers.map((s) =>
+          api(s.url, 'GET', '/health/ready').catch((e) => ({ status: 0, body: String(e) })),
+        ),
+      );
+      rs.forEach((r, i) => last.set(servers[i].instanceId ?? i, `${r.status} ${JSON.stringify(r.body)}`));
+      return rs.every((r) => r.status === 200);
+    },
+    timeoutMs,
+    'GET /health/ready 200 on every instance',
+  ).catch((e) => {
+    throw new Error(`${e.message}: ${[...last].map(([k, v]) => `${k}: ${v}`).join('; ')}`);
+  });
+}
+
+/**
+ * Start a cluster of `n` instances (ids n1..nN) on a private Redis and a fresh PostgreSQL database,
+ * sharing one JWT secret, one cluster secret and one Redis key prefix. Resolves once every instance
+ * is ready. Returns {servers, redis, db, prefix, env, close()}; each server also has `instanceId`.
+ */
+export async function startCluster(n = 3, extraEnv = {}) {
+  const redis = await startRedis();
+  let db;
+  const servers = [];
+  try {
+    db = await createPgDatabase();
+    const env = {
+      CHATMESH_REDIS_URL: redis.url,
+      CHATMESH_STORE_URL: db.url,
+      CHATMESH_JWT_SECRET: `jwt-${randomBytes(24).toString('hex')}`,
+      CHATMESH_CLUSTER_SECRET: `cluster-${randomBytes(24).toString('hex')}`,
+      CHATMESH_REDIS_PREFIX: `t${randomBytes(5).toString('hex')}`,
+      ...extraEnv,
+    };
+    const boot = async (i) => {
+      const s = await startServer({ env: { ...env, CHATMESH_INSTANCE_ID: `n${i + 1}` } });
+      s.instanceId = `n${i + 1}`;
+      orphanGuards.add((s.guard = () => s.proc.kill('SIGKILL')));
+      servers[i] = s;
+    };
+    // The first instance applies the migrations on the empty database, the others start together.
+    await boot(0);
+    await Promise.all(Array.from({ length: n - 1 }, (_, i) => boot(i + 1)));
+    await waitReady(servers);
+    return {
+      servers,
+      redis,
+      db,
+      prefix: env.CHATMESH_REDIS_PREFIX,
+      env,
+      async close() {
+        await Promise.all(servers.filter(Boolean).map(async (s) => {
+          await s.close();
+          orphanGuards.delete(s.guard);
+        }));
+        await db.drop();
+        await redis.stop();
+      },
+    };
+  } catch (e) {
+    await Promise.all(servers.filter(Boolean).map((s) => s.close().then(() => orphanGuards.delete(s.guard))));
+    await db?.drop().catch(() => {});
+    await redis.stop();
+    throw e;
+  }
+}

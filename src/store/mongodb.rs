@@ -1,0 +1,752 @@
+//! MongoDB store (official driver) for cluster mode: the durable store behind the Redis sequencer.
+//! Needs MongoDB 5.0 or newer; a replica set (one node is enough) for [`Store::append_messages`].
+//!
+//! # Connection string
+//!
+//! `mongodb://[user:password@]host[:port][,host...]/[database][?options]`, parsed by the driver.
+//!
+//! - The database is the URL's path; `chatmesh` when the path is empty.
+//! - Write concern comes from the URL (`w=majority`, `w=2`, `wtimeoutMS=...`, `journal=true`). A URL
+//!   that gives no `w` gets `w: "majority"` on the client, which every collection and every
+//!   transaction inherits: an acknowledged write then survives the loss of the primary.
+//! - Read preference comes from the URL (`readPreference=primaryPreferred&maxStalenessSeconds=...`);
+//!   the default is `primary`. Reads from secondaries may lag the writes this process just made, so
+//!   keep `primary` unless stale reads are acceptable. Transactions always read from the primary
+//!   (MongoDB requires it), whatever the URL says.
+//! - `serverSelectionTimeoutMS` defaults to 5 s here (the driver's own default is 30 s), so that a
+//!   store that is down answers `Unavailable` quickly; `appName` defaults to `chatmesh`.
+//!
+//! # Documents
+//!
+//! Times are `i64` Unix milliseconds, ids are strings (`_id` is the user, room and message id).
+//! Indexes, created at start (idempotent): `users.username` unique; `messages` unique
+//! (`room_id`, `seq`), unique (`room_id`, `sender_id`, `client_msg_id`), unique `_id`;
+//! `memberships` unique (`room_id`, `user_id`) and (`user_id`, `room_id`); `rooms` (`visibility`,
+//! `created_at`, `_id`). String keys compare bytewise (no collation), as in the other stores.
+//!
+//! # Atomicity
+//!
+//! On a replica set (or a sharded cluster) every method that writes more than one document runs in
+//! a multi-document transaction (read concern `snapshot`, read preference `primary`), retried on
+//! transient errors by the driver: `create_room`, `add_member`, `remove_member`,
+//! `append_messages`. On a standalone server, which has no transactions, `append_messages` answers
+//! `Unavailable` (see there), and the membership methods run their writes one after the other:
+//! the unique membership index still makes exactly one of two concurrent adds (or removes) count,
+//! but a crash between the membership write and the room's counter update leaves `member_count`
+//! off by one. A standalone server is for development only.
+//!
+//! `upsert_messages`, the cluster write-back path, needs no transaction: it is idempotent and
+//! order-insensitive, so a batch cut short by a crash is completed by its retry.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use futures::{FutureExt, TryStreamExt};
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
+use mongodb::options::{
+    ClientOptions, IndexOptions, ReadConcern, ReadPreference, ReturnDocument, SelectionCriteria, WriteConcern,
+};
+use mongodb::{Client, ClientSession, Collection, Database, IndexModel, SessionCursor};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch};
+use crate::domain::{Message, Room, Timestamp, User, Visibility};
+
+/// The database when the URL names none.
+const DEFAULT_DATABASE: &str = "chatmesh";
+/// How long an operation waits for a suitable server before failing (unless the URL says).
+const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// MongoDB's duplicate-key error code, for every unique index.
+const DUPLICATE_KEY: i32 = 11000;
+/// Dedupe keys per `$or` lookup in `append_messages`.
+const LOOKUP_CHUNK: usize = 200;
+/// Attempts of a transaction that failed on a duplicate key (a concurrent writer outside any
+/// transaction stored the same key after our snapshot): a fresh snapshot sees it.
+const DUPLICATE_KEY_ATTEMPTS: usize = 5;
+
+type MongoResult<T> = mongodb::error::Result<T>;
+
+pub struct MongoStore {
+    client: Client,
+    db: Database,
+    users: Collection<UserDoc>,
+    rooms: Collection<RoomDoc>,
+    memberships: Collection<MembershipDoc>,
+    messages: Collection<MessageDoc>,
+    /// The deployment is a replica set or a sharded cluster: multi-document transactions work.
+    transactions: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct UserDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    username: String,
+    display_name: String,
+    status_text: String,
+    avatar_url: String,
+    password_hash: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RoomDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    name: String,
+    topic: String,
+    visibility: Visibility,
+    owner_id: String,
+    home_region: String,
+    head_seq: i64,
+    member_count: i64,
+    created_at: i64,
+    updated_at: i64,
+}
+
+/// A room's id and head, for reads projected to `head_seq`.
+#[derive(Debug, Clone, Deserialize)]
+struct HeadDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(default)]
+    head_seq: i64,
+}
+
+/// One membership; `_id` is an ObjectId the server assigns (ignored when read).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MembershipDoc {
+    room_id: String,
+    user_id: String,
+    joined_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MessageDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    room_id: String,
+    seq: i64,
+    sender_id: String,
+    client_msg_id: String,
+    body: String,
+    created_at: i64,
+}
+
+impl From<UserDoc> for User {
+    fn from(d: UserDoc) -> Self {
+        User {
+            id: d.id,
+            username: d.username,
+            display_name: d.display_name,
+            status_text: d.status_text,
+            avatar_url: d.avatar_url,
+            created_at: Timestamp(d.created_at),
+            updated_at: Timestamp(d.updated_at),
+        }
+    }
+}
+
+impl From<RoomDoc> for Room {
+    fn from(d: RoomDoc) -> Self {
+        Room {
+            id: d.id,
+            name: d.name,
+            topic: d.topic,
+            visibility: d.visibility,
+            owner_id: d.owner_id,
+            home_region: d.home_region,
+            head_seq: d.head_seq,
+            member_count: d.member_count,
+            created_at: Timestamp(d.created_at),
+            updated_at: Timestamp(d.updated_at),
+        }
+    }
+}
+
+impl From<MessageDoc> for Message {
+    fn from(d: MessageDoc) -> Self {
+        Message {
+            id: d.id,
+            room_id: d.room_id,
+            seq: d.seq,
+            sender_id: d.sender_id,
+            client_msg_id: d.client_msg_id,
+            body: d.body,
+            created_at: Timestamp(d.created_at),
+        }
+    }
+}
+
+impl From<&Message> for MessageDoc {
+    fn from(m: &Message) -> Self {
+        MessageDoc {
+            id: m.id.clone(),
+            room_id: m.room_id.clone(),
+            seq: m.seq,
+            sender_id: m.sender_id.clone(),
+            client_msg_id: m.client_msg_id.clone(),
+            body: m.body.clone(),
+            created_at: m.created_at.0,
+        }
+    }
+}
+
+fn unavailable(e: MongoError) -> StoreError {
+    StoreError::Unavailable(format!("mongodb: {}", e.kind))
+}
+
+/// A write that failed on a unique index (any of them), and on nothing else.
+fn is_duplicate_key(e: &MongoError) -> bool {
+    match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(f) => {
+            f.write_concern_error.is_none()
+                && f.write_errors.as_ref().is_some_and(|w| !w.is_empty() && w.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
+        _ => false,
+    }
+}
+
+/// `limit` for the driver; callers answer an empty page for 0 themselves (0 means "no limit" to
+/// MongoDB, and `LIMIT 0` means no rows to SQL).
+fn limit_of(limit: u32) -> i64 {
+    i64::from(limit)
+}
+
+/// Drains a cursor opened in `session`.
+async fn collect<T>(mut cursor: SessionCursor<T>, session: &mut ClientSession) -> MongoResult<Vec<T>>
+where
+    T: DeserializeOwned + Send + Sync + Unpin,
+{
+    cursor.stream(session).try_collect().await
+}
+
+fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(IndexOptions::builder().name(name.to_string()).unique(unique.then_some(true)).build())
+        .build()
+}
+
+impl MongoStore {
+    /// Connects to `url` (see the module docs for what it may say), finds out whether the
+    /// deployment has transactions, and creates the indexes.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let mut opts = ClientOptions::parse(url).await?;
+        if opts.write_concern.as_ref().is_none_or(|wc| wc.w.is_none()) {
+            let mut wc = opts.write_concern.take().unwrap_or_default();
+            wc.w = WriteConcern::majority().w;
+            opts.write_concern = Some(wc);
+        }
+        opts.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
+        opts.app_name.get_or_insert_with(|| "chatmesh".to_string());
+        let db_name = opts.default_database.clone().unwrap_or_else(|| DEFAULT_DATABASE.to_string());
+        let client = Client::with_options(opts)?;
+        let db = client.database(&db_name);
+
+        // A replica set member reports its set's name, a mongos says "isdbgrid"; both run
+        // multi-document transactions. A standalone server reports neither.
+        let hello = client.database("admin").run_command(doc! { "hello": 1 }).await?;
+        let transactions = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
+        if !transactions {
+            tracing::warn!(
+                database = %db_name,
+                "MongoDB is a standalone server: no transactions, so append_messages (embedded sequencing) \
+                 answers unavailable and membership counters are not crash-atomic; use a replica set"
+            );
+        }
+
+        let store = Self {
+            users: db.collection("users"),
+            rooms: db.collection("rooms"),
+            memberships: db.collection("memberships"),
+            messages: db.collection("messages"),
+            client,
+            db,
+            transactions,
+        };
+        store.create_indexes().await?;
+        Ok(store)
+    }
+
+    async fn create_indexes(&self) -> MongoResult<()> {
+        self.users.create_indexes([index(doc! { "username": 1 }, "username_unique", true)]).await?;
+        self.rooms
+            .create_indexes([index(doc! { "visibility": 1, "created_at": -1, "_id": -1 }, "visibility_created", false)])
+            .await?;
+        self.memberships
+            .create_indexes([
+                index(doc! { "room_id": 1, "user_id": 1 }, "room_user_unique", true),
+                index(doc! { "user_id": 1, "room_id": 1 }, "user_room", false),
+            ])
+            .await?;
+        // `_id` (the message id) is unique by itself.
+        self.messages
+            .create_indexes([
+                index(doc! { "room_id": 1, "seq": 1 }, "room_seq_unique", true),
+                index(doc! { "room_id": 1, "sender_id": 1, "client_msg_id": 1 }, "dedupe_unique", true),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `body` atomically: in a transaction when the deployment has them (the driver retries
+    /// transient errors, e.g. a write conflict with a concurrent transaction, with backoff), else
+    /// once in a plain session. A body that fails on a duplicate key is run again from the start
+    /// a few times: a writer outside any transaction may have stored that key after our snapshot,
+    /// and a fresh snapshot sees it.
+    async fn atomically<C, R, F>(&self, mut ctx: C, mut body: F) -> MongoResult<R>
+    where
+        C: Send,
+        R: Send,
+        F: for<'b> FnMut(&'b mut ClientSession, &'b mut C) -> BoxFuture<'b, MongoResult<R>> + Send,
+    {
+        let mut session = self.client.start_session().await?;
+        let mut attempt = 1;
+        loop {
+            let res = if self.transactions {
+                session
+                    .start_transaction()
+                    .read_concern(ReadConcern::snapshot())
+                    .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+                    .and_run(&mut ctx, |s, ctx| body(s, ctx))
+                    .await
+            } else {
+                body(&mut session, &mut ctx).await
+            };
+            match res {
+                Err(e) if attempt < DUPLICATE_KEY_ATTEMPTS && is_duplicate_key(&e) => attempt += 1,
+                res => return res,
+            }
+        }
+    }
+
+    async fn find_messages(&self, filter: Document, sort: Document, limit: u32) -> StoreResult<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cursor = self.messages.find(filter).sort(sort).limit(limit_of(limit)).await.map_err(unavailable)?;
+        let docs: Vec<MessageDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs.into_iter().map(Message::from).collect())
+    }
+
+    async fn create_room_in(&self, s: &mut ClientSession, doc: &RoomDoc) -> MongoResult<()> {
+        self.rooms.insert_one(doc).session(&mut *s).await?;
+        let owner = MembershipDoc { room_id: doc.id.clone(), user_id: doc.owner_id.clone(), joined_at: doc.created_at };
+        self.memberships.insert_one(owner).session(&mut *s).await?;
+        Ok(())
+    }
+
+    async fn add_member_in(
+        &self,
+        s: &mut ClientSession,
+        room_id: &str,
+        user_id: &str,
+        now: Timestamp,
+    ) -> MongoResult<StoreResult<bool>> {
+        if self.rooms.find_one(doc! { "_id": room_id }).session(&mut *s).await?.is_none() {
+            return Ok(Err(StoreError::NotFound("room")));
+        }
+        if self.users.find_one(doc! { "_id": user_id }).session(&mut *s).await?.is_none() {
+            return Ok(Err(StoreError::NotFound("user")));
+        }
+        // An upsert rather than an insert: inside a transaction a duplicate-key error would abort
+        // it, and "already a member" is an ordinary answer here.
+        let res = self
+            .memberships
+            .update_one(
+                doc! { "room_id": room_id, "user_id": user_id },
+                doc! { "$setOnInsert": { "room_id": room_id, "user_id": user_id, "joined_at": now.0 } },
+            )
+            .upsert(true)
+            .session(&mut *s)
+            .await;
+        let added = match res {
+            Ok(r) => r.upserted_id.is_some(),
+            // Outside a transaction two concurrent upserts of one membership may race on the
+            // unique index; the loser finds the member there.
+            Err(e) if !self.transactions && is_duplicate_key(&e) => false,
+            Err(e) => return Err(e),
+        };
+        if added {
+            self.rooms
+                .update_one(doc! { "_id": room_id }, doc! { "$inc": { "member_count": 1_i64 } })
+                .session(&mut *s)
+                .await?;
+        }
+        Ok(Ok(added))
+    }
+
+    async fn remove_member_in(&self, s: &mut ClientSession, room_id: &str, user_id: &str) -> MongoResult<bool> {
+        let removed = self
+            .memberships
+            .delete_one(doc! { "room_id": room_id, "user_id": user_id })
+            .session(&mut *s)
+            .await?
+            .deleted_count
+            == 1;
+        if removed {
+            self.rooms
+                .update_one(doc! { "_id": room_id }, doc! { "$inc": { "member_count": -1_i64 } })
+                .session(&mut *s)
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    /// One attempt of `append_messages`, inside a transaction: read the stored dedupe keys and the
+    /// room heads from the transaction's snapshot, decide every outcome, then move the heads and
+    /// insert the new messages. Two transactions that sequence the same room both write its room
+    /// document, so one of them fails on a write conflict and is run again on a fresh snapshot:
+    /// seqs stay gap-free and no two messages share one.
+    async fn append_in(&self, s: &mut ClientSession, batch: &[SendRequest]) -> MongoResult<Vec<AppendOutcome>> {
+        let mut keys: Vec<(&str, &str, &str)> =
+            batch.iter().map(|r| (r.room_id.as_str(), r.sender_id.as_str(), r.client_msg_id.as_str())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut known: HashMap<(String, String, String), Message> = HashMap::new();
+        for chunk in keys.chunks(LOOKUP_CHUNK) {
+            let any: Vec<Document> = chunk
+                .iter()
+                .map(|(room, sender, cmid)| doc! { "room_id": *room, "sender_id": *sender, "client_msg_id": *cmid })
+                .collect();
+            let cursor = self.messages.find(doc! { "$or": any }).session(&mut *s).await?;
+            for d in collect(cursor, s).await? {
+                let m = Message::from(d);
+                known.insert((m.room_id.clone(), m.sender_id.clone(), m.client_msg_id.clone()), m);
+            }
+        }
+
+        let mut room_ids: Vec<&str> = batch.iter().map(|r| r.room_id.as_str()).collect();
+        room_ids.sort_unstable();
+        room_ids.dedup();
+        let heads_coll = self.rooms.clone_with_type::<HeadDoc>();
+        let cursor = heads_coll
+            .find(doc! { "_id": { "$in": &room_ids } })
+            .projection(doc! { "head_seq": 1 })
+            .session(&mut *s)
+            .await?;
+        let mut heads: HashMap<String, i64> =
+            collect(cursor, s).await?.into_iter().map(|h| (h.id, h.head_seq)).collect();
+        let before = heads.clone();
+
+        let mut out = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<MessageDoc> = Vec::new();
+        let mut touched: HashSet<&str> = HashSet::new();
+        for req in batch {
+            let key = (req.room_id.clone(), req.sender_id.clone(), req.client_msg_id.clone());
+            if let Some(original) = known.get(&key) {
+                out.push(if original.body == req.body {
+                    AppendOutcome::Duplicate(original.clone())
+                } else {
+                    AppendOutcome::Conflict
+                });
+                continue;
+            }
+            let Some(head) = heads.get_mut(&req.room_id) else {
+                out.push(AppendOutcome::RoomMissing);
+                continue;
+            };
+            *head += 1;
+            touched.insert(&req.room_id);
+            let msg = Message {
+                id: req.message_id.clone(),
+                room_id: req.room_id.clone(),
+                seq: *head,
+                sender_id: req.sender_id.clone(),
+                client_msg_id: req.client_msg_id.clone(),
+                body: req.body.clone(),
+                created_at: req.created_at,
+            };
+            fresh.push(MessageDoc::from(&msg));
+            known.insert(key, msg.clone());
+            out.push(AppendOutcome::Accepted(msg));
+        }
+
+        // Heads first, in id order: a conflicting sequencer of the same room fails here, before
+        // any insert. The filter on the old head makes a lost race an error, never silently ignored.
+        let mut touched: Vec<&str> = touched.into_iter().collect();
+        touched.sort_unstable();
+        for room in touched {
+            let res = self
+                .rooms
+                .update_one(
+                    doc! { "_id": room, "head_seq": before[room] },
+                    doc! { "$set": { "head_seq": heads[room] } },
+                )
+                .session(&mut *s)
+                .await?;
+            if res.matched_count != 1 {
+                return Err(MongoError::custom(format!("room {room} moved during append_messages")));
+            }
+        }
+        if !fresh.is_empty() {
+            self.messages.insert_many(&fresh).ordered(true).session(&mut *s).await?;
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.db.run_command(doc! { "ping": 1 }).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn create_user(&self, u: NewUser) -> StoreResult<User> {
+        let d = UserDoc {
+            id: u.id,
+            username: u.username,
+            display_name: u.display_name,
+            status_text: String::new(),
+            avatar_url: String::new(),
+            password_hash: u.password_hash,
+            created_at: u.created_at.0,
+            updated_at: u.created_at.0,
+        };
+        match self.users.insert_one(&d).await {
+            Ok(_) => Ok(User::from(d)),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::UsernameTaken),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn user(&self, id: &str) -> StoreResult<Option<User>> {
+        let d = self.users.find_one(doc! { "_id": id }).await.map_err(unavailable)?;
+        Ok(d.map(User::from))
+    }
+
+    async fn credentials(&self, username: &str) -> StoreResult<Option<(User, String)>> {
+        let d = self.users.find_one(doc! { "username": username }).await.map_err(unavailable)?;
+        Ok(d.map(|d| {
+            let hash = d.password_hash.clone();
+            (User::from(d), hash)
+        }))
+    }
+
+    async fn update_user(&self, id: &str, p: UserPatch, now: Timestamp) -> StoreResult<User> {
+        let mut set = doc! { "updated_at": now.0 };
+        if let Some(v) = p.display_name {
+            set.insert("display_name", v);
+        }
+        if let Some(v) = p.status_text {
+            set.insert("status_text", v);
+        }
+        if let Some(v) = p.avatar_url {
+            set.insert("avatar_url", v);
+        }
+        let d = self
+            .users
+            .find_one_and_update(doc! { "_id": id }, doc! { "$set": set })
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(unavailable)?;
+        d.map(User::from).ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
+        let d = RoomDoc {
+            id: r.id,
+            name: r.name,
+            topic: r.topic,
+            visibility: r.visibility,
+            owner_id: r.owner_id,
+            home_region: r.home_region,
+            head_seq: 0,
+            member_count: 1,
+            created_at: r.created_at.0,
+            updated_at: r.created_at.0,
+        };
+        self.atomically((self, &d), |s, (this, d)| this.create_room_in(s, d).boxed()).await.map_err(unavailable)?;
+        Ok(Room::from(d))
+    }
+
+    async fn room(&self, id: &str) -> StoreResult<Option<Room>> {
+        let d = self.rooms.find_one(doc! { "_id": id }).await.map_err(unavailable)?;
+        Ok(d.map(Room::from))
+    }
+
+    async fn update_room(&self, id: &str, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
+        let mut set = doc! { "updated_at": now.0 };
+        if let Some(v) = p.name {
+            set.insert("name", v);
+        }
+        if let Some(v) = p.topic {
+            set.insert("topic", v);
+        }
+        let d = self
+            .rooms
+            .find_one_and_update(doc! { "_id": id }, doc! { "$set": set })
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(unavailable)?;
+        d.map(Room::from).ok_or(StoreError::NotFound("room"))
+    }
+
+    async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>> {
+        let ids = self.room_ids_of_user(user_id).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cursor = self
+            .rooms
+            .find(doc! { "_id": { "$in": ids } })
+            .sort(doc! { "created_at": -1, "_id": -1 })
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<RoomDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs.into_iter().map(Room::from).collect())
+    }
+
+    async fn public_rooms(&self, limit: u32) -> StoreResult<Vec<Room>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cursor = self
+            .rooms
+            .find(doc! { "visibility": Visibility::Public.as_str() })
+            .sort(doc! { "created_at": -1, "_id": -1 })
+            .limit(limit_of(limit))
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<RoomDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs.into_iter().map(Room::from).collect())
+    }
+
+    async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool> {
+        self.atomically((self, room_id, user_id, now), |s, (this, room_id, user_id, now)| {
+            this.add_member_in(s, room_id, user_id, *now).boxed()
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+        self.atomically((self, room_id, user_id), |s, (this, room_id, user_id)| {
+            this.remove_member_in(s, room_id, user_id).boxed()
+        })
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn is_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+        let found =
+            self.memberships.find_one(doc! { "room_id": room_id, "user_id": user_id }).await.map_err(unavailable)?;
+        Ok(found.is_some())
+    }
+
+    async fn members(&self, room_id: &str) -> StoreResult<Vec<User>> {
+        let cursor = self
+            .memberships
+            .find(doc! { "room_id": room_id })
+            .sort(doc! { "joined_at": 1, "user_id": 1 })
+            .await
+            .map_err(unavailable)?;
+        let joined: Vec<MembershipDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        if joined.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = joined.iter().map(|m| m.user_id.as_str()).collect();
+        let cursor = self.users.find(doc! { "_id": { "$in": &ids } }).await.map_err(unavailable)?;
+        let docs: Vec<UserDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        let mut by_id: HashMap<String, User> = docs.into_iter().map(|d| (d.id.clone(), User::from(d))).collect();
+        // In join order; a membership whose user is gone is left out, as the SQL join does.
+        Ok(ids.into_iter().filter_map(|id| by_id.remove(id)).collect())
+    }
+
+    async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>> {
+        let cursor = self
+            .memberships
+            .find(doc! { "user_id": user_id })
+            .sort(doc! { "room_id": 1 })
+            .await
+            .map_err(unavailable)?;
+        let docs: Vec<MembershipDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs.into_iter().map(|m| m.room_id).collect())
+    }
+
+    /// Sequences in ONE multi-document transaction (see `append_in`), so either every outcome is
+    /// durable (with the client's write concern, `majority` by default) or none is.
+    ///
+    /// A standalone server has no transactions, and without one there is no gap-free way: a seq
+    /// taken with `find_one_and_update($inc head_seq)` cannot be given back when the insert then
+    /// fails on the dedupe index (a concurrent retry of the same send), nor when the process dies
+    /// between the two writes. So on a standalone server this answers
+    /// `Unavailable("append_messages needs a replica set")`; a one-node replica set is enough.
+    /// Cluster mode does not call this (the Redis sequencer does, and writes back through
+    /// `upsert_messages`).
+    async fn append_messages(&self, batch: &[SendRequest]) -> StoreResult<Vec<AppendOutcome>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.transactions {
+            return Err(StoreError::Unavailable("append_messages needs a replica set".to_string()));
+        }
+        self.atomically((self, batch), |s, (this, batch)| this.append_in(s, batch).boxed()).await.map_err(unavailable)
+    }
+
+    /// One unordered bulk insert (`ordered: false`): every message is tried, and one that collides
+    /// with a stored message on any unique index (`_id` = message id, (room, seq), or the dedupe
+    /// key) leaves the stored one as it is; those duplicate-key errors (code 11000) are ignored,
+    /// and any other error (or a write concern error) fails the call. Then each room's
+    /// head_seq is raised with `$max` to the highest seq of the batch, which never lowers it.
+    /// Both steps are idempotent, so a batch can be repeated (whole, in part, or after a crash
+    /// between the steps) until it succeeds. On a replica set the driver also retries each step
+    /// once after a network error (retryable writes).
+    async fn upsert_messages(&self, batch: &[Message]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<MessageDoc> = batch.iter().map(MessageDoc::from).collect();
+        match self.messages.insert_many(&docs).ordered(false).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let mut heads: HashMap<&str, i64> = HashMap::new();
+        for m in batch {
+            let head = heads.entry(m.room_id.as_str()).or_insert(m.seq);
+            *head = (*head).max(m.seq);
+        }
+        let mut heads: Vec<(&str, i64)> = heads.into_iter().collect();
+        heads.sort_unstable();
+        for (room, seq) in heads {
+            self.rooms
+                .update_one(doc! { "_id": room }, doc! { "$max": { "head_seq": Bson::Int64(seq) } })
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        self.find_messages(doc! { "room_id": room_id, "seq": { "$gt": after_seq } }, doc! { "seq": 1 }, limit).await
+    }
+
+    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let mut msgs = self
+            .find_messages(doc! { "room_id": room_id, "seq": { "$lt": before_seq } }, doc! { "seq": -1 }, limit)
+            .await?;
+        msgs.reverse();
+        Ok(msgs)
+    }
+
+    async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>> {
+        let d = self
+            .rooms
+            .clone_with_type::<HeadDoc>()
+            .find_one(doc! { "_id": room_id })
+            .projection(doc! { "head_seq": 1 })
+            .await
+            .map_err(unavailable)?;
+        Ok(d.map(|d| d.head_seq))
+    }
+}

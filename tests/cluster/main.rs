@@ -1,0 +1,143 @@
+//! Cluster-mode tests against real Redis and PostgreSQL processes: the write-back sync worker
+//! driven batch by batch, Redis losing its data, a store outage under load, and the send script on
+//! a real Redis Cluster.
+
+#[allow(dead_code)]
+#[path = "../support/mod.rs"]
+mod support;
+
+#[allow(dead_code)]
+#[path = "../api/helpers.rs"]
+mod helpers;
+
+mod outage;
+mod sync;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use chatmesh::domain::{Timestamp, Visibility};
+use chatmesh::redis_io::{Keys, Redis, RedisUrl};
+use chatmesh::sequencer::Sequencer;
+use chatmesh::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
+use chatmesh::store::postgres::PostgresStore;
+use chatmesh::store::{NewRoom, NewUser, SendRequest, Store};
+
+/// A database of its own on the machine's PostgreSQL, dropped at the end.
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn create() -> Self {
+        let name = format!("chatmesh_cl_{}", ulid::Ulid::generate().to_string().to_lowercase());
+        psql(&format!("CREATE DATABASE {name}"));
+        Self { name }
+    }
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-qAtc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+pub fn psql(sql: &str) -> String {
+    let out = Command::new("psql")
+        .args(["-h", "127.0.0.1", "-U", "postgres", "-qAtc", sql])
+        .output()
+        .expect("psql must be installed (postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {} (is PostgreSQL running on 127.0.0.1:5432?)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A user and a room in `store`; returns (user id, room id).
+pub async fn seed(store: &dyn Store) -> (String, String) {
+    let uid = ulid::Ulid::generate().to_string();
+    store
+        .create_user(NewUser {
+            id: uid.clone(),
+            username: format!("u{}", &uid[16..]).to_lowercase(),
+            display_name: "u".into(),
+            password_hash: "x".into(),
+            created_at: Timestamp::now(),
+        })
+        .await
+        .unwrap();
+    let rid = ulid::Ulid::generate().to_string();
+    store
+        .create_room(NewRoom {
+            id: rid.clone(),
+            name: "r".into(),
+            topic: String::new(),
+            visibility: Visibility::Public,
+            owner_id: uid.clone(),
+            home_region: "local".into(),
+            created_at: Timestamp::now(),
+        })
+        .await
+        .unwrap();
+    (uid, rid)
+}
+
+pub fn request(room: &str, sender: &str, cmid: &str) -> SendRequest {
+    SendRequest {
+        message_id: ulid::Ulid::generate().to_string(),
+        room_id: room.into(),
+        sender_id: sender.into(),
+        client_msg_id: cmid.into(),
+        body: format!("body {cmid}"),
+        created_at: Timestamp::now(),
+    }
+}
+
+/// The library's pieces wired to one Redis and one database, as an instance would have them.
+pub struct Parts {
+    pub redis: Redis,
+    pub keys: Keys,
+    pub store: Arc<dyn Store>,
+    pub sequencer: RedisSequencer,
+}
+
+pub async fn parts(redis_url: &str, db_url: &str) -> Parts {
+    let redis = Redis::connect(RedisUrl::Direct(redis_url.to_string())).await.unwrap();
+    let keys = Keys::new(&format!("t{}", ulid::Ulid::generate()), 4);
+    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(db_url).await.unwrap());
+    let sequencer = RedisSequencer::start(
+        redis.clone(),
+        keys.clone(),
+        store.clone(),
+        RedisSequencerConfig {
+            ack_level: AckLevel::Leader,
+            wait_timeout: std::time::Duration::from_secs(1),
+            dedupe_ttl: std::time::Duration::from_secs(86_400),
+            backlog_limit: 1_000_000,
+        },
+    );
+    Parts { redis, keys, store, sequencer }
+}
+
+pub async fn send_n(seq: &dyn Sequencer, room: &str, sender: &str, prefix: &str, n: usize) -> Vec<i64> {
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        let out = seq.send(request(room, sender, &format!("{prefix}{i}"))).await.unwrap();
+        seqs.push(out.message().seq);
+    }
+    seqs
+}

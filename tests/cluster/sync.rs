@@ -1,0 +1,139 @@
+use std::time::Duration;
+
+use chatmesh::sequencer::Sequencer;
+use chatmesh::sync::redis::{SyncConfig, SyncOutcome, SyncWorker};
+
+use crate::support::procs::{RedisCluster, RedisServer};
+use crate::*;
+
+fn worker(p: &Parts, consumer: &str, claim_idle: Duration) -> SyncWorker {
+    SyncWorker::new(
+        p.redis.clone(),
+        p.keys.clone(),
+        p.store.clone(),
+        consumer.into(),
+        SyncConfig { claim_idle, batch: 500, ..SyncConfig::default() },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_batch_has_its_entries_reclaimed_and_stored_exactly_once() {
+    let redis = RedisServer::start();
+    let db = TestDb::create();
+    let p = parts(&redis.url(), &db.url()).await;
+    let (uid, room) = seed(&*p.store).await;
+    let seqs = send_n(&p.sequencer, &room, &uid, "m", 50).await;
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+
+    // Consumer A reads the batch and dies before committing it.
+    let a = worker(&p, "a", Duration::from_millis(300));
+    a.ensure_groups().await.unwrap();
+    let taken = a.read_batch(Duration::ZERO).await.unwrap();
+    assert_eq!(taken.len(), 50);
+    assert!(p.store.messages_after(&room, 0, 100).await.unwrap().is_empty(), "nothing stored yet");
+
+    // Consumer B finds nothing new; once A's entries are idle past the timeout it takes them over.
+    let b = worker(&p, "b", Duration::from_millis(300));
+    assert_eq!(b.run_once(Duration::ZERO).await, SyncOutcome::Idle);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(b.reclaim().await.unwrap(), 50);
+    assert_eq!(b.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 50, dead: 0 });
+    assert_eq!(b.measure().await.unwrap().0, 0, "the backlog is empty");
+
+    // A comes back and commits its stale copy: the upsert is idempotent.
+    a.commit_batch(taken).await;
+    let stored = p.store.messages_after(&room, 0, 100).await.unwrap();
+    assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+    let ids: std::collections::HashSet<_> = stored.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(ids.len(), 50, "each message stored exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_without_persistence_reinitialises_counters_from_the_store() {
+    let mut redis = RedisServer::start();
+    let db = TestDb::create();
+    let p = parts(&redis.url(), &db.url()).await;
+    let (uid, room) = seed(&*p.store).await;
+    assert_eq!(send_n(&p.sequencer, &room, &uid, "before", 10).await, (1..=10).collect::<Vec<_>>());
+    let w = worker(&p, "w", Duration::from_secs(5));
+    w.ensure_groups().await.unwrap();
+    assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 10, dead: 0 });
+    assert_eq!(p.store.head_seq(&room).await.unwrap(), Some(10));
+
+    redis.restart(); // no persistence: counters, streams and dedupe keys are gone
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
+
+    // The connection manager reconnects; the counter starts again from the store's head.
+    let mut after = Vec::new();
+    for attempt in 0..50 {
+        match p.sequencer.send(request(&room, &uid, &format!("after{}", after.len()))).await {
+            Ok(out) => after.push(out.message().seq),
+            Err(e) => {
+                assert!(attempt < 49, "sends never recovered after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if after.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(after, vec![11, 12, 13], "no seq that reached the store is handed out again");
+    w.ensure_groups().await.unwrap();
+    assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 3, dead: 0 });
+    let stored = p.store.messages_after(&room, 0, 100).await.unwrap();
+    assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=13).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_entries_go_to_the_dead_letter_stream() {
+    let redis = RedisServer::start();
+    let db = TestDb::create();
+    let p = parts(&redis.url(), &db.url()).await;
+    let w = worker(&p, "w", Duration::from_secs(5));
+    w.ensure_groups().await.unwrap();
+    let stream = p.keys.sync_stream(1);
+    redis.cli(&["XADD", &stream, "*", "m", "{not json"]);
+    assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 0, dead: 1 });
+    assert_eq!(redis.cli(&["XLEN", &p.keys.dead_letter(1)]).trim(), "1");
+    assert_eq!(redis.cli(&["XLEN", &stream]).trim(), "0", "moved, not left pending");
+}
+
+/// The send script runs unchanged on a 3-primary Redis Cluster: every key of one room hashes to
+/// one slot (no CROSSSLOT), for rooms spread over different nodes.
+#[test]
+fn the_send_script_runs_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let keys = chatmesh::redis_io::Keys::new("cm", 64);
+    let script = chatmesh::redis_io::SEND_SCRIPT;
+    let mut slots_seen = std::collections::HashSet::new();
+    for r in 0..6 {
+        let room = format!("01ROOM{r:020}");
+        slots_seen.insert(cluster.cli(&["CLUSTER", "KEYSLOT", &keys.seq(&room)]).trim().to_string());
+        for (i, expect) in [(1, "ok"), (2, "ok"), (1, "dup")] {
+            let dedupe = keys.dedupe(&room, "u1", &format!("c{i}"));
+            let reply = cluster.cli(&[
+                "EVAL",
+                script,
+                "4",
+                &keys.seq(&room),
+                &dedupe,
+                &keys.history(&room),
+                &keys.sync_stream_of(&room),
+                "0",
+                &format!("{{\"id\":\"m{i}\",\"room_id\":\"{room}\",\"seq\":"),
+                &format!(",\"sender_id\":\"u1\",\"client_msg_id\":\"c{i}\",\"body\":\"b\",\"created_at\":\"2026-01-01T00:00:00.000Z\"}}"),
+                "86400",
+                &keys.channel(&room),
+                "1000",
+                &room,
+                "",
+            ]);
+            assert!(!reply.contains("CROSSSLOT") && !reply.contains("ERR"), "room {r}: {reply}");
+            assert!(reply.lines().next().unwrap_or_default().trim() == expect, "room {r} send {i}: {reply}");
+            if expect == "ok" {
+                assert!(reply.contains(&format!("\"seq\":{i},")), "room {r} send {i}: {reply}");
+            }
+        }
+    }
+    assert!(slots_seen.len() > 1, "rooms landed in more than one slot");
+}

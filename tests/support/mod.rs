@@ -1,0 +1,4 @@
+//! Shared helpers for integration test binaries: include with
+//! `#[path = "support/mod.rs"] mod support;`.
+
+pub mod procs;
