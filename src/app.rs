@@ -26,7 +26,7 @@ use crate::redis_io::{Keys, Redis};
 use crate::sequencer::Sequencer;
 use crate::sequencer::embedded::GroupCommitSequencer;
 use crate::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
-use crate::service::{ChatService, Limits};
+use crate::service::{Backends, ChatService, Limits};
 use crate::store::Store;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
@@ -168,14 +168,10 @@ impl Application {
             Some(cluster) => cluster_mode(cluster, store.clone(), io.clone(), caches.clone(), &instance_id).await?,
         };
         let svc = ChatService::new(
-            store,
-            mode.sequencer,
-            mode.fanout,
-            mode.history,
+            Backends { store, sequencer: mode.sequencer, fanout: mode.fanout, history: mode.history, caches },
             Tokens::new(&secret, config.token_ttl),
             config.region.clone(),
             Limits { send_rate_per_sec: config.send_rate_per_sec, auth_rate_per_min: config.auth_rate_per_min },
-            caches,
         );
         let state = Arc::new(AppState {
             svc,

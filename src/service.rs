@@ -36,6 +36,15 @@ pub struct ChatService {
     pub caches: Arc<Caches>,
 }
 
+/// The mode's implementations the service runs on.
+pub struct Backends {
+    pub store: Arc<dyn Store>,
+    pub sequencer: Arc<dyn Sequencer>,
+    pub fanout: Arc<dyn Fanout>,
+    pub history: Arc<dyn History>,
+    pub caches: Arc<Caches>,
+}
+
 /// Rate limits from the configuration.
 pub struct Limits {
     pub send_rate_per_sec: u32,
@@ -51,16 +60,8 @@ pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
 }
 
 impl ChatService {
-    pub fn new(
-        store: Arc<dyn Store>,
-        sequencer: Arc<dyn Sequencer>,
-        fanout: Arc<dyn Fanout>,
-        history: Arc<dyn History>,
-        tokens: Tokens,
-        region: String,
-        limits: Limits,
-        caches: Arc<Caches>,
-    ) -> Self {
+    pub fn new(backends: Backends, tokens: Tokens, region: String, limits: Limits) -> Self {
+        let Backends { store, sequencer, fanout, history, caches } = backends;
         let send = f64::from(limits.send_rate_per_sec);
         let auth = f64::from(limits.auth_rate_per_min);
         Self {

@@ -462,13 +462,7 @@ fn mongo_urls_keep_options_and_auth_source() {
         "mongodb://127.0.0.1:27017/t1?replicaSet=rs0"
     );
     assert_eq!(mongo_url_for("mongodb://h1,h2:27018", "t1"), "mongodb://h1,h2:27018/t1");
-    assert_eq!(
-        mongo_url_for("mongodb://u:p@h1/app?w=majority", "t1"),
-        "mongodb://u:p@h1/t1?w=majority&authSource=app"
-    );
+    assert_eq!(mongo_url_for("mongodb://u:p@h1/app?w=majority", "t1"), "mongodb://u:p@h1/t1?w=majority&authSource=app");
     assert_eq!(mongo_url_for("mongodb://u:p@h1", "t1"), "mongodb://u:p@h1/t1?authSource=admin");
-    assert_eq!(
-        mongo_url_for("mongodb://u:p@h1/?authSource=x", "t1"),
-        "mongodb://u:p@h1/t1?authSource=x"
-    );
+    assert_eq!(mongo_url_for("mongodb://u:p@h1/?authSource=x", "t1"), "mongodb://u:p@h1/t1?authSource=x");
 }
