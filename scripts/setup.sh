@@ -30,6 +30,8 @@ fi
 
 if [ "$want_test" = 1 ]; then
   need chromium || apt_install chromium
+  # Cluster tests start their own Redis servers, Sentinels and Redis Clusters.
+  need redis-server && need redis-cli || apt_install redis-server redis-tools
   # The store contract suite runs against a real PostgreSQL (one database per test).
   need pg_isready || apt_install postgresql
   if ! pg_isready -h 127.0.0.1 -q; then

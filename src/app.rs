@@ -28,6 +28,7 @@ use crate::sequencer::embedded::GroupCommitSequencer;
 use crate::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
 use crate::service::{Backends, ChatService, Limits};
 use crate::store::Store;
+use crate::store::mongodb::MongoStore;
 use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 use crate::sync::SyncStats;
@@ -83,7 +84,7 @@ async fn open_store(url: &StoreUrl) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match url {
         StoreUrl::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
         StoreUrl::Postgres { url } => Arc::new(PostgresStore::connect(url).await?),
-        StoreUrl::Mongo { .. } => anyhow::bail!("the MongoDB store is not available in this build"),
+        StoreUrl::Mongo { url } => Arc::new(MongoStore::connect(url).await?),
     })
 }
 

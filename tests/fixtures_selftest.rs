@@ -146,11 +146,23 @@ fn durable_replica_set_refuses_writes_without_a_replica() {
     assert_eq!(set.primary_cli(&["CONFIG", "GET", "min-replicas-to-write"]), "min-replicas-to-write\n1");
     assert_eq!(set.primary_cli(&["SET", "k", "v"]), "OK", "a replica is connected, so writes go through");
 
-    set.kill_primary();
+    let old_primary = set.kill_primary();
     let new_primary = set.wait_for_failover(Duration::from_secs(15));
     let refused = set.cli(new_primary, &["SET", "k2", "v"]);
     assert!(refused.starts_with("NOREPLICAS"), "the promoted node has no replica yet: {refused}");
     assert_eq!(set.cli(new_primary, &["GET", "k"]), "v");
+
+    // The old primary comes back (with its AOF), Sentinel turns it into a replica of the new one,
+    // and writes are accepted again.
+    let started = Instant::now();
+    set.restart_node(old_primary);
+    eventually(Duration::from_secs(25), "the old primary rejoins as a replica and writes go through", || {
+        set.cli(new_primary, &["SET", "k2", "v"]) == "OK"
+    });
+    eprintln!("rejoin took {:?}", started.elapsed());
+    assert!(set.cli(old_primary, &["ROLE"]).starts_with("slave"));
+    assert_eq!(set.primary_cli(&["WAIT", "1", "5000"]), "1");
+    assert_eq!(set.cli(old_primary, &["GET", "k2"]), "v");
 }
 
 #[test]

@@ -143,7 +143,9 @@ impl Drop for MongoDatabase {
         let res = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
-                let client = ::mongodb::Client::with_uri_str(&url).await?;
+                let mut opts = ::mongodb::options::ClientOptions::parse(&url).await?;
+                opts.server_selection_timeout.get_or_insert(std::time::Duration::from_secs(5));
+                let client = ::mongodb::Client::with_options(opts)?;
                 client.database(&name).drop().await?;
                 client.shutdown().await;
                 anyhow::Ok(())

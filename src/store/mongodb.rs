@@ -11,8 +11,9 @@
 //!   transaction inherits: an acknowledged write then survives the loss of the primary.
 //! - Read preference comes from the URL (`readPreference=primaryPreferred&maxStalenessSeconds=...`);
 //!   the default is `primary`. Reads from secondaries may lag the writes this process just made, so
-//!   keep `primary` unless stale reads are acceptable. Transactions always read from the primary
-//!   (MongoDB requires it), whatever the URL says.
+//!   keep `primary` unless stale reads are acceptable. Transactions (MongoDB requires it) and
+//!   `head_seq` (the cluster sequencer seeds its counters from it) always read from the primary,
+//!   whatever the URL says.
 //! - `serverSelectionTimeoutMS` defaults to 5 s here (the driver's own default is 30 s), so that a
 //!   store that is down answers `Unavailable` quickly; `appName` defaults to `chatmesh`.
 //!
@@ -299,9 +300,9 @@ impl MongoStore {
 
     /// Runs `body` atomically: in a transaction when the deployment has them (the driver retries
     /// transient errors, e.g. a write conflict with a concurrent transaction, with backoff), else
-    /// once in a plain session. A body that fails on a duplicate key is run again from the start
-    /// a few times: a writer outside any transaction may have stored that key after our snapshot,
-    /// and a fresh snapshot sees it.
+    /// once in a plain session. A transaction that fails on a duplicate key is run again from the
+    /// start a few times: a writer outside any transaction may have stored that key after our
+    /// snapshot, and a fresh snapshot sees it.
     async fn atomically<C, R, F>(&self, mut ctx: C, mut body: F) -> MongoResult<R>
     where
         C: Send,
@@ -322,7 +323,7 @@ impl MongoStore {
                 body(&mut session, &mut ctx).await
             };
             match res {
-                Err(e) if attempt < DUPLICATE_KEY_ATTEMPTS && is_duplicate_key(&e) => attempt += 1,
+                Err(e) if self.transactions && attempt < DUPLICATE_KEY_ATTEMPTS && is_duplicate_key(&e) => attempt += 1,
                 res => return res,
             }
         }
@@ -363,7 +364,8 @@ impl MongoStore {
             .memberships
             .update_one(
                 doc! { "room_id": room_id, "user_id": user_id },
-                doc! { "$setOnInsert": { "room_id": room_id, "user_id": user_id, "joined_at": now.0 } },
+                // An inserted document gets room_id and user_id from the filter's equalities.
+                doc! { "$setOnInsert": { "joined_at": now.0 } },
             )
             .upsert(true)
             .session(&mut *s)
@@ -739,12 +741,16 @@ impl Store for MongoStore {
         Ok(msgs)
     }
 
+    /// Always read from the primary, whatever the URL's read preference: the cluster sequencer
+    /// seeds a room's counter from this, and a head read from a lagging secondary would hand out
+    /// a seq twice.
     async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>> {
         let d = self
             .rooms
             .clone_with_type::<HeadDoc>()
             .find_one(doc! { "_id": room_id })
             .projection(doc! { "head_seq": 1 })
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
             .await
             .map_err(unavailable)?;
         Ok(d.map(|d| d.head_seq))

@@ -741,8 +741,10 @@ impl RedisReplicaSet {
         );
         let data_args = |port: u16, log: &Path| {
             let mut args = redis_args(port, &dir_path, log, options.durable);
-            // Each node its own AOF dir inside the shared temp dir.
+            // Each node its own AOF dir inside the shared temp dir; a replica's full sync starts at
+            // once instead of after the default 5 s wait for more replicas.
             args.extend(["--appenddirname".to_string(), format!("aof-{port}")]);
+            args.extend(["--repl-diskless-sync-delay", "0"].map(String::from));
             if options.durable {
                 args.extend(["--min-replicas-to-write", "1"].map(String::from));
             }
@@ -883,9 +885,9 @@ impl RedisReplicaSet {
         node.start_again();
     }
 
-    /// Waits until every running Sentinel names a primary other than [`primary_port`]
-    /// (Self::primary_port) and that node reports `role:master`; returns its port. Panics with the
-    /// Sentinel logs after `timeout`.
+    /// Waits until every running Sentinel names a primary other than `primary_port()` (the one
+    /// killed) and that node reports `role:master`; returns its port and makes it `primary_port()`.
+    /// Panics with the Sentinel logs after `timeout`.
     pub fn wait_for_failover(&mut self, timeout: Duration) -> u16 {
         let old = self.primary;
         let new = wait_until(

@@ -29,6 +29,7 @@ struct Cli {
 enum Scenario {
     /// Acked messages per second into R rooms from S senders.
     Ingest {
+        /// Instance URLs, comma-separated; senders are spread over them round robin.
         #[arg(long, default_value = "http://127.0.0.1:5001")]
         url: String,
         #[arg(long, default_value_t = 50)]
@@ -42,9 +43,9 @@ enum Scenario {
         seconds: f64,
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
-        /// Server process whose CPU time is sampled (user + system).
-        #[arg(long)]
-        server_pid: Option<u32>,
+        /// Server processes whose CPU time is sampled (user + system), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        server_pid: Vec<u32>,
     },
 }
 
@@ -96,9 +97,11 @@ async fn ingest(
     window: usize,
     seconds: f64,
     warmup: f64,
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
 ) -> anyhow::Result<Value> {
     anyhow::ensure!(senders >= rooms && rooms > 0, "need senders >= rooms > 0");
+    let urls: Vec<String> = url.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
+    let url = urls[0].clone();
     let http = reqwest::Client::new();
     let run =
         format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 0xffffff);
@@ -143,7 +146,8 @@ async fn ingest(
     for (i, token) in tokens.iter().enumerate() {
         let room = room_ids[i % rooms].clone();
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-        let client = sio::Client::connect(&url, token, ev_tx).await.with_context(|| format!("sender {i}"))?;
+        let client =
+            sio::Client::connect(&urls[i % urls.len()], token, ev_tx).await.with_context(|| format!("sender {i}"))?;
         let join = client.call("room:join", &json!({"room_id": room})).await?;
         anyhow::ensure!(join["ok"] == true, "room:join: {join}");
         // Deliveries: checked for order, counted while measuring.
@@ -194,14 +198,44 @@ async fn ingest(
     }
 
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-    let cpu0 = server_pid.and_then(cpu_seconds);
+    let cpu_all = |pids: &[u32]| -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|p| cpu_seconds(*p)).sum::<Option<f64>>()
+    };
+    let cpu0 = cpu_all(&server_pid);
+    // Write-back lag as /health/ready reports it, sampled while measuring (cluster mode).
+    let lag_samples: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let sampler = {
+        let (lag_samples, http, url, measuring) = (lag_samples.clone(), http.clone(), url.clone(), measuring.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if !measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Ok(r) = http.get(format!("{url}/health/ready")).send().await
+                    && let Ok(v) = r.json::<Value>().await
+                    && let Some(lag) = v["checks"]["sync"]["lag_ms"].as_u64()
+                {
+                    lag_samples.lock().await.push(lag);
+                }
+            }
+        })
+    };
     let self0 = self_cpu_seconds();
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu1 = server_pid.and_then(cpu_seconds);
+    let cpu1 = cpu_all(&server_pid);
+    sampler.abort();
+    let mut lags = lag_samples.lock().await.clone();
+    lags.sort_unstable();
+    let lag_p =
+        |p: f64| if lags.is_empty() { None } else { Some(lags[((lags.len() - 1) as f64 * p).round() as usize]) };
     let self1 = self_cpu_seconds();
     stop.store(true, Ordering::Relaxed);
     // Let in-flight sends and their deliveries settle, then close everything.
@@ -232,6 +266,8 @@ async fn ingest(
         "server_cpu_seconds": server_cpu,
         "server_cpu_us_per_ack": server_cpu.map(|c| c * 1e6 / acked.max(1) as f64),
         "loadgen_cpu_seconds": self1 - self0,
+        "instances": urls.len(),
+        "sync_lag_ms": {"p50": lag_p(0.5), "p99": lag_p(0.99), "max": lag_p(1.0), "samples": lags.len()},
     }))
 }
 
