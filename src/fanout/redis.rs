@@ -52,6 +52,8 @@ pub struct RedisFanout {
     keys: Keys,
     instance_id: String,
     pubsub: Mutex<ConnectionManager>,
+    /// Where pushes go; kept to rebuild the pub/sub connection after a failover.
+    push_tx: mpsc::UnboundedSender<PushInfo>,
     watched: Mutex<HashSet<String>>,
     last_canary_ms: Arc<AtomicI64>,
 }
@@ -66,7 +68,7 @@ impl RedisFanout {
         instance_id: String,
     ) -> anyhow::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut pubsub = redis.pubsub(tx).await?;
+        let mut pubsub = redis.pubsub(tx.clone()).await?;
         pubsub.subscribe(keys.events_channel()).await?;
         pubsub.subscribe(keys.canary_channel(&instance_id)).await?;
         let fanout = Arc::new(Self {
@@ -75,6 +77,7 @@ impl RedisFanout {
             keys: keys.clone(),
             instance_id: instance_id.clone(),
             pubsub: Mutex::new(pubsub),
+            push_tx: tx,
             watched: Mutex::default(),
             last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
         });
@@ -91,6 +94,29 @@ impl RedisFanout {
         tokio::spawn(canary_loop(fanout.clone()));
         tokio::spawn(unwatch_loop(fanout.clone()));
         Ok(fanout)
+    }
+
+    /// A fresh pub/sub connection to the current primary, with every subscription renewed. Messages
+    /// published meanwhile are recovered by the gap fill on the next message of each room.
+    async fn resubscribe(&self) {
+        let conn = match self.redis.pubsub(self.push_tx.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "fan-out: cannot reconnect the subscription yet");
+                return;
+            }
+        };
+        let mut channels = vec![self.keys.events_channel(), self.keys.canary_channel(&self.instance_id)];
+        channels.extend(self.watched.lock().await.iter().map(|r| self.keys.channel(r)));
+        let mut conn = conn;
+        for ch in &channels {
+            if let Err(e) = conn.subscribe(ch).await {
+                tracing::warn!(error = %e, "fan-out: resubscribe failed");
+                return;
+            }
+        }
+        *self.pubsub.lock().await = conn;
+        tracing::info!(channels = channels.len(), "fan-out: subscription rebuilt");
     }
 
     /// Whether the pub/sub path delivered this instance's canary recently.
@@ -127,7 +153,16 @@ async fn canary_loop(f: Arc<RedisFanout>) {
     loop {
         tick.tick().await;
         let mut conn = f.redis.conn().await;
-        let _ = conn.publish::<_, _, ()>(f.keys.canary_channel(&f.instance_id), Timestamp::now().0).await;
+        if let Err(e) = conn.publish::<_, _, ()>(f.keys.canary_channel(&f.instance_id), Timestamp::now().0).await
+            && crate::redis_io::is_failover_error(&e)
+        {
+            f.redis.reresolve().await;
+        }
+        if !f.fanout_ok() {
+            // The subscription is dead (the primary moved, or the link broke beyond what the
+            // manager repairs): readiness is already red; build a new one where Redis is now.
+            f.resubscribe().await;
+        }
     }
 }
 

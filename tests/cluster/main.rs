@@ -10,6 +10,8 @@ mod support;
 #[path = "../api/helpers.rs"]
 mod helpers;
 
+mod caches;
+mod failover;
 mod outage;
 mod sync;
 
