@@ -40,6 +40,8 @@ pub struct AppState {
     pub svc: ChatService,
     pub config: Config,
     pub instance_id: String,
+    /// The address actually bound (CHATMESH_BIND may say port 0).
+    pub listen_addr: SocketAddr,
     pub started_at: Timestamp,
     pub metrics: PrometheusHandle,
     pub presence: LocalPresence,
@@ -62,7 +64,7 @@ impl AppState {
         InstanceRecord {
             id: self.instance_id.clone(),
             region: self.config.region.clone(),
-            address: self.config.bind.to_string(),
+            address: self.listen_addr.to_string(),
             started_at: self.started_at,
             last_seen: Timestamp::now(),
             connections: realtime::connection_count(),
@@ -178,6 +180,7 @@ impl Application {
             svc,
             config,
             instance_id,
+            listen_addr: addr,
             started_at: Timestamp::now(),
             metrics,
             presence: LocalPresence::default(),

@@ -54,6 +54,7 @@ pub struct RedisFanout {
     pubsub: Mutex<ConnectionManager>,
     /// Where pushes go; kept to rebuild the pub/sub connection after a failover.
     push_tx: mpsc::UnboundedSender<PushInfo>,
+    presence_script: redis::Script,
     watched: Mutex<HashSet<String>>,
     last_canary_ms: Arc<AtomicI64>,
 }
@@ -78,6 +79,7 @@ impl RedisFanout {
             instance_id: instance_id.clone(),
             pubsub: Mutex::new(pubsub),
             push_tx: tx,
+            presence_script: redis::Script::new(crate::redis_io::PRESENCE_SCRIPT),
             watched: Mutex::default(),
             last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
         });
@@ -132,19 +134,22 @@ impl RedisFanout {
         }
     }
 
-    /// Users online on some live instance other than this one.
-    async fn online_elsewhere(&self, user_id: &str) -> bool {
+    /// Records this instance's change and says whether the cluster-wide state changed with it.
+    async fn presence_changed(&self, user_id: &str, online: bool) -> bool {
         let mut conn = self.redis.conn().await;
-        let instances: Vec<String> = match crate::cluster::live_instance_ids(&mut conn, &self.keys).await {
-            Ok(ids) => ids,
-            Err(_) => return false,
-        };
-        for id in instances.iter().filter(|id| **id != self.instance_id) {
-            if conn.sismember::<_, _, bool>(self.keys.presence(id), user_id).await.unwrap_or(false) {
-                return true;
+        let others = crate::cluster::live_instance_ids(&mut conn, &self.keys).await.unwrap_or_default();
+        let mut invocation = self.presence_script.key(self.keys.presence(&self.instance_id));
+        for id in others.iter().filter(|id| **id != self.instance_id) {
+            invocation.key(self.keys.presence(id));
+        }
+        invocation.arg(user_id).arg(if online { "1" } else { "0" });
+        match invocation.invoke_async::<i64>(&mut conn).await {
+            Ok(changed) => changed == 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence: script failed");
+                false
             }
         }
-        false
     }
 }
 
@@ -316,20 +321,8 @@ impl Fanout for RedisFanout {
     }
 
     async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) {
-        {
-            let mut conn = self.redis.conn().await;
-            let key = self.keys.presence(&self.instance_id);
-            let res = if online {
-                conn.sadd::<_, _, ()>(&key, user_id).await
-            } else {
-                conn.srem::<_, _, ()>(&key, user_id).await
-            };
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "presence: could not update this instance's set");
-            }
-        }
         // Sockets of one user on two instances: only the first to come and the last to go count.
-        if self.online_elsewhere(user_id).await || room_ids.is_empty() {
+        if !self.presence_changed(user_id, online).await || room_ids.is_empty() {
             return;
         }
         let state = if online { "online" } else { "offline" };

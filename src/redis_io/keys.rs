@@ -65,8 +65,10 @@ impl Keys {
     pub fn instances_pattern(&self) -> String {
         format!("{}:instance:*", self.prefix)
     }
+    /// Users with a socket on `instance_id`; every presence set shares one hash tag so one
+    /// script can read them all.
     pub fn presence(&self, instance_id: &str) -> String {
-        format!("{}:presence:{instance_id}", self.prefix)
+        format!("{}:{{presence}}:{instance_id}", self.prefix)
     }
     pub fn canary_channel(&self, instance_id: &str) -> String {
         format!("{}:canary:{instance_id}", self.prefix)

@@ -16,6 +16,7 @@ use tokio::sync::{RwLock, mpsc};
 pub use keys::Keys;
 
 pub const SEND_SCRIPT: &str = include_str!("send.lua");
+pub const PRESENCE_SCRIPT: &str = include_str!("presence.lua");
 
 /// Where Redis is, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
