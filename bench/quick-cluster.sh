@@ -37,5 +37,5 @@ for u in "${urls[@]}"; do
   for _ in $(seq 100); do curl -sf "$u/health/ready" >/dev/null && break; sleep 0.1; done
 done
 all_pids=$(IFS=,; echo "${pids[*]},$(pgrep -f "redis-server 127.0.0.1:$redis_port" | head -1)")
-target/release/chatmesh-loadgen ingest --url "$(IFS=,; echo "${urls[*]}")" --senders 100 --rooms 100 --window 8 \
+target/release/chatmesh-loadgen ingest --url "$(IFS=,; echo "${urls[*]}")" --senders "${SENDERS:-100}" --rooms "${ROOMS:-100}" --window "${WINDOW:-8}" \
   --seconds "$secs" --server-pid "$all_pids"

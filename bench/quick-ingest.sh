@@ -16,4 +16,5 @@ trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health/ready" >/dev/null && break; sleep 0.1; done
 lg() { target/release/chatmesh-loadgen ingest --url "http://127.0.0.1:$port" --seconds "$secs" --server-pid "$pid" "$@"; }
 lg --senders 50 --rooms 1 --window 8
+lg --senders 10 --rooms 10 --window 1
 lg --senders 100 --rooms 100 --window 8

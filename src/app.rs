@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -227,6 +228,10 @@ impl Application {
             drain_io.close().await;
             let _ = closed_tx.send(());
         };
+        // Chat packets are small and latency-bound: Nagle's algorithm would hold acks back ~40 ms.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown);
         // Long-polling requests can hold the server open: bound the wait after sockets are closed.

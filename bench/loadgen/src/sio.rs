@@ -27,7 +27,9 @@ impl Client {
     /// server event to `events`.
     pub async fn connect(base: &str, token: &str, events: EventSink) -> anyhow::Result<Self> {
         let ws_url = format!("{}/socket.io/?EIO=4&transport=websocket", base.replacen("http", "ws", 1));
-        let (ws, _) = tokio_tungstenite::connect_async(&ws_url).await.with_context(|| format!("connect {ws_url}"))?;
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true)
+            .await
+            .with_context(|| format!("connect {ws_url}"))?;
         let (mut sink, mut stream) = ws.split();
         let open = next_text(&mut stream).await?;
         if !open.starts_with('0') {
