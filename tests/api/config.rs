@@ -11,6 +11,21 @@ fn invalid_settings_stop_the_process_with_one_line_naming_them() {
         (vec![("CHATMESH_STORE_URL", "mysql://db")], "CHATMESH_STORE_URL"),
         (vec![("CHATMESH_JWT_SECRET", "short")], "CHATMESH_JWT_SECRET"),
         (vec![("CHATMESH_BINDD", "127.0.0.1:1")], "CHATMESH_BINDD"),
+        // A SQLite file cannot be shared by instances on different machines.
+        (
+            vec![
+                ("CHATMESH_REDIS_URL", "redis://127.0.0.1:1"),
+                ("CHATMESH_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+                ("CHATMESH_CLUSTER_SECRET", "0123456789abcdef0123456789abcdef"),
+            ],
+            "CHATMESH_STORE_URL",
+        ),
+        (
+            vec![("CHATMESH_REDIS_URL", "redis://127.0.0.1:1"), ("CHATMESH_STORE_URL", "postgres://x@127.0.0.1/db")],
+            "CHATMESH_JWT_SECRET",
+        ),
+        (vec![("CHATMESH_REDIS_URL", "redis+sentinel://127.0.0.1:1")], "CHATMESH_REDIS_URL"),
+        (vec![("CHATMESH_ACK_LEVEL", "quorum")], "CHATMESH_ACK_LEVEL"),
     ] {
         let (code, stderr) = run_to_exit(&env, &["serve"]);
         assert_eq!(code, Some(2), "{name}: {stderr}");

@@ -87,3 +87,31 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
     }
     eprintln!("sentinel failover: sends recovered after {:?}, ready again {:?} later", started.elapsed(), recovered_in);
 }
+
+/// When the fan-out path is lost, readiness turns red (the balancer stops sending traffic here);
+/// when Redis is back the instance re-subscribes and turns ready by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_fanout_path() {
+    let mut redis = crate::support::procs::RedisServer::start();
+    let db = TestDb::create();
+    let app = instance(redis.url(), &db, "r1", vec![]).await;
+    wait_ready(&app, Duration::from_secs(20)).await;
+    tokio::task::block_in_place(|| redis.kill());
+    let started = Instant::now();
+    loop {
+        let r = app.call(Method::GET, "/health/ready", None, None).await;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(r.body["status"], "not_ready");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "still ready 15 s after Redis died: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let red_after = started.elapsed();
+    tokio::task::block_in_place(|| redis.restart());
+    let back = wait_ready(&app, Duration::from_secs(30)).await;
+    let (_, token) = app.register("after").await;
+    let room = app.create_room(&token, "after", "public").await;
+    assert_eq!(app.send(&token, &room, "a1", "works again").await.status, StatusCode::CREATED);
+    eprintln!("readiness: red {red_after:?} after Redis died, ready {back:?} after it came back");
+}

@@ -137,3 +137,33 @@ fn the_send_script_runs_on_a_redis_cluster() {
     }
     assert!(slots_seen.len() > 1, "rooms landed in more than one slot");
 }
+
+/// Past the backlog limit (the store is behind), sends answer `unavailable` instead of growing Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_refuses_sends_with_unavailable() {
+    let redis = RedisServer::start();
+    let db = TestDb::create();
+    let mut p = parts(&redis.url(), &db.url()).await;
+    p.sequencer = chatmesh::sequencer::redis::RedisSequencer::start(
+        p.redis.clone(),
+        p.keys.clone(),
+        p.store.clone(),
+        chatmesh::sequencer::redis::RedisSequencerConfig {
+            ack_level: chatmesh::sequencer::redis::AckLevel::Leader,
+            wait_timeout: Duration::from_secs(1),
+            dedupe_ttl: Duration::from_secs(86_400),
+            backlog_limit: 5,
+        },
+    );
+    let (uid, room) = seed(&*p.store).await;
+    assert_eq!(send_n(&p.sequencer, &room, &uid, "m", 5).await, vec![1, 2, 3, 4, 5]);
+    let err = p.sequencer.send(request(&room, &uid, "m5")).await.unwrap_err();
+    assert_eq!(err.code(), "unavailable");
+    // A retry of an accepted send still answers with the original, backlog or not.
+    assert_eq!(p.sequencer.send(request(&room, &uid, "m0")).await.unwrap().message().seq, 1);
+    // Once the worker drains the backlog, sends are accepted again, with the next seq.
+    let w = worker(&p, "w", Duration::from_secs(5));
+    w.ensure_groups().await.unwrap();
+    assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 5, dead: 0 });
+    assert_eq!(p.sequencer.send(request(&room, &uid, "m5")).await.unwrap().message().seq, 6);
+}
