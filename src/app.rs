@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Tokens};
-use crate::cache::Caches;
+use crate::cache::{Caches, RedisSharedCache};
 use crate::cluster::{self, InstanceRecord};
 use crate::config::{AckLevelArg, ClusterConfig, Config, StoreUrl};
 use crate::domain::Timestamp;
@@ -104,12 +104,12 @@ fn embedded_mode(store: Arc<dyn Store>, io: SocketIo) -> Mode {
 
 async fn cluster_mode(
     c: &ClusterConfig,
+    redis: Redis,
     store: Arc<dyn Store>,
     io: SocketIo,
     caches: Arc<Caches>,
     instance_id: &str,
 ) -> anyhow::Result<Mode> {
-    let redis = Redis::connect(c.redis.clone()).await?;
     let keys = Keys::new(&c.prefix, c.shards);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let fanout =
@@ -166,10 +166,19 @@ impl Application {
         let instance_id = config.instance_id.clone().unwrap_or_else(|| default_instance_id(addr));
         let (sio_layer, io) = realtime::build_layer(&config);
 
-        let caches = Arc::new(Caches::default());
-        let mode = match &config.cluster {
-            None => embedded_mode(store.clone(), io.clone()),
-            Some(cluster) => cluster_mode(cluster, store.clone(), io.clone(), caches.clone(), &instance_id).await?,
+        let (caches, mode) = match &config.cluster {
+            None => {
+                let caches = Arc::new(Caches::default());
+                (caches, embedded_mode(store.clone(), io.clone()))
+            }
+            Some(cluster) => {
+                let redis = Redis::connect(cluster.redis.clone()).await?;
+                let l2 = RedisSharedCache { redis: redis.clone(), prefix: cluster.prefix.clone() };
+                let caches = Arc::new(Caches::new(Arc::new(l2)));
+                let mode =
+                    cluster_mode(cluster, redis, store.clone(), io.clone(), caches.clone(), &instance_id).await?;
+                (caches, mode)
+            }
         };
         let svc = ChatService::new(
             Backends { store, sequencer: mode.sequencer, fanout: mode.fanout, history: mode.history, caches },

@@ -129,12 +129,8 @@ impl ChatService {
     }
 
     pub async fn user(&self, id: &str) -> ApiResult<User> {
-        if let Some(u) = self.caches.users.get(id).await {
-            return Ok(u);
-        }
-        let user = self.store.user(id).await?.ok_or_else(|| ApiError::NotFound("user not found".into()))?;
-        self.caches.users.insert(id.to_string(), user.clone()).await;
-        Ok(user)
+        let load = async { self.store.user(id).await?.ok_or_else(|| ApiError::NotFound("user not found".into())) };
+        self.caches.user(id, load).await
     }
 
     /// Evicts `what` here and on every other instance.
@@ -194,22 +190,16 @@ impl ChatService {
 
     /// The room for permission checks (cached: owner, visibility and existence).
     async fn room_meta(&self, room_id: &str) -> ApiResult<Room> {
-        if let Some(r) = self.caches.rooms.get(room_id).await {
-            return Ok(r);
-        }
-        let room = self.room_or_404(room_id).await?;
-        self.caches.rooms.insert(room_id.to_string(), room.clone()).await;
-        Ok(room)
+        self.caches.room(room_id, self.room_or_404(room_id)).await
     }
 
     async fn is_member(&self, room_id: &str, user_id: &str) -> ApiResult<bool> {
-        let key = (room_id.to_string(), user_id.to_string());
-        if self.caches.members.contains_key(&key) {
+        if self.caches.is_known_member(room_id, user_id).await {
             return Ok(true);
         }
         let member = self.store.is_member(room_id, user_id).await?;
         if member {
-            self.caches.members.insert(key, ()).await;
+            self.caches.remember_member(room_id, user_id).await;
         }
         Ok(member)
     }

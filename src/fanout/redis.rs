@@ -284,7 +284,7 @@ impl Receiver {
     async fn on_event(&self, ev: Event) {
         if ev.event == INVALIDATE {
             if let Ok(what) = serde_json::from_value::<Invalidation>(ev.data) {
-                self.caches.evict(&what).await;
+                self.caches.evict_local(&what).await;
             }
             return;
         }
