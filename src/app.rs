@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Tokens};
+use crate::breaker::Breakers;
 use crate::cache::{Caches, RedisSharedCache};
 use crate::cluster::{self, InstanceRecord};
 use crate::config::{AckLevelArg, ClusterConfig, Config, StoreUrl};
@@ -91,13 +92,13 @@ async fn open_store(url: &StoreUrl) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
-fn embedded_mode(store: Arc<dyn Store>, io: SocketIo) -> Mode {
+fn embedded_mode(store: Arc<dyn Store>, io: SocketIo, breakers: Arc<Breakers>) -> Mode {
     let fanout: Arc<dyn Fanout> = Arc::new(LocalFanout::new(io));
     Mode {
-        sequencer: Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone())),
+        sequencer: Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
         fanout,
         history: Arc::new(StoreHistory { store: store.clone() }),
-        ops: Arc::new(EmbeddedOps { store }),
+        ops: Arc::new(EmbeddedOps { store, breakers }),
         heartbeat: None,
     }
 }
@@ -108,13 +109,14 @@ async fn cluster_mode(
     store: Arc<dyn Store>,
     io: SocketIo,
     caches: Arc<Caches>,
+    breakers: Arc<Breakers>,
     instance_id: &str,
 ) -> anyhow::Result<Mode> {
     let keys = Keys::new(&c.prefix, c.shards);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let fanout =
         RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), caches, instance_id.to_string()).await?;
-    let sequencer = RedisSequencer::start(
+    let sequencer = RedisSequencer::start_with(
         redis.clone(),
         keys.clone(),
         store.clone(),
@@ -127,21 +129,25 @@ async fn cluster_mode(
             dedupe_ttl: c.dedupe_ttl,
             backlog_limit: c.backlog_limit,
         },
+        breakers.clone(),
     );
     let stats = Arc::new(SyncStats::default());
-    let worker = Arc::new(SyncWorker::new(
-        redis.dedicated().await?,
-        keys.clone(),
-        store.clone(),
-        instance_id.to_string(),
-        SyncConfig { claim_idle: c.claim_idle, ..SyncConfig::default() },
-    ));
+    let worker = Arc::new(
+        SyncWorker::new(
+            redis.dedicated().await?,
+            keys.clone(),
+            store.clone(),
+            instance_id.to_string(),
+            SyncConfig { claim_idle: c.claim_idle, ..SyncConfig::default() },
+        )
+        .with_breakers(breakers.clone()),
+    );
     tokio::spawn(worker.run(stats.clone()));
     Ok(Mode {
         sequencer: Arc::new(sequencer),
         fanout: fanout.clone(),
         history,
-        ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats }),
+        ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
     })
 }
@@ -166,17 +172,26 @@ impl Application {
         let instance_id = config.instance_id.clone().unwrap_or_else(|| default_instance_id(addr));
         let (sio_layer, io) = realtime::build_layer(&config);
 
+        let breakers = Arc::new(Breakers::default());
         let (caches, mode) = match &config.cluster {
             None => {
                 let caches = Arc::new(Caches::default());
-                (caches, embedded_mode(store.clone(), io.clone()))
+                (caches, embedded_mode(store.clone(), io.clone(), breakers.clone()))
             }
             Some(cluster) => {
                 let redis = Redis::connect(cluster.redis.clone()).await?;
                 let l2 = RedisSharedCache { redis: redis.clone(), prefix: cluster.prefix.clone() };
                 let caches = Arc::new(Caches::new(Arc::new(l2)));
-                let mode =
-                    cluster_mode(cluster, redis, store.clone(), io.clone(), caches.clone(), &instance_id).await?;
+                let mode = cluster_mode(
+                    cluster,
+                    redis,
+                    store.clone(),
+                    io.clone(),
+                    caches.clone(),
+                    breakers.clone(),
+                    &instance_id,
+                )
+                .await?;
                 (caches, mode)
             }
         };

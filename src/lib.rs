@@ -22,6 +22,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod breaker;
 pub mod cache;
 pub mod cluster;
 pub mod config;

@@ -16,6 +16,7 @@ pub const CONNECTIONS: &str = "chatmesh_connections";
 pub const HTTP_REQUESTS: &str = "chatmesh_http_requests_total";
 pub const DEPENDENCY_UP: &str = "chatmesh_dependency_up";
 pub const RATE_LIMITED: &str = "chatmesh_rate_limited_total";
+pub const CIRCUIT_OPEN: &str = "chatmesh_circuit_open";
 pub const SYNC_PENDING: &str = "chatmesh_sync_pending";
 pub const SYNC_LAG: &str = "chatmesh_sync_lag_seconds";
 pub const SYNC_ERRORS: &str = "chatmesh_sync_errors_total";
@@ -71,6 +72,7 @@ fn describe() {
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
     describe_gauge!(DEPENDENCY_UP, "1 when the dependency answered its last check");
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by kind");
+    describe_gauge!(CIRCUIT_OPEN, "1 while the circuit breaker of a dependency is open or half-open");
     describe_gauge!(SYNC_PENDING, "Write-back entries not yet in the durable store (cluster mode)");
     describe_gauge!(SYNC_LAG, Unit::Seconds, "Age of the oldest write-back entry not yet in the store");
     describe_counter!(SYNC_ERRORS, "Failed sync steps, by kind (store_down, batch_refused)");

@@ -6,6 +6,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
+use crate::breaker::{Breakers, CircuitBreaker, CircuitState};
 use crate::cluster::{self, InstanceRecord};
 use crate::fanout::redis::RedisFanout;
 use crate::metrics as m;
@@ -20,6 +21,24 @@ async fn timed<F: std::future::Future<Output = bool>>(f: F) -> (bool, f64) {
     (ok, started.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// The readiness check doubles as the breaker's probe: a dependency that answers closes its
+/// circuit even when no traffic comes (a not-ready instance gets none from the balancer).
+fn probe(b: &CircuitBreaker, ok: bool) {
+    if ok {
+        b.success();
+    } else if b.state() == CircuitState::Closed || b.allow() {
+        b.failure();
+    }
+}
+
+fn circuit_name(b: &CircuitBreaker) -> &'static str {
+    match b.state() {
+        CircuitState::Closed => "closed",
+        CircuitState::Open => "open",
+        CircuitState::HalfOpen => "half_open",
+    }
+}
+
 #[async_trait]
 pub trait Ops: Send + Sync + 'static {
     /// Whether this instance can take traffic (draining aside), and the per-dependency checks.
@@ -30,6 +49,7 @@ pub trait Ops: Send + Sync + 'static {
 
 pub struct EmbeddedOps {
     pub store: Arc<dyn Store>,
+    pub breakers: Arc<Breakers>,
 }
 
 #[async_trait]
@@ -37,7 +57,9 @@ impl Ops for EmbeddedOps {
     async fn readiness(&self) -> (bool, Value) {
         let (ok, latency_ms) = timed(async { self.store.ping().await.is_ok() }).await;
         metrics::gauge!(m::DEPENDENCY_UP, "dependency" => "store").set(if ok { 1.0 } else { 0.0 });
-        (ok, json!({"store": {"ok": ok, "latency_ms": latency_ms}}))
+        probe(&self.breakers.store, ok);
+        let circuit = circuit_name(&self.breakers.store);
+        (ok, json!({"store": {"ok": ok, "latency_ms": latency_ms, "circuit": circuit}}))
     }
 
     async fn cluster(&self, me: InstanceRecord) -> Value {
@@ -51,6 +73,7 @@ pub struct ClusterOps {
     pub keys: Keys,
     pub fanout: Arc<RedisFanout>,
     pub sync: Arc<SyncStats>,
+    pub breakers: Arc<Breakers>,
 }
 
 #[async_trait]
@@ -65,16 +88,18 @@ impl Ops for ClusterOps {
         })
         .await;
         let fanout_ok = self.fanout.fanout_ok();
+        probe(&self.breakers.redis, redis_ok);
+        probe(&self.breakers.store, store_ok);
         for (dep, ok) in [("store", store_ok), ("redis", redis_ok), ("fanout", fanout_ok)] {
             metrics::gauge!(m::DEPENDENCY_UP, "dependency" => dep).set(if ok { 1.0 } else { 0.0 });
         }
         let sync_fresh = crate::domain::Timestamp::now().0 - self.sync.refreshed_ms() < 5_000;
         let checks = json!({
-            "store": {"ok": store_ok, "latency_ms": store_ms},
-            "redis": {"ok": redis_ok, "latency_ms": redis_ms, "fanout": fanout_ok},
+            "store": {"ok": store_ok, "latency_ms": store_ms, "circuit": circuit_name(&self.breakers.store)},
+            "redis": {"ok": redis_ok, "latency_ms": redis_ms, "fanout": fanout_ok, "circuit": circuit_name(&self.breakers.redis)},
             "sync": {"ok": sync_fresh, "latency_ms": 0.0, "lag_ms": self.sync.lag_ms(), "pending": self.sync.pending()},
         });
-        (redis_ok && fanout_ok, checks)
+        (redis_ok && fanout_ok && !self.breakers.redis.is_open(), checks)
     }
 
     async fn cluster(&self, me: InstanceRecord) -> Value {

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Receipt, SendOutcome, Sequencer};
+use crate::breaker::Breakers;
 use crate::error::ApiError;
 use crate::fanout::Fanout;
 use crate::metrics as m;
@@ -27,22 +28,37 @@ pub struct GroupCommitSequencer {
 }
 
 impl GroupCommitSequencer {
-    pub fn start(store: Arc<dyn Store>, fanout: Arc<dyn Fanout>) -> Self {
+    pub fn start(store: Arc<dyn Store>, fanout: Arc<dyn Fanout>, breakers: Arc<Breakers>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(commit_loop(rx, store, fanout));
+        tokio::spawn(commit_loop(rx, store, fanout, breakers));
         Self { queue: tx }
     }
 }
 
-async fn commit_loop(mut rx: mpsc::Receiver<(SendRequest, Reply)>, store: Arc<dyn Store>, fanout: Arc<dyn Fanout>) {
+async fn commit_loop(
+    mut rx: mpsc::Receiver<(SendRequest, Reply)>,
+    store: Arc<dyn Store>,
+    fanout: Arc<dyn Fanout>,
+    breakers: Arc<Breakers>,
+) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     // recv_many returns whatever is queued (at least one): under load batches grow by themselves,
     // at low load a send commits alone without waiting for company.
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (reqs, replies): (Vec<SendRequest>, Vec<Reply>) = jobs.drain(..).unzip();
         metrics::histogram!(m::COMMIT_BATCH_SIZE).record(reqs.len() as f64);
+        if !breakers.store.allow() {
+            for reply in replies {
+                let _ = reply.send(Err(StoreError::Unavailable("the store is failing (circuit open)".into())));
+            }
+            continue;
+        }
         let started = Instant::now();
         let result = store.append_messages(&reqs).await;
+        match &result {
+            Ok(_) => breakers.store.success(),
+            Err(_) => breakers.store.failure(),
+        }
         metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         match result {
             Ok(outcomes) => {

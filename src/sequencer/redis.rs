@@ -11,6 +11,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Receipt, SendOutcome, Sequencer};
+use crate::breaker::Breakers;
 use crate::domain::Message;
 use crate::error::ApiError;
 use crate::redis_io::{Keys, Redis, SEND_SCRIPT, is_failover_error};
@@ -47,14 +48,26 @@ pub struct RedisSequencer {
 
 impl RedisSequencer {
     pub fn start(redis: Redis, keys: Keys, store: Arc<dyn Store>, config: RedisSequencerConfig) -> Self {
+        Self::start_with(redis, keys, store, config, Arc::new(Breakers::default()))
+    }
+
+    /// As `start`, failing fast while `breakers.redis` is open.
+    pub fn start_with(
+        redis: Redis,
+        keys: Keys,
+        store: Arc<dyn Store>,
+        config: RedisSequencerConfig,
+        breakers: Arc<Breakers>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let worker = Worker { redis, keys, store, config, script: redis::Script::new(SEND_SCRIPT) };
+        let worker = Worker { redis, keys, store, config, breakers, script: redis::Script::new(SEND_SCRIPT) };
         tokio::spawn(worker.run(rx));
         Self { queue: tx }
     }
 }
 
 struct Worker {
+    breakers: Arc<Breakers>,
     redis: Redis,
     keys: Keys,
     store: Arc<dyn Store>,
@@ -226,9 +239,13 @@ impl Worker {
             if self.config.ack_level == AckLevel::Replica {
                 pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);
             }
+            if !self.breakers.redis.allow() {
+                return Err(ApiError::Unavailable("Redis is failing (circuit open); retry".into()));
+            }
             let mut conn = self.redis.conn().await;
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
                 Ok(mut values) => {
+                    self.breakers.redis.success();
                     if self.config.ack_level == AckLevel::Replica {
                         let replicas = match values.pop() {
                             Some(Value::Int(n)) => n,
@@ -249,7 +266,10 @@ impl Worker {
                         return Err(unavailable(&self.redis, e).await);
                     }
                 }
-                Err(e) => return Err(unavailable(&self.redis, e).await),
+                Err(e) => {
+                    self.breakers.redis.failure();
+                    return Err(unavailable(&self.redis, e).await);
+                }
             }
         }
     }

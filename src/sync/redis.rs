@@ -14,6 +14,7 @@ use redis::Value;
 use redis::streams::StreamReadReply;
 
 use super::SyncStats;
+use crate::breaker::Breakers;
 use crate::domain::{Message, Timestamp};
 use crate::metrics as m;
 use crate::redis_io::{Keys, Redis};
@@ -63,6 +64,7 @@ pub struct SyncWorker {
     consumer: String,
     config: SyncConfig,
     failures: tokio::sync::Mutex<HashMap<String, u32>>,
+    breakers: Arc<Breakers>,
 }
 
 fn redis_err(e: redis::RedisError) -> String {
@@ -71,7 +73,21 @@ fn redis_err(e: redis::RedisError) -> String {
 
 impl SyncWorker {
     pub fn new(redis: Redis, keys: Keys, store: Arc<dyn Store>, consumer: String, config: SyncConfig) -> Self {
-        Self { redis, keys, store, consumer, config, failures: Default::default() }
+        Self {
+            redis,
+            keys,
+            store,
+            consumer,
+            config,
+            failures: Default::default(),
+            breakers: Arc::new(Breakers::default()),
+        }
+    }
+
+    /// Shares the instance's breakers (the store circuit gates every batch).
+    pub fn with_breakers(mut self, breakers: Arc<Breakers>) -> Self {
+        self.breakers = breakers;
+        self
     }
 
     /// Creates the consumer group on every shard stream (idempotent).
@@ -143,9 +159,13 @@ impl SyncWorker {
         dead.extend(bad);
         let mut stored = Vec::new();
         match self.store.upsert_messages(&messages).await {
-            Ok(()) => stored = good,
+            Ok(()) => {
+                self.breakers.store.success();
+                stored = good;
+            }
             Err(e) => {
                 if self.store.ping().await.is_err() {
+                    self.breakers.store.failure();
                     // The store is down: everything waits in Redis, nothing counts as a failure.
                     metrics::counter!(m::SYNC_ERRORS, "kind" => "store_down").increment(1);
                     return SyncOutcome::Failed(e.to_string());
@@ -275,6 +295,17 @@ impl SyncWorker {
 
     /// One step: read a batch (blocking up to `block`) and commit it.
     pub async fn run_once(&self, block: Duration) -> SyncOutcome {
+        if self.breakers.store.is_open() {
+            // Entries wait in Redis; after the cooldown one ping finds out whether the store is back.
+            if !self.breakers.store.allow() {
+                return SyncOutcome::Failed("store circuit open".into());
+            }
+            if let Err(e) = self.store.ping().await {
+                self.breakers.store.failure();
+                return SyncOutcome::Failed(e.to_string());
+            }
+            self.breakers.store.success();
+        }
         match self.read_batch(block).await {
             Ok(entries) => self.commit_batch(entries).await,
             Err(e) => SyncOutcome::Failed(e),

@@ -108,10 +108,28 @@ async fn readiness_follows_the_fanout_path() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let red_after = started.elapsed();
+    // Repeated failures open the Redis circuit, exported as a metric and in the checks.
+    wait_metric(&app, r#"chatmesh_circuit_open{dependency="redis"} 1"#).await;
+    let r = app.call(Method::GET, "/health/ready", None, None).await;
+    assert_ne!(r.body["checks"]["redis"]["circuit"], "closed", "{}", r.body);
     tokio::task::block_in_place(|| redis.restart());
     let back = wait_ready(&app, Duration::from_secs(30)).await;
+    wait_metric(&app, r#"chatmesh_circuit_open{dependency="redis"} 0"#).await;
     let (_, token) = app.register("after").await;
     let room = app.create_room(&token, "after", "public").await;
     assert_eq!(app.send(&token, &room, "a1", "works again").await.status, StatusCode::CREATED);
     eprintln!("readiness: red {red_after:?} after Redis died, ready {back:?} after it came back");
+}
+
+async fn wait_metric(app: &TestApp, line: &str) {
+    let started = Instant::now();
+    loop {
+        let _ = app.call(Method::GET, "/health/ready", None, None).await;
+        let text = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l.trim() == line) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "metric line {line:?} never appeared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
