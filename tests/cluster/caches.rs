@@ -3,33 +3,16 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::TestDb;
-use crate::helpers::{Spawn, TestApp, spawn_with};
 use crate::support::procs::RedisServer;
-
-const SECRET: &str = "cluster-test-secret-0123456789abcdef";
-
-async fn instance(redis: &RedisServer, db: &TestDb, id: &str) -> TestApp {
-    spawn_with(Spawn {
-        env: vec![
-            ("CHATMESH_REDIS_URL", redis.url()),
-            ("CHATMESH_STORE_URL", db.url()),
-            ("CHATMESH_JWT_SECRET", SECRET.into()),
-            ("CHATMESH_CLUSTER_SECRET", SECRET.into()),
-            ("CHATMESH_INSTANCE_ID", id.into()),
-        ],
-        ..Default::default()
-    })
-    .await
-}
+use crate::{TestDb, cluster_instance};
 
 /// Changes on one instance evict the other instances' caches within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_on_one_instance_are_seen_on_another_within_a_second() {
     let redis = RedisServer::start();
     let db = TestDb::create();
-    let n1 = instance(&redis, &db, "c1").await;
-    let n2 = instance(&redis, &db, "c2").await;
+    let n1 = cluster_instance(redis.url(), db.url(), "c1", vec![]).await;
+    let n2 = cluster_instance(redis.url(), db.url(), "c2", vec![]).await;
     let (alice_id, alice) = n1.register("alice").await;
     let (_, bob) = n1.register("bob").await;
     let room = n1.create_room(&alice, "cached", "public").await;

@@ -2,23 +2,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 
-use crate::TestDb;
-use crate::helpers::{Spawn, TestApp, spawn_with};
+use crate::helpers::TestApp;
 use crate::support::procs::{RedisReplicaSet, ReplicaSetOptions};
-
-const SECRET: &str = "cluster-test-secret-0123456789abcdef";
-
-async fn instance(redis_url: String, db: &TestDb, id: &str, extra: Vec<(&'static str, String)>) -> TestApp {
-    let mut env = vec![
-        ("CHATMESH_REDIS_URL", redis_url),
-        ("CHATMESH_STORE_URL", db.url()),
-        ("CHATMESH_JWT_SECRET", SECRET.into()),
-        ("CHATMESH_CLUSTER_SECRET", SECRET.into()),
-        ("CHATMESH_INSTANCE_ID", id.into()),
-    ];
-    env.extend(extra);
-    spawn_with(Spawn { env, ..Default::default() }).await
-}
+use crate::{TestDb, cluster_instance};
 
 async fn wait_ready(app: &TestApp, within: Duration) -> Duration {
     let started = Instant::now();
@@ -38,7 +24,8 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
     let mut set =
         tokio::task::spawn_blocking(|| RedisReplicaSet::start_with(ReplicaSetOptions::default())).await.unwrap();
     let db = TestDb::create();
-    let app = instance(set.sentinel_url(), &db, "f1", vec![("CHATMESH_ACK_LEVEL", "replica".into())]).await;
+    let app =
+        cluster_instance(set.sentinel_url(), db.url(), "f1", vec![("CHATMESH_ACK_LEVEL", "replica".into())]).await;
     wait_ready(&app, Duration::from_secs(20)).await;
     let (_, token) = app.register("failover").await;
     let room = app.create_room(&token, "failover", "public").await;
@@ -94,7 +81,7 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
 async fn readiness_follows_the_fanout_path() {
     let mut redis = crate::support::procs::RedisServer::start();
     let db = TestDb::create();
-    let app = instance(redis.url(), &db, "r1", vec![]).await;
+    let app = cluster_instance(redis.url(), db.url(), "r1", vec![]).await;
     wait_ready(&app, Duration::from_secs(20)).await;
     tokio::task::block_in_place(|| redis.kill());
     let started = Instant::now();

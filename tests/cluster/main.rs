@@ -25,6 +25,26 @@ use chatmesh::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig}
 use chatmesh::store::postgres::PostgresStore;
 use chatmesh::store::{NewRoom, NewUser, SendRequest, Store};
 
+const SECRET: &str = "cluster-test-secret-0123456789abcdef";
+
+/// Spawns one cluster-mode instance of the real binary on `redis_url` and `store_url`.
+pub async fn cluster_instance(
+    redis_url: String,
+    store_url: String,
+    id: &str,
+    extra: Vec<(&'static str, String)>,
+) -> helpers::TestApp {
+    let mut env = vec![
+        ("CHATMESH_REDIS_URL", redis_url),
+        ("CHATMESH_STORE_URL", store_url),
+        ("CHATMESH_JWT_SECRET", SECRET.into()),
+        ("CHATMESH_CLUSTER_SECRET", SECRET.into()),
+        ("CHATMESH_INSTANCE_ID", id.into()),
+    ];
+    env.extend(extra);
+    helpers::spawn_with(helpers::Spawn { env, ..Default::default() }).await
+}
+
 /// A database of its own on the machine's PostgreSQL, dropped at the end.
 pub struct TestDb {
     pub name: String,

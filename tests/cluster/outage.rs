@@ -6,25 +6,9 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::helpers::{Spawn, TestApp, spawn_with};
+use crate::cluster_instance;
+use crate::helpers::TestApp;
 use crate::support::procs::{PgServer, RedisServer};
-
-const SECRET: &str = "cluster-test-secret-0123456789abcdef";
-
-async fn instance(redis: &RedisServer, store_url: &str, id: &str, prefix: &str) -> TestApp {
-    spawn_with(Spawn {
-        env: vec![
-            ("CHATMESH_REDIS_URL", redis.url()),
-            ("CHATMESH_STORE_URL", store_url.to_string()),
-            ("CHATMESH_JWT_SECRET", SECRET.into()),
-            ("CHATMESH_CLUSTER_SECRET", SECRET.into()),
-            ("CHATMESH_INSTANCE_ID", id.into()),
-            ("CHATMESH_REDIS_PREFIX", prefix.into()),
-        ],
-        ..Default::default()
-    })
-    .await
-}
 
 async fn ready(app: &TestApp) -> Value {
     app.call(Method::GET, "/health/ready", None, None).await.body
@@ -39,8 +23,10 @@ async fn store_outage_keeps_accepting_and_drains_exactly_once_in_order() {
     pg.create_database("chatmesh");
     let store_url = pg.url("chatmesh");
     let prefix = format!("o{}", ulid::Ulid::generate());
-    let apps =
-        vec![instance(&redis, &store_url, "n1", &prefix).await, instance(&redis, &store_url, "n2", &prefix).await];
+    let apps = vec![
+        cluster_instance(redis.url(), store_url.clone(), "n1", vec![("CHATMESH_REDIS_PREFIX", prefix.clone())]).await,
+        cluster_instance(redis.url(), store_url.clone(), "n2", vec![("CHATMESH_REDIS_PREFIX", prefix.clone())]).await,
+    ];
     for app in &apps {
         for _ in 0..100 {
             if app.call(Method::GET, "/health/ready", None, None).await.status == StatusCode::OK {
