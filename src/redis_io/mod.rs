@@ -80,6 +80,12 @@ fn manager_config() -> ConnectionManagerConfig {
 pub struct Redis {
     url: RedisUrl,
     conn: Arc<RwLock<ConnectionManager>>,
+    /// Address of the primary `conn` talks to.
+    primary: Arc<std::sync::Mutex<String>>,
+}
+
+fn addr_of(client: &Client) -> String {
+    client.get_connection_info().addr().to_string()
 }
 
 impl Redis {
@@ -89,7 +95,21 @@ impl Redis {
             tokio::time::timeout(Duration::from_secs(10), client.get_connection_manager_with_config(manager_config()))
                 .await
                 .context("connecting to Redis timed out")??;
-        Ok(Self { url, conn: Arc::new(RwLock::new(conn)) })
+        let redis =
+            Self { url, conn: Arc::new(RwLock::new(conn)), primary: Arc::new(std::sync::Mutex::new(addr_of(&client))) };
+        if matches!(redis.url, RedisUrl::Sentinel { .. }) {
+            // A demoted primary can keep answering reads (and refuse writes) for a long while:
+            // follow the Sentinels' word instead of waiting for errors.
+            let watcher = redis.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    watcher.follow_primary(false).await;
+                }
+            });
+        }
+        Ok(redis)
     }
 
     /// Another handle with its own connection, for blocking commands (XREADGROUP BLOCK) that
@@ -106,14 +126,22 @@ impl Redis {
     /// After an error that may mean the primary moved (connection refused, READONLY): ask the
     /// Sentinels again and swap the connection. A no-op for a direct URL (the manager reconnects).
     pub async fn reresolve(&self) {
+        self.follow_primary(true).await;
+    }
+
+    /// Asks the Sentinels where the primary is and reconnects there when it moved (or always,
+    /// with `force`).
+    async fn follow_primary(&self, force: bool) {
         if !matches!(self.url, RedisUrl::Sentinel { .. }) {
             return;
         }
         match primary_client(&self.url, false).await {
+            Ok(client) if !force && addr_of(&client) == *self.primary.lock().unwrap_or_else(|p| p.into_inner()) => {}
             Ok(client) => match client.get_connection_manager_with_config(manager_config()).await {
                 Ok(conn) => {
                     *self.conn.write().await = conn;
-                    tracing::info!("redis: reconnected to the primary named by the sentinels");
+                    *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = addr_of(&client);
+                    tracing::info!(primary = %addr_of(&client), "redis: connected to the primary named by the sentinels");
                 }
                 Err(e) => tracing::warn!(error = %e, "redis: new primary not reachable yet"),
             },
@@ -139,7 +167,12 @@ impl Redis {
 
 /// Whether an error suggests the primary is elsewhere now.
 pub fn is_failover_error(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() || e.code() == Some("READONLY")
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.code() == Some("READONLY")
+        // `WAIT` on a node that was just demoted.
+        || e.to_string().contains("replica instances")
 }
 
 pub fn check_url(url: &str) -> anyhow::Result<RedisUrl> {
