@@ -32,6 +32,8 @@ if [ "$want_test" = 1 ]; then
   need chromium || apt_install chromium
   # Cluster tests start their own Redis servers, Sentinels and Redis Clusters.
   need redis-server && need redis-cli || apt_install redis-server redis-tools
+  # The deployment test runs scripts/local-cluster.sh: HAProxy in front of the instances.
+  need haproxy || apt_install haproxy
   # The store contract suite runs against a real PostgreSQL (one database per test).
   need pg_isready || apt_install postgresql
   if ! pg_isready -h 127.0.0.1 -q; then
