@@ -47,10 +47,52 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// Parsed once at start: the size of the `Serve` variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the API, Socket.IO and the web page (the default).
     Serve(ServeArgs),
+    /// Write a consistent export of the store (JSON Lines) to a file or stdout.
+    Backup(BackupArgs),
+    /// Load a backup into a store (any backend), idempotently.
+    Restore(RestoreArgs),
+}
+
+/// `chatmesh backup`: the store to read and where the backup goes. The format is described in
+/// [`crate::backup`].
+#[derive(Args, Debug, Clone)]
+pub struct BackupArgs {
+    /// Backup file to write (`-` for stdout), mode 0600 (it holds password hashes). An existing
+    /// file is replaced only once the backup is complete.
+    #[arg(long, value_name = "FILE")]
+    pub out: String,
+    /// Store to back up: sqlite://PATH, postgres://... or mongodb://...
+    #[arg(
+        long,
+        env = "CHATMESH_STORE_URL",
+        value_name = "CHATMESH_STORE_URL",
+        default_value = "sqlite://./data/chatmesh.db",
+        hide_env_values = true
+    )]
+    pub store_url: String,
+}
+
+/// `chatmesh restore`: the backup to read and the store to load it into.
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Backup file to read (`-` for stdin).
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: String,
+    /// Store to load into: sqlite://PATH (created if missing), postgres://... or mongodb://...
+    #[arg(
+        long,
+        env = "CHATMESH_STORE_URL",
+        value_name = "CHATMESH_STORE_URL",
+        default_value = "sqlite://./data/chatmesh.db",
+        hide_env_values = true
+    )]
+    pub store_url: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -18,10 +18,12 @@
 //! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
 //! - [`auth`], [`ratelimit`], [`metrics`], [`telemetry`]: cross-cutting pieces.
 //! - [`app`]: `Application::build` wires one mode and `run_until_stopped` serves it.
+//! - [`backup`]: `chatmesh backup` / `chatmesh restore` (streamed JSON Lines, any backend).
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod breaker;
 pub mod cache;
 pub mod cluster;

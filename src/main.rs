@@ -1,15 +1,48 @@
-//! The `chatmesh` binary: parse settings once, start logging, run the server.
+//! The `chatmesh` binary: parse settings once, start logging, run the server (or the `backup` /
+//! `restore` tool).
+//!
+//! Exit codes: 0 done, 2 bad arguments or settings, 1 anything else that failed; the reason is one
+//! line on stderr, `chatmesh: ...`.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use chatmesh::app::Application;
-use chatmesh::config::{Cli, Command, Config, ServeArgs, check_unknown_env};
+use chatmesh::config::{Cli, Command, Config, ServeArgs, StoreUrl, check_unknown_env};
 use clap::{Args, FromArgMatches, Parser};
 
+/// Bad arguments or settings: exit 2.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("chatmesh: {msg}");
     ExitCode::from(2)
+}
+
+/// A tool that ran and failed: exit 1, with the error chain on one line.
+fn failed(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("chatmesh: {}", msg.to_string().replace(['\n', '\r'], " "));
+    ExitCode::from(1)
+}
+
+/// Runs `backup` or `restore` against the store `store_url` names; logs go to stderr.
+fn run_tool<F, Fut>(name: &str, store_url: &str, tool: F) -> ExitCode
+where
+    F: FnOnce(StoreUrl) -> Fut,
+    Fut: Future<Output = anyhow::Result<chatmesh::backup::Counts>>,
+{
+    let url = match StoreUrl::parse(store_url) {
+        Ok(u) => u,
+        Err(reason) => return fail(format!("invalid setting CHATMESH_STORE_URL: {reason}")),
+    };
+    chatmesh::backup::init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return failed(format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(tool(url)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => failed(format!("{name} failed: {e:#}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -26,6 +59,14 @@ fn main() -> ExitCode {
     };
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Backup(args)) => {
+            let url = args.store_url.clone();
+            return run_tool("backup", &url, |u| chatmesh::backup::backup(args, u));
+        }
+        Some(Command::Restore(args)) => {
+            let url = args.store_url.clone();
+            return run_tool("restore", &url, |u| chatmesh::backup::restore(args, u));
+        }
         // No subcommand: `serve` with settings from the environment only.
         None => match ServeArgs::augment_args(clap::Command::new("chatmesh"))
             .try_get_matches_from(["chatmesh"])
@@ -56,6 +97,13 @@ fn main() -> ExitCode {
     })
 }
 
+/// The first line of a clap error; when it ends with `:` (e.g. "the following required arguments
+/// were not provided:") the next line, which names them, is joined to it.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).trim_start_matches("error: ").to_string()
+    let mut lines = s.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or(s).trim_start_matches("error: ");
+    match lines.next() {
+        Some(next) if first.ends_with(':') => format!("{first} {next}"),
+        _ => first.to_string(),
+    }
 }

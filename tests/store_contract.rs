@@ -432,6 +432,258 @@ pub async fn paging(s: Arc<dyn Store>) {
     s.ping().await.unwrap();
 }
 
+/// Pages through one kind of an export with `limit`, asserting every page respects it and that a
+/// short page is the last; returns every row, in order.
+macro_rules! drain_pages {
+    ($snap:expr, $method:ident, $limit:expr, $key:expr) => {{
+        let limit: u32 = $limit;
+        let mut rows = Vec::new();
+        let mut after = None;
+        loop {
+            let cursor = after.as_ref().map($key);
+            let page = $snap.$method(cursor, limit).await.unwrap();
+            assert!(page.len() <= limit as usize, "{} page of {} rows, limit {limit}", stringify!($method), page.len());
+            let full = page.len() == limit as usize;
+            if let Some(last) = page.last() {
+                after = Some(last.clone());
+            }
+            rows.extend(page);
+            if !full {
+                break;
+            }
+        }
+        rows
+    }};
+}
+
+/// Cursors of each kind, from the last row of a page.
+fn user_key(r: &UserRecord) -> &str {
+    &r.user.id
+}
+fn room_key(r: &chatmesh::domain::Room) -> &str {
+    &r.id
+}
+fn membership_key(m: &Membership) -> (&str, &str) {
+    (&m.room_id, &m.user_id)
+}
+fn message_key(m: &Message) -> (&str, i64) {
+    (&m.room_id, m.seq)
+}
+
+/// Users, rooms (one private), memberships and messages spread over rooms; returns
+/// (user ids, room ids, memberships) in key order.
+async fn populate(s: &dyn Store) -> (Vec<String>, Vec<String>, Vec<(String, String)>) {
+    let mut users = Vec::new();
+    for n in 1..=7 {
+        users.push(user(s, n).await);
+    }
+    let rooms = vec![
+        room(s, 1, &users[0], Visibility::Public).await,
+        room(s, 2, &users[1], Visibility::Private).await,
+        room(s, 3, &users[0], Visibility::Public).await,
+    ];
+    let mut members = vec![(rooms[0].clone(), users[0].clone()), (rooms[1].clone(), users[1].clone())];
+    members.push((rooms[2].clone(), users[0].clone()));
+    for (i, u) in users.iter().enumerate().skip(2) {
+        let r = &rooms[i % 3];
+        assert!(s.add_member(r, u, Timestamp(3_000 + i as i64)).await.unwrap());
+        members.push((r.clone(), u.clone()));
+    }
+    members.sort();
+    // 12, 8 and 5 messages, interleaved over rooms in one batch and across batches.
+    for (r, n) in [(0, 12), (1, 8), (2, 5)] {
+        let batch: Vec<_> = (0..n).map(|i| req(&rooms[r], &users[r], &format!("c{r}-{i}"), &format!("m{i}"))).collect();
+        for chunk in batch.chunks(3) {
+            s.append_messages(chunk).await.unwrap();
+        }
+    }
+    (users, rooms, members)
+}
+
+pub async fn export_pages_respect_limit_and_resume(s: Arc<dyn Store>) {
+    let (users, rooms, members) = populate(&*s).await;
+    let mut expected_messages = Vec::new();
+    let mut sorted_rooms = rooms.clone();
+    sorted_rooms.sort();
+    for r in &sorted_rooms {
+        expected_messages.extend(s.messages_after(r, 0, 100).await.unwrap());
+    }
+    assert_eq!(expected_messages.len(), 25);
+
+    let mut snap = s.export().await.unwrap();
+    for limit in [1, 2, 3, 7, 1000] {
+        let got_users = drain_pages!(snap, users_page, limit, user_key);
+        assert_eq!(got_users.iter().map(|r| r.user.id.clone()).collect::<Vec<_>>(), users, "limit {limit}");
+        for r in &got_users {
+            assert_eq!(r.user, s.user(&r.user.id).await.unwrap().unwrap());
+            assert_eq!(r.password_hash, "$argon2id$fake");
+        }
+        let got_rooms = drain_pages!(snap, rooms_page, limit, room_key);
+        assert_eq!(got_rooms.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), sorted_rooms, "limit {limit}");
+        for r in &got_rooms {
+            assert_eq!(*r, s.room(&r.id).await.unwrap().unwrap(), "rooms carry head_seq and member_count");
+        }
+        let got_members = drain_pages!(snap, memberships_page, limit, membership_key);
+        assert_eq!(
+            got_members.iter().map(|m| (m.room_id.clone(), m.user_id.clone())).collect::<Vec<_>>(),
+            members,
+            "limit {limit}"
+        );
+        let got_messages = drain_pages!(snap, messages_page, limit, message_key);
+        assert_eq!(got_messages, expected_messages, "limit {limit}");
+    }
+    // joined_at is exported as stored: the owners joined when their room was created.
+    let page = snap.memberships_page(None, 1000).await.unwrap();
+    let owner = page.iter().find(|m| m.room_id == rooms[1] && m.user_id == users[1]).unwrap();
+    assert_eq!(owner.joined_at, Timestamp(2_002));
+
+    // Resuming from any cursor gives exactly the rows after it.
+    assert_eq!(
+        snap.users_page(Some(&users[2]), 2).await.unwrap().into_iter().map(|r| r.user.id).collect::<Vec<_>>(),
+        users[3..5].to_vec()
+    );
+    assert!(snap.users_page(Some(&users[6]), 10).await.unwrap().is_empty());
+    let (r, seq) = (&expected_messages[10].room_id, expected_messages[10].seq);
+    assert_eq!(snap.messages_page(Some((r, seq)), 4).await.unwrap(), expected_messages[11..15].to_vec());
+    let last = expected_messages.last().unwrap();
+    assert!(snap.messages_page(Some((&last.room_id, last.seq)), 4).await.unwrap().is_empty());
+    let (mr, mu) = (&members[3].0, &members[3].1);
+    assert_eq!(snap.memberships_page(Some((mr, mu)), 100).await.unwrap().len(), members.len() - 4);
+    assert_eq!(snap.rooms_page(Some(&sorted_rooms[0]), 1).await.unwrap()[0].id, sorted_rooms[1]);
+    assert!(snap.users_page(None, 0).await.unwrap().is_empty(), "limit 0 is an empty page");
+    assert!(snap.messages_page(None, 0).await.unwrap().is_empty());
+}
+
+pub async fn export_is_a_snapshot(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let batch: Vec<_> = (1..=3).map(|i| req(&r, &a, &format!("c{i}"), "x")).collect();
+    s.append_messages(&batch).await.unwrap();
+    let before = s.room(&r).await.unwrap().unwrap();
+
+    let mut snap = s.export().await.unwrap();
+    // Writes after the export started, committed before its pages are read.
+    let b = user(&*s, 2).await;
+    assert!(s.add_member(&r, &b, Timestamp(5_000)).await.unwrap());
+    s.append_messages(&[req(&r, &b, "late", "y")]).await.unwrap();
+    room(&*s, 2, &b, Visibility::Public).await;
+    if snap.consistency() != ExportConsistency::Snapshot {
+        eprintln!("this backend exports best effort (no snapshot): snapshot assertions skipped");
+        return;
+    }
+    let users = snap.users_page(None, 100).await.unwrap();
+    assert_eq!(users.iter().map(|u| u.user.id.as_str()).collect::<Vec<_>>(), vec![a.as_str()]);
+    assert_eq!(snap.rooms_page(None, 100).await.unwrap(), vec![before.clone()], "head_seq and member_count as of then");
+    assert_eq!(snap.memberships_page(None, 100).await.unwrap().len(), 1);
+    let msgs = snap.messages_page(None, 100).await.unwrap();
+    assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    drop(snap);
+    // A new export sees them.
+    let mut snap = s.export().await.unwrap();
+    assert_eq!(snap.users_page(None, 100).await.unwrap().len(), 2);
+    assert_eq!(snap.messages_page(None, 100).await.unwrap().len(), 4);
+}
+
+pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
+    let rec = |n: usize| UserRecord {
+        user: chatmesh::domain::User {
+            id: id("u", n),
+            username: format!("user_{n}"),
+            display_name: format!("User {n}"),
+            status_text: format!("status {n}"),
+            avatar_url: format!("https://example.com/{n}.png"),
+            created_at: Timestamp(1_000 + n as i64),
+            updated_at: Timestamp(9_000 + n as i64),
+        },
+        password_hash: format!("$argon2id$hash{n}"),
+    };
+    let users = vec![rec(1), rec(2), rec(3)];
+    s.import_users(&users).await.unwrap();
+    s.import_users(&users).await.unwrap();
+    for u in &users {
+        assert_eq!(s.user(&u.user.id).await.unwrap().unwrap(), u.user);
+        let (cu, hash) = s.credentials(&u.user.username).await.unwrap().unwrap();
+        assert_eq!((cu, hash), (u.user.clone(), u.password_hash.clone()));
+    }
+    // A stored id is kept as it is; a username held by another id is refused.
+    let mut changed = rec(1);
+    changed.user.display_name = "Someone else".into();
+    s.import_users(&[changed]).await.unwrap();
+    assert_eq!(s.user(&id("u", 1)).await.unwrap().unwrap(), users[0].user);
+    let mut thief = rec(4);
+    thief.user.username = "user_2".into();
+    assert_eq!(s.import_users(&[thief]).await.unwrap_err(), StoreError::UsernameTaken);
+    assert!(s.user(&id("u", 4)).await.unwrap().is_none());
+
+    let room_rec = |n: usize, owner: usize, head: i64, count: i64| chatmesh::domain::Room {
+        id: id("r", n),
+        name: format!("room {n}"),
+        topic: format!("topic {n}"),
+        visibility: if n.is_multiple_of(2) { Visibility::Private } else { Visibility::Public },
+        owner_id: id("u", owner),
+        home_region: "eu".into(),
+        head_seq: head,
+        member_count: count,
+        created_at: Timestamp(2_000 + n as i64),
+        updated_at: Timestamp(8_000 + n as i64),
+    };
+    let rooms = vec![room_rec(1, 1, 3, 2), room_rec(2, 2, 0, 1)];
+    s.import_rooms(&rooms).await.unwrap();
+    s.import_rooms(&rooms).await.unwrap();
+    for r in &rooms {
+        assert_eq!(s.room(&r.id).await.unwrap().unwrap(), *r, "stored exactly, counters included");
+    }
+    assert!(s.members(&rooms[0].id).await.unwrap().is_empty(), "rooms come without memberships");
+    // head_seq is raised, never lowered; nothing else of a stored room changes.
+    s.import_rooms(&[room_rec(1, 1, 1, 2)]).await.unwrap();
+    assert_eq!(s.head_seq(&rooms[0].id).await.unwrap(), Some(3));
+    s.import_rooms(&[room_rec(2, 2, 6, 9)]).await.unwrap();
+    assert_eq!(s.room(&rooms[1].id).await.unwrap().unwrap(), room_rec(2, 2, 6, 1));
+    assert!(matches!(s.import_rooms(&[room_rec(3, 99, 0, 1)]).await.unwrap_err(), StoreError::NotFound(_)));
+    assert!(s.room(&id("r", 3)).await.unwrap().is_none());
+
+    let m =
+        |r: usize, u: usize, at: i64| Membership { room_id: id("r", r), user_id: id("u", u), joined_at: Timestamp(at) };
+    let members = vec![m(1, 1, 2_001), m(1, 3, 2_500), m(2, 2, 2_002)];
+    s.import_memberships(&members).await.unwrap();
+    s.import_memberships(&members).await.unwrap();
+    let in_r1: Vec<_> = s.members(&id("r", 1)).await.unwrap().into_iter().map(|u| u.id).collect();
+    assert_eq!(in_r1, vec![id("u", 1), id("u", 3)], "in joined_at order");
+    assert_eq!(s.room(&id("r", 1)).await.unwrap().unwrap().member_count, 2);
+    assert_eq!(s.room(&id("r", 2)).await.unwrap().unwrap().member_count, 1);
+    // member_count follows the stored memberships, whatever the file said.
+    s.import_memberships(&[m(2, 3, 2_600)]).await.unwrap();
+    assert_eq!(s.room(&id("r", 2)).await.unwrap().unwrap().member_count, 2);
+    assert!(s.is_member(&id("r", 2), &id("u", 3)).await.unwrap());
+    let missing_room = s.import_memberships(&[m(9, 1, 1), m(1, 2, 1)]).await.unwrap_err();
+    assert!(matches!(missing_room, StoreError::NotFound(_)), "{missing_room:?}");
+    let missing_user = s.import_memberships(&[m(1, 9, 1)]).await.unwrap_err();
+    assert!(matches!(missing_user, StoreError::NotFound(_)), "{missing_user:?}");
+    assert!(!s.is_member(&id("r", 1), &id("u", 2)).await.unwrap(), "nothing of a refused batch is stored");
+
+    let msg = |seq: i64| Message {
+        id: format!("m{seq:010}"),
+        room_id: id("r", 1),
+        seq,
+        sender_id: id("u", 1),
+        client_msg_id: format!("c{seq}"),
+        body: format!("body {seq}"),
+        created_at: Timestamp(4_000 + seq),
+    };
+    let msgs = vec![msg(1), msg(2), msg(3)];
+    s.upsert_messages(&msgs).await.unwrap();
+    s.upsert_messages(&msgs).await.unwrap();
+    assert_eq!(s.messages_after(&id("r", 1), 0, 10).await.unwrap(), msgs);
+    // A send continues after the imported head.
+    let out = s.append_messages(&[req(&id("r", 1), &id("u", 1), "next", "next")]).await.unwrap();
+    assert_eq!(accepted(&out[0]).seq, 4);
+
+    // What was imported exports unchanged.
+    let mut snap = s.export().await.unwrap();
+    let exported: Vec<_> = snap.users_page(None, 100).await.unwrap();
+    assert_eq!(exported, users);
+}
+
 macro_rules! contract_suite {
     ($backend:ident, $factory:path) => {
         mod $backend {
@@ -439,7 +691,8 @@ macro_rules! contract_suite {
             contract_suite!(@cases $factory;
                 users_round_trip, rooms_and_listing, membership,
                 append_assigns_gap_free_seqs_and_dedupes, concurrent_appends_never_share_a_seq,
-                upsert_is_idempotent, paging);
+                upsert_is_idempotent, paging, export_pages_respect_limit_and_resume, export_is_a_snapshot,
+                import_keeps_everything_and_is_idempotent);
         }
     };
     (@cases $factory:path; $($case:ident),*) => {

@@ -7,8 +7,11 @@ pub mod mongodb;
 pub mod postgres;
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
+use crate::config::StoreUrl;
 use crate::domain::{Message, Room, Timestamp, User, Visibility};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +84,75 @@ pub enum AppendOutcome {
     RoomMissing,
 }
 
+/// A user with its password hash: what `chatmesh backup` exports and `restore` imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub user: User,
+    pub password_hash: String,
+}
+
+/// One membership, with the time the user joined (it orders [`Store::members`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub room_id: String,
+    pub user_id: String,
+    pub joined_at: Timestamp,
+}
+
+/// What an [`ExportSnapshot`] guarantees about the pages it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportConsistency {
+    /// Every page is read from one snapshot taken when the export started: writes committed
+    /// after that are not seen, and the pages together are one consistent state of the store.
+    Snapshot,
+    /// Each page is read as of when it is read (MongoDB without a replica set): a write made
+    /// during the export may or may not be seen, and rows written meanwhile may disagree with
+    /// each other (e.g. a room's `member_count` with the memberships exported).
+    BestEffort,
+}
+
+impl ExportConsistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Snapshot => "snapshot",
+            Self::BestEffort => "best-effort",
+        }
+    }
+}
+
+/// A read-only view of the whole store for `chatmesh backup`, opened by [`Store::export`].
+///
+/// Every `*_page` method pages with a keyset cursor: it returns the rows whose key is strictly
+/// greater than `after` (`None`: from the first), ascending by key, at most `limit` of them (none
+/// for `limit` 0). Passing the key of the last row of a page as the next `after` visits every row
+/// exactly once; a short (or empty) page means there are no more. Keys compare bytewise in every
+/// backend. Memory is bounded by one page.
+///
+/// Dropping the snapshot ends it (rolls back its read transaction / ends its session).
+#[async_trait]
+pub trait ExportSnapshot: Send {
+    /// What this snapshot guarantees; see [`ExportConsistency`].
+    fn consistency(&self) -> ExportConsistency;
+    /// Users with their password hashes, by id.
+    async fn users_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<UserRecord>>;
+    /// Rooms (with `head_seq` and `member_count`), by id.
+    async fn rooms_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Room>>;
+    /// Memberships, by (room_id, user_id).
+    async fn memberships_page(&mut self, after: Option<(&str, &str)>, limit: u32) -> StoreResult<Vec<Membership>>;
+    /// Messages of every room, by (room_id, seq).
+    async fn messages_page(&mut self, after: Option<(&str, i64)>, limit: u32) -> StoreResult<Vec<Message>>;
+}
+
+/// Opens the store `url` names: SQLite (created if missing), PostgreSQL or MongoDB, with its
+/// migrations / indexes applied.
+pub async fn open(url: &StoreUrl) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match url {
+        StoreUrl::Sqlite { path } => Arc::new(sqlite::SqliteStore::open(path).await?),
+        StoreUrl::Postgres { url } => Arc::new(postgres::PostgresStore::connect(url).await?),
+        StoreUrl::Mongo { url } => Arc::new(mongodb::MongoStore::connect(url).await?),
+    })
+}
+
 /// The durable store. All methods are safe to call concurrently.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -131,4 +203,33 @@ pub trait Store: Send + Sync + 'static {
     async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
     /// The room's head seq (0 when empty); `None` for an unknown room.
     async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>>;
+
+    /// Opens a read-only view of the whole store for a backup. SQLite and PostgreSQL always give
+    /// [`ExportConsistency::Snapshot`] (one read transaction; REPEATABLE READ on PostgreSQL);
+    /// MongoDB gives it on a replica set or sharded cluster (a snapshot session) and
+    /// [`ExportConsistency::BestEffort`] on a standalone server. Writers are never blocked.
+    async fn export(&self) -> StoreResult<Box<dyn ExportSnapshot>>;
+
+    /// Restore: stores each user that is missing (by id) exactly as given (id, fields, password
+    /// hash, `created_at`, `updated_at`). A user whose id is stored already is left as it is,
+    /// whatever its fields, so importing the same users again changes nothing. `UsernameTaken`
+    /// if a missing user's username belongs to another stored user; then nothing of the batch is
+    /// stored (on MongoDB, the users of the batch without a conflict may be).
+    async fn import_users(&self, users: &[UserRecord]) -> StoreResult<()>;
+
+    /// Restore: stores each room that is missing (by id) exactly as given, `head_seq` and
+    /// `member_count` included; no membership is created (they come with
+    /// [`Store::import_memberships`]). A stored room is left as it is, except that its `head_seq`
+    /// is raised to the given one if lower (never lowered: a seq handed out once is never handed
+    /// out again). `NotFound("user")` if a missing room's owner is not stored (SQL backends;
+    /// MongoDB has no foreign keys).
+    async fn import_rooms(&self, rooms: &[Room]) -> StoreResult<()>;
+
+    /// Restore: stores each membership that is missing (by (room_id, user_id)) with its
+    /// `joined_at`; a stored one is left as it is. Then sets the `member_count` of every room the
+    /// batch names to its number of stored memberships, so "member_count is the number of
+    /// members" holds after any import (for a consistent backup that is the exported count).
+    /// `NotFound("room")` / `NotFound("user")` (SQLite: `NotFound("room or user")`) if a membership
+    /// names a room or user that is not stored; then nothing of the batch is stored.
+    async fn import_memberships(&self, memberships: &[Membership]) -> StoreResult<()>;
 }

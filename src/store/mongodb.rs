@@ -54,7 +54,10 @@ use mongodb::{Client, ClientSession, Collection, Database, IndexModel, SessionCu
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch};
+use super::{
+    AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
+    StoreError, StoreResult, UserPatch, UserRecord,
+};
 use crate::domain::{Message, Room, Timestamp, User, Visibility};
 
 /// The database when the URL names none.
@@ -227,6 +230,98 @@ where
     T: DeserializeOwned + Send + Sync + Unpin,
 {
     cursor.stream(session).try_collect().await
+}
+
+/// One export page: `filter`, sorted by `sort`, at most `limit` documents, read in `session`.
+async fn find_page<T>(
+    coll: &Collection<T>,
+    session: &mut ClientSession,
+    filter: Document,
+    sort: Document,
+    limit: u32,
+) -> StoreResult<Vec<T>>
+where
+    T: DeserializeOwned + Send + Sync + Unpin,
+{
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let cursor =
+        coll.find(filter).sort(sort).limit(limit_of(limit)).session(&mut *session).await.map_err(unavailable)?;
+    collect(cursor, session).await.map_err(unavailable)
+}
+
+/// [`Store::export`] for MongoDB.
+///
+/// On a replica set or a sharded cluster it reads in a **snapshot session** (`snapshot: true`,
+/// MongoDB 5.0+): the first read (made by `export`) picks a cluster time and every page is read
+/// at that time, so the pages together are one consistent state and writers are not blocked.
+/// MongoDB keeps that history only for `minSnapshotHistoryWindowInSeconds` (300 s by default):
+/// an export that takes longer fails with `SnapshotTooOld` (raise that server parameter for
+/// very big stores). On a standalone server there are no snapshot reads: each page reads the
+/// state as of that page ([`ExportConsistency::BestEffort`]); stop the writers for an exact
+/// copy. Either way a restore of the result is idempotent and repairs `member_count`.
+pub struct MongoExport {
+    session: ClientSession,
+    users: Collection<UserDoc>,
+    rooms: Collection<RoomDoc>,
+    memberships: Collection<MembershipDoc>,
+    messages: Collection<MessageDoc>,
+    consistency: ExportConsistency,
+}
+
+#[async_trait]
+impl ExportSnapshot for MongoExport {
+    fn consistency(&self) -> ExportConsistency {
+        self.consistency
+    }
+
+    async fn users_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<UserRecord>> {
+        let filter = after.map_or_else(Document::new, |id| doc! { "_id": { "$gt": id } });
+        let docs = find_page(&self.users, &mut self.session, filter, doc! { "_id": 1 }, limit).await?;
+        Ok(docs
+            .into_iter()
+            .map(|d| {
+                let password_hash = d.password_hash.clone();
+                UserRecord { user: User::from(d), password_hash }
+            })
+            .collect())
+    }
+
+    async fn rooms_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Room>> {
+        let filter = after.map_or_else(Document::new, |id| doc! { "_id": { "$gt": id } });
+        let docs = find_page(&self.rooms, &mut self.session, filter, doc! { "_id": 1 }, limit).await?;
+        Ok(docs.into_iter().map(Room::from).collect())
+    }
+
+    async fn memberships_page(&mut self, after: Option<(&str, &str)>, limit: u32) -> StoreResult<Vec<Membership>> {
+        let filter = after.map_or_else(Document::new, |(room, user)| {
+            doc! { "$or": [{ "room_id": { "$gt": room } }, { "room_id": room, "user_id": { "$gt": user } }] }
+        });
+        let sort = doc! { "room_id": 1, "user_id": 1 };
+        let docs = find_page(&self.memberships, &mut self.session, filter, sort, limit).await?;
+        Ok(docs
+            .into_iter()
+            .map(|d| Membership { room_id: d.room_id, user_id: d.user_id, joined_at: Timestamp(d.joined_at) })
+            .collect())
+    }
+
+    async fn messages_page(&mut self, after: Option<(&str, i64)>, limit: u32) -> StoreResult<Vec<Message>> {
+        let filter = after.map_or_else(Document::new, |(room, seq)| {
+            doc! { "$or": [{ "room_id": { "$gt": room } }, { "room_id": room, "seq": { "$gt": seq } }] }
+        });
+        let sort = doc! { "room_id": 1, "seq": 1 };
+        let docs = find_page(&self.messages, &mut self.session, filter, sort, limit).await?;
+        Ok(docs.into_iter().map(Message::from).collect())
+    }
+}
+
+/// The distinct values, sorted.
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut v: Vec<&str> = values.collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
@@ -754,5 +849,149 @@ impl Store for MongoStore {
             .await
             .map_err(unavailable)?;
         Ok(d.map(|d| d.head_seq))
+    }
+
+    async fn export(&self) -> StoreResult<Box<dyn ExportSnapshot>> {
+        let (mut session, consistency) = if self.transactions {
+            let s = self.client.start_session().snapshot(true).await.map_err(unavailable)?;
+            (s, ExportConsistency::Snapshot)
+        } else {
+            (self.client.start_session().await.map_err(unavailable)?, ExportConsistency::BestEffort)
+        };
+        // A snapshot session takes its cluster time at its first read: take it now.
+        self.users.find_one(doc! {}).session(&mut session).await.map_err(unavailable)?;
+        Ok(Box::new(MongoExport {
+            session,
+            users: self.users.clone(),
+            rooms: self.rooms.clone(),
+            memberships: self.memberships.clone(),
+            messages: self.messages.clone(),
+            consistency,
+        }))
+    }
+
+    /// One unordered bulk insert. A document that fails on a unique index is kept out; if its id
+    /// is stored, that is the "already there" case, else its username belongs to another user
+    /// (`UsernameTaken`; the other users of the batch are stored).
+    async fn import_users(&self, users: &[UserRecord]) -> StoreResult<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<UserDoc> = users
+            .iter()
+            .map(|r| UserDoc {
+                id: r.user.id.clone(),
+                username: r.user.username.clone(),
+                display_name: r.user.display_name.clone(),
+                status_text: r.user.status_text.clone(),
+                avatar_url: r.user.avatar_url.clone(),
+                password_hash: r.password_hash.clone(),
+                created_at: r.user.created_at.0,
+                updated_at: r.user.updated_at.0,
+            })
+            .collect();
+        let e = match self.users.insert_many(&docs).ordered(false).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_duplicate_key(&e) => e,
+            Err(e) => return Err(unavailable(e)),
+        };
+        let failed: Vec<&str> = match &*e.kind {
+            ErrorKind::InsertMany(f) => {
+                f.write_errors.iter().flatten().filter_map(|w| docs.get(w.index)).map(|d| d.id.as_str()).collect()
+            }
+            _ => docs.iter().map(|d| d.id.as_str()).collect(),
+        };
+        let failed = distinct(failed.into_iter());
+        let stored = self.users.count_documents(doc! { "_id": { "$in": &failed } }).await.map_err(unavailable)?;
+        if stored == failed.len() as u64 { Ok(()) } else { Err(StoreError::UsernameTaken) }
+    }
+
+    /// One upsert per room: `$setOnInsert` of every field but `head_seq`, and `$max` of
+    /// `head_seq` (which sets it on insert and only ever raises it on a stored room).
+    async fn import_rooms(&self, rooms: &[Room]) -> StoreResult<()> {
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let owners = distinct(rooms.iter().map(|r| r.owner_id.as_str()));
+        let known = self.users.count_documents(doc! { "_id": { "$in": &owners } }).await.map_err(unavailable)?;
+        if known != owners.len() as u64 {
+            return Err(StoreError::NotFound("user"));
+        }
+        for r in rooms {
+            self.rooms
+                .update_one(
+                    doc! { "_id": &r.id },
+                    doc! {
+                        "$setOnInsert": {
+                            "name": &r.name,
+                            "topic": &r.topic,
+                            "visibility": r.visibility.as_str(),
+                            "owner_id": &r.owner_id,
+                            "home_region": &r.home_region,
+                            "member_count": r.member_count,
+                            "created_at": r.created_at.0,
+                            "updated_at": r.updated_at.0,
+                        },
+                        "$max": { "head_seq": r.head_seq },
+                    },
+                )
+                .upsert(true)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every room and user named exists, inserts the memberships unordered (one that
+    /// is stored fails on the unique (room_id, user_id) index and is kept out), then recounts the
+    /// rooms' members. Without a transaction: a crash half-way leaves counters that the next
+    /// import of the same batch sets right.
+    async fn import_memberships(&self, memberships: &[Membership]) -> StoreResult<()> {
+        if memberships.is_empty() {
+            return Ok(());
+        }
+        let rooms = distinct(memberships.iter().map(|m| m.room_id.as_str()));
+        let users = distinct(memberships.iter().map(|m| m.user_id.as_str()));
+        let known = self.rooms.count_documents(doc! { "_id": { "$in": &rooms } }).await.map_err(unavailable)?;
+        if known != rooms.len() as u64 {
+            return Err(StoreError::NotFound("room"));
+        }
+        let known = self.users.count_documents(doc! { "_id": { "$in": &users } }).await.map_err(unavailable)?;
+        if known != users.len() as u64 {
+            return Err(StoreError::NotFound("user"));
+        }
+        let docs: Vec<MembershipDoc> = memberships
+            .iter()
+            .map(|m| MembershipDoc { room_id: m.room_id.clone(), user_id: m.user_id.clone(), joined_at: m.joined_at.0 })
+            .collect();
+        match self.memberships.insert_many(&docs).ordered(false).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => return Err(unavailable(e)),
+        }
+        let cursor = self
+            .memberships
+            .aggregate([
+                doc! { "$match": { "room_id": { "$in": &rooms } } },
+                doc! { "$group": { "_id": "$room_id", "n": { "$sum": 1 } } },
+            ])
+            .await
+            .map_err(unavailable)?;
+        let counts: Vec<Document> = cursor.try_collect().await.map_err(unavailable)?;
+        let mut counts: HashMap<String, i64> = counts
+            .into_iter()
+            .filter_map(|d| {
+                let n = d.get("n").and_then(|n| n.as_i64().or_else(|| n.as_i32().map(i64::from)))?;
+                Some((d.get_str("_id").ok()?.to_string(), n))
+            })
+            .collect();
+        for room in rooms {
+            let n = counts.remove(room).unwrap_or(0);
+            self.rooms
+                .update_one(doc! { "_id": room }, doc! { "$set": { "member_count": n } })
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 }

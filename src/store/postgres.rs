@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 
-use super::{AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch};
+use super::{
+    AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
+    StoreError, StoreResult, UserPatch, UserRecord,
+};
 use crate::domain::{Message, Room, Timestamp, User, Visibility};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -29,6 +32,9 @@ const USER_COLS: &str = "id, username, display_name, status_text, avatar_url, cr
 const ROOM_COLS: &str =
     "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
 const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, created_at";
+/// Rows per multi-row insert of an import (at most 10 bound values each): far below PostgreSQL's
+/// 65535 bound-parameter limit.
+const IMPORT_CHUNK: usize = 1000;
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -85,6 +91,112 @@ fn message_from(row: &PgRow) -> Result<Message, sqlx::Error> {
         body: row.try_get("body")?,
         created_at: Timestamp(row.try_get("created_at")?),
     })
+}
+
+fn membership_from(row: &PgRow) -> Result<Membership, sqlx::Error> {
+    Ok(Membership {
+        room_id: row.try_get("room_id")?,
+        user_id: row.try_get("user_id")?,
+        joined_at: Timestamp(row.try_get("joined_at")?),
+    })
+}
+
+fn user_record_from(row: &PgRow) -> Result<UserRecord, sqlx::Error> {
+    Ok(UserRecord { user: user_from(row)?, password_hash: row.try_get("password_hash")? })
+}
+
+fn decode_all<T>(rows: &[PgRow], from: fn(&PgRow) -> Result<T, sqlx::Error>) -> StoreResult<Vec<T>> {
+    rows.iter().map(from).collect::<Result<_, _>>().map_err(unavailable)
+}
+
+/// A foreign key failure in an import: the batch names a room or user the store does not have.
+fn import_error(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+            if d.constraint().is_some_and(|c| c.contains("room_id")) {
+                StoreError::NotFound("room")
+            } else {
+                StoreError::NotFound("user")
+            }
+        }
+        _ => unavailable(e),
+    }
+}
+
+/// [`Store::export`] for PostgreSQL: one `REPEATABLE READ, READ ONLY` transaction on one pooled
+/// connection. Its snapshot is taken by its first statement (which `export` runs at once) and
+/// every page is read from it; writers are not blocked and their later commits are not seen.
+/// While it is open, VACUUM cannot remove row versions newer than its snapshot.
+pub struct PostgresExport {
+    tx: Transaction<'static, Postgres>,
+}
+
+#[async_trait]
+impl ExportSnapshot for PostgresExport {
+    fn consistency(&self) -> ExportConsistency {
+        ExportConsistency::Snapshot
+    }
+
+    async fn users_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<UserRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = match after {
+            Some(_) => format!("SELECT {USER_COLS}, password_hash FROM users WHERE id > $2 ORDER BY id LIMIT $1"),
+            None => format!("SELECT {USER_COLS}, password_hash FROM users ORDER BY id LIMIT $1"),
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+        if let Some(id) = after {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, user_record_from)
+    }
+
+    async fn rooms_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Room>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = match after {
+            Some(_) => format!("SELECT {ROOM_COLS} FROM rooms WHERE id > $2 ORDER BY id LIMIT $1"),
+            None => format!("SELECT {ROOM_COLS} FROM rooms ORDER BY id LIMIT $1"),
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+        if let Some(id) = after {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, room_from)
+    }
+
+    async fn memberships_page(&mut self, after: Option<(&str, &str)>, limit: u32) -> StoreResult<Vec<Membership>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cond = if after.is_some() { "WHERE (room_id, user_id) > ($2, $3)" } else { "" };
+        let sql =
+            format!("SELECT room_id, user_id, joined_at FROM memberships {cond} ORDER BY room_id, user_id LIMIT $1");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+        if let Some((room, user)) = after {
+            q = q.bind(room).bind(user);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, membership_from)
+    }
+
+    async fn messages_page(&mut self, after: Option<(&str, i64)>, limit: u32) -> StoreResult<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cond = if after.is_some() { "WHERE (room_id, seq) > ($2, $3)" } else { "" };
+        let sql = format!("SELECT {MSG_COLS} FROM messages {cond} ORDER BY room_id, seq LIMIT $1");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(i64::from(limit));
+        if let Some((room, seq)) = after {
+            q = q.bind(room).bind(seq);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, message_from)
+    }
 }
 
 /// The distinct room ids, sorted.
@@ -565,5 +677,91 @@ impl Store for PostgresStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)
+    }
+
+    async fn export(&self) -> StoreResult<Box<dyn ExportSnapshot>> {
+        let mut tx =
+            self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(unavailable)?;
+        // The snapshot of a REPEATABLE READ transaction is taken by its first statement.
+        sqlx::query("SELECT 1").execute(&mut *tx).await.map_err(unavailable)?;
+        Ok(Box::new(PostgresExport { tx }))
+    }
+
+    async fn import_users(&self, users: &[UserRecord]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for chunk in users.chunks(IMPORT_CHUNK) {
+            let mut q = QueryBuilder::<Postgres>::new(
+                "INSERT INTO users (id, username, display_name, status_text, avatar_url, password_hash, created_at, updated_at) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.user.id)
+                    .push_bind(&r.user.username)
+                    .push_bind(&r.user.display_name)
+                    .push_bind(&r.user.status_text)
+                    .push_bind(&r.user.avatar_url)
+                    .push_bind(&r.password_hash)
+                    .push_bind(r.user.created_at.0)
+                    .push_bind(r.user.updated_at.0);
+            });
+            // Only a stored id is "already there"; a username held by another id still fails.
+            q.push(" ON CONFLICT (id) DO NOTHING");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| if is_unique_violation(&e) { StoreError::UsernameTaken } else { unavailable(e) })?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn import_rooms(&self, rooms: &[Room]) -> StoreResult<()> {
+        let mut sorted: Vec<&Room> = rooms.iter().collect();
+        // Room rows are locked in id order, as everywhere else (no deadlock with writers).
+        sorted.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for chunk in sorted.chunks(IMPORT_CHUNK) {
+            let mut q = QueryBuilder::<Postgres>::new(format!("INSERT INTO rooms ({ROOM_COLS}) "));
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.id)
+                    .push_bind(&r.name)
+                    .push_bind(&r.topic)
+                    .push_bind(r.visibility.as_str())
+                    .push_bind(&r.owner_id)
+                    .push_bind(&r.home_region)
+                    .push_bind(r.head_seq)
+                    .push_bind(r.member_count)
+                    .push_bind(r.created_at.0)
+                    .push_bind(r.updated_at.0);
+            });
+            q.push(" ON CONFLICT (id) DO UPDATE SET head_seq = GREATEST(rooms.head_seq, EXCLUDED.head_seq)");
+            q.build().execute(&mut *tx).await.map_err(import_error)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn import_memberships(&self, memberships: &[Membership]) -> StoreResult<()> {
+        if memberships.is_empty() {
+            return Ok(());
+        }
+        let rooms = distinct_rooms(memberships.iter().map(|m| m.room_id.as_str()));
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // The rooms' counters are rewritten below: lock them first, in id order.
+        Self::lock_rooms(&mut tx, &rooms).await?;
+        for chunk in memberships.chunks(IMPORT_CHUNK) {
+            let mut q = QueryBuilder::<Postgres>::new("INSERT INTO memberships (room_id, user_id, joined_at) ");
+            q.push_values(chunk, |mut b, m| {
+                b.push_bind(&m.room_id).push_bind(&m.user_id).push_bind(m.joined_at.0);
+            });
+            q.push(" ON CONFLICT (room_id, user_id) DO NOTHING");
+            q.build().execute(&mut *tx).await.map_err(import_error)?;
+        }
+        sqlx::query(
+            "UPDATE rooms r SET member_count = (SELECT count(*) FROM memberships m WHERE m.room_id = r.id)
+             WHERE r.id = ANY($1)",
+        )
+        .bind(&rooms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)
     }
 }

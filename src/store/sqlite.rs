@@ -12,7 +12,10 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-use super::{AppendOutcome, NewRoom, NewUser, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch};
+use super::{
+    AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
+    StoreError, StoreResult, UserPatch, UserRecord,
+};
 use crate::domain::{Message, Room, Timestamp, User, Visibility};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -76,6 +79,102 @@ fn message_from(row: &SqliteRow) -> Result<Message, sqlx::Error> {
         body: row.try_get("body")?,
         created_at: Timestamp(row.try_get("created_at")?),
     })
+}
+
+fn membership_from(row: &SqliteRow) -> Result<Membership, sqlx::Error> {
+    Ok(Membership {
+        room_id: row.try_get("room_id")?,
+        user_id: row.try_get("user_id")?,
+        joined_at: Timestamp(row.try_get("joined_at")?),
+    })
+}
+
+/// A foreign key failure in an import means the file names a row the store does not have.
+fn import_error(e: sqlx::Error, missing: &'static str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound(missing),
+        _ => unavailable(e),
+    }
+}
+
+/// [`Store::export`] for SQLite: one deferred read transaction on one pooled connection. In WAL
+/// mode a read transaction reads one snapshot (the state as of its first read, which `export`
+/// makes at once) until it ends, while writers go on committing to the WAL. While it is open,
+/// checkpoints cannot move past its snapshot, so the WAL grows by what is written meanwhile.
+pub struct SqliteExport {
+    tx: Transaction<'static, Sqlite>,
+}
+
+fn decode_all<T>(rows: &[SqliteRow], from: fn(&SqliteRow) -> Result<T, sqlx::Error>) -> StoreResult<Vec<T>> {
+    rows.iter().map(from).collect::<Result<_, _>>().map_err(unavailable)
+}
+
+fn user_record_from(row: &SqliteRow) -> Result<UserRecord, sqlx::Error> {
+    Ok(UserRecord { user: user_from(row)?, password_hash: row.try_get("password_hash")? })
+}
+
+#[async_trait]
+impl ExportSnapshot for SqliteExport {
+    fn consistency(&self) -> ExportConsistency {
+        ExportConsistency::Snapshot
+    }
+
+    async fn users_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<UserRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cond = if after.is_some() { "WHERE id > ?" } else { "" };
+        let sql = format!("SELECT {USER_COLS}, password_hash FROM users {cond} ORDER BY id LIMIT ?");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(id) = after {
+            q = q.bind(id);
+        }
+        let rows = q.bind(i64::from(limit)).fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, user_record_from)
+    }
+
+    async fn rooms_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Room>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cond = if after.is_some() { "WHERE id > ?" } else { "" };
+        let sql = format!("SELECT {ROOM_COLS} FROM rooms {cond} ORDER BY id LIMIT ?");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some(id) = after {
+            q = q.bind(id);
+        }
+        let rows = q.bind(i64::from(limit)).fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, room_from)
+    }
+
+    async fn memberships_page(&mut self, after: Option<(&str, &str)>, limit: u32) -> StoreResult<Vec<Membership>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cond = if after.is_some() { "WHERE (room_id, user_id) > (?, ?)" } else { "" };
+        let sql =
+            format!("SELECT room_id, user_id, joined_at FROM memberships {cond} ORDER BY room_id, user_id LIMIT ?");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some((room, user)) = after {
+            q = q.bind(room).bind(user);
+        }
+        let rows = q.bind(i64::from(limit)).fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, membership_from)
+    }
+
+    async fn messages_page(&mut self, after: Option<(&str, i64)>, limit: u32) -> StoreResult<Vec<Message>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let cond = if after.is_some() { "WHERE (room_id, seq) > (?, ?)" } else { "" };
+        let sql = format!("SELECT {MSG_COLS} FROM messages {cond} ORDER BY room_id, seq LIMIT ?");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some((room, seq)) = after {
+            q = q.bind(room).bind(seq);
+        }
+        let rows = q.bind(i64::from(limit)).fetch_all(&mut *self.tx).await.map_err(unavailable)?;
+        decode_all(&rows, message_from)
+    }
 }
 
 impl SqliteStore {
@@ -501,5 +600,90 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)
+    }
+
+    async fn export(&self) -> StoreResult<Box<dyn ExportSnapshot>> {
+        let mut tx = self.pool.begin_with("BEGIN DEFERRED").await.map_err(unavailable)?;
+        // A deferred transaction takes its snapshot at its first read: take it now, so that the
+        // export is the state as of this call.
+        sqlx::query("SELECT 1 FROM users LIMIT 1").fetch_optional(&mut *tx).await.map_err(unavailable)?;
+        Ok(Box::new(SqliteExport { tx }))
+    }
+
+    async fn import_users(&self, users: &[UserRecord]) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        for chunk in users.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO users (id, username, display_name, status_text, avatar_url, password_hash, created_at, updated_at) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.user.id)
+                    .push_bind(&r.user.username)
+                    .push_bind(&r.user.display_name)
+                    .push_bind(&r.user.status_text)
+                    .push_bind(&r.user.avatar_url)
+                    .push_bind(&r.password_hash)
+                    .push_bind(r.user.created_at.0)
+                    .push_bind(r.user.updated_at.0);
+            });
+            // Only a stored id is "already there"; a username held by another id still fails.
+            q.push(" ON CONFLICT (id) DO NOTHING");
+            q.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| if is_unique_violation(&e) { StoreError::UsernameTaken } else { unavailable(e) })?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn import_rooms(&self, rooms: &[Room]) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        for chunk in rooms.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(format!("INSERT INTO rooms ({ROOM_COLS}) "));
+            q.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.id)
+                    .push_bind(&r.name)
+                    .push_bind(&r.topic)
+                    .push_bind(r.visibility.as_str())
+                    .push_bind(&r.owner_id)
+                    .push_bind(&r.home_region)
+                    .push_bind(r.head_seq)
+                    .push_bind(r.member_count)
+                    .push_bind(r.created_at.0)
+                    .push_bind(r.updated_at.0);
+            });
+            q.push(" ON CONFLICT (id) DO UPDATE SET head_seq = MAX(head_seq, excluded.head_seq)");
+            q.build().execute(&mut *tx).await.map_err(|e| import_error(e, "user"))?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn import_memberships(&self, memberships: &[Membership]) -> StoreResult<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        for chunk in memberships.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO memberships (room_id, user_id, joined_at) ");
+            q.push_values(chunk, |mut b, m| {
+                b.push_bind(&m.room_id).push_bind(&m.user_id).push_bind(m.joined_at.0);
+            });
+            q.push(" ON CONFLICT (room_id, user_id) DO NOTHING");
+            q.build().execute(&mut *tx).await.map_err(|e| import_error(e, "room or user"))?;
+        }
+        let rooms: Vec<&str> = {
+            let mut seen = HashSet::new();
+            memberships.iter().map(|m| m.room_id.as_str()).filter(|r| seen.insert(*r)).collect()
+        };
+        for chunk in rooms.chunks(LOOKUP_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE rooms SET member_count = (SELECT count(*) FROM memberships m WHERE m.room_id = rooms.id)
+                 WHERE id IN (",
+            );
+            let mut sep = q.separated(", ");
+            for r in chunk {
+                sep.push_bind(*r);
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await.map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
     }
 }
