@@ -16,7 +16,7 @@ use crate::auth::{self, Tokens};
 use crate::breaker::Breakers;
 use crate::cache::{Caches, RedisSharedCache};
 use crate::cluster::{self, InstanceRecord};
-use crate::config::{AckLevelArg, ClusterConfig, Config, StoreUrl};
+use crate::config::{AckLevelArg, ClusterConfig, Config};
 use crate::domain::Timestamp;
 use crate::fanout::Fanout;
 use crate::fanout::local::LocalFanout;
@@ -30,9 +30,6 @@ use crate::sequencer::embedded::GroupCommitSequencer;
 use crate::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
 use crate::service::{Backends, ChatService, Limits};
 use crate::store::Store;
-use crate::store::mongodb::MongoStore;
-use crate::store::postgres::PostgresStore;
-use crate::store::sqlite::SqliteStore;
 use crate::sync::SyncStats;
 use crate::sync::redis::{SyncConfig, SyncWorker};
 use crate::{api, metrics, realtime};
@@ -82,14 +79,6 @@ struct Mode {
     history: Arc<dyn History>,
     ops: Arc<dyn Ops>,
     heartbeat: Option<(Redis, Keys)>,
-}
-
-async fn open_store(url: &StoreUrl) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match url {
-        StoreUrl::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
-        StoreUrl::Postgres { url } => Arc::new(PostgresStore::connect(url).await?),
-        StoreUrl::Mongo { url } => Arc::new(MongoStore::connect(url).await?),
-    })
 }
 
 fn embedded_mode(store: Arc<dyn Store>, io: SocketIo, breakers: Arc<Breakers>) -> Mode {
@@ -162,7 +151,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = metrics::install();
-        let store = open_store(&config.store).await?;
+        let store = crate::store::open(&config.store).await?;
         let secret = match &config.jwt_secret {
             Some(s) => s.clone(),
             None => auth::load_or_create_secret(&config.store.data_dir())?,
