@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole test suite: lint, Rust unit + integration tests against the real
-# binary, then the independent-client suites (socket.io-client, Chromium) in Node.
+# binary, the fault suite through HAProxy, then the independent-client suites (socket.io-client,
+# Chromium) in Node.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
@@ -9,6 +10,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --quiet --bins
 cargo nextest run --workspace --no-fail-fast
+
+# Fault scenarios through HAProxy (kill -9, rolling restart, Redis primary loss), ~2.5 min.
+scripts/fault-suite.sh
 
 mkdir -p target/test-artifacts
 cd tests/node

@@ -1,8 +1,12 @@
 //! chatmesh load generator. `ingest`: S senders over R rooms, each keeping `window` sends in flight
 //! (closed loop); reports acked msgs/s, send latency percentiles, deliveries with order checks, and
 //! the server's CPU time per ack when `--server-pid` is given. Prints one JSON object on stdout.
+//! `soak`: C clients in one room sending at a fixed rate through one URL while faults are injected,
+//! retrying with the same client_msg_id across reconnects; prints one verdict line (see soak.rs)
+//! and exits 1 if anything was lost, duplicated or reordered.
 
 mod sio;
+mod soak;
 mod track;
 
 use std::sync::Arc;
@@ -46,6 +50,25 @@ enum Scenario {
         /// Server processes whose CPU time is sampled (user + system), comma-separated.
         #[arg(long, value_delimiter = ',')]
         server_pid: Vec<u32>,
+    },
+    /// C clients in one room at a fixed rate, with retries across reconnects; verdict line.
+    Soak {
+        /// One URL (HAProxy).
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, default_value_t = 20)]
+        clients: usize,
+        /// Sends per second per client.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 40.0)]
+        seconds: f64,
+        /// Name printed in the verdict line.
+        #[arg(long, default_value = "soak")]
+        scenario: String,
+        /// Written (with this process's pid) once every client is connected and sending starts.
+        #[arg(long)]
+        ready_file: Option<String>,
     },
 }
 
@@ -274,10 +297,18 @@ async fn ingest(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Scenario::Soak { url, clients, rate, seconds, scenario, ready_file } = cli.scenario {
+        let name = scenario.clone();
+        let (v, details) = soak::soak(soak::Params { url, clients, rate, seconds, scenario, ready_file }).await?;
+        eprintln!("{details}");
+        println!("{}", v.line(&name));
+        std::process::exit(if v.ok() { 0 } else { 1 });
+    }
     let out = match cli.scenario {
         Scenario::Ingest { url, senders, rooms, window, seconds, warmup, server_pid } => {
             ingest(url, senders, rooms, window, seconds, warmup, server_pid).await?
         }
+        Scenario::Soak { .. } => unreachable!(),
     };
     println!("{out}");
     Ok(())

@@ -17,6 +17,15 @@ pub struct Client {
     out: mpsc::UnboundedSender<String>,
     acks: Acks,
     next_ack: AtomicU64,
+    /// The reader task; aborted on drop so that dropping a `Client` closes its connection (the
+    /// writer ends once every sender is gone, which drops the socket).
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// What the reader hands to the caller for every server event (`42["name", payload]`).
@@ -58,7 +67,7 @@ impl Client {
         let acks: Acks = Arc::default();
         let reader_acks = acks.clone();
         let pong = out.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = stream.next().await {
                 let WsMessage::Text(text) = msg else { continue };
                 let text = text.as_str();
@@ -85,7 +94,7 @@ impl Client {
             // Fail every pending ack: the connection is gone.
             reader_acks.lock().await.clear();
         });
-        Ok(Self { out, acks, next_ack: AtomicU64::new(1) })
+        Ok(Self { out, acks, next_ack: AtomicU64::new(1), reader })
     }
 
     /// Emits `event` with `payload`; the receiver resolves with the ack's first argument.
