@@ -5,6 +5,7 @@
 //! retrying with the same client_msg_id across reconnects; prints one verdict line (see soak.rs)
 //! and exits 1 if anything was lost, duplicated or reordered.
 
+mod api;
 mod sio;
 mod soak;
 mod track;
@@ -13,13 +14,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 
+use crate::api::{register_users, rest};
 use crate::track::{OrderStats, OrderTracker};
 
 #[derive(Parser)]
@@ -84,26 +86,6 @@ fn self_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id()).unwrap_or(0.0)
 }
 
-async fn rest(
-    http: &reqwest::Client,
-    url: &str,
-    path: &str,
-    body: Value,
-    token: Option<&str>,
-) -> anyhow::Result<Value> {
-    let mut req = http.post(format!("{url}{path}")).json(&body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let res = req.send().await?;
-    let status = res.status();
-    let v: Value = res.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        bail!("{path}: {status} {v}");
-    }
-    Ok(v)
-}
-
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -128,29 +110,7 @@ async fn ingest(
     let http = reqwest::Client::new();
     let run =
         format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 0xffffff);
-    // Register users (Argon2 is slow by design: a few at a time).
-    let mut tokens = Vec::with_capacity(senders);
-    for chunk in (0..senders).collect::<Vec<_>>().chunks(8) {
-        let futs = chunk.iter().map(|i| {
-            let http = http.clone();
-            let url = url.clone();
-            let name = format!("lg{run}_{i}");
-            async move {
-                let v = rest(
-                    &http,
-                    &url,
-                    "/api/v1/auth/register",
-                    json!({"username": name, "password": "loadgen-password"}),
-                    None,
-                )
-                .await?;
-                anyhow::Ok(v["token"].as_str().unwrap_or_default().to_string())
-            }
-        });
-        for t in futures::future::join_all(futs).await {
-            tokens.push(t?);
-        }
-    }
+    let tokens = register_users(&http, &url, &format!("lg{run}"), senders).await?;
     let mut room_ids = Vec::with_capacity(rooms);
     for (r, owner) in tokens.iter().take(rooms).enumerate() {
         let v = rest(&http, &url, "/api/v1/rooms", json!({"name": format!("bench {run} {r}")}), Some(owner)).await?;

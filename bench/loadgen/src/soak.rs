@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::api::{register_users, rest};
 use crate::sio;
 
 const ACK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -288,48 +289,6 @@ async fn connect_retrying(
     }
 }
 
-async fn rest(
-    http: &reqwest::Client,
-    url: &str,
-    path: &str,
-    body: Value,
-    token: Option<&str>,
-) -> anyhow::Result<Value> {
-    // 429 (auth rate limit) and 5xx (an instance going away) are retried for up to 60 s.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut req = http.post(format!("{url}{path}")).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await;
-        match res {
-            Ok(res) => {
-                let status = res.status();
-                let retry_after = res
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .unwrap_or(1);
-                let v: Value = res.json().await.unwrap_or(Value::Null);
-                if status.is_success() {
-                    return Ok(v);
-                }
-                if (status.as_u16() == 429 || status.is_server_error()) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_secs(retry_after.min(5))).await;
-                    continue;
-                }
-                bail!("{path}: {status} {v}");
-            }
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
 async fn history(http: &reqwest::Client, url: &str, room: &str, token: &str) -> anyhow::Result<Vec<(i64, String)>> {
     let mut out = Vec::new();
     let mut after = 0i64;
@@ -492,27 +451,7 @@ pub async fn soak(p: Params) -> anyhow::Result<(Verdict, Value)> {
     let http = reqwest::Client::new();
     let run =
         format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 0xffffff);
-    let mut tokens = Vec::with_capacity(p.clients);
-    for chunk in (0..p.clients).collect::<Vec<_>>().chunks(8) {
-        let futs = chunk.iter().map(|i| {
-            let (http, url) = (http.clone(), url.clone());
-            let name = format!("sk{run}_{i}");
-            async move {
-                let v = rest(
-                    &http,
-                    &url,
-                    "/api/v1/auth/register",
-                    json!({"username": name, "password": "soak-password"}),
-                    None,
-                )
-                .await?;
-                anyhow::Ok(v["token"].as_str().unwrap_or_default().to_string())
-            }
-        });
-        for t in futures::future::join_all(futs).await {
-            tokens.push(t.context("register")?);
-        }
-    }
+    let tokens = register_users(&http, &url, &format!("sk{run}"), p.clients).await.context("register")?;
     let room = rest(&http, &url, "/api/v1/rooms", json!({"name": format!("soak {run}")}), Some(&tokens[0])).await?;
     let room = room["id"].as_str().unwrap_or_default().to_string();
     anyhow::ensure!(!room.is_empty(), "room create returned no id");
