@@ -2,7 +2,11 @@
 # Fault suite: brings up the local HAProxy stack once (scripts/local-cluster.sh, in its own state
 # dir, ports and database), runs each scenario — `chatmesh-loadgen soak` through HAProxy while a
 # fault is injected — and tears everything down (database dropped, state dir deleted).
-#   scripts/fault-suite.sh [scenario...]     default: kill9-instance rolling-restart redis-primary-kill
+#   scripts/fault-suite.sh [scenario...]     default: every scenario, in this order:
+#     kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut
+# The whole stack, its own PostgreSQL server included, runs inside a network namespace made for
+# the run (loopback only), so its ports cannot clash with anything and the firewall rule that
+# cuts one instance off Redis touches nothing outside it. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
 # Prints one line per scenario:
 #   scenario=<name> sent=N acked=N stored=N delivered_per_client_min=N lost=0 duplicated=0 reordered=0 max_gap_ms=N
 # and exits non-zero if any scenario lost, duplicated or reordered anything (or failed to run).
@@ -17,12 +21,27 @@ repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 cd "$repo"
 
 say() { echo "fault-suite: $*" >&2; }
-all_scenarios=(kill9-instance rolling-restart redis-primary-kill)
+all_scenarios=(kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut)
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all_scenarios[@]}")
 for s in "${scenarios[@]}"; do
   [[ " ${all_scenarios[*]} " == *" $s "* ]] || { say "unknown scenario $s (known: ${all_scenarios[*]})"; exit 2; }
 done
+
+if [ "${FAULT_IN_NETNS:-0}" != 1 ]; then
+  if [ "${FAULT_NO_BUILD:-0}" != 1 ]; then
+    say "cargo build --release -p chatmesh -p chatmesh-loadgen"
+    cargo build --release --quiet -p chatmesh -p chatmesh-loadgen
+  fi
+  command -v iptables >/dev/null || { say "iptables is missing (scripts/setup.sh --test installs it)"; exit 1; }
+  ns="chatmesh-fault-$$"
+  ip netns add "$ns" || { say "cannot create network namespace $ns (the suite needs root)"; exit 1; }
+  trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
+  ip netns exec "$ns" ip link set lo up
+  rc=0
+  FAULT_IN_NETNS=1 ip netns exec "$ns" "$0" "${scenarios[@]}" || rc=$?
+  exit "$rc"
+fi
 
 port_base="${FAULT_PORT_BASE:-18400}"
 clients="${FAULT_CLIENTS:-20}"
@@ -33,9 +52,19 @@ export LOCAL_CLUSTER_PORT_BASE="$port_base"
 export LOCAL_CLUSTER_DB="chatmesh_fault_$$"
 export LOCAL_CLUSTER_INSTANCES=3
 export LOCAL_CLUSTER_BIN="$repo/target/release/chatmesh"
+# Instance i runs as uid uid_base+i: the redis-link-cut rule matches one instance's packets by uid.
+uid_base=64000
+export LOCAL_CLUSTER_UID_BASE=$uid_base
+pg_port=$((port_base + 40))
+export LOCAL_CLUSTER_PG="postgres://postgres@127.0.0.1:$pg_port"
 loadgen="$repo/target/release/chatmesh-loadgen"
 url="http://127.0.0.1:$port_base"
 lc() { scripts/local-cluster.sh "$@"; }
+pg_dir="$work/pg"
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+pg_ctl_() { runuser -u postgres -- "$pg_bin/pg_ctl" -D "$pg_dir/data" -w -t 60 "$@"; }
+pg_start() { pg_ctl_ -l "$pg_dir/postgres.log" -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1" start; }
+pg_is_up() { runuser -u postgres -- "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg_port"; }
 
 failed=0
 soak_pid=""
@@ -43,7 +72,10 @@ cleanup() {
   local rc=$?
   if [ -n "$soak_pid" ] && kill -0 "$soak_pid" 2>/dev/null; then kill "$soak_pid" 2>/dev/null || true; fi
   say "tearing down"
+  iptables -F OUTPUT 2>/dev/null || true
+  [ -f "$pg_dir/data/postmaster.pid" ] && ! pg_is_up && pg_start >>"$work/cluster.log" 2>&1 # to drop the database
   lc down --purge >>"$work/cluster.log" 2>&1 || say "local-cluster down failed (see $work/cluster.log)"
+  pg_ctl_ -m immediate stop >>"$work/cluster.log" 2>&1 || true
   if [ "$rc" = 0 ] && [ "$failed" = 0 ] && [ "${FAULT_KEEP:-0}" != 1 ]; then
     rm -rf "$work"
   else
@@ -54,10 +86,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-if [ "${FAULT_NO_BUILD:-0}" != 1 ]; then
-  say "cargo build --release -p chatmesh -p chatmesh-loadgen"
-  cargo build --release --quiet -p chatmesh -p chatmesh-loadgen
-fi
+# ---- the suite's own PostgreSQL server (so that it can be stopped) -------------------------------
+[ -x "$pg_bin/initdb" ] || { say "PostgreSQL server binaries not found under /usr/lib/postgresql (scripts/setup.sh --test)"; exit 1; }
+chmod 755 "$work"
+mkdir -p "$pg_dir"
+chown postgres: "$pg_dir"
+say "initdb + start PostgreSQL on 127.0.0.1:$pg_port"
+runuser -u postgres -- "$pg_bin/initdb" -D "$pg_dir/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync \
+  >>"$work/cluster.log" 2>&1 || { say "initdb failed (see $work/cluster.log)"; exit 1; }
+pg_start >>"$work/cluster.log" 2>&1 || { say "PostgreSQL did not start:"; tail -n 20 "$pg_dir/postgres.log" >&2; exit 1; }
+
 say "bringing the stack up on $url (state $LOCAL_CLUSTER_DIR, database $LOCAL_CLUSTER_DB)"
 lc up >>"$work/cluster.log" 2>&1 || { say "local-cluster up failed:"; tail -n 30 "$work/cluster.log" >&2; exit 1; }
 
@@ -192,6 +230,78 @@ scenario_redis_primary_kill() {
   log "restarting $node (rejoins as a replica)"
   restart_missing
   log "stack whole again (primary now $(redis_primary || echo '?'))"
+  finish_soak
+}
+
+scenario_pg_stop() {
+  start_soak 50
+  at 8
+  log "stopping PostgreSQL (fast shutdown)"
+  pg_ctl_ -m fast stop >>"$work/cluster.log" 2>&1 || { log "pg_ctl stop failed"; failed=1; }
+  local down_at=$SECONDS
+  # Sends go on through Redis meanwhile; the write-back backlog grows and every instance stays ready.
+  at 20
+  check_all_ready "while PostgreSQL is down"
+  at 38
+  log "write-back backlog $(sync_backlog) entries; starting PostgreSQL after $((SECONDS - down_at)) s"
+  pg_start >>"$work/cluster.log" 2>&1 || { log "PostgreSQL did not restart"; failed=1; }
+  wait_for 60 "write-back caught up (backlog under 1 s of load)" sync_caught_up || true
+  finish_soak
+  wait_sync_drained
+}
+
+# Drops every packet chatmesh-3 sends to Redis and the Sentinels (a firewall rule on its uid):
+# established connections hang, new ones time out, exactly like a cut link.
+redis_ports_csv() { echo "$((port_base + 20)),$((port_base + 21)),$((port_base + 30)),$((port_base + 31)),$((port_base + 32))"; }
+cut_rule() { echo "OUTPUT -p tcp -m owner --uid-owner $((uid_base + 3)) -m multiport --dports $(redis_ports_csv) -j DROP"; }
+instance_ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$((port_base + 9 + $1))/health/ready")" = 200 ]; }
+haproxy_state() { # instance -> UP / DOWN / ...
+  curl -fsS --max-time 2 "http://127.0.0.1:$((port_base + 1))/stats;csv" 2>/dev/null | awk -F, -v n="chatmesh-$1" '
+    NR == 1 { sub(/^# /, ""); for (i = 1; i <= NF; i++) col[$i] = i; next }
+    $1 == "chatmesh" && $2 == n { print $col["status"] }'
+}
+check_all_ready() {
+  local i
+  for i in 1 2 3; do
+    instance_ready "$i" || { log "chatmesh-$i is not ready $1"; failed=1; }
+  done
+}
+wait_for() { # seconds description command... -> prints the seconds it took
+  local deadline=$((SECONDS + $1)) start=$SECONDS what=$2
+  shift 2
+  until "$@"; do
+    [ $SECONDS -lt $deadline ] || { log "$what: not within $(( SECONDS - start )) s"; failed=1; return 1; }
+    sleep 0.2
+  done
+  log "$what after $((SECONDS - start)) s"
+}
+not_ready_3() { ! instance_ready 3; }
+haproxy_down_3() { [ "$(haproxy_state 3)" = DOWN ]; }
+haproxy_up_3() { [ "$(haproxy_state 3)" = UP ]; }
+sync_backlog() { # entries waiting in the write-back streams
+  redis-cli -h 127.0.0.1 -p "$(redis_port_of "$(redis_primary)")" --raw eval \
+    "local n=0 for _,k in ipairs(redis.call('keys', ARGV[1])) do n=n+redis.call('xlen', k) end return n" 0 \
+    'cm:{s*}:sync' 2>/dev/null
+}
+sync_drained() { [ "$(sync_backlog)" = 0 ]; }
+# Under 1 s of the soak's load: what stays in flight while the worker keeps up.
+sync_caught_up() { local b; b=$(sync_backlog) && [ "$b" -lt $((clients * rate)) ]; }
+wait_sync_drained() { wait_for 60 "write-back backlog drained into PostgreSQL" sync_drained || true; }
+
+scenario_redis_link_cut() {
+  start_soak 50
+  at 8
+  log "cutting chatmesh-3 off Redis and the Sentinels (iptables -A $(cut_rule))"
+  # shellcheck disable=SC2046
+  iptables -A $(cut_rule)
+  wait_for 30 "chatmesh-3 not ready" not_ready_3 || true
+  wait_for 30 "HAProxy marked chatmesh-3 DOWN" haproxy_down_3 || true
+  at 30
+  log "restoring the link"
+  # shellcheck disable=SC2046
+  iptables -D $(cut_rule)
+  wait_for 60 "chatmesh-3 ready again by itself" instance_ready 3 || true
+  wait_for 30 "HAProxy marked chatmesh-3 UP" haproxy_up_3 || true
   finish_soak
 }
 

@@ -18,6 +18,8 @@
 # Per run:
 #   LOCAL_CLUSTER_BIN        chatmesh binary to run (default: cargo build --release -p chatmesh,
 #                            then target/release/chatmesh)
+#   LOCAL_CLUSTER_UID_BASE   when set (as root), instance i runs as uid/gid BASE+i, so a firewall
+#                            rule can match one instance's traffic (scripts/fault-suite.sh)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 caller_dir="$PWD"
@@ -312,7 +314,12 @@ start_instance() { # index
   mkdir -p "$d"
   # A clean environment: chatmesh refuses unknown CHATMESH_* variables, and the caller's settings
   # must not leak in. LOCAL_CLUSTER_DIR marks the process as this state dir's.
-  launch "$name" "$d" env -i PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG="${RUST_LOG:-info}" \
+  local as=()
+  if [ -n "${LOCAL_CLUSTER_UID_BASE:-}" ]; then
+    local uid=$((LOCAL_CLUSTER_UID_BASE + i))
+    as=(setpriv --reuid="$uid" --regid="$uid" --clear-groups)
+  fi
+  launch "$name" "$d" "${as[@]}" env -i PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG="${RUST_LOG:-info}" \
     LOCAL_CLUSTER_DIR="$dir" \
     CHATMESH_BIND="127.0.0.1:$port" \
     CHATMESH_INSTANCE_ID="$name" \

@@ -34,8 +34,11 @@ if [ "$want_test" = 1 ]; then
   need redis-server && need redis-cli || apt_install redis-server redis-tools
   # The deployment test runs scripts/local-cluster.sh: HAProxy in front of the instances.
   need haproxy || apt_install haproxy
-  # The store contract suite runs against a real PostgreSQL (one database per test).
-  need pg_isready || apt_install postgresql
+  # The fault suite cuts one instance off Redis with a firewall rule inside its own namespace.
+  need iptables || apt_install iptables
+  # The store contract suite runs against a real PostgreSQL (one database per test); outage tests
+  # and the fault suite run private servers from its binaries (initdb, pg_ctl).
+  need pg_isready && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_install postgresql
   if ! pg_isready -h 127.0.0.1 -q; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
   fi

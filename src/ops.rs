@@ -1,7 +1,7 @@
 //! Readiness and the cluster view, one implementation per mode.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -14,10 +14,15 @@ use crate::redis_io::{Keys, Redis};
 use crate::store::Store;
 use crate::sync::SyncStats;
 
-/// `(ok, latency_ms)` of one dependency check.
+/// A check that has not answered in this long counts as failed: a dependency that hangs (a cut
+/// link, a store whose pool waits for a connection) must not hold the readiness answer past the
+/// balancer's check timeout, or a store outage would take every instance out of rotation.
+const CHECK_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// `(ok, latency_ms)` of one dependency check, bounded by [`CHECK_TIMEOUT`].
 async fn timed<F: std::future::Future<Output = bool>>(f: F) -> (bool, f64) {
     let started = Instant::now();
-    let ok = f.await;
+    let ok = tokio::time::timeout(CHECK_TIMEOUT, f).await.unwrap_or(false);
     (ok, started.elapsed().as_secs_f64() * 1000.0)
 }
 
@@ -81,12 +86,13 @@ impl Ops for ClusterOps {
     /// Ready needs Redis and a working fan-out; the store may be down (sends keep being accepted
     /// and wait in Redis), so its check and the sync lag are reported but do not gate.
     async fn readiness(&self) -> (bool, Value) {
-        let (store_ok, store_ms) = timed(async { self.store.ping().await.is_ok() }).await;
-        let (redis_ok, redis_ms) = timed(async {
-            let mut conn = self.redis.conn().await;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
-        })
-        .await;
+        let ((store_ok, store_ms), (redis_ok, redis_ms)) = tokio::join!(
+            timed(async { self.store.ping().await.is_ok() }),
+            timed(async {
+                let mut conn = self.redis.conn().await;
+                redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            })
+        );
         let fanout_ok = self.fanout.fanout_ok();
         probe(&self.breakers.redis, redis_ok);
         probe(&self.breakers.store, store_ok);
