@@ -36,6 +36,8 @@ if [ "$want_test" = 1 ]; then
   need haproxy || apt_install haproxy
   # The fault suite cuts one instance off Redis with a firewall rule inside its own namespace.
   need iptables || apt_install iptables
+  # scripts/check-monitoring.sh runs promtool on deploy/prometheus (Debian's prometheus ships it).
+  need promtool || apt_install prometheus
   # The store contract suite runs against a real PostgreSQL (one database per test); outage tests
   # and the fault suite run private servers from its binaries (initdb, pg_ctl).
   need pg_isready && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_install postgresql

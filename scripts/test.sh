@@ -8,6 +8,8 @@ scripts/setup.sh --test
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Monitoring: promtool checks and unit tests of the alert rules, the dashboard's metric names.
+scripts/check-monitoring.sh
 cargo build --quiet --bins
 cargo nextest run --workspace --no-fail-fast
 

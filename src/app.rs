@@ -57,9 +57,17 @@ impl AppState {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Runs the readiness checks; the answer (draining included) is also `chatmesh_ready`.
+    pub async fn check_ready(&self) -> (bool, serde_json::Value) {
+        let (ok, checks) = self.ops.readiness().await;
+        let ready = ok && !self.is_draining();
+        ::metrics::gauge!(metrics::READY).set(if ready { 1.0 } else { 0.0 });
+        (ready, checks)
+    }
+
     /// This instance as `/api/v1/cluster` and the heartbeat describe it.
     pub async fn instance_record(&self) -> InstanceRecord {
-        let (ready, _) = self.ops.readiness().await;
+        let (ready, _) = self.check_ready().await;
         InstanceRecord {
             id: self.instance_id.clone(),
             region: self.config.region.clone(),
@@ -67,7 +75,12 @@ impl AppState {
             started_at: self.started_at,
             last_seen: Timestamp::now(),
             connections: realtime::connection_count(),
-            ready: ready && !self.is_draining(),
+            ready,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            accepted_total: metrics::TOTALS.accepted_total(),
+            delivered_total: metrics::TOTALS.delivered_total(),
+            circuits: self.ops.circuits(),
+            recent_errors: crate::telemetry::recent_errors(),
         }
     }
 }
@@ -131,7 +144,9 @@ async fn cluster_mode(
         )
         .with_breakers(breakers.clone()),
     );
-    tokio::spawn(worker.run(stats.clone()));
+    if c.sync_worker {
+        tokio::spawn(worker.run(stats.clone()));
+    }
     Ok(Mode {
         sequencer: Arc::new(sequencer),
         fanout: fanout.clone(),
@@ -139,6 +154,19 @@ async fn cluster_mode(
         ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
     })
+}
+
+/// Keeps the gauges that no request updates fresh (readiness without a balancer polling it,
+/// Redis replication), so alerts see them even when nobody asks.
+fn spawn_gauges(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            state.check_ready().await;
+            state.ops.refresh_gauges().await;
+        }
+    });
 }
 
 pub struct Application {
@@ -214,6 +242,7 @@ impl Application {
                 }),
             );
         }
+        spawn_gauges(state.clone());
         realtime::register(&io, state.clone());
         let router = api::router(state.clone()).layer(sio_layer);
         Ok(Self { listener, router, io, state })

@@ -35,6 +35,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "CHATMESH_DEDUPE_TTL_HOURS",
     "CHATMESH_SYNC_BACKLOG_LIMIT",
     "CHATMESH_SYNC_CLAIM_IDLE_MS",
+    "CHATMESH_SYNC_WORKER",
 ];
 
 /// Prefixes reserved for test harnesses and tools, not for the server.
@@ -183,6 +184,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_SYNC_CLAIM_IDLE_MS", value_name = "CHATMESH_SYNC_CLAIM_IDLE_MS", default_value_t = 15_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub sync_claim_idle_ms: u64,
+    /// Cluster mode: whether this instance runs a write-back worker (at least one instance must;
+    /// every instance does by default, and they share the work).
+    #[arg(long, env = "CHATMESH_SYNC_WORKER", value_name = "CHATMESH_SYNC_WORKER", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub sync_worker: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,6 +290,7 @@ pub struct ClusterConfig {
     pub dedupe_ttl: Duration,
     pub backlog_limit: u64,
     pub claim_idle: Duration,
+    pub sync_worker: bool,
 }
 
 /// A setting that cannot be used; `Display` is the one line printed before exiting.
@@ -331,6 +338,7 @@ impl Config {
                     dedupe_ttl: Duration::from_secs(args.dedupe_ttl_hours * 3600),
                     backlog_limit: args.sync_backlog_limit,
                     claim_idle: Duration::from_millis(args.sync_claim_idle_ms),
+                    sync_worker: args.sync_worker,
                 })
             }
         };

@@ -80,12 +80,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    chatmesh::telemetry::init(config.log_format);
+    // Traces name the instance; without CHATMESH_INSTANCE_ID the process id stands in (the
+    // listening address, the usual default, is not known before the bind).
+    let trace_instance = config.instance_id.clone().unwrap_or_else(|| format!("pid-{}", std::process::id()));
+    let telemetry = chatmesh::telemetry::init(config.log_format, &trace_instance);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let app = match Application::build(config).await {
             Ok(app) => app,
             Err(e) => return fail(format!("cannot start: {e:#}")),
@@ -94,7 +97,10 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("server error: {e:#}")),
         }
-    })
+    });
+    // Flushes the spans still queued for the collector.
+    drop(telemetry);
+    code
 }
 
 /// The first line of a clap error; when it ends with `:` (e.g. "the following required arguments

@@ -1,5 +1,6 @@
 //! Readiness and the cluster view, one implementation per mode.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,10 @@ pub trait Ops: Send + Sync + 'static {
     async fn readiness(&self) -> (bool, Value);
     /// Live instances (this one included, as `me` describes it) and the sync backlog.
     async fn cluster(&self, me: InstanceRecord) -> Value;
+    /// Circuit state per dependency this mode uses.
+    fn circuits(&self) -> BTreeMap<String, String>;
+    /// Refreshes gauges no request updates (called every few seconds).
+    async fn refresh_gauges(&self) {}
 }
 
 pub struct EmbeddedOps {
@@ -61,6 +66,8 @@ pub struct EmbeddedOps {
 impl Ops for EmbeddedOps {
     async fn readiness(&self) -> (bool, Value) {
         let (ok, latency_ms) = timed(async { self.store.ping().await.is_ok() }).await;
+        metrics::histogram!(m::DEPENDENCY_LATENCY, "dependency" => "store", "operation" => "ping")
+            .record(latency_ms / 1000.0);
         metrics::gauge!(m::DEPENDENCY_UP, "dependency" => "store").set(if ok { 1.0 } else { 0.0 });
         probe(&self.breakers.store, ok);
         let circuit = circuit_name(&self.breakers.store);
@@ -69,6 +76,10 @@ impl Ops for EmbeddedOps {
 
     async fn cluster(&self, me: InstanceRecord) -> Value {
         json!({"instances": [me], "sync": {"pending": 0, "lag_ms": 0}})
+    }
+
+    fn circuits(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([("store".to_string(), circuit_name(&self.breakers.store).to_string())])
     }
 }
 
@@ -93,6 +104,9 @@ impl Ops for ClusterOps {
                 redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
             })
         );
+        for (dep, ms) in [("store", store_ms), ("redis", redis_ms)] {
+            metrics::histogram!(m::DEPENDENCY_LATENCY, "dependency" => dep, "operation" => "ping").record(ms / 1000.0);
+        }
         let fanout_ok = self.fanout.fanout_ok();
         probe(&self.breakers.redis, redis_ok);
         probe(&self.breakers.store, store_ok);
@@ -114,5 +128,58 @@ impl Ops for ClusterOps {
         instances.push(me);
         instances.sort_by(|a, b| a.id.cmp(&b.id));
         json!({"instances": instances, "sync": {"pending": self.sync.pending(), "lag_ms": self.sync.lag_ms()}})
+    }
+
+    fn circuits(&self) -> BTreeMap<String, String> {
+        [("redis", &self.breakers.redis), ("store", &self.breakers.store)]
+            .into_iter()
+            .map(|(name, b)| (name.to_string(), circuit_name(b).to_string()))
+            .collect()
+    }
+
+    /// Replication of the Redis primary as it reports it (`INFO replication`).
+    async fn refresh_gauges(&self) {
+        let started = Instant::now();
+        let info = tokio::time::timeout(CHECK_TIMEOUT, async {
+            let mut conn = self.redis.conn().await;
+            redis::cmd("INFO").arg("replication").query_async::<String>(&mut conn).await
+        })
+        .await;
+        m::dependency_latency("redis", "info", started);
+        if let Ok(Ok(text)) = info {
+            let (replicas, lag) = parse_replication(&text);
+            metrics::gauge!(m::REDIS_REPLICAS).set(replicas as f64);
+            metrics::gauge!(m::REDIS_REPLICATION_LAG).set(lag as f64);
+        }
+    }
+}
+
+/// `(connected replicas, largest replica lag in seconds)` from `INFO replication` of a primary.
+fn parse_replication(info: &str) -> (u64, u64) {
+    let mut replicas = 0;
+    let mut lag = 0;
+    for line in info.lines() {
+        let line = line.trim();
+        if let Some(n) = line.strip_prefix("connected_slaves:") {
+            replicas = n.parse().unwrap_or(0);
+        } else if line.starts_with("slave") && line.contains(":ip=") {
+            let l = line.split(',').find_map(|kv| kv.strip_prefix("lag=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+            lag = lag.max(l);
+        }
+    }
+    (replicas, lag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_replication;
+
+    #[test]
+    fn replication_info_gives_replicas_and_the_largest_lag() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+                    slave0:ip=127.0.0.1,port=6380,state=online,offset=1234,lag=0\r\n\
+                    slave1:ip=127.0.0.1,port=6381,state=online,offset=1200,lag=3\r\nmaster_repl_offset:1234\r\n";
+        assert_eq!(parse_replication(info), (2, 3));
+        assert_eq!(parse_replication("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n"), (0, 0));
     }
 }

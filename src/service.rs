@@ -16,12 +16,43 @@ use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
 use crate::sequencer::{SendOutcome, Sequencer};
 use crate::store::{NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
+use crate::telemetry;
+use tracing::Instrument;
 
 /// Page size of history reads when the client gives none, and the most it may ask for.
 pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 500;
 /// Public rooms listed by `GET /rooms?scope=public`.
 const PUBLIC_ROOMS_LIMIT: u32 = 500;
+
+/// The answer to a send.
+pub struct Sent {
+    pub message: Message,
+    /// False when the client_msg_id was already accepted (a retry): `message` is the original.
+    pub created: bool,
+    /// The send's W3C traceparent (logged; carried to the write-back).
+    pub trace: String,
+}
+
+impl Sent {
+    /// Records the send latency and writes the send's log line (never the body). Target
+    /// `chatmesh::send`, so `RUST_LOG=info,chatmesh::send=warn` silences it under heavy load.
+    pub fn record(&self, transport: &'static str, started: std::time::Instant) {
+        let latency = started.elapsed();
+        metrics::histogram!(m::SEND_LATENCY).record(latency.as_secs_f64());
+        tracing::info!(
+            target: "chatmesh::send",
+            transport,
+            room = %self.message.room_id,
+            seq = self.message.seq,
+            sender = %self.message.sender_id,
+            created = self.created,
+            latency_us = latency.as_micros() as u64,
+            trace_id = telemetry::trace_id(&self.trace),
+            "send"
+        );
+    }
+}
 
 pub struct ChatService {
     pub store: Arc<dyn Store>,
@@ -278,7 +309,7 @@ impl ChatService {
 
     // ---- messages ----
 
-    /// Validated send; `Ok((msg, true))` when newly accepted, `(original, false)` on a retry.
+    /// Validated send; `created` is false on a retry (the original comes back).
     /// `turn` is held until the send is enqueued, so one socket's sends keep their order.
     pub async fn send<T>(
         &self,
@@ -287,7 +318,15 @@ impl ChatService {
         client_msg_id: ClientMsgId,
         body: MessageBody,
         turn: T,
-    ) -> ApiResult<(Message, bool)> {
+    ) -> ApiResult<Sent> {
+        // One span for the sequencing (the Redis script or the group commit); its context travels
+        // with the message to whoever makes it durable.
+        let span = if telemetry::traces_enabled() {
+            tracing::info_span!("sequence", otel.name = self.sequencer.span_name(), room = room_id)
+        } else {
+            tracing::Span::none()
+        };
+        let trace = span.in_scope(telemetry::traceparent);
         let receipt = {
             let _turn = turn;
             self.send_limiter.check(sender_id).map_err(|wait| Self::limited("send", wait))?;
@@ -300,15 +339,18 @@ impl ChatService {
                     client_msg_id: client_msg_id.into_inner(),
                     body: body.into_inner(),
                     created_at: Timestamp::now(),
+                    trace: trace.clone(),
                 })
+                .instrument(span.clone())
                 .await?
         };
-        Ok(match receipt.await? {
-            SendOutcome::Accepted(msg) => {
-                metrics::counter!(m::MESSAGES_ACCEPTED).increment(1);
-                (msg, true)
+        let outcome = receipt.instrument(span).await?;
+        Ok(match outcome {
+            SendOutcome::Accepted(message) => {
+                m::TOTALS.accepted(1);
+                Sent { message, created: true, trace }
             }
-            SendOutcome::Duplicate(msg) => (msg, false),
+            SendOutcome::Duplicate(message) => Sent { message, created: false, trace },
         })
     }
 

@@ -1,5 +1,5 @@
-//! The chat page for people, served from the binary. The browser's Socket.IO client is the npm
-//! package's build, copied in by build.rs (nothing is loaded from outside the machine).
+//! The pages for people, served from the binary: the chat page at `/` and the operations page at
+//! `/admin`. The browser's Socket.IO client is the npm package's build, copied in by build.rs (nothing is loaded from outside the machine).
 
 use std::sync::Arc;
 
@@ -13,6 +13,9 @@ use crate::app::AppState;
 const INDEX: &str = include_str!("../web/index.html");
 const APP_JS: &str = include_str!("../web/app.js");
 const STYLE: &str = include_str!("../web/style.css");
+const ADMIN: &str = include_str!("../web/admin.html");
+const ADMIN_JS: &str = include_str!("../web/admin.js");
+const ADMIN_CSS: &str = include_str!("../web/admin.css");
 const SOCKET_IO: &str = include_str!(concat!(env!("OUT_DIR"), "/socket.io.min.js"));
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
@@ -24,5 +27,9 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
         .route("/assets/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
         .route("/assets/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        // The operations page; its data (/api/v1/cluster) is guarded by CHATMESH_ADMIN_TOKEN.
+        .route("/admin", get(|| async { asset("text/html; charset=utf-8", ADMIN) }))
+        .route("/assets/admin.js", get(|| async { asset("text/javascript; charset=utf-8", ADMIN_JS) }))
+        .route("/assets/admin.css", get(|| async { asset("text/css; charset=utf-8", ADMIN_CSS) }))
         .route("/assets/socket.io.min.js", get(|| async { asset("text/javascript; charset=utf-8", SOCKET_IO) }))
 }

@@ -235,6 +235,7 @@ fn req(room: &str, sender: &str, cmid: &str, body: &str) -> SendRequest {
         client_msg_id: cmid.into(),
         body: body.into(),
         created_at: Timestamp::now(),
+        trace: String::new(),
     }
 }
 

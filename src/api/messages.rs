@@ -13,7 +13,6 @@ use crate::app::AppState;
 use crate::domain::input::parse_seq;
 use crate::domain::{ClientMsgId, HistoryPage, Message, MessageBody};
 use crate::error::{ApiError, ApiResult};
-use crate::metrics as m;
 use crate::service::{Cursor, clamp_limit};
 
 pub async fn send(
@@ -29,11 +28,10 @@ pub async fn send(
     let _inflight = state.inflight.token();
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;
-    let (msg, created) = state.svc.send(&uid, &room_id, client_msg_id, body, ()).await?;
-    metrics::histogram!(m::SEND_LATENCY).record(started.elapsed().as_secs_f64());
-    tracing::info!(room = %msg.room_id, seq = msg.seq, created, latency_us = started.elapsed().as_micros() as u64, "send via REST");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(msg)))
+    let sent = state.svc.send(&uid, &room_id, client_msg_id, body, ()).await?;
+    sent.record("http", started);
+    let status = if sent.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(sent.message)))
 }
 
 fn int_param(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<i64>> {

@@ -19,6 +19,8 @@ use axum::routing::{get, post};
 use crate::app::AppState;
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::telemetry;
+use tracing::Instrument;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
@@ -58,11 +60,43 @@ async fn observe(State(_): State<Arc<AppState>>, req: Request, next: Next) -> Re
     });
     let method = req.method().clone();
     let started = std::time::Instant::now();
-    let res = next.run(req).await;
+    // The caller's W3C trace context, if it sent one: the request span continues that trace.
+    let incoming = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let span = if telemetry::traces_enabled() {
+        let span = tracing::info_span!(
+            "http request",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        );
+        telemetry::set_remote_parent(&span, &incoming);
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let res = next.run(req).instrument(span.clone()).await;
     let status = res.status().as_u16().to_string();
+    span.record("http.response.status_code", status.as_str());
     metrics::counter!(m::HTTP_REQUESTS, "route" => route.clone(), "status" => status.clone()).increment(1);
+    // Probes, scrapes and the Socket.IO transport would drown the request log; they are counted.
     if route != "/socket.io/" && route != "/metrics" && !route.starts_with("/health") {
-        tracing::info!(method = %method, route = %route, status = %status, latency_us = started.elapsed().as_micros() as u64, "request");
+        let trace = if telemetry::traces_enabled() {
+            span.in_scope(telemetry::traceparent)
+        } else if !telemetry::trace_id(&incoming).is_empty() {
+            incoming
+        } else {
+            telemetry::traceparent()
+        };
+        tracing::info!(
+            method = %method,
+            route = %route,
+            status = %status,
+            latency_us = started.elapsed().as_micros() as u64,
+            trace_id = telemetry::trace_id(&trace),
+            "request"
+        );
     }
     res
 }

@@ -18,9 +18,9 @@ pub async fn live() -> Json<Value> {
 }
 
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    let (ok, checks) = state.ops.readiness().await;
+    let (ready, checks) = state.check_ready().await;
     let draining = state.is_draining();
-    if ok && !draining {
+    if ready {
         (StatusCode::OK, Json(json!({"status": "ready", "checks": checks})))
     } else {
         let mut body = json!({"status": "not_ready", "checks": checks});
@@ -32,7 +32,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Valu
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render(&state.metrics))
 }
 
 pub async fn cluster(State(state): State<Arc<AppState>>, parts: Parts) -> ApiResult<Json<Value>> {

@@ -23,6 +23,18 @@ pub struct InstanceRecord {
     pub last_seen: Timestamp,
     pub connections: i64,
     pub ready: bool,
+    // For the operations page; defaulted so records of older versions still parse.
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub accepted_total: u64,
+    #[serde(default)]
+    pub delivered_total: u64,
+    /// Circuit state per dependency: "closed" | "open" | "half_open".
+    #[serde(default)]
+    pub circuits: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub recent_errors: Vec<crate::telemetry::ErrorRecord>,
 }
 
 pub async fn live_instance_ids(conn: &mut ConnectionManager, keys: &Keys) -> redis::RedisResult<Vec<String>> {

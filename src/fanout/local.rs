@@ -35,7 +35,7 @@ pub fn deliver_local(io: &SocketIo, room_id: &str, seq: i64, raw: &RawValue) {
             }
         }
     }
-    metrics::counter!(m::MESSAGES_DELIVERED).increment(delivered);
+    m::TOTALS.delivered(delivered);
 }
 
 /// `typing` to this instance's sockets in the room, except the typist's own socket.

@@ -244,8 +244,9 @@ impl Receiver {
         #[derive(Deserialize)]
         struct SeqOnly {
             seq: i64,
+            created_at: Option<crate::domain::Timestamp>,
         }
-        let Ok(SeqOnly { seq }) = serde_json::from_str::<SeqOnly>(&payload) else { return };
+        let Ok(SeqOnly { seq, created_at }) = serde_json::from_str::<SeqOnly>(&payload) else { return };
         let last = self.last_seq.get(room).copied();
         if let Some(last) = last {
             if seq <= last {
@@ -257,6 +258,11 @@ impl Receiver {
         }
         if let Ok(raw) = RawValue::from_string(payload) {
             deliver_local(&self.io, room, seq, &raw);
+        }
+        if let Some(at) = created_at {
+            // From the accepting instance's clock: across hosts this includes their clock skew.
+            let ms = (crate::domain::Timestamp::now().0 - at.0).max(0);
+            metrics::histogram!(crate::metrics::DELIVERY_LATENCY).record(ms as f64 / 1000.0);
         }
         self.last_seq.insert(room.to_string(), seq);
     }

@@ -11,7 +11,8 @@ use super::{identity, payload, reply};
 use crate::app::AppState;
 use crate::domain::{ClientMsgId, MessageBody};
 use crate::error::{ApiError, ApiResult};
-use crate::metrics as m;
+use crate::telemetry;
+use tracing::Instrument;
 
 pub fn register(s: &SocketRef, state: &Arc<AppState>) {
     let st = state.clone();
@@ -22,16 +23,16 @@ pub fn register(s: &SocketRef, state: &Arc<AppState>) {
             if st.inflight.is_closed() {
                 // Past the drain: answer rather than leave the client waiting on a closing socket.
                 let err = ApiError::Unavailable("this instance is shutting down; reconnect and retry".into());
-                return reply(ack, Err(err));
+                return reply(ack, "message:send", Err(err));
             }
             let _inflight = st.inflight.token();
-            reply(ack, send(&st, &s, d, ticket).await)
+            reply(ack, "message:send", send(&st, &s, d, ticket).instrument(telemetry::event_span("message:send")).await)
         }
     });
     let st = state.clone();
     s.on("typing", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
         let st = st.clone();
-        async move { reply(ack, typing(&st, &s, d).await) }
+        async move { reply(ack, "typing", typing(&st, &s, d).instrument(telemetry::event_span("typing")).await) }
     });
 }
 
@@ -48,10 +49,9 @@ async fn send<E: std::fmt::Display>(
     let room_id = input.req_str("room_id")?;
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;
-    let (msg, created) = state.svc.send(&me.user_id, room_id, client_msg_id, body, turn).await?;
-    metrics::histogram!(m::SEND_LATENCY).record(started.elapsed().as_secs_f64());
-    tracing::debug!(room = %msg.room_id, seq = msg.seq, created, latency_us = started.elapsed().as_micros() as u64, "send");
-    Ok(json!({"message": msg}))
+    let sent = state.svc.send(&me.user_id, room_id, client_msg_id, body, turn).await?;
+    sent.record("socket", started);
+    Ok(json!({"message": sent.message}))
 }
 
 async fn typing<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {

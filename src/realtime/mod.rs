@@ -168,15 +168,22 @@ fn payload(
     crate::domain::input::Input::from_value(value)
 }
 
-/// Sends the ack: `{ok: true, ...fields}` or the error shape.
-fn reply(ack: AckSender, result: Result<Value, ApiError>) {
-    let body = match result {
+/// Sends the ack: `{ok: true, ...fields}` or the error shape, and counts the outcome per event
+/// (`event` is one of the fixed event names, `outcome` "ok" or an error code: bounded labels).
+fn reply(ack: AckSender, event: &'static str, result: Result<Value, ApiError>) {
+    let (body, outcome) = match result {
         Ok(mut v) => {
             v["ok"] = json!(true);
-            v
+            (v, "ok")
         }
-        Err(e) => e.ack(),
+        Err(e) => {
+            if matches!(e, ApiError::Unavailable(_)) {
+                tracing::warn!(event, code = e.code(), error = %e, "socket event failed");
+            }
+            (e.ack(), e.code())
+        }
     };
+    metrics::counter!(crate::metrics::SOCKET_EVENTS, "event" => event, "outcome" => outcome).increment(1);
     let _ = ack.send(&body);
 }
 

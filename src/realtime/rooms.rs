@@ -10,22 +10,24 @@ use crate::app::AppState;
 use crate::domain::input::parse_seq;
 use crate::error::ApiResult;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
+use crate::telemetry;
+use tracing::Instrument;
 
 pub fn register(s: &SocketRef, state: &Arc<AppState>) {
     let st = state.clone();
     s.on("room:join", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
         let st = st.clone();
-        async move { reply(ack, join(&st, &s, d).await) }
+        async move { reply(ack, "room:join", join(&st, &s, d).instrument(telemetry::event_span("room:join")).await) }
     });
     let st = state.clone();
     s.on("room:leave", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
         let st = st.clone();
-        async move { reply(ack, leave(&st, &s, d).await) }
+        async move { reply(ack, "room:leave", leave(&st, &s, d).instrument(telemetry::event_span("room:leave")).await) }
     });
     let st = state.clone();
     s.on("room:sync", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
         let st = st.clone();
-        async move { reply(ack, sync(&st, &s, d).await) }
+        async move { reply(ack, "room:sync", sync(&st, &s, d).instrument(telemetry::event_span("room:sync")).await) }
     });
 }
 

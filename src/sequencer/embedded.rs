@@ -60,6 +60,7 @@ async fn commit_loop(
             Err(_) => breakers.store.failure(),
         }
         metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        m::dependency_latency("store", "append_batch", started);
         match result {
             Ok(outcomes) => {
                 let committed = Instant::now();
@@ -92,6 +93,10 @@ async fn commit_loop(
 
 #[async_trait]
 impl Sequencer for GroupCommitSequencer {
+    fn span_name(&self) -> &'static str {
+        "store group commit"
+    }
+
     async fn submit(&self, req: SendRequest) -> Result<Receipt, ApiError> {
         let (tx, rx) = oneshot::channel();
         // A bounded channel's waiters are served first come, first served: submission order holds.

@@ -35,6 +35,9 @@ pub type Receipt = futures::future::BoxFuture<'static, Result<SendOutcome, ApiEr
 
 #[async_trait]
 pub trait Sequencer: Send + Sync + 'static {
+    /// Name of the span covering one send's sequencing (traces).
+    fn span_name(&self) -> &'static str;
+
     /// Enqueues a send. Sends submitted one after another (each `submit` awaited before the next)
     /// are sequenced in that order, which keeps one client's messages in the order it sent them.
     async fn submit(&self, req: SendRequest) -> Result<Receipt, ApiError>;

@@ -14,6 +14,7 @@ use super::{Receipt, SendOutcome, Sequencer};
 use crate::breaker::Breakers;
 use crate::domain::Message;
 use crate::error::ApiError;
+use crate::metrics as m;
 use crate::redis_io::{Keys, Redis, SEND_SCRIPT, is_failover_error};
 use crate::store::{SendRequest, Store};
 
@@ -234,7 +235,7 @@ impl Worker {
                     .arg(self.keys.channel(&req.room_id))
                     .arg(self.config.backlog_limit)
                     .arg(&req.room_id)
-                    .arg("");
+                    .arg(&req.trace);
             }
             if self.config.ack_level == AckLevel::Replica {
                 pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);
@@ -243,7 +244,10 @@ impl Worker {
                 return Err(ApiError::Unavailable("Redis is failing (circuit open); retry".into()));
             }
             let mut conn = self.redis.conn().await;
-            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            let started = std::time::Instant::now();
+            let result = pipe.query_async::<Vec<Value>>(&mut conn).await;
+            m::dependency_latency("redis", "send_batch", started);
+            match result {
                 Ok(mut values) => {
                     self.breakers.redis.success();
                     if self.config.ack_level == AckLevel::Replica {
@@ -285,6 +289,10 @@ async fn unavailable(redis: &Redis, e: redis::RedisError) -> ApiError {
 
 #[async_trait]
 impl Sequencer for RedisSequencer {
+    fn span_name(&self) -> &'static str {
+        "redis send script"
+    }
+
     async fn submit(&self, req: SendRequest) -> Result<Receipt, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.queue.send((req, tx)).await.map_err(|_| ApiError::Unavailable("the sequencer is shutting down".into()))?;
@@ -306,6 +314,7 @@ mod tests {
             client_msg_id: "c".into(),
             body: "\"seq\":0, in a body".into(),
             created_at: Timestamp(0),
+            trace: String::new(),
         };
         let (a, b) = json_around_seq(&req);
         let m: Message = serde_json::from_str(&format!("{a}42{b}")).unwrap();

@@ -69,6 +69,8 @@ pub struct SendRequest {
     pub client_msg_id: String,
     pub body: String,
     pub created_at: Timestamp,
+    /// W3C traceparent of the send, carried to whoever makes it durable (empty: none).
+    pub trace: String,
 }
 
 /// What became of one [`SendRequest`] in [`Store::append_messages`].

@@ -19,6 +19,8 @@ use crate::domain::{Message, Timestamp};
 use crate::metrics as m;
 use crate::redis_io::{Keys, Redis};
 use crate::store::Store;
+use crate::telemetry;
+use tracing::Instrument;
 
 pub const GROUP: &str = "cm-sync";
 
@@ -45,6 +47,8 @@ pub struct Entry {
     pub stream: String,
     pub id: String,
     pub message: Option<Message>,
+    /// The send's W3C traceparent ('' when the entry has none).
+    pub trace: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +139,8 @@ impl SyncWorker {
                             let stream = k.key;
                             k.ids.into_iter().map(move |e| {
                                 let message = e.get::<String>("m").and_then(|raw| serde_json::from_str(&raw).ok());
-                                Entry { stream: stream.clone(), id: e.id, message }
+                                let trace = e.get::<String>("t").unwrap_or_default();
+                                Entry { stream: stream.clone(), id: e.id, message, trace }
                             })
                         })
                         .collect()
@@ -158,7 +163,32 @@ impl SyncWorker {
         let mut dead = Vec::new();
         dead.extend(bad);
         let mut stored = Vec::new();
-        match self.store.upsert_messages(&messages).await {
+        // Traces: one span per batch around the store write, and per message a span that continues
+        // the send's trace, so one trace shows the message from send to durable.
+        let (batch_span, durable_spans) = if telemetry::traces_enabled() {
+            let batch = tracing::info_span!("sync batch", entries = messages.len());
+            let per_message: Vec<tracing::Span> = good
+                .iter()
+                .map(|e| {
+                    let span = tracing::info_span!(parent: None, "message durable", otel.kind = "consumer", seq = e.message.as_ref().map_or(0, |m| m.seq));
+                    telemetry::set_remote_parent(&span, &e.trace);
+                    span
+                })
+                .collect();
+            (batch, per_message)
+        } else {
+            (tracing::Span::none(), Vec::new())
+        };
+        let write_span = if telemetry::traces_enabled() {
+            tracing::info_span!(parent: &batch_span, "store write", otel.name = "store upsert_messages", rows = messages.len())
+        } else {
+            tracing::Span::none()
+        };
+        let started = std::time::Instant::now();
+        let result = self.store.upsert_messages(&messages).instrument(write_span).await;
+        m::dependency_latency("store", "upsert_messages", started);
+        drop(durable_spans);
+        match result {
             Ok(()) => {
                 self.breakers.store.success();
                 stored = good;
@@ -197,6 +227,14 @@ impl SyncWorker {
         }
         self.trim_recent(&stored).await;
         metrics::counter!(m::SYNC_STORED).increment(stored.len() as u64);
+        if tracing::enabled!(target: "chatmesh::sync", tracing::Level::DEBUG) {
+            for e in &stored {
+                if let Some(msg) = &e.message {
+                    let trace_id = telemetry::trace_id(&e.trace);
+                    tracing::debug!(target: "chatmesh::sync", room = %msg.room_id, seq = msg.seq, trace_id, "stored");
+                }
+            }
+        }
         SyncOutcome::Synced { stored: stored.len(), dead: dead.len() }
     }
 

@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 pub struct TestApp {
     pub url: String,
     pub child: Child,
+    /// Every line the instance wrote to stdout (its log), in order.
+    pub logs: Arc<Mutex<Vec<String>>>,
     _own_dir: Option<tempfile::TempDir>,
     pub http: reqwest::Client,
 }
@@ -68,10 +70,13 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn chatmesh");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let keep = logs.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            keep.lock().unwrap().push(line.clone());
             if !sent
                 && let Ok(v) = serde_json::from_str::<Value>(&line)
                 && v["message"] == "listening"
@@ -88,6 +93,7 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
     TestApp {
         url: format!("http://{addr}"),
         child,
+        logs,
         _own_dir: own_dir,
         http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
     }

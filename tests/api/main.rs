@@ -3,6 +3,7 @@
 mod config;
 mod helpers;
 mod lifecycle;
+mod logs;
 mod messages;
 mod ops;
 mod rooms;

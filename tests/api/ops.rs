@@ -76,3 +76,181 @@ async fn web_page_and_its_assets_are_served() {
         assert!(!res.text().await.unwrap().is_empty());
     }
 }
+
+/// One parsed sample: name, labels, value.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// Parses the Prometheus text format strictly enough to catch a malformed line.
+fn parse_samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), Vec::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                let mut labels = Vec::new();
+                // Label values here never contain `",`; a template route has braces but no quotes.
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label {pair:?} in {line}"));
+                    labels.push((k.to_string(), v.trim_end_matches('"').to_string()));
+                }
+                (name.to_string(), labels)
+            }
+        };
+        out.push(Sample { name, labels, value });
+    }
+    out
+}
+
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v)))
+        .map(|s| s.value)
+}
+
+#[tokio::test]
+async fn every_documented_metric_is_exported_with_bounded_labels_and_moves_with_traffic() {
+    let app = spawn_app().await;
+    let scrape = || async {
+        let text = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+        parse_samples(&text)
+    };
+    let before = scrape().await;
+    let cpu_before = value(&before, "process_cpu_seconds_total", &[]).expect("process CPU exported");
+
+    let (uid, t) = app.register("metrics_user").await;
+    let room = app.create_room(&t, "metrics-room", "public").await;
+    for i in 0..20 {
+        assert_eq!(app.send(&t, &room, &format!("cm-{i}"), "hello").await.status, StatusCode::CREATED);
+    }
+    let r = app.send(&t, &room, "cm-0", "hello").await; // a retry: not accepted twice
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?limit=5"), None, Some(&t)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let _ = app.call(Method::GET, "/health/ready", None, None).await;
+    let after = scrape().await;
+
+    assert_eq!(value(&after, "chatmesh_messages_accepted_total", &[]), Some(20.0));
+    assert_eq!(value(&after, "chatmesh_send_latency_seconds_count", &[]), Some(21.0));
+    let sent_201 = [("route", "/api/v1/rooms/{id}/messages"), ("status", "201")];
+    assert_eq!(value(&after, "chatmesh_http_requests_total", &sent_201), Some(20.0));
+    assert_eq!(value(&after, "chatmesh_ready", &[]), Some(1.0));
+    assert_eq!(value(&after, "chatmesh_dependency_up", &[("dependency", "store")]), Some(1.0));
+    assert_eq!(value(&after, "chatmesh_circuit_open", &[("dependency", "store")]), Some(0.0));
+    let commits = value(&after, "chatmesh_dependency_latency_seconds_count", &[("operation", "append_batch")]);
+    // 21 sends (one a retry) in at most 21 group commits.
+    assert!(commits.is_some_and(|n| (1.0..=21.0).contains(&n)), "group commits: {commits:?}");
+    assert!(value(&after, "chatmesh_commit_batch_size_count", &[]).is_some_and(|n| n >= 1.0));
+    // Histogram buckets resolve sub-millisecond to seconds.
+    let les: Vec<&str> = after
+        .iter()
+        .filter(|s| s.name == "chatmesh_send_latency_seconds_bucket")
+        .filter_map(|s| s.labels.iter().find(|(k, _)| k == "le").map(|(_, v)| v.as_str()))
+        .collect();
+    for le in ["0.0001", "0.001", "1", "10", "+Inf"] {
+        assert!(les.contains(&le), "bucket le={le} missing: {les:?}");
+    }
+    // Process figures are real.
+    assert!(value(&after, "process_resident_memory_bytes", &[]).is_some_and(|v| v > 1e6));
+    assert!(value(&after, "process_open_fds", &[]).is_some_and(|v| v >= 5.0));
+    assert!(value(&after, "process_max_fds", &[]).is_some_and(|v| v >= 256.0));
+    assert!(value(&after, "process_threads", &[]).is_some_and(|v| v >= 2.0));
+    assert!(value(&after, "process_cpu_seconds_total", &[]).unwrap() >= cpu_before);
+    assert_eq!(value(&after, "chatmesh_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+
+    // Bounded labels: only known label names, and no id of anything in any value.
+    let allowed =
+        ["route", "status", "dependency", "operation", "event", "outcome", "kind", "le", "version", "quantile"];
+    let message_ids: Vec<String> =
+        r.body["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    for s in &after {
+        for (k, v) in &s.labels {
+            assert!(allowed.contains(&k.as_str()), "unexpected label {k} on {}", s.name);
+            for id in [&room, &uid].into_iter().chain(message_ids.iter()) {
+                assert!(!v.contains(id.as_str()), "an id leaked into {}{{{k}={v}}}", s.name);
+            }
+        }
+    }
+
+    // Every metric docs/metrics.md documents is exported (those only some modes or setups emit
+    // are listed here), and every exported one is documented.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
+    let documented: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name))
+        .collect();
+    let exported: std::collections::HashSet<String> = after
+        .iter()
+        .map(|s| {
+            let n = s.name.as_str();
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| n.strip_suffix(suffix))
+                .filter(|base| documented.contains(base))
+                .unwrap_or(n)
+                .to_string()
+        })
+        .collect();
+    let cluster_only = [
+        "chatmesh_sync_pending",
+        "chatmesh_sync_lag_seconds",
+        "chatmesh_sync_errors_total",
+        "chatmesh_sync_stored_total",
+        "chatmesh_redis_connected_replicas",
+        "chatmesh_redis_replication_lag_seconds",
+        "chatmesh_replication_lag_seconds",
+        "chatmesh_rate_limited_total",
+        "chatmesh_socket_events_total",
+    ];
+    for name in &documented {
+        assert!(exported.contains(*name) || cluster_only.contains(name), "{name} is documented but not exported");
+    }
+    for name in &exported {
+        assert!(documented.contains(&name.as_str()), "{name} is exported but not in docs/metrics.md");
+    }
+    assert_eq!(documented.len(), chatmesh::metrics::ALL.len(), "docs/metrics.md and metrics::ALL differ");
+    for name in chatmesh::metrics::ALL {
+        assert!(documented.contains(name), "{name} (metrics::ALL) is not documented");
+    }
+}
+
+#[tokio::test]
+async fn the_operations_page_and_its_assets_are_served() {
+    let app = spawn_app().await;
+    for (path, ty, needle) in [
+        ("/admin", "text/html", "/assets/admin.js"),
+        ("/assets/admin.js", "text/javascript", "/api/v1/cluster"),
+        ("/assets/admin.css", "text/css", "{"),
+    ] {
+        let res = app.http.get(format!("{}{path}", app.url)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with(ty), "{path}");
+        assert!(res.text().await.unwrap().contains(needle), "{path} lacks {needle}");
+    }
+}
+
+#[tokio::test]
+async fn the_cluster_view_describes_this_instance_for_the_operations_page() {
+    let app = spawn_app().await;
+    let (_, t) = app.register("view_user").await;
+    let room = app.create_room(&t, "view-room", "public").await;
+    for i in 0..3 {
+        assert_eq!(app.send(&t, &room, &format!("v-{i}"), "x").await.status, StatusCode::CREATED);
+    }
+    let r = app.call(Method::GET, "/api/v1/cluster", None, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let me = &r.body["instances"][0];
+    assert_eq!(me["accepted_total"], 3, "{me}");
+    assert_eq!(me["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(me["circuits"]["store"], "closed");
+    assert!(me["recent_errors"].is_array());
+    assert!(me["delivered_total"].is_u64());
+}

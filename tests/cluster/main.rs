@@ -14,6 +14,7 @@ mod caches;
 mod failover;
 mod outage;
 mod sync;
+mod traces;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -126,6 +127,7 @@ pub fn request(room: &str, sender: &str, cmid: &str) -> SendRequest {
         client_msg_id: cmid.into(),
         body: format!("body {cmid}"),
         created_at: Timestamp::now(),
+        trace: String::new(),
     }
 }
 
