@@ -1,11 +1,16 @@
 //! chatmesh load generator. `ingest`: S senders over R rooms, each keeping `window` sends in flight
 //! (closed loop); reports acked msgs/s, send latency percentiles, deliveries with order checks, and
 //! the server's CPU time per ack when `--server-pid` is given. Prints one JSON object on stdout.
+//! `fanout`: rooms of M members, sender and members on different instances, open-loop rate steps
+//! (fanout.rs). `idle`: N idle connections, server memory per connection (idle.rs).
 //! `soak`: C clients in one room sending at a fixed rate through one URL while faults are injected,
 //! retrying with the same client_msg_id across reconnects; prints one verdict line (see soak.rs)
 //! and exits 1 if anything was lost, duplicated or reordered.
 
 mod api;
+mod fanout;
+mod idle;
+mod measure;
 mod sio;
 mod soak;
 mod track;
@@ -22,6 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::api::{register_users, rest};
+use crate::measure::{cpu_all, percentile_ms as percentile, self_cpu_seconds};
 use crate::track::{OrderStats, OrderTracker};
 
 #[derive(Parser)]
@@ -52,6 +58,51 @@ enum Scenario {
         /// Server processes whose CPU time is sampled (user + system), comma-separated.
         #[arg(long, value_delimiter = ',')]
         server_pid: Vec<u32>,
+        /// Open loop: total sends per second (spread over the senders); 0 = closed loop.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// PostgreSQL the write-back lands in: samples ack → row-visible lag by polling it.
+        #[arg(long)]
+        pg_url: Option<String>,
+    },
+    /// R rooms × M members; sender and members on different instances; delivered msgs/s and
+    /// send→deliver latency per open-loop rate step.
+    Fanout {
+        /// Instance URLs, comma-separated: senders use the first, members the last.
+        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:5001")]
+        url: Vec<String>,
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        #[arg(long, default_value_t = 10)]
+        members: usize,
+        /// Sent msgs/s (all rooms) per step, comma-separated; with --find-max, the first step.
+        #[arg(long, value_delimiter = ',', default_value = "1000")]
+        rate: Vec<f64>,
+        #[arg(long)]
+        find_max: bool,
+        #[arg(long, default_value_t = 5.0)]
+        p99_limit_ms: f64,
+        #[arg(long, default_value_t = 4.0)]
+        step_seconds: f64,
+        #[arg(long, default_value_t = 8)]
+        senders: usize,
+        #[arg(long, value_delimiter = ',')]
+        server_pid: Vec<u32>,
+    },
+    /// N idle connections from several loopback source addresses; server RSS per connection.
+    Idle {
+        #[arg(long, default_value = "http://127.0.0.1:5001")]
+        url: String,
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 4)]
+        sources: u8,
+        #[arg(long, default_value_t = 256)]
+        parallel: usize,
+        #[arg(long, default_value_t = 5.0)]
+        hold_seconds: f64,
+        #[arg(long)]
+        server_pid: u32,
     },
     /// C clients in one room at a fixed rate, with retries across reconnects; verdict line.
     Soak {
@@ -74,26 +125,6 @@ enum Scenario {
     },
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
-fn self_cpu_seconds() -> f64 {
-    cpu_seconds(std::process::id()).unwrap_or(0.0)
-}
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx] as f64 / 1000.0
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn ingest(
     url: String,
@@ -103,6 +134,8 @@ async fn ingest(
     seconds: f64,
     warmup: f64,
     server_pid: Vec<u32>,
+    rate: f64,
+    pg_url: Option<String>,
 ) -> anyhow::Result<Value> {
     anyhow::ensure!(senders >= rooms && rooms > 0, "need senders >= rooms > 0");
     let urls: Vec<String> = url.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect();
@@ -125,6 +158,8 @@ async fn ingest(
     let mut trackers: Vec<Arc<std::sync::Mutex<OrderTracker>>> = Vec::new();
     let delivered_measured = Arc::new(AtomicU64::new(0));
 
+    // The latest ack seen while measuring, for the write-back lag probe.
+    let last_ack: Arc<std::sync::Mutex<Option<(String, i64, Instant)>>> = Arc::default();
     let mut tasks = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
         let room = room_ids[i % rooms].clone();
@@ -148,15 +183,34 @@ async fn ingest(
                 }
             }
         }));
-        let (stop, measuring, acked, errors, latencies) =
-            (stop.clone(), measuring.clone(), acked.clone(), errors.clone(), latencies.clone());
+        let (stop, measuring, acked, errors, latencies, last_ack) =
+            (stop.clone(), measuring.clone(), acked.clone(), errors.clone(), latencies.clone(), last_ack.clone());
+        // Open loop: one send per tick whatever the acks do; closed loop: `window` in flight.
+        let mut tick = (rate > 0.0).then(|| {
+            let mut t = tokio::time::interval(Duration::from_secs_f64(senders as f64 / rate));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            t
+        });
         tasks.push(tokio::spawn(async move {
             let client = Arc::new(client);
             let mut in_flight = FuturesUnordered::new();
             let mut n = 0u64;
             let mut local_lat = Vec::new();
             loop {
-                while in_flight.len() < window && !stop.load(Ordering::Relaxed) {
+                let stopping = stop.load(Ordering::Relaxed);
+                let mut send_now = 0;
+                let ack = match &mut tick {
+                    None => {
+                        send_now = if stopping { 0 } else { window.saturating_sub(in_flight.len()) };
+                        None
+                    }
+                    Some(t) if !stopping => tokio::select! {
+                        _ = t.tick() => { send_now = 1; None }
+                        Some(done) = in_flight.next(), if !in_flight.is_empty() => Some(done),
+                    },
+                    Some(_) => None,
+                };
+                for _ in 0..send_now {
                     n += 1;
                     let payload =
                         json!({"room_id": room, "client_msg_id": format!("s{i}-{n}"), "body": format!("load {i} {n}")});
@@ -164,12 +218,26 @@ async fn ingest(
                     let Ok(rx) = client.emit("message:send", &payload).await else { break };
                     in_flight.push(async move { (rx.await, started) });
                 }
-                let Some((ack, started)) = in_flight.next().await else { break };
+                let ack = match ack {
+                    Some(a) => a,
+                    None if tick.is_some() && !stopping => continue,
+                    None => match in_flight.next().await {
+                        Some(a) => a,
+                        None => break,
+                    },
+                };
+                let (ack, started) = ack;
                 let ok = matches!(&ack, Ok(v) if v["ok"] == true);
                 if measuring.load(Ordering::Relaxed) {
                     if ok {
                         acked.fetch_add(1, Ordering::Relaxed);
                         local_lat.push(started.elapsed().as_micros() as u64);
+                        if let Ok(v) = &ack
+                            && let Some(seq) = v["message"]["seq"].as_i64()
+                            && let Ok(mut slot) = last_ack.try_lock()
+                        {
+                            *slot = Some((room.clone(), seq, Instant::now()));
+                        }
                     } else {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -181,12 +249,6 @@ async fn ingest(
     }
 
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-    let cpu_all = |pids: &[u32]| -> Option<f64> {
-        if pids.is_empty() {
-            return None;
-        }
-        pids.iter().map(|p| cpu_seconds(*p)).sum::<Option<f64>>()
-    };
     let cpu0 = cpu_all(&server_pid);
     // Write-back lag as /health/ready reports it, sampled while measuring (cluster mode).
     let lag_samples: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -207,6 +269,43 @@ async fn ingest(
             }
         })
     };
+    // Ack → row visible in PostgreSQL, one sampled message at a time (works for any backend that
+    // writes the `messages` table, the Node baseline included).
+    let pg_lags: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let pg_probe = match &pg_url {
+        Some(pg) => {
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(pg).await.context("pg_url")?;
+            let (pg_lags, measuring, last_ack) = (pg_lags.clone(), measuring.clone(), last_ack.clone());
+            Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if !measuring.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let Some((room, seq, acked_at)) = last_ack.lock().unwrap().take() else { continue };
+                    loop {
+                        let found: Option<i64> =
+                            sqlx::query_scalar("SELECT seq FROM messages WHERE room_id = $1 AND seq = $2")
+                                .bind(&room)
+                                .bind(seq)
+                                .fetch_optional(&pool)
+                                .await
+                                .ok()
+                                .flatten();
+                        if found.is_some() {
+                            pg_lags.lock().await.push(acked_at.elapsed().as_micros() as u64);
+                            break;
+                        }
+                        if acked_at.elapsed() > Duration::from_secs(60) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
     let self0 = self_cpu_seconds();
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
@@ -215,6 +314,13 @@ async fn ingest(
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu1 = cpu_all(&server_pid);
     sampler.abort();
+    if let Some(p) = pg_probe {
+        // Let the last sampled message land, then stop.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.abort();
+    }
+    let mut pg = pg_lags.lock().await.clone();
+    pg.sort_unstable();
     let mut lags = lag_samples.lock().await.clone();
     lags.sort_unstable();
     let lag_p =
@@ -251,6 +357,10 @@ async fn ingest(
         "loadgen_cpu_seconds": self1 - self0,
         "instances": urls.len(),
         "sync_lag_ms": {"p50": lag_p(0.5), "p99": lag_p(0.99), "max": lag_p(1.0), "samples": lags.len()},
+        "rate": rate,
+        "pg_visible_lag_ms": if pg.is_empty() { Value::Null } else {
+            json!({"p50": percentile(&pg, 0.5), "p99": percentile(&pg, 0.99), "max": percentile(&pg, 1.0), "samples": pg.len()})
+        },
     }))
 }
 
@@ -265,8 +375,25 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(if v.ok() { 0 } else { 1 });
     }
     let out = match cli.scenario {
-        Scenario::Ingest { url, senders, rooms, window, seconds, warmup, server_pid } => {
-            ingest(url, senders, rooms, window, seconds, warmup, server_pid).await?
+        Scenario::Ingest { url, senders, rooms, window, seconds, warmup, server_pid, rate, pg_url } => {
+            ingest(url, senders, rooms, window, seconds, warmup, server_pid, rate, pg_url).await?
+        }
+        Scenario::Fanout { url, rooms, members, rate, find_max, p99_limit_ms, step_seconds, senders, server_pid } => {
+            fanout::run(fanout::Params {
+                urls: url,
+                rooms,
+                members,
+                rates: rate,
+                find_max,
+                p99_limit_ms,
+                step_seconds,
+                senders,
+                server_pid,
+            })
+            .await?
+        }
+        Scenario::Idle { url, connections, sources, parallel, hold_seconds, server_pid } => {
+            idle::run(idle::Params { url, connections, sources, parallel, hold_seconds, server_pid }).await?
         }
         Scenario::Soak { .. } => unreachable!(),
     };

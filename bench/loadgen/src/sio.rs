@@ -31,14 +31,49 @@ impl Drop for Client {
 /// What the reader hands to the caller for every server event (`42["name", payload]`).
 pub type EventSink = mpsc::UnboundedSender<(String, Value)>;
 
+/// Where server events go: parsed, or as the raw frame text (`["name",{...}]`) for callers that
+/// pick out a few fields themselves and must not spend the CPU on a full parse.
+pub enum Events {
+    Parsed(EventSink),
+    /// Frames tagged with the caller's connection index.
+    Raw(u32, mpsc::UnboundedSender<(u32, String)>),
+}
+
 impl Client {
     /// Connects to `base` (http://host:port), authenticates with `token`, and forwards every
     /// server event to `events`.
     pub async fn connect(base: &str, token: &str, events: EventSink) -> anyhow::Result<Self> {
+        Self::connect_from(base, token, None, Events::Parsed(events)).await
+    }
+
+    /// As [`Client::connect`], from the local address `local` when given (several loopback
+    /// source addresses give more than one address's worth of ephemeral ports).
+    pub async fn connect_from(
+        base: &str,
+        token: &str,
+        local: Option<std::net::IpAddr>,
+        events: Events,
+    ) -> anyhow::Result<Self> {
         let ws_url = format!("{}/socket.io/?EIO=4&transport=websocket", base.replacen("http", "ws", 1));
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(&ws_url, None, true)
+        let authority = base.split("://").nth(1).unwrap_or(base).trim_end_matches('/');
+        let server: std::net::SocketAddr = tokio::net::lookup_host(authority)
             .await
-            .with_context(|| format!("connect {ws_url}"))?;
+            .with_context(|| format!("resolve {authority}"))?
+            .next()
+            .ok_or_else(|| anyhow!("no address for {authority}"))?;
+        let socket = if server.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        if let Some(ip) = local {
+            socket.bind(std::net::SocketAddr::new(ip, 0)).with_context(|| format!("bind {ip}"))?;
+        }
+        let tcp = socket.connect(server).await.with_context(|| format!("connect {server}"))?;
+        tcp.set_nodelay(true)?;
+        // Small buffers: the idle scenario holds 100k of these in one process.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(8 * 1024)
+            .write_buffer_size(0);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(ws_url.as_str(), tcp, Some(config))
+            .await
+            .with_context(|| format!("websocket {ws_url}"))?;
         let (mut sink, mut stream) = ws.split();
         let open = next_text(&mut stream).await?;
         if !open.starts_with('0') {
@@ -80,12 +115,19 @@ impl Client {
                         let _ = tx.send(payload);
                     }
                 } else if let Some(rest) = text.strip_prefix("42") {
-                    if let Ok(Value::Array(mut parts)) = serde_json::from_str::<Value>(rest)
-                        && parts.len() >= 2
-                    {
-                        let payload = parts.remove(1);
-                        let name = parts[0].as_str().unwrap_or_default().to_string();
-                        let _ = events.send((name, payload));
+                    match &events {
+                        Events::Raw(tag, tx) => {
+                            let _ = tx.send((*tag, rest.to_string()));
+                        }
+                        Events::Parsed(tx) => {
+                            if let Ok(Value::Array(mut parts)) = serde_json::from_str::<Value>(rest)
+                                && parts.len() >= 2
+                            {
+                                let payload = parts.remove(1);
+                                let name = parts[0].as_str().unwrap_or_default().to_string();
+                                let _ = tx.send((name, payload));
+                            }
+                        }
                     }
                 } else if text.starts_with('1') || text.starts_with("41") {
                     break;

@@ -1,0 +1,316 @@
+//! `fanout`: R rooms of M listening members each. Senders on the first instance send at an
+//! open-loop rate (spread over the rooms round robin); every member socket listens on the last
+//! instance, so each message crosses instances. Each rate step measures delivered msgs/s,
+//! send→deliver latency (the send instant travels in the body) and server CPU per delivery.
+//! `--find-max` doubles the rate until p99 exceeds the limit or deliveries fall behind, then
+//! measures again at half of the best rate.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::api::{register_users, rest};
+use crate::measure::{cpu_all, percentile_ms, self_cpu_seconds};
+use crate::sio::{self, Events};
+
+pub struct Params {
+    pub urls: Vec<String>,
+    pub rooms: usize,
+    pub members: usize,
+    /// Messages sent per second (all rooms together) for each step, unless `find_max`.
+    pub rates: Vec<f64>,
+    pub find_max: bool,
+    pub p99_limit_ms: f64,
+    pub step_seconds: f64,
+    pub senders: usize,
+    pub server_pid: Vec<u32>,
+}
+
+/// What one `message:new` frame says: (seq, send instant in µs since the run's epoch).
+pub fn parse_frame(frame: &str) -> Option<(i64, u64)> {
+    fn number_after(s: &str, key: &str) -> Option<u64> {
+        let at = s.find(key)? + key.len();
+        let digits: &str = &s[at..];
+        let end = digits.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
+        digits[..end].parse().ok()
+    }
+    if !frame.starts_with("[\"message:new\"") {
+        return None;
+    }
+    Some((number_after(frame, "\"seq\":")? as i64, number_after(frame, "\"body\":\"t")?))
+}
+
+/// Per-socket order check: every socket must see its room's seqs with no gap, repeat or reversal.
+#[derive(Default, Clone, Copy, Debug, PartialEq)]
+pub struct OrderCheck {
+    pub gaps: u64,
+    pub duplicates: u64,
+    pub reordered: u64,
+}
+
+impl OrderCheck {
+    pub fn observe(&mut self, last: &mut i64, seq: i64) {
+        if *last > 0 {
+            if seq == *last {
+                self.duplicates += 1;
+            } else if seq < *last {
+                self.reordered += 1;
+            } else if seq > *last + 1 {
+                self.gaps += 1;
+            }
+        }
+        *last = (*last).max(seq);
+    }
+}
+
+struct Shared {
+    measuring: AtomicBool,
+    delivered: AtomicU64,
+    latencies: std::sync::Mutex<Vec<u64>>,
+    order: std::sync::Mutex<OrderCheck>,
+}
+
+pub async fn run(p: Params) -> anyhow::Result<Value> {
+    anyhow::ensure!(!p.urls.is_empty() && p.rooms > 0 && p.members > 0 && p.senders > 0, "bad parameters");
+    let http = reqwest::Client::new();
+    let first = p.urls[0].clone();
+    let last = p.urls[p.urls.len() - 1].clone();
+    let run =
+        format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() % 0xffffff);
+    // A handful of users: the sender owns every room; members are a few users with many sockets.
+    let listeners = p.members.min(20);
+    let tokens = register_users(&http, &first, &format!("fo{run}"), listeners + 1).await?;
+    let mut room_ids = Vec::with_capacity(p.rooms);
+    for r in 0..p.rooms {
+        let v = rest(&http, &first, "/api/v1/rooms", json!({"name": format!("fanout {run} {r}")}), Some(&tokens[0]))
+            .await?;
+        room_ids.push(v["id"].as_str().unwrap_or_default().to_string());
+    }
+
+    let epoch = Instant::now();
+    let shared = Arc::new(Shared {
+        measuring: AtomicBool::new(false),
+        delivered: AtomicU64::new(0),
+        latencies: std::sync::Mutex::new(Vec::new()),
+        order: std::sync::Mutex::new(OrderCheck::default()),
+    });
+    // Members: R × M sockets on the last instance, all feeding one consumer.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u32, String)>();
+    let mut members = Vec::with_capacity(p.rooms * p.members);
+    for (r, room) in room_ids.iter().enumerate() {
+        for m in 0..p.members {
+            let idx = (r * p.members + m) as u32;
+            let token = &tokens[1 + m % listeners];
+            let c = sio::Client::connect_from(&last, token, None, Events::Raw(idx, tx.clone()))
+                .await
+                .with_context(|| format!("member {idx}"))?;
+            let join = c.call("room:join", &json!({"room_id": room})).await?;
+            anyhow::ensure!(join["ok"] == true, "room:join: {join}");
+            members.push(c);
+        }
+    }
+    drop(tx);
+    let consumer = {
+        let shared = shared.clone();
+        let sockets = members.len();
+        tokio::spawn(async move {
+            let mut last_seq = vec![0i64; sockets];
+            let mut order = OrderCheck::default();
+            let mut lat = Vec::new();
+            while let Some((idx, frame)) = rx.recv().await {
+                let Some((seq, sent_us)) = parse_frame(&frame) else { continue };
+                order.observe(&mut last_seq[idx as usize], seq);
+                if shared.measuring.load(Ordering::Relaxed) {
+                    shared.delivered.fetch_add(1, Ordering::Relaxed);
+                    lat.push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
+                    if lat.len() >= 4096 {
+                        shared.latencies.lock().unwrap().append(&mut lat);
+                    }
+                } else if !lat.is_empty() {
+                    shared.latencies.lock().unwrap().append(&mut lat);
+                }
+                if seq % 1024 == 0 {
+                    *shared.order.lock().unwrap() = order;
+                }
+            }
+            *shared.order.lock().unwrap() = order;
+        })
+    };
+    // Senders on the first instance (they do not join: they receive nothing).
+    let mut senders = Vec::with_capacity(p.senders);
+    for s in 0..p.senders {
+        let (etx, _erx) = mpsc::unbounded_channel();
+        let c = sio::Client::connect(&first, &tokens[0], etx).await.with_context(|| format!("sender {s}"))?;
+        senders.push(Arc::new(c));
+    }
+
+    let mut steps = Vec::new();
+    let mut rates = p.rates.clone();
+    let mut best: Option<Value> = None;
+    let mut i = 0;
+    while i < rates.len() {
+        let rate = rates[i];
+        let step = measure_step(&p, rate, &senders, &room_ids, &shared, epoch).await?;
+        let ok = step["latency_ms"]["p99"].as_f64().unwrap_or(f64::MAX) <= p.p99_limit_ms
+            && step["delivered_ratio"].as_f64().unwrap_or(0.0) >= 0.95;
+        steps.push(step.clone());
+        if p.find_max {
+            if ok {
+                best = Some(step);
+                if i + 1 == rates.len() && rates.len() < 12 {
+                    rates.push(rate * 2.0);
+                }
+            } else {
+                break;
+            }
+        }
+        i += 1;
+    }
+    let half = match (&best, p.find_max) {
+        (Some(b), true) => {
+            // The step that failed may have left queues behind: let them drain first.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let rate = b["rate"].as_f64().unwrap_or(0.0) / 2.0;
+            Some(measure_step(&p, rate, &senders, &room_ids, &shared, epoch).await?)
+        }
+        _ => None,
+    };
+    drop(senders);
+    drop(members);
+    let _ = tokio::time::timeout(Duration::from_secs(2), consumer).await;
+    let order = *shared.order.lock().unwrap();
+    Ok(json!({
+        "scenario": "fanout",
+        "rooms": p.rooms, "members": p.members, "instances": p.urls.len(),
+        "p99_limit_ms": p.p99_limit_ms,
+        "steps": steps,
+        "best_within_p99": best,
+        "half_of_best": half,
+        "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered},
+    }))
+}
+
+async fn measure_step(
+    p: &Params,
+    rate: f64,
+    senders: &[Arc<sio::Client>],
+    rooms: &[String],
+    shared: &Arc<Shared>,
+    epoch: Instant,
+) -> anyhow::Result<Value> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let per_sender = rate / senders.len() as f64;
+    let mut tasks = Vec::new();
+    for (s, client) in senders.iter().enumerate() {
+        let (client, stop, sent, rejected) = (client.clone(), stop.clone(), sent.clone(), rejected.clone());
+        let rooms: Vec<String> = rooms.iter().skip(s).step_by(senders.len()).cloned().collect();
+        if rooms.is_empty() {
+            continue;
+        }
+        let measuring = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender.max(0.1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut n = 0u64;
+            let nonce: u32 = rand_u32();
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let room = &rooms[n as usize % rooms.len()];
+                let body = format!("t{}", epoch.elapsed().as_micros());
+                let payload = json!({"room_id": room, "client_msg_id": format!("f{nonce:x}-{s}-{n}"), "body": body});
+                let Ok(ack) = client.emit("message:send", &payload).await else { break };
+                if measuring.measuring.load(Ordering::Relaxed) {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+                let rejected = rejected.clone();
+                tokio::spawn(async move {
+                    if !matches!(ack.await, Ok(v) if v["ok"] == true) {
+                        rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }));
+    }
+    // Warm up, then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shared.delivered.store(0, Ordering::Relaxed);
+    shared.latencies.lock().unwrap().clear();
+    let cpu0 = cpu_all(&p.server_pid);
+    let self0 = self_cpu_seconds();
+    let t0 = Instant::now();
+    shared.measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(p.step_seconds)).await;
+    shared.measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_all(&p.server_pid);
+    let self1 = self_cpu_seconds();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    // Deliveries in flight when measuring stopped are not counted; let them drain.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let sent = sent.load(Ordering::Relaxed);
+    let mut lat = std::mem::take(&mut *shared.latencies.lock().unwrap());
+    lat.sort_unstable();
+    let server_cpu = match (cpu0, cpu1) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let expected = sent * p.members as u64;
+    Ok(json!({
+        "rate": rate,
+        "seconds": elapsed,
+        "sent": sent,
+        "rejected": rejected.load(Ordering::Relaxed),
+        "delivered": delivered,
+        "delivered_per_sec": delivered as f64 / elapsed,
+        "delivered_ratio": if expected == 0 { 0.0 } else { delivered as f64 / expected as f64 },
+        "latency_ms": {"p50": percentile_ms(&lat, 0.5), "p99": percentile_ms(&lat, 0.99), "p999": percentile_ms(&lat, 0.999)},
+        "server_cpu_seconds": server_cpu,
+        "server_cpu_us_per_delivery": server_cpu.map(|c| c * 1e6 / delivered.max(1) as f64),
+        "loadgen_cpu_seconds": self1 - self0,
+    }))
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (t.subsec_nanos() ^ std::process::id().rotate_left(16)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_give_seq_and_send_instant() {
+        let f = r#"["message:new",{"id":"01J","room_id":"r1","seq":42,"sender_id":"u","client_msg_id":"c","body":"t123456","created_at":"2026-01-01T00:00:00.000Z"}]"#;
+        assert_eq!(parse_frame(f), Some((42, 123456)));
+        assert_eq!(parse_frame(r#"["typing",{"room_id":"r1"}]"#), None);
+        assert_eq!(parse_frame(r#"["message:new",{"seq":3,"body":"hello"}]"#), None);
+    }
+
+    #[test]
+    fn order_check_counts_gaps_repeats_and_reversals() {
+        let mut o = OrderCheck::default();
+        let mut last = 0;
+        for seq in [5, 6, 7, 9, 9, 8, 10] {
+            o.observe(&mut last, seq);
+        }
+        assert_eq!(o, OrderCheck { gaps: 1, duplicates: 1, reordered: 1 });
+        let mut clean = OrderCheck::default();
+        let mut last = 0;
+        for seq in 100..200 {
+            clean.observe(&mut last, seq);
+        }
+        assert_eq!(clean, OrderCheck::default());
+    }
+}
