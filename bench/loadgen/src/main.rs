@@ -157,6 +157,12 @@ async fn ingest(
     let latencies: Arc<Mutex<Vec<u64>>> = Arc::default();
     let mut trackers: Vec<Arc<std::sync::Mutex<OrderTracker>>> = Vec::new();
     let delivered_measured = Arc::new(AtomicU64::new(0));
+    // Whole-run totals (warm-up and drain included): what the server must agree with.
+    let acked_all = Arc::new(AtomicU64::new(0));
+    let delivered_all = Arc::new(AtomicU64::new(0));
+    let mut senders_done = Vec::new();
+    // Sending starts once every socket has joined its room, so every message reaches them all.
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
 
     // The latest ack seen while measuring, for the write-back lag probe.
     let last_ack: Arc<std::sync::Mutex<Option<(String, i64, Instant)>>> = Arc::default();
@@ -171,10 +177,12 @@ async fn ingest(
         // Deliveries: checked for order, counted while measuring.
         let tracker = Arc::new(std::sync::Mutex::new(OrderTracker::default()));
         trackers.push(tracker.clone());
-        let (measuring2, delivered2) = (measuring.clone(), delivered_measured.clone());
+        let (measuring2, delivered2, delivered_all) =
+            (measuring.clone(), delivered_measured.clone(), delivered_all.clone());
         tasks.push(tokio::spawn(async move {
             while let Some((name, payload)) = ev_rx.recv().await {
                 if name == "message:new" {
+                    delivered_all.fetch_add(1, Ordering::Relaxed);
                     let room = payload["room_id"].as_str().unwrap_or_default();
                     tracker.lock().unwrap().observe(room, payload["seq"].as_i64().unwrap_or(-1));
                     if measuring2.load(Ordering::Relaxed) {
@@ -183,15 +191,27 @@ async fn ingest(
                 }
             }
         }));
-        let (stop, measuring, acked, errors, latencies, last_ack) =
-            (stop.clone(), measuring.clone(), acked.clone(), errors.clone(), latencies.clone(), last_ack.clone());
+        let (stop, measuring, acked, errors, latencies, last_ack, acked_all) = (
+            stop.clone(),
+            measuring.clone(),
+            acked.clone(),
+            errors.clone(),
+            latencies.clone(),
+            last_ack.clone(),
+            acked_all.clone(),
+        );
         // Open loop: one send per tick whatever the acks do; closed loop: `window` in flight.
         let mut tick = (rate > 0.0).then(|| {
             let mut t = tokio::time::interval(Duration::from_secs_f64(senders as f64 / rate));
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             t
         });
-        tasks.push(tokio::spawn(async move {
+        let mut go = go_rx.clone();
+        senders_done.push(tokio::spawn(async move {
+            let _ = go.wait_for(|started| *started).await;
+            if let Some(t) = &mut tick {
+                t.reset(); // no burst for the ticks missed while the others connected
+            }
             let client = Arc::new(client);
             let mut in_flight = FuturesUnordered::new();
             let mut n = 0u64;
@@ -228,6 +248,9 @@ async fn ingest(
                 };
                 let (ack, started) = ack;
                 let ok = matches!(&ack, Ok(v) if v["ok"] == true);
+                if ok {
+                    acked_all.fetch_add(1, Ordering::Relaxed);
+                }
                 if measuring.load(Ordering::Relaxed) {
                     if ok {
                         acked.fetch_add(1, Ordering::Relaxed);
@@ -244,10 +267,12 @@ async fn ingest(
                 }
             }
             latencies.lock().await.extend(local_lat);
-            drop(client);
+            // Kept open until every delivery has arrived (the caller drops it).
+            client
         }));
     }
 
+    go_tx.send_replace(true);
     tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
     let cpu0 = cpu_all(&server_pid);
     // Write-back lag as /health/ready reports it, sampled while measuring (cluster mode).
@@ -327,8 +352,18 @@ async fn ingest(
         |p: f64| if lags.is_empty() { None } else { Some(lags[((lags.len() - 1) as f64 * p).round() as usize]) };
     let self1 = self_cpu_seconds();
     stop.store(true, Ordering::Relaxed);
-    // Let in-flight sends and their deliveries settle, then close everything.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every send still in flight gets its ack; then deliveries settle (no new one for 300 ms).
+    let open_clients = tokio::time::timeout(Duration::from_secs(15), futures::future::join_all(senders_done)).await;
+    let mut seen = u64::MAX;
+    for _ in 0..100 {
+        let now = delivered_all.load(Ordering::Relaxed);
+        if now == seen {
+            break;
+        }
+        seen = now;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(open_clients);
     for t in &tasks {
         t.abort();
     }
@@ -347,6 +382,8 @@ async fn ingest(
         "scenario": "ingest",
         "senders": senders, "rooms": rooms, "window": window, "seconds": elapsed,
         "acked": acked,
+        "acked_total": acked_all.load(Ordering::Relaxed),
+        "delivered_total": delivered_all.load(Ordering::Relaxed),
         "acked_per_sec": acked as f64 / elapsed,
         "errors": errors.load(Ordering::Relaxed),
         "latency_ms": {"p50": percentile(&lat, 0.50), "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999)},
