@@ -249,22 +249,30 @@ def scenario_fanout(quick, rounds):
                 log(f"fanout {rooms}×{members} round {r + 1}: {kind} (2 instances)")
                 with Stack(kind, 2, "cluster") as s:
                     res = loadgen("fanout", "--url", ",".join(s.urls), "--rooms", rooms, "--members", members,
-                                  "--rate", max(100, 4000 // members), "--find-max", "--step-seconds", step,
+                                  "--rate", max(50, 1000 // members), "--find-max", "--step-seconds", step,
                                   "--server-pid", ",".join(map(str, s.pids())))
                     per[kind].append(res)
                     raw[kind].append(res)
-        best = lambda kind, f: median([f(x["best_within_p99"]) if x["best_within_p99"] else None for x in per[kind]])
-        half = lambda kind, f: median([f(x["half_of_best"]) if x["half_of_best"] else None for x in per[kind]])
+        def pick(kind, key, f, missing=None):
+            vals = [f(x[key]) if x[key] else missing for x in per[kind]]
+            return median(vals)
+        first = lambda kind, f: median([f(x["steps"][0]) for x in per[kind]])
         tag = f"{rooms} rooms × {members}"
+        rate0 = per["chatmesh"][0]["steps"][0]["rate"]
         figures += [
-            (f"{tag}: delivered msgs/s at p99 ≤ 5 ms", "msg/s", best("chatmesh", lambda b: b["delivered_per_sec"]),
-             best("baseline", lambda b: b["delivered_per_sec"]), True),
-            (f"{tag}: server CPU per delivered msg (at that load)", "µs",
-             best("chatmesh", lambda b: b["server_cpu_us_per_delivery"]), best("baseline", lambda b: b["server_cpu_us_per_delivery"]), False),
-            (f"{tag}: send→deliver p99 across instances at half of max", "ms",
-             half("chatmesh", lambda b: b["latency_ms"]["p99"]), half("baseline", lambda b: b["latency_ms"]["p99"]), False),
-            (f"{tag}: send→deliver p50 at half of max", "ms",
-             half("chatmesh", lambda b: b["latency_ms"]["p50"]), half("baseline", lambda b: b["latency_ms"]["p50"]), False),
+            # 0 when no step met the limit (the lowest rate already had p99 above it).
+            (f"{tag}: delivered msgs/s at p99 ≤ 5 ms", "msg/s", pick("chatmesh", "best_within_p99", lambda b: b["delivered_per_sec"], 0.0),
+             pick("baseline", "best_within_p99", lambda b: b["delivered_per_sec"], 0.0), True),
+            (f"{tag}: max delivered msgs/s kept up (p99 ≤ 50 ms)", "msg/s", pick("chatmesh", "sustained", lambda b: b["delivered_per_sec"]),
+             pick("baseline", "sustained", lambda b: b["delivered_per_sec"]), True),
+            (f"{tag}: server CPU per delivered msg at max kept up", "µs",
+             pick("chatmesh", "sustained", lambda b: b["server_cpu_us_per_delivery"]),
+             pick("baseline", "sustained", lambda b: b["server_cpu_us_per_delivery"]), False),
+            (f"{tag}: send→deliver p99 at {rate0 * members:.0f} deliveries/s (same rate both)", "ms",
+             first("chatmesh", lambda b: b["latency_ms"]["p99"]), first("baseline", lambda b: b["latency_ms"]["p99"]), False),
+            (f"{tag}: send→deliver p99 across instances at half of max (p99 ≤ 5 ms)", "ms",
+             pick("chatmesh", "half_of_best", lambda b: b["latency_ms"]["p99"]),
+             pick("baseline", "half_of_best", lambda b: b["latency_ms"]["p99"]), False),
             (f"{tag}: order violations", "count",
              sum(sum(x["order"].values()) for x in per["chatmesh"]), sum(sum(x["order"].values()) for x in per["baseline"]), False),
         ]

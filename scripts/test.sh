@@ -13,7 +13,8 @@ scripts/check-monitoring.sh
 cargo build --quiet --bins
 cargo nextest run --workspace --no-fail-fast
 
-# Fault scenarios through HAProxy (kill -9, rolling restart, Redis primary loss), ~2.5 min.
+# Fault scenarios through HAProxy (kill -9, rolling restart, Redis primary loss, PostgreSQL
+# stopped, one instance cut off Redis), ~7 min.
 scripts/fault-suite.sh
 
 mkdir -p target/test-artifacts

@@ -25,6 +25,8 @@ pub struct Params {
     pub rates: Vec<f64>,
     pub find_max: bool,
     pub p99_limit_ms: f64,
+    /// A step whose p99 passes this is saturated: the sweep stops.
+    pub saturation_p99_ms: f64,
     pub step_seconds: f64,
     pub senders: usize,
     pub server_pid: Vec<u32>,
@@ -148,24 +150,31 @@ pub async fn run(p: Params) -> anyhow::Result<Value> {
         senders.push(Arc::new(c));
     }
 
+    // Steps go on (doubling with --find-max) until deliveries fall behind or p99 passes the
+    // saturation bound; `best` is the highest step within the p99 limit, `sustained` the highest
+    // step that kept up at all.
     let mut steps = Vec::new();
     let mut rates = p.rates.clone();
-    let mut best: Option<Value> = None;
+    let (mut best, mut sustained): (Option<Value>, Option<Value>) = (None, None);
     let mut i = 0;
     while i < rates.len() {
         let rate = rates[i];
         let step = measure_step(&p, rate, &senders, &room_ids, &shared, epoch).await?;
-        let ok = step["latency_ms"]["p99"].as_f64().unwrap_or(f64::MAX) <= p.p99_limit_ms
-            && step["delivered_ratio"].as_f64().unwrap_or(0.0) >= 0.95;
+        let p99 = step["latency_ms"]["p99"].as_f64().unwrap_or(f64::MAX);
+        let kept_up = step["delivered_ratio"].as_f64().unwrap_or(0.0) >= 0.95 && p99 <= p.saturation_p99_ms;
         steps.push(step.clone());
-        if p.find_max {
-            if ok {
+        if kept_up {
+            sustained = Some(step.clone());
+            if p99 <= p.p99_limit_ms {
                 best = Some(step);
-                if i + 1 == rates.len() && rates.len() < 12 {
-                    rates.push(rate * 2.0);
-                }
-            } else {
+            }
+        }
+        if p.find_max {
+            if !kept_up {
                 break;
+            }
+            if i + 1 == rates.len() && rates.len() < 12 {
+                rates.push(rate * 2.0);
             }
         }
         i += 1;
@@ -189,6 +198,7 @@ pub async fn run(p: Params) -> anyhow::Result<Value> {
         "p99_limit_ms": p.p99_limit_ms,
         "steps": steps,
         "best_within_p99": best,
+        "sustained": sustained,
         "half_of_best": half,
         "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered},
     }))

@@ -82,6 +82,8 @@ enum Scenario {
         find_max: bool,
         #[arg(long, default_value_t = 5.0)]
         p99_limit_ms: f64,
+        #[arg(long, default_value_t = 50.0)]
+        saturation_p99_ms: f64,
         #[arg(long, default_value_t = 4.0)]
         step_seconds: f64,
         #[arg(long, default_value_t = 8)]
@@ -415,7 +417,18 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Ingest { url, senders, rooms, window, seconds, warmup, server_pid, rate, pg_url } => {
             ingest(url, senders, rooms, window, seconds, warmup, server_pid, rate, pg_url).await?
         }
-        Scenario::Fanout { url, rooms, members, rate, find_max, p99_limit_ms, step_seconds, senders, server_pid } => {
+        Scenario::Fanout {
+            url,
+            rooms,
+            members,
+            rate,
+            find_max,
+            p99_limit_ms,
+            saturation_p99_ms,
+            step_seconds,
+            senders,
+            server_pid,
+        } => {
             fanout::run(fanout::Params {
                 urls: url,
                 rooms,
@@ -423,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
                 rates: rate,
                 find_max,
                 p99_limit_ms,
+                saturation_p99_ms,
                 step_seconds,
                 senders,
                 server_pid,
