@@ -7,12 +7,19 @@ use serde_json::{Value, json};
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 
 use super::order::Ticket;
-use super::{identity, payload, reply};
+use super::{identity, payload, reply, reply_ok};
 use crate::app::AppState;
-use crate::domain::{ClientMsgId, MessageBody};
+use crate::domain::{ClientMsgId, Message, MessageBody};
 use crate::error::{ApiError, ApiResult};
 use crate::telemetry;
 use tracing::Instrument;
+
+/// The `message:send` ack, serialized straight from the message.
+#[derive(serde::Serialize)]
+struct SendAck<'a> {
+    ok: bool,
+    message: &'a Message,
+}
 
 pub fn register(s: &SocketRef, state: &Arc<AppState>) {
     let st = state.clone();
@@ -26,7 +33,10 @@ pub fn register(s: &SocketRef, state: &Arc<AppState>) {
                 return reply(ack, "message:send", Err(err));
             }
             let _inflight = st.inflight.token();
-            reply(ack, "message:send", send(&st, &s, d, ticket).instrument(telemetry::event_span("message:send")).await)
+            match send(&st, &s, d, ticket).instrument(telemetry::event_span("message:send")).await {
+                Ok(message) => reply_ok(ack, "message:send", &SendAck { ok: true, message: &message }),
+                Err(e) => reply(ack, "message:send", Err(e)),
+            }
         }
     });
     let st = state.clone();
@@ -41,7 +51,7 @@ async fn send<E: std::fmt::Display>(
     s: &SocketRef,
     data: Result<Value, E>,
     ticket: Ticket,
-) -> ApiResult<Value> {
+) -> ApiResult<Message> {
     let started = Instant::now();
     let turn = ticket.turn().await;
     let me = identity(s)?;
@@ -51,7 +61,7 @@ async fn send<E: std::fmt::Display>(
     let body = MessageBody::parse(input.req_str("body")?)?;
     let sent = state.svc.send(&me.user_id, room_id, client_msg_id, body, turn).await?;
     sent.record("socket", started);
-    Ok(json!({"message": sent.message}))
+    Ok(sent.message)
 }
 
 async fn typing<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {

@@ -161,7 +161,19 @@ fn payload(
 ) -> Result<crate::domain::input::Input, ApiError> {
     let value = data.map_err(|e| ApiError::validation(format!("payload must be a JSON object: {e}")))?;
     // Re-serialized size is within a few bytes of the packet's own: close enough for a limit.
-    let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(usize::MAX);
+    // Counted, not written out: no buffer per packet.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let size = serde_json::to_writer(&mut count, &value).map(|()| count.0).unwrap_or(usize::MAX);
     if size > state.config.max_body_bytes {
         return Err(ApiError::PayloadTooLarge { limit: state.config.max_body_bytes });
     }
@@ -185,6 +197,12 @@ fn reply(ack: AckSender, event: &'static str, result: Result<Value, ApiError>) {
     };
     metrics::counter!(crate::metrics::SOCKET_EVENTS, "event" => event, "outcome" => outcome).increment(1);
     let _ = ack.send(&body);
+}
+
+/// Sends a typed success ack (`ok: true` is part of `body`), skipping the `Value` tree.
+fn reply_ok<T: serde::Serialize>(ack: AckSender, event: &'static str, body: &T) {
+    metrics::counter!(crate::metrics::SOCKET_EVENTS, "event" => event, "outcome" => "ok").increment(1);
+    let _ = ack.send(body);
 }
 
 fn identity(s: &SocketRef) -> Result<Identity, ApiError> {
