@@ -9,8 +9,7 @@
 #      "| `process_"; histogram series _bucket/_sum/_count count as their histogram).
 #   5. every dashboard query is valid PromQL (promtool check rules on them as recording rules,
 #      Grafana's $variables replaced by sample values).
-# Installs promtool when missing (Debian's `prometheus` package ships it; apt-get may try to start
-# the service, which does not matter here).
+# promtool comes from Debian's `prometheus` package, installed by scripts/setup.sh --test.
 # Settings (environment):
 #   CHECK_MONITORING_METRICS_DOC   the documented metric list to check against (default docs/metrics.md)
 set -euo pipefail
@@ -20,30 +19,12 @@ say() { echo "check-monitoring: $*" >&2; }
 die() { say "FAILED: $*"; exit 1; }
 need() { command -v "$1" >/dev/null 2>&1; }
 
-apt_updated=0
-apt_install() {
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
-  if [ "$apt_updated" = 0 ]; then
-    say "apt-get update"
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq
-    apt_updated=1
-  fi
-  say "apt-get install $*"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-
 prom=deploy/prometheus
 dashboard=deploy/grafana/chatmesh.json
 metrics_doc="${CHECK_MONITORING_METRICS_DOC:-docs/metrics.md}"
 
-if ! need promtool; then
-  # The package's maintainer scripts may fail to start the service in a container; only promtool
-  # matters, so judge by whether it is there afterwards.
-  apt_install prometheus || say "apt-get install prometheus reported an error; checking for promtool anyway"
-  need promtool || die "promtool is missing and could not be installed (apt-get install prometheus)"
-fi
-need python3 || apt_install python3
+need promtool || die "promtool is missing (scripts/setup.sh --test installs Debian's prometheus package)"
+need python3 || die "python3 is missing"
 need python3 || die "python3 is missing and could not be installed"
 
 say "$(promtool --version 2>&1 | head -n 1)"
