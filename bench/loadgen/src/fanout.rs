@@ -17,18 +17,30 @@ use crate::api::{register_users, rest};
 use crate::measure::{cpu_all, percentile_ms, self_cpu_seconds};
 use crate::sio::{self, Events};
 
+#[derive(clap::Args)]
 pub struct Params {
+    /// Instance URLs, comma-separated: senders use the first, members the last.
+    #[arg(long = "url", value_delimiter = ',', default_value = "http://127.0.0.1:5001")]
     pub urls: Vec<String>,
+    #[arg(long, default_value_t = 100)]
     pub rooms: usize,
+    #[arg(long, default_value_t = 10)]
     pub members: usize,
-    /// Messages sent per second (all rooms together) for each step, unless `find_max`.
+    /// Sent msgs/s (all rooms) per step, comma-separated; with --find-max, the first step.
+    #[arg(long = "rate", value_delimiter = ',', default_value = "1000")]
     pub rates: Vec<f64>,
+    #[arg(long)]
     pub find_max: bool,
+    #[arg(long, default_value_t = 5.0)]
     pub p99_limit_ms: f64,
     /// A step whose p99 passes this is saturated: the sweep stops.
+    #[arg(long, default_value_t = 50.0)]
     pub saturation_p99_ms: f64,
+    #[arg(long, default_value_t = 4.0)]
     pub step_seconds: f64,
+    #[arg(long, default_value_t = 8)]
     pub senders: usize,
+    #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
 }
 

@@ -14,15 +14,22 @@ use crate::api::register_users;
 use crate::measure::{rss_bytes, self_cpu_seconds};
 use crate::sio::{self, Events};
 
+#[derive(clap::Args)]
 pub struct Params {
+    #[arg(long, default_value = "http://127.0.0.1:5001")]
     pub url: String,
+    #[arg(long, default_value_t = 10_000)]
     pub connections: usize,
     /// Loopback source addresses to spread connections over.
+    #[arg(long, default_value_t = 4)]
     pub sources: u8,
     /// Connections opening at once.
+    #[arg(long, default_value_t = 256)]
     pub parallel: usize,
     /// How long to hold them once all are open (covers a heartbeat when ≥ 25 s).
+    #[arg(long, default_value_t = 5.0)]
     pub hold_seconds: f64,
+    #[arg(long)]
     pub server_pid: u32,
 }
 

@@ -67,45 +67,9 @@ enum Scenario {
     },
     /// R rooms × M members; sender and members on different instances; delivered msgs/s and
     /// send→deliver latency per open-loop rate step.
-    Fanout {
-        /// Instance URLs, comma-separated: senders use the first, members the last.
-        #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:5001")]
-        url: Vec<String>,
-        #[arg(long, default_value_t = 100)]
-        rooms: usize,
-        #[arg(long, default_value_t = 10)]
-        members: usize,
-        /// Sent msgs/s (all rooms) per step, comma-separated; with --find-max, the first step.
-        #[arg(long, value_delimiter = ',', default_value = "1000")]
-        rate: Vec<f64>,
-        #[arg(long)]
-        find_max: bool,
-        #[arg(long, default_value_t = 5.0)]
-        p99_limit_ms: f64,
-        #[arg(long, default_value_t = 50.0)]
-        saturation_p99_ms: f64,
-        #[arg(long, default_value_t = 4.0)]
-        step_seconds: f64,
-        #[arg(long, default_value_t = 8)]
-        senders: usize,
-        #[arg(long, value_delimiter = ',')]
-        server_pid: Vec<u32>,
-    },
+    Fanout(fanout::Params),
     /// N idle connections from several loopback source addresses; server RSS per connection.
-    Idle {
-        #[arg(long, default_value = "http://127.0.0.1:5001")]
-        url: String,
-        #[arg(long, default_value_t = 10_000)]
-        connections: usize,
-        #[arg(long, default_value_t = 4)]
-        sources: u8,
-        #[arg(long, default_value_t = 256)]
-        parallel: usize,
-        #[arg(long, default_value_t = 5.0)]
-        hold_seconds: f64,
-        #[arg(long)]
-        server_pid: u32,
-    },
+    Idle(idle::Params),
     /// C clients in one room at a fixed rate, with retries across reconnects; verdict line.
     Soak {
         /// One URL (HAProxy).
@@ -417,35 +381,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Ingest { url, senders, rooms, window, seconds, warmup, server_pid, rate, pg_url } => {
             ingest(url, senders, rooms, window, seconds, warmup, server_pid, rate, pg_url).await?
         }
-        Scenario::Fanout {
-            url,
-            rooms,
-            members,
-            rate,
-            find_max,
-            p99_limit_ms,
-            saturation_p99_ms,
-            step_seconds,
-            senders,
-            server_pid,
-        } => {
-            fanout::run(fanout::Params {
-                urls: url,
-                rooms,
-                members,
-                rates: rate,
-                find_max,
-                p99_limit_ms,
-                saturation_p99_ms,
-                step_seconds,
-                senders,
-                server_pid,
-            })
-            .await?
-        }
-        Scenario::Idle { url, connections, sources, parallel, hold_seconds, server_pid } => {
-            idle::run(idle::Params { url, connections, sources, parallel, hold_seconds, server_pid }).await?
-        }
+        Scenario::Fanout(p) => fanout::run(p).await?,
+        Scenario::Idle(p) => idle::run(p).await?,
         Scenario::Soak { .. } => unreachable!(),
     };
     println!("{out}");
