@@ -1,19 +1,6 @@
-use std::collections::HashMap;
-
 use reqwest::{Method, StatusCode};
 
 use crate::helpers::*;
-
-/// Parses Prometheus text into {"name{labels}": value}.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn health_and_metrics_move_with_traffic() {
@@ -32,10 +19,11 @@ async fn health_and_metrics_move_with_traffic() {
         assert_eq!(app.send(&t, &room, &format!("m{i}"), "x").await.status, StatusCode::CREATED);
     }
     let text = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
-    let m = parse_metrics(&text);
-    assert_eq!(m.get("chatmesh_messages_accepted_total"), Some(&3.0), "{text}");
-    assert_eq!(m.get("chatmesh_send_latency_seconds_count"), Some(&3.0));
-    assert_eq!(m.get(r#"chatmesh_http_requests_total{route="/api/v1/rooms/{id}/messages",status="201"}"#), Some(&3.0));
+    let m = parse_samples(&text);
+    assert_eq!(value(&m, "chatmesh_messages_accepted_total", &[]), Some(3.0), "{text}");
+    assert_eq!(value(&m, "chatmesh_send_latency_seconds_count", &[]), Some(3.0));
+    let sent_201 = [("route", "/api/v1/rooms/{id}/messages"), ("status", "201")];
+    assert_eq!(value(&m, "chatmesh_http_requests_total", &sent_201), Some(3.0));
     assert!(text.contains("chatmesh_messages_delivered_total"));
     assert!(text.contains("chatmesh_connections"));
     // Route labels are templates: no room id ever becomes a label value.
