@@ -255,10 +255,8 @@ scenario_pg_stop() {
 redis_ports_csv() { echo "$((port_base + 20)),$((port_base + 21)),$((port_base + 30)),$((port_base + 31)),$((port_base + 32))"; }
 cut_rule() { echo "OUTPUT -p tcp -m owner --uid-owner $((uid_base + 3)) -m multiport --dports $(redis_ports_csv) -j DROP"; }
 instance_ready() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$((port_base + 9 + $1))/health/ready")" = 200 ]; }
-haproxy_state() { # instance -> UP / DOWN / ...
-  curl -fsS --max-time 2 "http://127.0.0.1:$((port_base + 1))/stats;csv" 2>/dev/null | awk -F, -v n="chatmesh-$1" '
-    NR == 1 { sub(/^# /, ""); for (i = 1; i <= NF; i++) col[$i] = i; next }
-    $1 == "chatmesh" && $2 == n { print $col["status"] }'
+haproxy_state() { # instance -> UP / DOWN / ... (as local-cluster.sh status reads HAProxy's stats)
+  lc status 2>/dev/null | grep -o "chatmesh-$1=[A-Z]*" | cut -d= -f2
 }
 check_all_ready() {
   local i
