@@ -12,6 +12,11 @@ use chatmesh::app::Application;
 use chatmesh::config::{Cli, Command, Config, ServeArgs, StoreUrl, check_unknown_env};
 use clap::{Args, FromArgMatches, Parser};
 
+/// mimalloc: the send path makes many small short-lived allocations; glibc malloc spent ~20% of
+/// the server's CPU on them under load (perf, bench/run.sh ingest).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Bad arguments or settings: exit 2.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("chatmesh: {msg}");

@@ -1,6 +1,11 @@
 //! Cluster sequencer: one atomic Redis script per send (dedupe, seq INCR, recent history, write-back
 //! stream, dedupe key, PUBLISH). Queued sends go to Redis as one pipeline per batch, in submission
 //! order, over one multiplexed connection; with ack level `replica` the pipeline ends in `WAIT 1`.
+//!
+//! Sends are spread over a few lanes by room: a lane has one batch in flight at a time, so one
+//! room's sends (and so one socket's sends to that room) reach Redis in the order they were
+//! queued, while the lanes' batches overlap their round trips. With a single lane the round trip,
+//! not Redis or this process, bounded throughput (about 80% of the time was spent waiting).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +24,9 @@ use crate::redis_io::{Keys, Redis, SEND_SCRIPT, is_failover_error};
 use crate::store::{SendRequest, Store};
 
 const MAX_BATCH: usize = 256;
-const QUEUE: usize = 16_384;
+const QUEUE: usize = 4_096;
+/// Batches in flight at once (one per lane).
+const LANES: usize = 4;
 /// Rounds a batch may take to initialise missing room counters before giving up.
 const MAX_ROUNDS: usize = 3;
 
@@ -44,7 +51,7 @@ pub struct RedisSequencerConfig {
 type Reply = oneshot::Sender<Result<SendOutcome, ApiError>>;
 
 pub struct RedisSequencer {
-    queue: mpsc::Sender<(SendRequest, Reply)>,
+    lanes: Vec<mpsc::Sender<(SendRequest, Reply)>>,
 }
 
 impl RedisSequencer {
@@ -60,10 +67,29 @@ impl RedisSequencer {
         config: RedisSequencerConfig,
         breakers: Arc<Breakers>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let worker = Worker { redis, keys, store, config, breakers, script: redis::Script::new(SEND_SCRIPT) };
-        tokio::spawn(worker.run(rx));
-        Self { queue: tx }
+        let lanes = (0..LANES)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let worker = Worker {
+                    redis: redis.clone(),
+                    keys: keys.clone(),
+                    store: store.clone(),
+                    config: config.clone(),
+                    breakers: breakers.clone(),
+                    script: redis::Script::new(SEND_SCRIPT),
+                };
+                tokio::spawn(worker.run(rx));
+                tx
+            })
+            .collect();
+        Self { lanes }
+    }
+
+    /// The lane of a room: fixed, so a room's sends stay in one queue.
+    fn lane(&self, room_id: &str) -> &mpsc::Sender<(SendRequest, Reply)> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(room_id);
+        &self.lanes[(hash % self.lanes.len() as u64) as usize]
     }
 }
 
@@ -295,7 +321,10 @@ impl Sequencer for RedisSequencer {
 
     async fn submit(&self, req: SendRequest) -> Result<Receipt, ApiError> {
         let (tx, rx) = oneshot::channel();
-        self.queue.send((req, tx)).await.map_err(|_| ApiError::Unavailable("the sequencer is shutting down".into()))?;
+        self.lane(&req.room_id)
+            .send((req, tx))
+            .await
+            .map_err(|_| ApiError::Unavailable("the sequencer is shutting down".into()))?;
         Ok(Box::pin(async move { rx.await.map_err(|_| ApiError::Unavailable("the sequencer stopped".into()))? }))
     }
 }

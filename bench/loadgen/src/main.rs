@@ -26,6 +26,10 @@ use futures::stream::FuturesUnordered;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, mpsc};
 
+/// mimalloc, as in the server: the generator's own CPU per message matters (it shares the machine).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use crate::api::{register_users, rest};
 use crate::measure::{cpu_all, percentile_ms as percentile, self_cpu_seconds};
 use crate::track::{OrderStats, OrderTracker};
