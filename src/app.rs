@@ -244,7 +244,9 @@ impl Application {
         }
         spawn_gauges(state.clone());
         realtime::register(&io, state.clone());
-        let router = api::router(state.clone()).layer(sio_layer);
+        let router = api::router(state.clone())
+            .layer(sio_layer)
+            .layer(axum::middleware::map_request(realtime::detach_request_head));
         Ok(Self { listener, router, io, state })
     }
 

@@ -28,6 +28,9 @@ pub use order::SocketOrder;
 const TRANSPORT_SLACK: usize = 4;
 /// Packets buffered per socket before it counts as a slow consumer (see fanout).
 const SOCKET_BUFFER: usize = 8192;
+/// WebSocket read buffer per socket. tungstenite fills (and so touches) all of it; packets here are
+/// small, and a frame larger than the buffer grows it for that frame only.
+const WS_READ_BUFFER: usize = 1024;
 
 static CONNECTIONS: AtomicI64 = AtomicI64::new(0);
 
@@ -49,8 +52,31 @@ pub fn build_layer(config: &Config) -> (SocketIoLayer, SocketIo) {
         .ws_max_message_size(transport_limit)
         .ws_max_frame_size(transport_limit)
         .max_buffer_size(SOCKET_BUFFER)
+        .ws_read_buffer_size(WS_READ_BUFFER)
         .ack_timeout(Duration::from_secs(10))
         .build_layer()
+}
+
+/// Engine.IO keeps each socket's request head (URI and headers) for the socket's whole life. As
+/// hyper parses them, they are slices of the connection's read buffer (8 KiB or more), which
+/// then stays allocated per idle socket; copying out the few bytes they need lets it go.
+pub async fn detach_request_head(mut req: axum::extract::Request) -> axum::extract::Request {
+    if !req.uri().path().starts_with("/socket.io") {
+        return req;
+    }
+    let headers: axum::http::HeaderMap = req
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            let owned = axum::http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            (name.clone(), owned)
+        })
+        .collect();
+    *req.headers_mut() = headers;
+    if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
+        *req.uri_mut() = uri;
+    }
+    req
 }
 
 pub fn register(io: &SocketIo, state: Arc<AppState>) {

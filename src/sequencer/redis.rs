@@ -133,19 +133,19 @@ fn parse_reply(v: &Value, req: &SendRequest) -> Step {
         Value::Array(parts) => parts,
         other => return Step::Done(Err(ApiError::Unavailable(format!("unexpected script reply {other:?}")))),
     };
-    let text = |i: usize| -> Option<String> {
+    let text = |i: usize| -> Option<&str> {
         match parts.get(i)? {
-            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-            Value::SimpleString(s) => Some(s.clone()),
+            Value::BulkString(b) => std::str::from_utf8(b).ok(),
+            Value::SimpleString(s) => Some(s.as_str()),
             _ => None,
         }
     };
     let message = |i: usize| -> Result<Message, ApiError> {
         text(i)
-            .and_then(|j| serde_json::from_str::<Message>(&j).ok())
+            .and_then(|j| serde_json::from_str::<Message>(j).ok())
             .ok_or_else(|| ApiError::Unavailable("malformed message in Redis".into()))
     };
-    match text(0).as_deref() {
+    match text(0) {
         Some("ok") => Step::Done(message(1).map(SendOutcome::Accepted)),
         Some("dup") => Step::Done(message(1).and_then(|m| {
             if m.body == req.body {
