@@ -12,6 +12,7 @@ mod helpers;
 
 mod caches;
 mod failover;
+mod lanes;
 mod outage;
 mod sync;
 mod traces;
