@@ -68,7 +68,9 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
         .call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=0&limit=500"), None, Some(&token))
         .await;
     let seqs: Vec<i64> = r.body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
-    assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "gap-free across the failover, nothing acked lost");
+    let cmids: Vec<&str> =
+        r.body["messages"].as_array().unwrap().iter().map(|m| m["client_msg_id"].as_str().unwrap_or("?")).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "gap-free across the failover, nothing acked lost: {cmids:?}");
     for (id, seq) in &acked {
         assert_eq!(r.body["messages"][(*seq - 1) as usize]["id"], id.as_str());
     }
