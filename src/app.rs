@@ -140,7 +140,11 @@ async fn cluster_mode(
             keys.clone(),
             store.clone(),
             instance_id.to_string(),
-            SyncConfig { claim_idle: c.claim_idle, ..SyncConfig::default() },
+            SyncConfig {
+                claim_idle: c.claim_idle,
+                wait_replicas: u32::from(matches!(c.ack_level, AckLevelArg::Replica)),
+                ..SyncConfig::default()
+            },
         )
         .with_breakers(breakers.clone()),
     );

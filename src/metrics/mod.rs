@@ -189,7 +189,7 @@ fn describe() {
     describe_gauge!(CIRCUIT_OPEN, "1 while the circuit breaker of a dependency is open or half-open");
     describe_gauge!(SYNC_PENDING, "Write-back entries not yet in the durable store (cluster mode)");
     describe_gauge!(SYNC_LAG, Unit::Seconds, "Age of the oldest write-back entry not yet in the store");
-    describe_counter!(SYNC_ERRORS, "Failed sync steps, by kind (store_down, batch_refused)");
+    describe_counter!(SYNC_ERRORS, "Failed sync steps, by kind (store_down, batch_refused, not_replicated)");
     describe_counter!(SYNC_STORED, "Write-back entries made durable by this instance");
     describe_counter!(SYNC_DEAD_LETTERED, "Write-back entries moved to a dead-letter stream");
     describe_gauge!(READY, "1 while this instance reports ready (the last readiness check)");

@@ -33,11 +33,22 @@ pub struct SyncConfig {
     pub max_failures: u32,
     /// Synced messages kept per room in the recent-history stream.
     pub recent_per_room: i64,
+    /// With ack level `replica`: replicas that must hold a batch before it is written to the store
+    /// (0: no check). A primary restarted empty can take writes for a moment before Sentinel
+    /// demotes it; what it took was never acked and is discarded on demotion, so it must not
+    /// reach the store either (it did: a retried send then appeared twice in history).
+    pub wait_replicas: u32,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        Self { batch: 500, claim_idle: Duration::from_secs(15), max_failures: 5, recent_per_room: 1000 }
+        Self {
+            batch: 500,
+            claim_idle: Duration::from_secs(15),
+            max_failures: 5,
+            recent_per_room: 1000,
+            wait_replicas: 0,
+        }
     }
 }
 
@@ -147,10 +158,27 @@ impl SyncWorker {
                 })
                 .unwrap_or_default();
             if !entries.is_empty() {
+                self.confirm_replicated(&mut conn).await?;
                 return Ok(entries);
             }
         }
         Ok(Vec::new())
+    }
+
+    /// `WAIT` after the read: replication is ordered, so once a replica has this connection's
+    /// last write (the read's own consumer-group update) it has the entries read too. A batch not
+    /// confirmed stays pending on this consumer and is read again first next time.
+    async fn confirm_replicated(&self, conn: &mut redis::aio::ConnectionManager) -> Result<(), String> {
+        if self.config.wait_replicas == 0 {
+            return Ok(());
+        }
+        let confirmed: i64 =
+            redis::cmd("WAIT").arg(self.config.wait_replicas).arg(1000).query_async(conn).await.map_err(redis_err)?;
+        if confirmed < i64::from(self.config.wait_replicas) {
+            metrics::counter!(m::SYNC_ERRORS, "kind" => "not_replicated").increment(1);
+            return Err(format!("write-back held: {confirmed} replica(s) confirmed the batch"));
+        }
+        Ok(())
     }
 
     /// Makes a batch durable and acknowledges it.
