@@ -38,10 +38,16 @@ impl Timestamp {
         Self(chrono::Utc::now().timestamp_millis())
     }
     pub fn to_rfc3339(self) -> String {
+        self.with_rfc3339(str::to_string)
+    }
+
+    /// Hands the RFC 3339 text to `f`: from a stack buffer, or for years outside 0000..=9999
+    /// from chrono's general formatter.
+    fn with_rfc3339<R>(self, f: impl FnOnce(&str) -> R) -> R {
         let mut buf = [0u8; 24];
         match self.write_rfc3339(&mut buf) {
-            Some(text) => text.to_string(),
-            None => self.to_rfc3339_slow(),
+            Some(text) => f(text),
+            None => f(&self.to_rfc3339_slow()),
         }
     }
 
@@ -82,11 +88,7 @@ impl Timestamp {
 
 impl Serialize for Timestamp {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut buf = [0u8; 24];
-        match self.write_rfc3339(&mut buf) {
-            Some(text) => s.serialize_str(text),
-            None => s.serialize_str(&self.to_rfc3339_slow()),
-        }
+        self.with_rfc3339(|text| s.serialize_str(text))
     }
 }
 

@@ -20,6 +20,7 @@ use crate::breaker::Breakers;
 use crate::domain::Message;
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::redis_io::keys::shard_of;
 use crate::redis_io::{Keys, Redis, SEND_SCRIPT, is_failover_error};
 use crate::store::{SendRequest, Store};
 
@@ -67,6 +68,7 @@ impl RedisSequencer {
         config: RedisSequencerConfig,
         breakers: Arc<Breakers>,
     ) -> Self {
+        let script = redis::Script::new(SEND_SCRIPT);
         let lanes = (0..LANES)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);
@@ -76,7 +78,7 @@ impl RedisSequencer {
                     store: store.clone(),
                     config: config.clone(),
                     breakers: breakers.clone(),
-                    script: redis::Script::new(SEND_SCRIPT),
+                    script: script.clone(),
                 };
                 tokio::spawn(worker.run(rx));
                 tx
@@ -87,9 +89,7 @@ impl RedisSequencer {
 
     /// The lane of a room: fixed, so a room's sends stay in one queue.
     fn lane(&self, room_id: &str) -> &mpsc::Sender<(SendRequest, Reply)> {
-        use std::hash::{BuildHasher, BuildHasherDefault};
-        let hash = BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(room_id);
-        &self.lanes[(hash % self.lanes.len() as u64) as usize]
+        &self.lanes[shard_of(room_id, LANES as u32) as usize]
     }
 }
 

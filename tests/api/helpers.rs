@@ -114,6 +114,19 @@ impl Resp {
 }
 
 impl TestApp {
+    /// The log lines so far, once `done` holds for them or after 10 s (the log is written as
+    /// things happen, a moment after the response).
+    pub async fn logs_until(&self, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        for _ in 0..100 {
+            let lines = self.logs.lock().unwrap().clone();
+            if done(&lines) {
+                return lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        self.logs.lock().unwrap().clone()
+    }
+
     pub async fn call(&self, method: Method, path: &str, body: Option<Value>, token: Option<&str>) -> Resp {
         let mut req = self.http.request(method, format!("{}{}", self.url, path));
         if let Some(t) = token {

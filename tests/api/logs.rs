@@ -1,7 +1,5 @@
 //! The log: JSON lines with the documented fields; never a secret or a message body.
 
-use std::time::Duration;
-
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -36,15 +34,7 @@ async fn log_lines_are_json_with_the_documented_fields_and_no_secret_or_body() {
     let _ = app.call(Method::GET, "/api/v1/cluster", None, Some(admin)).await;
     let password = "password123".to_string(); // helpers::register's
 
-    // The log is written as things happen; give the last lines a moment.
-    let mut lines = Vec::new();
-    for _ in 0..50 {
-        lines = app.logs.lock().unwrap().clone();
-        if lines.iter().filter(|l| l.contains("\"send\"")).count() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let lines = app.logs_until(|lines| lines.iter().filter(|l| l.contains("\"send\"")).count() >= 2).await;
     assert!(!lines.is_empty());
     let events: Vec<Value> = lines
         .iter()
@@ -96,25 +86,17 @@ async fn socket_connects_and_disconnects_are_logged() {
     assert!(http.post(&url).body(connect).send().await.unwrap().status().is_success());
     let answer = http.get(&url).send().await.unwrap().text().await.unwrap();
     assert!(answer.contains("40"), "the CONNECT answer: {answer}");
-    let logged = |message: &'static str| {
-        let lines = app.logs.lock().unwrap().clone();
+    let logged = |lines: &[String], message: &str| {
         lines
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .any(|v| v["message"] == message && v["user"] == uid.as_str())
     };
-    let wait_for = |message: &'static str| async move {
-        for _ in 0..100 {
-            if logged(message) {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    };
     // The connect handler runs on its own task after the CONNECT answer: a close sent before it
     // ran would end the socket before it was ever counted, so wait for the line first.
-    assert!(wait_for("socket connected").await, "a connect line");
+    let lines = app.logs_until(|l| logged(l, "socket connected")).await;
+    assert!(logged(&lines, "socket connected"), "a connect line");
     assert!(http.post(&url).body("1").send().await.unwrap().status().is_success()); // Engine.IO close
-    assert!(wait_for("socket disconnected").await, "a disconnect line");
+    let lines = app.logs_until(|l| logged(l, "socket disconnected")).await;
+    assert!(logged(&lines, "socket disconnected"), "a disconnect line");
 }
