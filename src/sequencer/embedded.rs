@@ -1,7 +1,9 @@
 //! Embedded sequencer: a single committer task group-commits concurrent sends into the store
 //! (many sends, one transaction, one fsync), then fans the accepted ones out in seq order.
 //!
-//! One task owns all message writes, so seq order, commit order and fan-out order are the same.
+//! One task owns all message writes and hands each committed batch to one publisher task, so seq
+//! order, commit order and fan-out order are the same, and the next transaction is already
+//! under way while the previous batch is being fanned out.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Receipt, SendOutcome, Sequencer};
 use crate::breaker::Breakers;
+use crate::domain::Message;
 use crate::error::ApiError;
 use crate::fanout::Fanout;
 use crate::metrics as m;
@@ -20,6 +23,8 @@ use crate::store::{AppendOutcome, SendRequest, Store, StoreError};
 const MAX_BATCH: usize = 512;
 /// Sends queued before callers wait; back-pressure instead of unbounded memory.
 const QUEUE: usize = 16_384;
+/// Committed batches waiting for fan-out before the committer waits too.
+const PUBLISH_QUEUE: usize = 64;
 
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
@@ -30,7 +35,22 @@ pub struct GroupCommitSequencer {
 impl GroupCommitSequencer {
     pub fn start(store: Arc<dyn Store>, fanout: Arc<dyn Fanout>, breakers: Arc<Breakers>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(commit_loop(rx, store, fanout, breakers));
+        let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        // The committer runs on a thread of its own: a transaction is several round trips to
+        // SQLite's worker thread, and on the shared runtime each wake-up can wait behind the
+        // socket tasks. Measured side by side here: ~20.0k → ~22.3k acked/s (means of 3 and 5
+        // noisy runs of the embedded ingest shape), so a modest gain, not a proven bound.
+        std::thread::Builder::new()
+            .name("chatmesh-commit".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+                match rt {
+                    Ok(rt) => rt.block_on(commit_loop(rx, store, publish_tx, breakers)),
+                    Err(e) => tracing::error!(error = %e, "group commit: no runtime"),
+                }
+            })
+            .expect("spawn the group-commit thread");
+        tokio::spawn(publish_loop(publish_rx, fanout));
         Self { queue: tx }
     }
 }
@@ -38,7 +58,7 @@ impl GroupCommitSequencer {
 async fn commit_loop(
     mut rx: mpsc::Receiver<(SendRequest, Reply)>,
     store: Arc<dyn Store>,
-    fanout: Arc<dyn Fanout>,
+    publish: mpsc::Sender<(Instant, Vec<Message>)>,
     breakers: Arc<Breakers>,
 ) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
@@ -74,11 +94,8 @@ async fn commit_loop(
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
-                for msg in &accepted {
-                    fanout.publish_message(msg).await;
-                }
-                if !accepted.is_empty() {
-                    metrics::histogram!(m::DELIVERY_LATENCY).record(committed.elapsed().as_secs_f64());
+                if !accepted.is_empty() && publish.send((committed, accepted)).await.is_err() {
+                    return;
                 }
             }
             Err(e) => {
@@ -88,6 +105,16 @@ async fn commit_loop(
                 }
             }
         }
+    }
+}
+
+/// Fans committed batches out in commit order.
+async fn publish_loop(mut rx: mpsc::Receiver<(Instant, Vec<Message>)>, fanout: Arc<dyn Fanout>) {
+    while let Some((committed, batch)) = rx.recv().await {
+        for msg in &batch {
+            fanout.publish_message(msg).await;
+        }
+        metrics::histogram!(m::DELIVERY_LATENCY).record(committed.elapsed().as_secs_f64());
     }
 }
 

@@ -227,7 +227,7 @@ async fn measure_step(
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
-    let per_sender = rate / senders.len() as f64;
+    let per_sender = per_sender_rate(rate, senders.len(), rooms.len());
     let mut tasks = Vec::new();
     for (s, client) in senders.iter().enumerate() {
         let (client, stop, sent, rejected) = (client.clone(), stop.clone(), sent.clone(), rejected.clone());
@@ -303,6 +303,13 @@ async fn measure_step(
     }))
 }
 
+/// Sender `s` takes rooms s, s + senders, ...: with more senders than rooms some have none and
+/// send nothing, so the step's rate is split over those that do, and the step sends what it is
+/// labelled with.
+pub fn per_sender_rate(rate: f64, senders: usize, rooms: usize) -> f64 {
+    rate / senders.min(rooms).max(1) as f64
+}
+
 fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     (t.subsec_nanos() ^ std::process::id().rotate_left(16)) | 1
@@ -318,6 +325,14 @@ mod tests {
         assert_eq!(parse_frame(f), Some((42, 123456)));
         assert_eq!(parse_frame(r#"["typing",{"room_id":"r1"}]"#), None);
         assert_eq!(parse_frame(r#"["message:new",{"seq":3,"body":"hello"}]"#), None);
+    }
+
+    #[test]
+    fn the_rate_is_split_over_senders_that_have_rooms() {
+        // 50 senders, 10 rooms: only senders 0..10 get a room; together they must send 400/s.
+        assert_eq!(per_sender_rate(400.0, 50, 10) * 10.0, 400.0);
+        assert_eq!(per_sender_rate(400.0, 8, 1000) * 8.0, 400.0);
+        assert_eq!(per_sender_rate(400.0, 8, 0), 400.0);
     }
 
     #[test]
