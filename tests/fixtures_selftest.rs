@@ -115,8 +115,11 @@ fn replica_set_fails_over_to_the_replica() {
     assert_eq!(set.sentinel_primary_port(), Some(old_primary));
     assert!(set.cli(replica, &["ROLE"]).starts_with("slave"), "the second node replicates");
 
-    assert_eq!(set.primary_cli(&["SET", "before", "1"]), "OK");
-    assert_eq!(set.primary_cli(&["WAIT", "1", "5000"]), "1", "the write reached the replica");
+    assert_eq!(
+        set.primary_write_replicated(&["SET", "before", "1"]),
+        ("OK".into(), 1),
+        "the write reached the replica"
+    );
 
     let started = Instant::now();
     assert_eq!(set.kill_primary(), old_primary);
@@ -161,8 +164,8 @@ fn durable_replica_set_refuses_writes_without_a_replica() {
     });
     eprintln!("rejoin took {:?}", started.elapsed());
     assert!(set.cli(old_primary, &["ROLE"]).starts_with("slave"));
-    assert_eq!(set.primary_cli(&["WAIT", "1", "5000"]), "1");
-    assert_eq!(set.cli(old_primary, &["GET", "k2"]), "v");
+    assert_eq!(set.primary_write_replicated(&["SET", "k3", "v"]), ("OK".into(), 1));
+    assert_eq!(set.cli(old_primary, &["GET", "k3"]), "v", "the rejoined replica holds an acknowledged write");
 }
 
 #[test]

@@ -102,6 +102,25 @@ fn import_error(e: sqlx::Error, missing: &'static str) -> StoreError {
     }
 }
 
+/// The stored messages among `chunk`'s dedupe keys. The keys drive the loop (CROSS JOIN fixes
+/// the order), one probe of the dedupe index each. The shorter
+/// `(room_id, sender_id, client_msg_id) IN (VALUES ...)` gets index probes from the bundled SQLite
+/// but a scan of the whole messages table from SQLite 3.40 (Debian 12's system library).
+fn dedupe_lookup(chunk: &[SendRequest]) -> QueryBuilder<Sqlite> {
+    let mut q = QueryBuilder::<Sqlite>::new("WITH k(r, s, c) AS (VALUES ");
+    let mut sep = q.separated(", ");
+    for r in chunk {
+        sep.push("(").push_bind_unseparated(&r.room_id).push_unseparated(", ");
+        sep.push_bind_unseparated(&r.sender_id).push_unseparated(", ");
+        sep.push_bind_unseparated(&r.client_msg_id).push_unseparated(")");
+    }
+    q.push(
+        ") SELECT m.id, m.room_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at \
+         FROM k CROSS JOIN messages AS m ON m.room_id = k.r AND m.sender_id = k.s AND m.client_msg_id = k.c",
+    );
+    q
+}
+
 /// [`Store::export`] for SQLite: one deferred read transaction on one pooled connection. In WAL
 /// mode a read transaction reads one snapshot (the state as of its first read, which `export`
 /// makes at once) until it ends, while writers go on committing to the WAL. While it is open,
@@ -478,16 +497,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         let mut known: HashMap<(String, String, String), Message> = HashMap::new();
         for chunk in batch.chunks(LOOKUP_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(format!(
-                "SELECT {MSG_COLS} FROM messages WHERE (room_id, sender_id, client_msg_id) IN (VALUES "
-            ));
-            let mut sep = q.separated(", ");
-            for r in chunk {
-                sep.push("(").push_bind_unseparated(&r.room_id).push_unseparated(", ");
-                sep.push_bind_unseparated(&r.sender_id).push_unseparated(", ");
-                sep.push_bind_unseparated(&r.client_msg_id).push_unseparated(")");
-            }
-            q.push(")");
+            let mut q = dedupe_lookup(chunk);
             for row in q.build().fetch_all(&mut *tx).await.map_err(unavailable)? {
                 let m = message_from(&row).map_err(unavailable)?;
                 known.insert((m.room_id.clone(), m.sender_id.clone(), m.client_msg_id.clone()), m);
@@ -705,5 +715,42 @@ impl Store for SqliteStore {
             q.build().execute(&mut *tx).await.map_err(unavailable)?;
         }
         tx.commit().await.map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(n: u32) -> SendRequest {
+        SendRequest {
+            message_id: format!("m{n}"),
+            room_id: "r".into(),
+            sender_id: "u".into(),
+            client_msg_id: format!("c{n}"),
+            body: "hi".into(),
+            created_at: Timestamp(0),
+            trace: String::new(),
+        }
+    }
+
+    /// A batch's dedupe lookup must cost index probes, not a pass over every stored message.
+    #[tokio::test]
+    async fn dedupe_lookup_probes_the_index_instead_of_scanning_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("plan.db")).await.unwrap();
+        let batch = [request(1), request(2)];
+        let sql = format!("EXPLAIN QUERY PLAN {}", dedupe_lookup(&batch).sql().as_str());
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in &batch {
+            q = q.bind(&r.room_id).bind(&r.sender_id).bind(&r.client_msg_id);
+        }
+        let plan: Vec<String> =
+            q.fetch_all(&store.pool).await.unwrap().iter().map(|row| row.get::<String, _>("detail")).collect();
+        assert!(
+            plan.iter().any(|d| d.starts_with("SEARCH m USING INDEX messages_dedupe")),
+            "no dedupe-index probe in {plan:?}"
+        );
+        assert!(!plan.iter().any(|d| d.starts_with("SCAN m")), "messages scanned: {plan:?}");
     }
 }

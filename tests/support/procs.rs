@@ -913,6 +913,22 @@ impl RedisReplicaSet {
         self.cli(self.primary, args)
     }
 
+    /// Runs a write on the current primary, then `WAIT 1` on the same connection, and returns the
+    /// write's reply and how many replicas acknowledged it. WAIT counts acknowledgements of the
+    /// calling connection's own writes: on a fresh connection it waits for nothing.
+    pub fn primary_write_replicated(&self, args: &[&str]) -> (String, i64) {
+        let replies = redis_pipeline(self.primary, &[args, &["WAIT", "1", "1500"]])
+            .unwrap_or_else(|e| panic!("{args:?} then WAIT on primary {}: {e}", self.primary));
+        let reply = match &replies[0] {
+            Resp::Error(e) => e.clone(),
+            other => other.as_str().unwrap_or_default().to_string(),
+        };
+        match replies[1] {
+            Resp::Int(acked) => (reply, acked),
+            ref other => panic!("WAIT answered {other:?}"),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir_path
     }
