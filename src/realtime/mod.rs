@@ -57,9 +57,10 @@ pub fn build_layer(config: &Config) -> (SocketIoLayer, SocketIo) {
         .build_layer()
 }
 
-/// Engine.IO keeps each socket's request head (URI and headers) for the socket's whole life. As
-/// hyper parses them, they are slices of the connection's read buffer (8 KiB or more), which
-/// then stays allocated per idle socket; copying out the few bytes they need lets it go.
+/// Engine.IO keeps each socket's request head (URI, headers and extensions) for the socket's whole
+/// life. As hyper parses them, they are slices of the connection's read buffer (8 KiB or more),
+/// which then stays allocated per idle socket; copying out the few bytes they need lets it go.
+/// axum's router adds one more slice before any layer runs: the `OriginalUri` extension.
 pub async fn detach_request_head(mut req: axum::extract::Request) -> axum::extract::Request {
     if !req.uri().path().starts_with("/socket.io") {
         return req;
@@ -75,6 +76,10 @@ pub async fn detach_request_head(mut req: axum::extract::Request) -> axum::extra
     *req.headers_mut() = headers;
     if let Ok(uri) = axum::http::Uri::try_from(req.uri().to_string()) {
         *req.uri_mut() = uri;
+    }
+    let original = req.extensions().get::<axum::extract::OriginalUri>().map(|o| o.0.to_string());
+    if let Some(Ok(uri)) = original.map(axum::http::Uri::try_from) {
+        req.extensions_mut().insert(axum::extract::OriginalUri(uri));
     }
     req
 }
@@ -233,4 +238,29 @@ fn reply_ok<T: serde::Serialize>(ack: AckSender, event: &'static str, body: &T) 
 
 fn identity(s: &SocketRef) -> Result<Identity, ApiError> {
     s.extensions.get::<Identity>().ok_or_else(|| ApiError::Unauthorized("socket is not authenticated".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderValue, Uri};
+    use bytes::Bytes;
+
+    /// What the socket keeps after the middleware must not point into the connection's buffer.
+    #[tokio::test]
+    async fn detached_request_head_holds_no_slice_of_the_read_buffer() {
+        let buffer = Bytes::from(b"/socket.io/?EIO=4&transport=websocket host.example".to_vec());
+        let uri = Uri::from_maybe_shared(buffer.slice(0..37)).unwrap();
+        let host = HeaderValue::from_maybe_shared(buffer.slice(38..)).unwrap();
+        let mut req = axum::extract::Request::builder().uri(uri.clone()).body(axum::body::Body::empty()).unwrap();
+        req.headers_mut().insert("host", host);
+        req.extensions_mut().insert(axum::extract::OriginalUri(uri));
+        assert!(!buffer.is_unique(), "the request head starts as slices of the buffer");
+
+        let req = detach_request_head(req).await;
+        assert!(buffer.is_unique(), "the detached head still refers to the read buffer");
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(req.headers()["host"], "host.example");
+        assert_eq!(req.extensions().get::<axum::extract::OriginalUri>().unwrap().0, *req.uri());
+    }
 }
