@@ -59,6 +59,17 @@ def psql(sql):
     subprocess.run(["psql", f"{PG}/postgres", "-qAtc", sql], check=True, capture_output=True)
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process (and its reaped children), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    # Fields after the command: state is [0]; utime, stime, cutime, cstime are [11..14].
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 class Stack:
     """One system under test: a private Redis, optionally a fresh PostgreSQL database, and N
     instances of chatmesh (cluster or embedded mode) or of the Node baseline."""
@@ -133,6 +144,23 @@ class Stack:
 
     def pids(self):
         return [p.pid for p in self.procs]
+
+    def settle(self, quiet=0.1, timeout=120):
+        """Waits until the servers and their Redis together use less than `quiet` of a core over a
+        second (after an overload they may still be draining queues and write-back); returns the
+        seconds waited (`timeout` if they never got quiet)."""
+        pids = self.pids() + ([self.redis.pid] if self.redis is not None else [])
+        started = time.time()
+        before = sum(cpu_seconds(p) for p in pids)
+        while time.time() - started < timeout:
+            time.sleep(1)
+            now = sum(cpu_seconds(p) for p in pids)
+            if now - before < quiet:
+                return round(time.time() - started, 1)
+            before = now
+        log(f"{self.kind}: still busy {timeout} s after the overload; measuring anyway")
+        return float(timeout)
+
 
     def stop(self):
         for p in self.procs:
@@ -256,7 +284,12 @@ def scenario_fanout(quick, rounds):
                     # overloads the stack, and chatmesh disconnects members that fall 8192 packets
                     # behind (slow consumers; real clients reconnect and resync, the load
                     # generator's do not), so the sweep's own half step can run with members gone.
+                    # It starts once the stack is quiet again: right after the overload it is still
+                    # working off the backlog (chatmesh: the write-back of every accepted message),
+                    # and half of max means half the load, not a recovery. How long that took is
+                    # kept as `settle_seconds`.
                     if res["best_within_p99"]:
+                        res["settle_seconds"] = s.settle()
                         half = loadgen("fanout", *common, "--rate", res["best_within_p99"]["rate"] / 2)
                         res["half_of_best_after_sweep"] = res["half_of_best"]
                         res["half_of_best"] = half["steps"][0]
@@ -283,6 +316,9 @@ def scenario_fanout(quick, rounds):
             (f"{tag}: send→deliver p99 across instances at half of max (p99 ≤ 5 ms)", "ms",
              pick("chatmesh", "half_of_best", lambda b: b["latency_ms"]["p99"]),
              pick("baseline", "half_of_best", lambda b: b["latency_ms"]["p99"]), False),
+            (f"{tag}: seconds until the stack was quiet after the sweep's overload", "s",
+             median([x.get("settle_seconds") for x in per["chatmesh"]]),
+             median([x.get("settle_seconds") for x in per["baseline"]]), False),
             (f"{tag}: order violations", "count",
              sum(sum(x["order"].values()) for x in per["chatmesh"]), sum(sum(x["order"].values()) for x in per["baseline"]), False),
         ]

@@ -4,21 +4,36 @@
 //! reach the sequencer in either order. A ticket is drawn synchronously while the packet is
 //! decoded (in arrival order); the handler then waits for its turn before enqueueing.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use socketioxide::adapter::Adapter;
 use socketioxide::handler::FromMessageParts;
 use socketioxide::socket::Socket;
 use socketioxide_core::Value;
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 #[derive(Default)]
 pub struct SocketOrder {
     next_ticket: AtomicU64,
-    serving: AtomicU64,
-    notify: Notify,
+    queue: Mutex<Queue>,
+}
+
+/// Whose turn it is, and a wake-up for each ticket already waiting. Each passed turn wakes only
+/// the next ticket: waking every waiter cost a burst of N queued sends N² wake-ups (a 200k-send
+/// burst from one socket kept an instance busy for minutes after the client had gone).
+#[derive(Default)]
+struct Queue {
+    serving: u64,
+    waiting: HashMap<u64, oneshot::Sender<()>>,
+}
+
+impl SocketOrder {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The right to enqueue next; passing it on happens on drop, even if the handler fails early.
@@ -26,8 +41,16 @@ pub struct Turn(Arc<SocketOrder>);
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.0.serving.fetch_add(1, Ordering::AcqRel);
-        self.0.notify.notify_waiters();
+        let mut queue = self.0.queue();
+        loop {
+            queue.serving += 1;
+            let serving = queue.serving;
+            let Some(wake) = queue.waiting.remove(&serving) else { return };
+            if wake.send(()).is_ok() {
+                return;
+            }
+            // That waiter is gone (its handler was dropped): its turn passes on at once.
+        }
     }
 }
 
@@ -41,16 +64,17 @@ impl Ticket {
     pub async fn turn(self) -> Option<Turn> {
         let order = self.order?;
         loop {
-            {
-                let notified = order.notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if order.serving.load(Ordering::Acquire) != self.number {
-                    notified.await;
-                    continue;
+            let woken = {
+                let mut queue = order.queue();
+                if queue.serving == self.number {
+                    return Some(Turn(order.clone()));
                 }
-            }
-            return Some(Turn(order));
+                let (wake, woken) = oneshot::channel();
+                queue.waiting.insert(self.number, wake);
+                woken
+            };
+            // Woken when the previous turn ends; checked again under the lock all the same.
+            let _ = woken.await;
         }
     }
 }
@@ -89,5 +113,22 @@ mod tests {
             h.await.unwrap();
         }
         assert_eq!(*log.lock().unwrap(), vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_is_dropped_passes_its_turn_on() {
+        let order = Arc::new(SocketOrder::default());
+        let ticket = || Ticket { order: Some(order.clone()), number: order.next_ticket.fetch_add(1, Ordering::AcqRel) };
+        let (first, second, third) = (ticket(), ticket(), ticket());
+        let turn = first.turn().await.expect("the first ticket is served at once");
+        // The second waits, then its handler is dropped before its turn comes.
+        let waiting = tokio::spawn(second.turn());
+        tokio::task::yield_now().await;
+        waiting.abort();
+        let _ = waiting.await;
+        let third = tokio::spawn(third.turn());
+        drop(turn);
+        let turn = tokio::time::timeout(std::time::Duration::from_secs(5), third).await;
+        assert!(matches!(turn, Ok(Ok(Some(_)))), "the third ticket never got its turn");
     }
 }
