@@ -2,20 +2,40 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
 use crate::error::ApiError;
+use tokio::sync::Semaphore;
+
+/// Argon2id runs at most one hash per core at a time. Each takes 19 MiB, and a burst of logins
+/// would otherwise take burst × 19 MiB at once (which the allocator then keeps resident), for no
+/// gain in throughput on a CPU-bound job.
+static HASHING: LazyLock<Arc<Semaphore>> =
+    LazyLock::new(|| Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))));
+
+/// Runs a password-hashing job off the async runtime, within the [`HASHING`] bound. The permit
+/// moves into the job, so a caller that gives up does not free it while the job still runs.
+async fn hashing<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> Result<T, tokio::task::JoinError> {
+    let permit = HASHING.clone().acquire_owned().await.expect("the hashing semaphore is never closed");
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        job()
+    })
+    .await
+}
 
 /// Hashes off the async runtime: Argon2id is deliberately slow (tens of ms).
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()))
+    hashing(move || Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()))
         .await
         .map_err(|e| ApiError::Unavailable(format!("hashing task failed: {e}")))?
         .map_err(|e| ApiError::Unavailable(format!("hashing failed: {e}")))
@@ -29,7 +49,7 @@ const DUMMY_HASH: &str =
 pub async fn verify_password(password: String, hash: Option<String>) -> bool {
     let known = hash.is_some();
     let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
-    let ok = tokio::task::spawn_blocking(move || {
+    let ok = hashing(move || {
         PasswordHash::new(&hash)
             .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
             .unwrap_or(false)
@@ -112,6 +132,19 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<Secret> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn hashing_waits_while_every_core_is_hashing() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let busy = HASHING.clone().acquire_many_owned(cores).await.unwrap();
+        let waiting = tokio::spawn(hash_password("correct horse".into()));
+        // An unbounded hash takes tens of ms here; this one must not start while the permits are out.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "a hash ran while every permit was held");
+        drop(busy);
+        let hash = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
+        assert!(verify_password("correct horse".into(), Some(hash)).await);
+    }
 
     #[test]
     fn token_round_trip_and_tamper() {

@@ -50,28 +50,16 @@ pub async fn run(p: Params) -> anyhow::Result<Value> {
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let started = Instant::now();
     let self0 = self_cpu_seconds();
-    let mut clients = Vec::with_capacity(p.connections);
-    let mut failed = 0usize;
-    let mut first_error = None;
-    let mut pending = FuturesUnordered::new();
-    let mut next = 0usize;
-    while next < p.connections || !pending.is_empty() {
-        while next < p.connections && pending.len() < p.parallel {
-            let (url, token, tx) = (p.url.clone(), tokens[next % tokens.len()].clone(), tx.clone());
-            let src = source_of(next, p.sources);
-            let idx = next as u32;
-            pending.push(async move { sio::Client::connect_from(&url, &token, Some(src), Events::Raw(idx, tx)).await });
-            next += 1;
-        }
-        match pending.next().await {
-            Some(Ok(c)) => clients.push(c),
-            Some(Err(e)) => {
-                failed += 1;
-                first_error.get_or_insert_with(|| format!("{e:#}"));
-            }
-            None => {}
-        }
-    }
+    let mut opened = Opened::default();
+    // In two halves, with a reading between: memory the server freed before the run (e.g. password
+    // hashing during registration) stays resident and is reused by the first connections, so
+    // (after - before) / N understates what a connection costs. The second half's growth does not.
+    let half = p.connections / 2;
+    opened.open(&p, &tokens, &tx, 0..half).await;
+    let rss_half = rss_bytes(p.server_pid).ok_or_else(|| anyhow::anyhow!("server {} exited", p.server_pid))?;
+    let open_half = opened.clients.len();
+    opened.open(&p, &tokens, &tx, half..p.connections).await;
+    let Opened { clients, failed, first_error } = opened;
     let connect_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(p.hold_seconds)).await;
     // Connections that died while idle (a missed heartbeat closes them) show in the reading.
@@ -89,9 +77,57 @@ pub async fn run(p: Params) -> anyhow::Result<Value> {
         "hold_seconds": p.hold_seconds,
         "server_rss_before": rss0,
         "server_rss_after": rss1,
-        "server_rss_per_connection": if open == 0 { 0.0 } else { (rss1 as f64 - rss0 as f64) / open as f64 },
+        "server_rss_per_connection": per_connection(rss0, rss1, open),
+        "server_rss_half": rss_half,
+        "connections_half": open_half,
+        "server_rss_per_connection_second_half": per_connection(rss_half, rss1, open - open_half),
         "loadgen_cpu_seconds": self1 - self0,
     }))
+}
+
+#[derive(Default)]
+struct Opened {
+    clients: Vec<sio::Client>,
+    failed: usize,
+    first_error: Option<String>,
+}
+
+impl Opened {
+    /// Opens connections `range` (at most `p.parallel` at once) and waits for all of them.
+    async fn open(
+        &mut self,
+        p: &Params,
+        tokens: &[String],
+        tx: &mpsc::UnboundedSender<(u32, String)>,
+        range: std::ops::Range<usize>,
+    ) {
+        let mut pending = FuturesUnordered::new();
+        let mut next = range.start;
+        while next < range.end || !pending.is_empty() {
+            while next < range.end && pending.len() < p.parallel {
+                let (url, token, tx) = (p.url.clone(), tokens[next % tokens.len()].clone(), tx.clone());
+                let src = source_of(next, p.sources);
+                let idx = next as u32;
+                pending.push(
+                    async move { sio::Client::connect_from(&url, &token, Some(src), Events::Raw(idx, tx)).await },
+                );
+                next += 1;
+            }
+            match pending.next().await {
+                Some(Ok(c)) => self.clients.push(c),
+                Some(Err(e)) => {
+                    self.failed += 1;
+                    self.first_error.get_or_insert_with(|| format!("{e:#}"));
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+/// Resident bytes added per connection between two readings (0 without connections).
+fn per_connection(before: u64, after: u64, connections: usize) -> f64 {
+    if connections == 0 { 0.0 } else { (after as f64 - before as f64) / connections as f64 }
 }
 
 #[cfg(test)]
@@ -103,5 +139,12 @@ mod tests {
         let ips: Vec<String> = (0..5).map(|i| source_of(i, 3).to_string()).collect();
         assert_eq!(ips, ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.1", "127.0.0.2"]);
         assert_eq!(source_of(7, 1).to_string(), "127.0.0.1");
+    }
+
+    #[test]
+    fn per_connection_growth() {
+        assert_eq!(per_connection(1000, 5000, 4), 1000.0);
+        assert_eq!(per_connection(5000, 4000, 2), -500.0);
+        assert_eq!(per_connection(1000, 5000, 0), 0.0);
     }
 }
