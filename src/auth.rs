@@ -8,13 +8,12 @@ use std::time::Duration;
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
 use crate::config::Secret;
 use crate::error::ApiError;
-use tokio::sync::Semaphore;
 
 /// Argon2id runs at most one hash per core at a time. Each takes 19 MiB, and a burst of logins
 /// would otherwise take burst × 19 MiB at once (which the allocator then keeps resident), for no
