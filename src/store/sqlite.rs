@@ -114,10 +114,11 @@ fn dedupe_lookup(chunk: &[SendRequest]) -> QueryBuilder<Sqlite> {
         sep.push_bind_unseparated(&r.sender_id).push_unseparated(", ");
         sep.push_bind_unseparated(&r.client_msg_id).push_unseparated(")");
     }
-    q.push(
-        ") SELECT m.id, m.room_id, m.seq, m.sender_id, m.client_msg_id, m.body, m.created_at \
-         FROM k CROSS JOIN messages AS m ON m.room_id = k.r AND m.sender_id = k.s AND m.client_msg_id = k.c",
-    );
+    // The keys' columns (r, s, c) share no name with messages', so MSG_COLS needs no prefix.
+    q.push(format!(
+        ") SELECT {MSG_COLS} FROM k CROSS JOIN messages AS m \
+         ON m.room_id = k.r AND m.sender_id = k.s AND m.client_msg_id = k.c"
+    ));
     q
 }
 
