@@ -207,9 +207,9 @@ def redis_ceiling(quick):
         # Same keys and arguments as src/sequencer/redis.rs; a new dedupe key per call.
         n = 200_000 if quick else 1_000_000
         cmd = ["redis-benchmark", "-p", str(port), "-c", "50", "-P", "16", "-n", str(n), "-r", "1000000000", "--csv",
-               "EVALSHA", sha, "4", "rc:{s1}:seq:room", "rc:{s1}:dedupe:room:__rand_int__", "rc:{s1}:hist:room",
-               "rc:{s1}:sync", "0", '{"room_id":"room","seq":', ',"body":"ceiling"}', "86400", "rc:room:ch",
-               "100000000", "room", ""]
+               "EVALSHA", sha, "5", "rc:{s1}:seq:room", "rc:{s1}:dedupe:room:__rand_int__", "rc:{s1}:hist:room",
+               "rc:{s1}:sync", "rc:{s1}:room:room:left:u", "0", '{"room_id":"room","seq":', ',"body":"ceiling"}', "86400", "rc:room:ch",
+               "100000000", "room", "", "0"]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         line = [l for l in r.stdout.splitlines() if l.startswith('"EVALSHA')][-1]
         # The command column holds unescaped quotes; the figures are the quoted numbers after it.

@@ -25,6 +25,7 @@ use crate::history::{History, RedisHistory, StoreHistory};
 use crate::ops::{ClusterOps, EmbeddedOps, Ops};
 use crate::presence::LocalPresence;
 use crate::redis_io::{Keys, Redis};
+use crate::revocation::{LocalRevocations, RedisRevocations, Revocations};
 use crate::sequencer::Sequencer;
 use crate::sequencer::embedded::GroupCommitSequencer;
 use crate::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
@@ -88,6 +89,7 @@ impl AppState {
 /// The implementations of one mode.
 struct Mode {
     sequencer: Arc<dyn Sequencer>,
+    revocations: Arc<dyn Revocations>,
     fanout: Arc<dyn Fanout>,
     history: Arc<dyn History>,
     ops: Arc<dyn Ops>,
@@ -98,6 +100,7 @@ fn embedded_mode(store: Arc<dyn Store>, io: SocketIo, breakers: Arc<Breakers>) -
     let fanout: Arc<dyn Fanout> = Arc::new(LocalFanout::new(io));
     Mode {
         sequencer: Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
+        revocations: Arc::new(LocalRevocations),
         fanout,
         history: Arc::new(StoreHistory { store: store.clone() }),
         ops: Arc::new(EmbeddedOps { store, breakers }),
@@ -153,6 +156,7 @@ async fn cluster_mode(
     }
     Ok(Mode {
         sequencer: Arc::new(sequencer),
+        revocations: Arc::new(RedisRevocations { redis: redis.clone(), keys: keys.clone() }),
         fanout: fanout.clone(),
         history,
         ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
@@ -217,7 +221,14 @@ impl Application {
             }
         };
         let svc = ChatService::new(
-            Backends { store, sequencer: mode.sequencer, fanout: mode.fanout, history: mode.history, caches },
+            Backends {
+                store,
+                sequencer: mode.sequencer,
+                revocations: mode.revocations,
+                fanout: mode.fanout,
+                history: mode.history,
+                caches,
+            },
             Tokens::new(&secret, config.token_ttl),
             config.region.clone(),
             Limits { send_rate_per_sec: config.send_rate_per_sec, auth_rate_per_min: config.auth_rate_per_min },

@@ -4,7 +4,9 @@
 //! Every change goes to the store first, then evicts the entry here and, through the fan-out, on
 //! every other instance (cluster mode: one pub/sub message), so a rename on one instance is seen on
 //! the others within one round trip. Entries also expire, which bounds how long anything missed
-//! (e.g. while the pub/sub link was down) can stay stale.
+//! (e.g. while the pub/sub link was down) can stay stale. Memberships do not rely on eviction: a
+//! leave must hold on every instance once it is answered, so each cached membership carries the
+//! revocation count it was confirmed at (see [`revocation`](crate::revocation)).
 
 use std::time::Duration;
 
@@ -94,8 +96,9 @@ pub struct Caches {
     pub users: Cache<String, User>,
     /// Room metadata for permission checks (its head_seq and member_count may lag).
     pub rooms: Cache<String, Room>,
-    /// Known memberships (positive entries only: a join is visible at once everywhere).
-    pub members: Cache<(String, String), ()>,
+    /// Known memberships (positive entries only: a join is visible at once everywhere), each with
+    /// the revocation count it was confirmed at.
+    pub members: Cache<(String, String), u64>,
 }
 
 impl Default for Caches {
@@ -146,22 +149,28 @@ impl Caches {
         self.through(&self.rooms, id, room_key(id), load).await
     }
 
-    /// Whether (room, user) is a known membership (L1, then L2).
-    pub async fn is_known_member(&self, room_id: &str, user_id: &str) -> bool {
+    /// The revocation count a known membership of (room, user) was confirmed at (L1, then L2);
+    /// `None` when not known. The count may be stale: callers compare it with the current one
+    /// (see [`revocation`](crate::revocation)).
+    pub async fn known_member(&self, room_id: &str, user_id: &str) -> Option<u64> {
         let key = (room_id.to_string(), user_id.to_string());
-        if self.members.contains_key(&key) {
-            return true;
+        if let Some(count) = self.members.get(&key).await {
+            return Some(count);
         }
-        if self.l2.get(&member_key(room_id, user_id)).await.is_some() {
-            self.members.insert(key, ()).await;
-            return true;
-        }
-        false
+        let count = self.l2.get(&member_key(room_id, user_id)).await?.parse::<u64>().ok()?;
+        self.members.insert(key, count).await;
+        Some(count)
     }
 
-    pub async fn remember_member(&self, room_id: &str, user_id: &str) {
-        self.l2.set(&member_key(room_id, user_id), "1".into()).await;
-        self.members.insert((room_id.to_string(), user_id.to_string()), ()).await;
+    /// Remembers that (room, user) was confirmed a member at revocation count `count`.
+    pub async fn remember_member(&self, room_id: &str, user_id: &str, count: u64) {
+        self.l2.set(&member_key(room_id, user_id), count.to_string()).await;
+        self.members.insert((room_id.to_string(), user_id.to_string()), count).await;
+    }
+
+    /// Drops this instance's entry for (room, user) (found stale).
+    pub async fn forget_member(&self, room_id: &str, user_id: &str) {
+        self.members.invalidate(&(room_id.to_string(), user_id.to_string())).await;
     }
 
     /// Evicts `what` from L2 and this instance's L1 (other instances evict their L1 when told).
@@ -211,9 +220,11 @@ mod tests {
         assert_eq!(c.room("r", async { Ok(room("second")) }).await.unwrap().name, "first", "cached");
         c.evict(&Invalidation::Room { id: "r".into() }).await;
         assert_eq!(c.room("r", async { Ok(room("second")) }).await.unwrap().name, "second", "evicted");
-        assert!(!c.is_known_member("r", "u").await);
-        c.remember_member("r", "u").await;
-        assert!(c.is_known_member("r", "u").await);
+        assert_eq!(c.known_member("r", "u").await, None);
+        c.remember_member("r", "u", 3).await;
+        assert_eq!(c.known_member("r", "u").await, Some(3));
+        c.forget_member("r", "u").await;
+        assert_eq!(c.known_member("r", "u").await, None);
     }
 
     #[test]

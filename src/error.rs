@@ -30,6 +30,10 @@ pub enum ApiError {
     RateLimited { retry_after: Duration },
     #[error("{0}")]
     Unavailable(String),
+    /// The sender's membership was revoked (a leave, on any instance) after it was checked and
+    /// before the send was sequenced. Answered as `forbidden`; the service re-checks first.
+    #[error("not a member of this room")]
+    MembershipRevoked,
 }
 
 impl ApiError {
@@ -38,7 +42,7 @@ impl ApiError {
             Self::Validation(_) => "validation_failed",
             Self::Unauthorized(_) => "unauthorized",
             Self::InvalidCredentials => "invalid_credentials",
-            Self::Forbidden(_) => "forbidden",
+            Self::Forbidden(_) | Self::MembershipRevoked => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge { .. } => "payload_too_large",
@@ -51,7 +55,7 @@ impl ApiError {
         match self {
             Self::Validation(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::MembershipRevoked => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -13,6 +13,7 @@
 //! - [`history`]: reading messages (store; in cluster mode merged with Redis recent history).
 //! - [`sync`]: cluster write-back from Redis Streams into the store.
 //! - [`redis_io`]: Redis connections, key names, the send script; [`cluster`]: membership.
+//! - [`revocation`]: leaves that every instance's sends see at once (cached memberships).
 //! - [`ops`]: readiness and the cluster view per mode.
 //! - [`service`]: the operations both REST and Socket.IO call (never branching on the mode).
 //! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
@@ -38,6 +39,7 @@ pub mod presence;
 pub mod ratelimit;
 pub mod realtime;
 pub mod redis_io;
+pub mod revocation;
 pub mod sequencer;
 pub mod service;
 pub mod store;

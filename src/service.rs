@@ -14,6 +14,7 @@ pub use crate::history::Cursor;
 use crate::history::History;
 use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
+use crate::revocation::Revocations;
 use crate::sequencer::{SendOutcome, Sequencer};
 use crate::store::{NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
 use crate::telemetry;
@@ -57,6 +58,7 @@ impl Sent {
 pub struct ChatService {
     pub store: Arc<dyn Store>,
     pub sequencer: Arc<dyn Sequencer>,
+    pub revocations: Arc<dyn Revocations>,
     pub fanout: Arc<dyn Fanout>,
     pub history: Arc<dyn History>,
     pub tokens: Tokens,
@@ -71,6 +73,7 @@ pub struct ChatService {
 pub struct Backends {
     pub store: Arc<dyn Store>,
     pub sequencer: Arc<dyn Sequencer>,
+    pub revocations: Arc<dyn Revocations>,
     pub fanout: Arc<dyn Fanout>,
     pub history: Arc<dyn History>,
     pub caches: Arc<Caches>,
@@ -92,12 +95,13 @@ pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
 
 impl ChatService {
     pub fn new(backends: Backends, tokens: Tokens, region: String, limits: Limits) -> Self {
-        let Backends { store, sequencer, fanout, history, caches } = backends;
+        let Backends { store, sequencer, revocations, fanout, history, caches } = backends;
         let send = f64::from(limits.send_rate_per_sec);
         let auth = f64::from(limits.auth_rate_per_min);
         Self {
             store,
             sequencer,
+            revocations,
             fanout,
             history,
             tokens,
@@ -224,15 +228,49 @@ impl ChatService {
         self.caches.room(room_id, self.room_or_404(room_id)).await
     }
 
+    /// Asks the store, reading the revocation count first. A leave bumps the count after the store
+    /// changed, so the count remembered with a "member" answer is never newer than a later leave's:
+    /// the leave always makes it stale.
+    async fn confirmed_membership(&self, room_id: &str, user_id: &str) -> ApiResult<Option<u64>> {
+        let count = self.revocations.count(room_id, user_id).await?;
+        if !self.store.is_member(room_id, user_id).await? {
+            return Ok(None);
+        }
+        self.caches.remember_member(room_id, user_id, count).await;
+        Ok(Some(count))
+    }
+
+    /// The revocation count the user's membership was confirmed at, from the cache when known
+    /// (possibly stale: for sends, whose sequencing checks it); `None` when not a member.
+    async fn membership_for_send(&self, room_id: &str, user_id: &str) -> ApiResult<Option<u64>> {
+        if let Some(count) = self.caches.known_member(room_id, user_id).await {
+            return Ok(Some(count));
+        }
+        self.confirmed_membership(room_id, user_id).await
+    }
+
+    /// Whether the user is a member now: a leave answered on any instance counts.
     async fn is_member(&self, room_id: &str, user_id: &str) -> ApiResult<bool> {
-        if self.caches.is_known_member(room_id, user_id).await {
-            return Ok(true);
+        if let Some(cached) = self.caches.known_member(room_id, user_id).await {
+            if self.revocations.count(room_id, user_id).await? == cached {
+                return Ok(true);
+            }
+            self.caches.forget_member(room_id, user_id).await;
         }
-        let member = self.store.is_member(room_id, user_id).await?;
-        if member {
-            self.caches.remember_member(room_id, user_id).await;
+        Ok(self.confirmed_membership(room_id, user_id).await?.is_some())
+    }
+
+    /// The answer to a send refused because the sender left the room after it was checked.
+    async fn revoked(&self, room_id: &str, user_id: &str) -> ApiError {
+        self.caches.forget_member(room_id, user_id).await;
+        match self.confirmed_membership(room_id, user_id).await {
+            Ok(None) => ApiError::not_member(),
+            // Left and joined again while the send was under way; nothing was stored.
+            Ok(Some(_)) => {
+                ApiError::Unavailable("your membership of this room changed while sending; retry the send".into())
+            }
+            Err(e) => e,
         }
-        Ok(member)
     }
 
     /// A room the user may see: public, or private with the user a member.
@@ -287,6 +325,8 @@ impl ChatService {
     pub async fn leave_room(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
         self.room_meta(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
+        // Even when the store had no membership: a leave retried after the bump failed must bump.
+        self.revocations.revoke(room_id, user_id).await?;
         self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
         Ok(())
     }
@@ -330,7 +370,10 @@ impl ChatService {
         let receipt = {
             let _turn = turn;
             self.send_limiter.check(sender_id).map_err(|wait| Self::limited("send", wait))?;
-            self.ensure_member(sender_id, room_id).await?;
+            let Some(membership) = self.membership_for_send(room_id, sender_id).await? else {
+                self.room_meta(room_id).await?;
+                return Err(ApiError::not_member());
+            };
             self.sequencer
                 .submit(SendRequest {
                     message_id: new_id(),
@@ -340,11 +383,15 @@ impl ChatService {
                     body: body.into_inner(),
                     created_at: Timestamp::now(),
                     trace: trace.clone(),
+                    membership,
                 })
                 .instrument(span.clone())
                 .await?
         };
-        let outcome = receipt.instrument(span).await?;
+        let outcome = match receipt.instrument(span).await {
+            Err(ApiError::MembershipRevoked) => return Err(self.revoked(room_id, sender_id).await),
+            other => other?,
+        };
         Ok(match outcome {
             SendOutcome::Accepted(message) => {
                 m::TOTALS.accepted(1);

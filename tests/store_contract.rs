@@ -236,6 +236,7 @@ fn req(room: &str, sender: &str, cmid: &str, body: &str) -> SendRequest {
         body: body.into(),
         created_at: Timestamp::now(),
         trace: String::new(),
+        membership: 0,
     }
 }
 

@@ -38,6 +38,10 @@ impl Keys {
     pub fn dedupe(&self, room_id: &str, sender_id: &str, client_msg_id: &str) -> String {
         format!("{}:room:{room_id}:dd:{sender_id}:{client_msg_id}", self.tag(room_id))
     }
+    /// How often the user's membership of the room was revoked (see `revocation`).
+    pub fn revocations(&self, room_id: &str, user_id: &str) -> String {
+        format!("{}:room:{room_id}:left:{user_id}", self.tag(room_id))
+    }
     /// The room's fan-out channel.
     pub fn channel(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}", self.tag(room_id))

@@ -1,12 +1,18 @@
 -- chatmesh send: dedupe, sequence, keep, queue for write-back, fan out. Atomic.
 -- KEYS[1] seq counter   KEYS[2] dedupe key   KEYS[3] room history stream   KEYS[4] shard write-back stream
+-- KEYS[5] the sender's revocation count for the room
 -- ARGV[1] store head seq ('' when unknown)   ARGV[2] message JSON up to the seq value
 -- ARGV[3] message JSON after the seq value   ARGV[4] dedupe TTL (s)   ARGV[5] fan-out channel
 -- ARGV[6] write-back backlog limit (entries)   ARGV[7] room id   ARGV[8] trace context ('' if none)
--- Returns {'dup', json} | {'init'} | {'full'} | {'ok', json}
+-- ARGV[9] the revocation count the sender's membership was confirmed at
+-- Returns {'dup', json} | {'revoked'} | {'init'} | {'full'} | {'ok', json}
 local existing = redis.call('GET', KEYS[2])
 if existing then
   return {'dup', existing}
+end
+-- The sender left the room (on any instance) since its membership was checked.
+if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[9] then
+  return {'revoked'}
 end
 if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[6]) then
   return {'full'}

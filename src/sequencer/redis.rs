@@ -1,5 +1,6 @@
 //! Cluster sequencer: one atomic Redis script per send (dedupe, seq INCR, recent history, write-back
-//! stream, dedupe key, PUBLISH). Queued sends go to Redis as one pipeline per batch, in submission
+//! stream, dedupe key, PUBLISH; it also refuses a sender whose membership was revoked since it was
+//! checked, see [`revocation`](crate::revocation)). Queued sends go to Redis as one pipeline per batch, in submission
 //! order, over one multiplexed connection; with ack level `replica` the pipeline ends in `WAIT 1`.
 //!
 //! Sends are spread over a few lanes by room: a lane has one batch in flight at a time, so one
@@ -154,6 +155,7 @@ fn parse_reply(v: &Value, req: &SendRequest) -> Step {
                 Err(ApiError::Conflict("client_msg_id was already used with a different body".into()))
             }
         })),
+        Some("revoked") => Step::Done(Err(ApiError::MembershipRevoked)),
         Some("init") => Step::NeedsInit,
         Some("full") => Step::Done(Err(ApiError::Unavailable(
             "the write-back backlog is full (the store is behind); retry later".into(),
@@ -249,11 +251,12 @@ impl Worker {
                 let init = heads.get(&req.room_id).map(|h| h.to_string()).unwrap_or_default();
                 pipe.cmd("EVALSHA")
                     .arg(self.script.get_hash())
-                    .arg(4)
+                    .arg(5)
                     .arg(self.keys.seq(&req.room_id))
                     .arg(self.keys.dedupe(&req.room_id, &req.sender_id, &req.client_msg_id))
                     .arg(self.keys.history(&req.room_id))
                     .arg(self.keys.sync_stream_of(&req.room_id))
+                    .arg(self.keys.revocations(&req.room_id, &req.sender_id))
                     .arg(init)
                     .arg(before)
                     .arg(after)
@@ -261,7 +264,8 @@ impl Worker {
                     .arg(self.keys.channel(&req.room_id))
                     .arg(self.config.backlog_limit)
                     .arg(&req.room_id)
-                    .arg(&req.trace);
+                    .arg(&req.trace)
+                    .arg(req.membership);
             }
             if self.config.ack_level == AckLevel::Replica {
                 pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);
@@ -344,6 +348,7 @@ mod tests {
             body: "\"seq\":0, in a body".into(),
             created_at: Timestamp(0),
             trace: String::new(),
+            membership: 0,
         };
         let (a, b) = json_around_seq(&req);
         let m: Message = serde_json::from_str(&format!("{a}42{b}")).unwrap();

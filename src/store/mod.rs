@@ -71,6 +71,10 @@ pub struct SendRequest {
     pub created_at: Timestamp,
     /// W3C traceparent of the send, carried to whoever makes it durable (empty: none).
     pub trace: String,
+    /// The revocation count the sender's membership was confirmed at; the cluster sequencer
+    /// refuses the send when it is no longer current (see [`revocation`](crate::revocation)).
+    /// Stores ignore it.
+    pub membership: u64,
 }
 
 /// What became of one [`SendRequest`] in [`Store::append_messages`].

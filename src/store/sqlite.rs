@@ -732,6 +732,7 @@ mod tests {
             body: "hi".into(),
             created_at: Timestamp(0),
             trace: String::new(),
+            membership: 0,
         }
     }
 

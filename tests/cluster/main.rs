@@ -129,6 +129,7 @@ pub fn request(room: &str, sender: &str, cmid: &str) -> SendRequest {
         body: format!("body {cmid}"),
         created_at: Timestamp::now(),
         trace: String::new(),
+        membership: 0,
     }
 }
 

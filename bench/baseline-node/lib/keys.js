@@ -33,6 +33,10 @@ class Keys {
   dedupe(roomId, senderId, clientMsgId) {
     return `${this.tag(roomId)}:room:${roomId}:dd:${senderId}:${clientMsgId}`;
   }
+  /** The sender's revocation count for the room (chatmesh bumps it on leave; the baseline never does). */
+  revocations(roomId, userId) {
+    return `${this.tag(roomId)}:room:${roomId}:left:${userId}`;
+  }
   /** The room's fan-out channel (the script PUBLISHes there; the baseline does not listen). */
   channel(roomId) {
     return `${this.tag(roomId)}:room:${roomId}`;

@@ -1,6 +1,6 @@
 'use strict';
 // Sequencing with chatmesh's own send script (src/redis_io/send.lua, read at start), called the way
-// src/sequencer/redis.rs calls it: EVALSHA with 4 keys and 8 args, the message JSON split around
+// src/sequencer/redis.rs calls it: EVALSHA with 5 keys and 9 args, the message JSON split around
 // its seq value so the script splices the seq in, '' as store head first and the store's head
 // after an 'init' reply.
 
@@ -55,11 +55,12 @@ class Sequencer {
     const k = this.keys;
     const args = [
       this.sha,
-      4,
+      5,
       k.seq(m.room_id),
       k.dedupe(m.room_id, m.sender_id, m.client_msg_id),
       k.history(m.room_id),
       k.syncStreamOf(m.room_id),
+      k.revocations(m.room_id, m.sender_id),
       head,
       before,
       after,
@@ -68,6 +69,7 @@ class Sequencer {
       this.backlogLimit,
       m.room_id,
       '', // trace context: none
+      '0', // revocation count: the baseline checks membership on its own and never bumps it
     ];
     try {
       return await this.redis.evalsha(...args);
