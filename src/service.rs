@@ -328,7 +328,7 @@ impl ChatService {
         // Even when the store had no membership: a leave retried after the bump failed must bump.
         self.revocations.revoke(room_id, user_id).await?;
         self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
-        Ok(())
+        self.fanout.member_left(room_id, user_id).await
     }
 
     pub async fn add_member(&self, owner_id: &str, room_id: &str, new_member: &str) -> ApiResult<()> {

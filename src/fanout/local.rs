@@ -39,6 +39,13 @@ pub fn deliver_local(io: &SocketIo, room_id: &str, seq: i64, raw: &RawValue) {
 }
 
 /// `typing` to this instance's sockets in the room, except the typist's own socket.
+/// Takes this instance's sockets of `user_id` out of `room_id`.
+pub fn stop_delivery(io: &SocketIo, room_id: &str, user_id: &str) {
+    for s in io.to(user_channel(user_id)).sockets() {
+        s.leave(room_id.to_string());
+    }
+}
+
 pub async fn emit_typing(io: &SocketIo, room_id: &str, user_id: &str, except_socket: &str) {
     let payload = json!({"room_id": room_id, "user_id": user_id});
     for socket in io.to(room_id.to_string()).sockets() {
@@ -77,6 +84,11 @@ impl Fanout for LocalFanout {
 
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {
         emit_typing(&self.io, room_id, user_id, except_socket).await;
+    }
+
+    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
+        stop_delivery(&self.io, room_id, user_id);
+        Ok(())
     }
 
     async fn invalidate(&self, _what: &crate::cache::Invalidation) {

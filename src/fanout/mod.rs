@@ -24,6 +24,9 @@ pub trait Fanout: Send + Sync + 'static {
     async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]);
     /// `typing` to the room's sockets except `except_socket` (the typist's own).
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str);
+    /// The user left the room: their sockets, on every instance, stop receiving it (as if each had
+    /// sent `room:leave`). Once it returns `Ok`, no message accepted later reaches them.
+    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), crate::error::ApiError>;
     /// Evicts a cache entry on every other instance (this one already did).
     async fn invalidate(&self, what: &crate::cache::Invalidation);
     /// Called before a local socket reads history after joining `room_id`: from the moment this

@@ -6,8 +6,10 @@
 //! remembers the last seq it delivered per room: a jump (a reconnect of the pub/sub link lost
 //! some) is filled from history before the new message, so local sockets never see a gap.
 //!
-//! Other events (typing, presence, room/user updates) go over one events channel; they carry no
-//! ordering promise. A canary published every few seconds on this instance's own channel proves the
+//! Other events (typing, presence, room/user updates, leaves, cache evictions) go over one events
+//! channel. The same subscription carries the room channels, so an event is processed before any
+//! message sequenced after it was published (this is what makes a leave stop delivery in time);
+//! beyond that they carry no ordering promise. A canary published every few seconds on this instance's own channel proves the
 //! subscription works; readiness turns red when it stops coming back.
 
 use std::collections::{HashMap, HashSet};
@@ -23,7 +25,7 @@ use serde_json::value::RawValue;
 use socketioxide::SocketIo;
 use tokio::sync::{Mutex, mpsc};
 
-use super::local::{deliver_local, emit_typing};
+use super::local::{deliver_local, emit_typing, stop_delivery};
 use super::{Fanout, user_channel};
 use crate::cache::{Caches, Invalidation};
 use crate::domain::{Message, Room, Timestamp, User};
@@ -36,6 +38,8 @@ pub const CANARY_EVERY: Duration = Duration::from_secs(2);
 pub const CANARY_STALE_MS: i64 = 7_000;
 /// The events-channel name of cache invalidations (not a Socket.IO event).
 const INVALIDATE: &str = "cache:invalidate";
+/// The events-channel name of a leave (not a Socket.IO event): `{room_id, user_id}`.
+const MEMBER_LEFT: &str = "member:left";
 
 #[derive(Serialize, Deserialize)]
 struct Event {
@@ -127,11 +131,14 @@ impl RedisFanout {
     }
 
     async fn publish_event(&self, ev: Event) {
-        let Ok(payload) = serde_json::to_string(&ev) else { return };
-        let mut conn = self.redis.conn().await;
-        if let Err(e) = conn.publish::<_, _, ()>(self.keys.events_channel(), payload).await {
+        if let Err(e) = self.try_publish_event(&ev).await {
             tracing::warn!(error = %e, event = %ev.event, "could not publish an event");
         }
+    }
+
+    async fn try_publish_event(&self, ev: &Event) -> redis::RedisResult<()> {
+        let payload = serde_json::to_string(ev).unwrap_or_default();
+        self.redis.conn().await.publish::<_, _, ()>(self.keys.events_channel(), payload).await
     }
 
     /// Records this instance's change and says whether the cluster-wide state changed with it.
@@ -294,6 +301,11 @@ impl Receiver {
             }
             return;
         }
+        if ev.event == MEMBER_LEFT {
+            let field = |k: &str| ev.data[k].as_str().unwrap_or_default().to_string();
+            stop_delivery(&self.io, &field("room_id"), &field("user_id"));
+            return;
+        }
         if ev.event == "typing" {
             let room = ev.rooms.first().cloned().unwrap_or_default();
             let user = ev.data["user_id"].as_str().unwrap_or_default();
@@ -345,6 +357,18 @@ impl Fanout for RedisFanout {
             except: Some(except_socket.to_string()),
         })
         .await;
+    }
+
+    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
+        stop_delivery(&self.io, room_id, user_id);
+        // One Redis connection carries an instance's events and room messages, in publish order:
+        // every instance processes this before any message sequenced after it.
+        let data = serde_json::json!({"room_id": room_id, "user_id": user_id});
+        let ev = Event { rooms: Vec::new(), event: MEMBER_LEFT.into(), data, except: None };
+        self.try_publish_event(&ev).await.map_err(|e| {
+            tracing::warn!(error = %e, "could not publish a leave");
+            ApiError::Unavailable("Redis is unavailable; retry the leave".into())
+        })
     }
 
     async fn invalidate(&self, what: &Invalidation) {

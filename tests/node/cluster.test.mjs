@@ -572,7 +572,7 @@ describe('cluster of 3 instances', () => {
     for (const s of [...senders, ...late.map((x) => x.s)]) s.close();
   });
 
-  test('membership changes made on one instance are enforced on the others', async () => {
+  test('membership changes made on one instance are enforced on the others, sends and deliveries', async () => {
     const a = await registerUser(n[0].url, 'ma');
     const b = await registerUser(n[1].url, 'mb');
     const room = await createRoom(n[0].url, a.token, 'private', 'private');
@@ -586,6 +586,7 @@ describe('cluster of 3 instances', () => {
     assert.equal(inv.status, 204, JSON.stringify(inv.body));
     const j = await emitAck(sb3, 'room:join', { room_id: room.id });
     assert.equal(j.ok, true, `room:join on n3 right after the invite on n1 (204): ${JSON.stringify(j)}`);
+    const seen3 = collect(sb3, 'message:new');
     const m = await sendMessage(sb3, room.id, 'invited on n1, sent on n3');
     assert.equal(m.seq, 1);
 
@@ -599,9 +600,15 @@ describe('cluster of 3 instances', () => {
       'forbidden',
       'socket send on n3 right after leaving on n2',
     );
+    // B's socket on n3 stops receiving the room: A's next message, sent on n1 after the leave was
+    // answered on n2, must not reach it.
+    const afterLeave = await api(n[0].url, 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: newCmid(), body: 'B has left' }, a.token);
+    assert.equal(afterLeave.status, 201, JSON.stringify(afterLeave.body));
+    await sleep(QUIET_MS);
+    assert.deepEqual(seen3.map((x) => x.body), ['invited on n1, sent on n3'], 'message:new on n3 after B left on n2');
     const hist = await api(n[0].url, 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
     assert.equal(hist.status, 200);
-    assert.deepEqual(hist.body.messages, [m], 'only the member\'s message was stored');
+    assert.deepEqual(hist.body.messages, [m, afterLeave.body], 'only members\' messages were stored');
     sb3.close();
   });
 

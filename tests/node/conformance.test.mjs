@@ -452,6 +452,31 @@ for (const ts of TRANSPORT_SETS) {
       assertAckError(await emitAck(sb, 'room:leave', {}), 'validation_failed', 'room:leave without room_id');
     });
 
+    test('leaving a room over REST stops delivery to every socket of that user', async () => {
+      const { b, room, sa, sb } = await twoInRoom();
+      const sb2 = await open(b.token);
+      await joinRoom(sb2, room.id);
+      const seenB = collect(sb, 'message:new');
+      const seenB2 = collect(sb2, 'message:new');
+      const m1 = await sendMessage(sa, room.id, 'before leave');
+      await waitFor(() => seenB.length === 1 && seenB2.length === 1, 10000, 'message before leave');
+      const leave = await api(url, 'POST', `/api/v1/rooms/${room.id}/leave`, undefined, b.token);
+      assert.equal(leave.status, 204, JSON.stringify(leave.body));
+      const seenA = collect(sa, 'message:new');
+      const m2 = await sendMessage(sa, room.id, 'after leave');
+      await waitFor(() => seenA.some((m) => m.id === m2.id), 10000, 'the remaining member still gets messages');
+      await sleep(QUIET_MS);
+      assert.deepEqual(seenB, [m1], 'no message:new on the leaver\'s first socket');
+      assert.deepEqual(seenB2, [m1], 'no message:new on the leaver\'s second socket');
+      assert.equal(sb.connected && sb2.connected, true, 'the sockets stay connected');
+      // Joining again (a public room) resumes delivery and catches up from after_seq.
+      const re = await joinRoom(sb, room.id, { after_seq: m1.seq });
+      assert.deepEqual(re.messages, [m2]);
+      const m3 = await sendMessage(sa, room.id, 'after rejoin');
+      await waitFor(() => seenB.some((m) => m.id === m3.id), 10000, 'delivery after rejoining');
+      sb2.close();
+    });
+
     test('room:sync pages with after_seq/limit and reports has_more and head_seq', async () => {
       const a = await user('a');
       const room = await createRoom(url, a.token, 'sync');
