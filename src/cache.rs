@@ -87,8 +87,10 @@ fn user_key(id: &str) -> String {
 fn room_key(id: &str) -> String {
     format!("room:{id}")
 }
+/// Holds the revocation count the membership was confirmed at (an earlier version stored "1"
+/// under `member:`; a new name keeps a rolling upgrade from reading those as counts).
 fn member_key(room_id: &str, user_id: &str) -> String {
-    format!("member:{room_id}:{user_id}")
+    format!("membership:{room_id}:{user_id}")
 }
 
 pub struct Caches {
