@@ -41,7 +41,8 @@ pub fn deliver_local(io: &SocketIo, room_id: &str, seq: i64, raw: &RawValue) {
 /// `typing` to this instance's sockets in the room, except the typist's own socket.
 /// Takes this instance's sockets of `user_id` out of `room_id`.
 pub fn stop_delivery(io: &SocketIo, room_id: &str, user_id: &str) {
-    for s in io.to(user_channel(user_id)).sockets() {
+    let Some(ns) = io.of("/") else { return };
+    for s in ns.to(user_channel(user_id)).sockets() {
         s.leave(room_id.to_string());
     }
 }
