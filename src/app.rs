@@ -156,7 +156,11 @@ async fn cluster_mode(
     }
     Ok(Mode {
         sequencer: Arc::new(sequencer),
-        revocations: Arc::new(RedisRevocations { redis: redis.clone(), keys: keys.clone() }),
+        revocations: Arc::new(RedisRevocations {
+            redis: redis.clone(),
+            keys: keys.clone(),
+            wait_replica: matches!(c.ack_level, AckLevelArg::Replica).then_some(Duration::from_secs(1)),
+        }),
         fanout: fanout.clone(),
         history,
         ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),

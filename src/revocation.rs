@@ -15,9 +15,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::redis_io::{Keys, Redis};
 
 /// How long a revocation count outlives the leave that bumped it. Longer than any cached
-/// membership lives (the caches' TTL is 300 s), so no cached count can outlive its key; if a key
-/// expires anyway (or Redis loses it), counts read as 0 and cached ones ≥ 1 fail the check, which
-/// only costs a store read.
+/// membership lives (at most 600 s: 300 s in L2, then 300 s in an L1 it was copied into), so no
+/// count confirmed before a leave can outlive that leave's key; once a key has expired counts read
+/// as 0 again, and cached ones ≥ 1 fail the check, which only costs a store read.
 const COUNT_TTL_SECS: u64 = 900;
 
 #[async_trait]
@@ -47,6 +47,9 @@ impl Revocations for LocalRevocations {
 pub struct RedisRevocations {
     pub redis: Redis,
     pub keys: Keys,
+    /// With ack level `replica`: a leave answers only once a replica has its bump (`WAIT 1`), so
+    /// a failover of the Redis primary cannot lose it.
+    pub wait_replica: Option<std::time::Duration>,
 }
 
 fn unavailable(e: redis::RedisError) -> ApiError {
@@ -64,15 +67,19 @@ impl Revocations for RedisRevocations {
 
     async fn revoke(&self, room_id: &str, user_id: &str) -> ApiResult<()> {
         let key = self.keys.revocations(room_id, user_id);
+        let mut pipe = redis::pipe();
+        pipe.incr(&key, 1).ignore().expire(&key, COUNT_TTL_SECS as i64).ignore();
+        if let Some(timeout) = self.wait_replica {
+            pipe.cmd("WAIT").arg(1).arg(timeout.as_millis() as u64);
+        }
+        // One connection: WAIT counts the replication of this connection's writes.
         let mut conn = self.redis.conn().await;
-        redis::pipe()
-            .atomic()
-            .incr(&key, 1)
-            .ignore()
-            .expire(&key, COUNT_TTL_SECS as i64)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unavailable)
+        let replies: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        if self.wait_replica.is_some() && replies.first().copied().unwrap_or(0) < 1 {
+            // The bump is on the primary, not yet confirmed on a replica: the leave is not
+            // answered; its retry bumps again (harmless: any change of the count refuses).
+            return Err(ApiError::Unavailable("no replica confirmed the leave in time; retry".into()));
+        }
+        Ok(())
     }
 }

@@ -38,7 +38,6 @@ pub fn deliver_local(io: &SocketIo, room_id: &str, seq: i64, raw: &RawValue) {
     m::TOTALS.delivered(delivered);
 }
 
-/// `typing` to this instance's sockets in the room, except the typist's own socket.
 /// Takes this instance's sockets of `user_id` out of `room_id`.
 pub fn stop_delivery(io: &SocketIo, room_id: &str, user_id: &str) {
     let Some(ns) = io.of("/") else { return };
@@ -47,6 +46,7 @@ pub fn stop_delivery(io: &SocketIo, room_id: &str, user_id: &str) {
     }
 }
 
+/// `typing` to this instance's sockets in the room, except the typist's own socket.
 pub async fn emit_typing(io: &SocketIo, room_id: &str, user_id: &str, except_socket: &str) {
     let payload = json!({"room_id": room_id, "user_id": user_id});
     for socket in io.to(room_id.to_string()).sockets() {

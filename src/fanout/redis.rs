@@ -9,8 +9,9 @@
 //! Other events (typing, presence, room/user updates, leaves, cache evictions) go over one events
 //! channel. The same subscription carries the room channels, so an event is processed before any
 //! message sequenced after it was published (this is what makes a leave stop delivery in time);
-//! beyond that they carry no ordering promise. A canary published every few seconds on this instance's own channel proves the
-//! subscription works; readiness turns red when it stops coming back.
+//! beyond that they carry no ordering promise. A canary published every few seconds on this
+//! instance's own channel proves the subscription works; readiness turns red when it stops coming
+//! back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

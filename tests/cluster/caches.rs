@@ -81,7 +81,7 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
         Backends {
             store: store.clone(),
             sequencer: Arc::new(sequencer),
-            revocations: Arc::new(RedisRevocations { redis: redis.clone(), keys: keys.clone() }),
+            revocations: Arc::new(RedisRevocations { redis: redis.clone(), keys: keys.clone(), wait_replica: None }),
             fanout: Arc::new(LocalFanout::new(io)),
             history: Arc::new(RedisHistory { store, redis, keys }),
             caches: Arc::new(Caches::new(Arc::new(l2))),
@@ -134,4 +134,25 @@ async fn a_leave_holds_on_other_instances_without_their_cache_evictions() {
     let page = n1.page(&room, chatmesh::service::Cursor::After(0), 50).await.unwrap();
     let cmids: Vec<&str> = page.messages.iter().map(|m| m.client_msg_id.as_str()).collect();
     assert_eq!(cmids, ["c1", "c2", "c5", "c6"], "refused sends stored nothing");
+}
+
+/// With ack level `replica` a leave's bump must reach a replica before the leave answers: refused
+/// as retryable on a Redis without replicas, accepted on a primary with one (and readable there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_level_replica_a_revocation_waits_for_a_replica() {
+    use chatmesh::revocation::Revocations;
+    let keys = Keys::new(&format!("t{}", ulid::Ulid::generate()), 4);
+    let alone = RedisServer::start();
+    let redis = Redis::connect(RedisUrl::Direct(alone.url())).await.unwrap();
+    let r = RedisRevocations { redis, keys: keys.clone(), wait_replica: Some(Duration::from_millis(300)) };
+    assert!(matches!(r.revoke("room", "user").await, Err(ApiError::Unavailable(_))), "no replica: not answered");
+
+    let set = crate::support::procs::RedisReplicaSet::start();
+    let redis = Redis::connect(RedisUrl::Direct(set.url_of(set.primary_port()))).await.unwrap();
+    let r = RedisRevocations { redis, keys: keys.clone(), wait_replica: Some(Duration::from_secs(3)) };
+    assert_eq!(r.revoke("room", "user").await, Ok(()));
+    assert_eq!(r.count("room", "user").await, Ok(1));
+    let on_replica =
+        crate::support::procs::redis_command(set.replica_port(), &["GET", &keys.revocations("room", "user")]).unwrap();
+    assert_eq!(on_replica.as_str(), Some("1"), "the replica has the bump once the leave answered");
 }
