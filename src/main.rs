@@ -14,6 +14,7 @@ use clap::{Args, FromArgMatches, Parser};
 
 /// mimalloc: the send path makes many small short-lived allocations; glibc malloc spent ~20% of
 /// the server's CPU on them under load (perf, bench/run.sh ingest).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
