@@ -1,7 +1,8 @@
 //! Cluster sequencer: one atomic Redis script per send (dedupe, seq INCR, recent history, write-back
 //! stream, dedupe key, PUBLISH; it also refuses a sender whose membership was revoked since it was
-//! checked, see [`revocation`](crate::revocation)). Queued sends go to Redis as one pipeline per batch, in submission
-//! order, over one multiplexed connection; with ack level `replica` the pipeline ends in `WAIT 1`.
+//! checked, see [`revocation`](crate::revocation)). Queued sends go to Redis as one pipeline per
+//! batch, in submission order, over one multiplexed connection; with ack level `replica` the
+//! pipeline ends in `WAIT 1`.
 //!
 //! Sends are spread over a few lanes by room: a lane has one batch in flight at a time, so one
 //! room's sends (and so one socket's sends to that room) reach Redis in the order they were
