@@ -233,6 +233,11 @@ impl ChatService {
     /// the leave always makes it stale.
     async fn confirmed_membership(&self, room_id: &str, user_id: &str) -> ApiResult<Option<u64>> {
         let count = self.revocations.count(room_id, user_id).await?;
+        self.confirm_at(room_id, user_id, count).await
+    }
+
+    /// Asks the store and remembers a "member" answer with `count`, read before it.
+    async fn confirm_at(&self, room_id: &str, user_id: &str, count: u64) -> ApiResult<Option<u64>> {
         if !self.store.is_member(room_id, user_id).await? {
             return Ok(None);
         }
@@ -251,13 +256,14 @@ impl ChatService {
 
     /// Whether the user is a member now: a leave answered on any instance counts.
     async fn is_member(&self, room_id: &str, user_id: &str) -> ApiResult<bool> {
-        if let Some(cached) = self.caches.known_member(room_id, user_id).await {
-            if self.revocations.count(room_id, user_id).await? == cached {
-                return Ok(true);
-            }
-            self.caches.forget_member(room_id, user_id).await;
+        let cached = self.caches.known_member(room_id, user_id).await;
+        let count = self.revocations.count(room_id, user_id).await?;
+        match cached {
+            Some(c) if c == count => return Ok(true),
+            Some(_) => self.caches.forget_member(room_id, user_id).await,
+            None => {}
         }
-        Ok(self.confirmed_membership(room_id, user_id).await?.is_some())
+        Ok(self.confirm_at(room_id, user_id, count).await?.is_some())
     }
 
     /// The answer to a send refused because the sender left the room after it was checked.

@@ -361,9 +361,8 @@ impl Fanout for RedisFanout {
     }
 
     async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
-        stop_delivery(&self.io, room_id, user_id);
         // One Redis connection carries an instance's events and room messages, in publish order:
-        // every instance processes this before any message sequenced after it.
+        // every instance, this one included, processes this before any message sequenced after it.
         let data = serde_json::json!({"room_id": room_id, "user_id": user_id});
         let ev = Event { rooms: Vec::new(), event: MEMBER_LEFT.into(), data, except: None };
         self.try_publish_event(&ev).await.map_err(|e| {

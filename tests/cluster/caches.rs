@@ -10,10 +10,7 @@ use chatmesh::fanout::local::LocalFanout;
 use chatmesh::history::RedisHistory;
 use chatmesh::redis_io::{Keys, Redis, RedisUrl};
 use chatmesh::revocation::RedisRevocations;
-use chatmesh::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
 use chatmesh::service::{Backends, ChatService, Limits};
-use chatmesh::store::Store;
-use chatmesh::store::postgres::PostgresStore;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -61,22 +58,10 @@ async fn changes_on_one_instance_are_seen_on_another_within_a_second() {
 /// One instance's service, wired as `app.rs` wires cluster mode, except that its fan-out carries
 /// no cache evictions to other instances (as when the pub/sub message is late or lost).
 async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) -> ChatService {
-    let redis = Redis::connect(RedisUrl::Direct(redis_url.to_string())).await.unwrap();
-    let keys = Keys::new(prefix, 4);
-    let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(db_url).await.unwrap());
+    let crate::Parts { redis, keys, store, sequencer } =
+        crate::parts_with(redis_url, db_url, Keys::new(prefix, 4)).await;
     let (_layer, io) = socketioxide::SocketIo::new_layer();
     let l2 = RedisSharedCache { redis: redis.clone(), prefix: prefix.to_string() };
-    let sequencer = RedisSequencer::start(
-        redis.clone(),
-        keys.clone(),
-        store.clone(),
-        RedisSequencerConfig {
-            ack_level: AckLevel::Leader,
-            wait_timeout: Duration::from_secs(1),
-            dedupe_ttl: Duration::from_secs(86_400),
-            backlog_limit: 1_000_000,
-        },
-    );
     ChatService::new(
         Backends {
             store: store.clone(),

@@ -142,8 +142,12 @@ pub struct Parts {
 }
 
 pub async fn parts(redis_url: &str, db_url: &str) -> Parts {
+    parts_with(redis_url, db_url, Keys::new(&format!("t{}", ulid::Ulid::generate()), 4)).await
+}
+
+/// As [`parts`], under the given keys (several instances' parts share them).
+pub async fn parts_with(redis_url: &str, db_url: &str, keys: Keys) -> Parts {
     let redis = Redis::connect(RedisUrl::Direct(redis_url.to_string())).await.unwrap();
-    let keys = Keys::new(&format!("t{}", ulid::Ulid::generate()), 4);
     let store: Arc<dyn Store> = Arc::new(PostgresStore::connect(db_url).await.unwrap());
     let sequencer = RedisSequencer::start(
         redis.clone(),
