@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::sio::Io;
 use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -96,7 +96,7 @@ struct Mode {
     heartbeat: Option<(Redis, Keys)>,
 }
 
-fn embedded_mode(store: Arc<dyn Store>, io: SocketIo, breakers: Arc<Breakers>) -> Mode {
+fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>) -> Mode {
     let fanout: Arc<dyn Fanout> = Arc::new(LocalFanout::new(io));
     Mode {
         sequencer: Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
@@ -112,7 +112,7 @@ async fn cluster_mode(
     c: &ClusterConfig,
     redis: Redis,
     store: Arc<dyn Store>,
-    io: SocketIo,
+    io: Io,
     caches: Arc<Caches>,
     breakers: Arc<Breakers>,
     instance_id: &str,
@@ -184,7 +184,7 @@ fn spawn_gauges(state: Arc<AppState>) {
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
-    io: SocketIo,
+    io: Io,
     state: Arc<AppState>,
 }
 
@@ -199,7 +199,7 @@ impl Application {
         let listener = TcpListener::bind(config.bind).await?;
         let addr = listener.local_addr()?;
         let instance_id = config.instance_id.clone().unwrap_or_else(|| default_instance_id(addr));
-        let (sio_layer, io) = realtime::build_layer(&config);
+        let io = realtime::build_io(&config);
 
         let breakers = Arc::new(Breakers::default());
         let (caches, mode) = match &config.cluster {
@@ -263,9 +263,7 @@ impl Application {
         }
         spawn_gauges(state.clone());
         realtime::register(&io, state.clone());
-        let router = api::router(state.clone())
-            .layer(sio_layer)
-            .layer(axum::middleware::map_request(realtime::detach_request_head));
+        let router = api::router(state.clone()).merge(crate::sio::router(io.clone()));
         Ok(Self { listener, router, io, state })
     }
 

@@ -29,6 +29,8 @@ pub const KNOWN_ENV: &[&str] = &[
     "CHATMESH_DRAIN_DELAY_MS",
     "CHATMESH_SHUTDOWN_TIMEOUT_MS",
     "CHATMESH_TRUST_PROXY",
+    "CHATMESH_PING_INTERVAL_MS",
+    "CHATMESH_PING_TIMEOUT_MS",
     "CHATMESH_ACK_LEVEL",
     "CHATMESH_REDIS_PREFIX",
     "CHATMESH_SHARDS",
@@ -157,6 +159,14 @@ pub struct ServeArgs {
         default_value_t = 10_000
     )]
     pub shutdown_timeout_ms: u64,
+    /// Engine.IO heartbeat: the server pings each socket this often.
+    #[arg(long, env = "CHATMESH_PING_INTERVAL_MS", value_name = "CHATMESH_PING_INTERVAL_MS", default_value_t = 25_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub ping_interval_ms: u64,
+    /// Engine.IO heartbeat: a socket that has not answered a ping within this long is closed.
+    #[arg(long, env = "CHATMESH_PING_TIMEOUT_MS", value_name = "CHATMESH_PING_TIMEOUT_MS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub ping_timeout_ms: u64,
     /// Take the client IP for rate limits from the first X-Forwarded-For address (behind HAProxy).
     #[arg(long, env = "CHATMESH_TRUST_PROXY", value_name = "CHATMESH_TRUST_PROXY", default_value_t = false,
           action = clap::ArgAction::Set)]
@@ -276,6 +286,8 @@ pub struct Config {
     pub token_ttl: Duration,
     pub drain_delay: Duration,
     pub shutdown_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
     pub trust_proxy: bool,
     /// Present in cluster mode (CHATMESH_REDIS_URL set).
     pub cluster: Option<ClusterConfig>,
@@ -372,6 +384,8 @@ impl Config {
             token_ttl: Duration::from_secs(args.token_ttl_secs),
             drain_delay: Duration::from_millis(args.drain_delay_ms),
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+            ping_interval: Duration::from_millis(args.ping_interval_ms),
+            ping_timeout: Duration::from_millis(args.ping_timeout_ms),
             trust_proxy: args.trust_proxy,
             cluster,
         })

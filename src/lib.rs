@@ -42,6 +42,7 @@ pub mod redis_io;
 pub mod revocation;
 pub mod sequencer;
 pub mod service;
+pub mod sio;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -1,21 +1,23 @@
 //! In-process fan-out: emits straight to this instance's sockets.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use serde_json::json;
 use serde_json::value::RawValue;
-use socketioxide::SocketIo;
 
 use super::{Fanout, user_channel};
 use crate::domain::{Message, Room, User};
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::sio::{Io, SendError, Socket};
 
 pub struct LocalFanout {
-    io: SocketIo,
+    io: Io,
 }
 
 impl LocalFanout {
-    pub fn new(io: SocketIo) -> Self {
+    pub fn new(io: Io) -> Self {
         Self { io }
     }
 }
@@ -23,37 +25,39 @@ impl LocalFanout {
 /// Emits `message:new` (already serialized) to this instance's sockets in the room. A socket whose
 /// buffer is full is disconnected: a skipped message would be a silent gap in its stream, a
 /// disconnect makes the client reconnect and resync from its last seq.
-pub fn deliver_local(io: &SocketIo, room_id: &str, seq: i64, raw: &RawValue) {
+pub fn deliver_local(io: &Io, room_id: &str, seq: i64, raw: &RawValue) {
+    let Ok(frame) = crate::sio::packet::event("message:new", raw) else { return };
     let mut delivered = 0u64;
-    for socket in io.to(room_id.to_string()).sockets() {
-        match socket.emit("message:new", raw) {
-            Ok(()) => delivered += 1,
-            Err(_) => {
-                metrics::counter!(m::MESSAGES_DROPPED_SLOW).increment(1);
-                tracing::warn!(socket = %socket.id, room = %room_id, seq, "slow consumer disconnected");
-                let _ = socket.disconnect();
-            }
-        }
+    let mut slow: Vec<Arc<Socket>> = Vec::new();
+    io.for_each_in(room_id, |socket| match socket.send(frame.clone()) {
+        Ok(()) => delivered += 1,
+        Err(SendError::Full) => slow.push(socket.clone()),
+        Err(SendError::Closed) => {}
+    });
+    for socket in slow {
+        metrics::counter!(m::MESSAGES_DROPPED_SLOW).increment(1);
+        tracing::warn!(socket = %socket.id, room = %room_id, seq, "slow consumer disconnected");
+        socket.close();
     }
     m::TOTALS.delivered(delivered);
 }
 
 /// Takes this instance's sockets of `user_id` out of `room_id`.
-pub fn stop_delivery(io: &SocketIo, room_id: &str, user_id: &str) {
-    let Some(ns) = io.of("/") else { return };
-    for s in ns.to(user_channel(user_id)).sockets() {
-        s.leave(room_id.to_string());
+pub fn stop_delivery(io: &Io, room_id: &str, user_id: &str) {
+    for s in io.sockets_in(&user_channel(user_id)) {
+        s.leave(room_id);
     }
 }
 
 /// `typing` to this instance's sockets in the room, except the typist's own socket.
-pub async fn emit_typing(io: &SocketIo, room_id: &str, user_id: &str, except_socket: &str) {
+pub async fn emit_typing(io: &Io, room_id: &str, user_id: &str, except_socket: &str) {
     let payload = json!({"room_id": room_id, "user_id": user_id});
-    for socket in io.to(room_id.to_string()).sockets() {
-        if socket.id.to_string() != except_socket {
-            let _ = socket.emit("typing", &payload);
+    let Ok(frame) = crate::sio::packet::event("typing", &payload) else { return };
+    io.for_each_in(room_id, |socket| {
+        if &*socket.id != except_socket {
+            let _ = socket.send(frame.clone());
         }
-    }
+    });
 }
 
 #[async_trait]
@@ -66,13 +70,13 @@ impl Fanout for LocalFanout {
     }
 
     async fn room_updated(&self, room: &Room) {
-        let _ = self.io.to(room.id.clone()).emit("room:updated", room).await;
+        self.io.broadcast(std::slice::from_ref(&room.id), "room:updated", room);
     }
 
     async fn user_updated(&self, user: &User, room_ids: &[String]) {
         let mut rooms: Vec<String> = room_ids.to_vec();
         rooms.push(user_channel(&user.id));
-        let _ = self.io.to(rooms).emit("user:updated", user).await;
+        self.io.broadcast(&rooms, "user:updated", user);
     }
 
     async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) {
@@ -80,7 +84,7 @@ impl Fanout for LocalFanout {
             return;
         }
         let state = if online { "online" } else { "offline" };
-        let _ = self.io.to(room_ids.to_vec()).emit("presence", &json!({"user_id": user_id, "state": state})).await;
+        self.io.broadcast(room_ids, "presence", &json!({"user_id": user_id, "state": state}));
     }
 
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {

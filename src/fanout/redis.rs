@@ -18,12 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use crate::sio::Io;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, PushInfo, PushKind, Value};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use socketioxide::SocketIo;
 use tokio::sync::{Mutex, mpsc};
 
 use super::local::{deliver_local, emit_typing, stop_delivery};
@@ -52,7 +52,7 @@ struct Event {
 }
 
 pub struct RedisFanout {
-    io: SocketIo,
+    io: Io,
     redis: Redis,
     keys: Keys,
     instance_id: String,
@@ -66,7 +66,7 @@ pub struct RedisFanout {
 
 impl RedisFanout {
     pub async fn start(
-        io: SocketIo,
+        io: Io,
         redis: Redis,
         keys: Keys,
         history: Arc<RedisHistory>,
@@ -186,11 +186,11 @@ async fn unwatch_loop(f: Arc<RedisFanout>) {
         tick.tick().await;
         let idle: Vec<String> = {
             let watched = f.watched.lock().await;
-            watched.iter().filter(|room| f.io.to((*room).clone()).sockets().is_empty()).cloned().collect()
+            watched.iter().filter(|room| f.io.room_is_empty(room)).cloned().collect()
         };
         for room in idle {
             let mut pubsub = f.pubsub.lock().await;
-            if f.io.to(room.clone()).sockets().is_empty() && pubsub.unsubscribe(f.keys.channel(&room)).await.is_ok() {
+            if f.io.room_is_empty(&room) && pubsub.unsubscribe(f.keys.channel(&room)).await.is_ok() {
                 f.watched.lock().await.remove(&room);
             }
         }
@@ -198,7 +198,7 @@ async fn unwatch_loop(f: Arc<RedisFanout>) {
 }
 
 struct Receiver {
-    io: SocketIo,
+    io: Io,
     caches: Arc<Caches>,
     keys: Keys,
     history: Arc<RedisHistory>,
@@ -288,8 +288,8 @@ impl Receiver {
             Err(e) => {
                 // Cannot repair: cut the room's sockets so their clients resync by themselves.
                 tracing::warn!(error = %e, room, "gap fill failed; disconnecting the room's sockets");
-                for s in self.io.to(room.to_string()).sockets() {
-                    let _ = s.disconnect();
+                for s in self.io.sockets_in(room) {
+                    s.close();
                 }
             }
         }
@@ -316,7 +316,7 @@ impl Receiver {
         if ev.rooms.is_empty() {
             return;
         }
-        let _ = self.io.to(ev.rooms).emit(&ev.event, &ev.data).await;
+        self.io.broadcast(&ev.rooms, &ev.event, &ev.data);
     }
 }
 

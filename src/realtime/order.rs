@@ -1,18 +1,13 @@
 //! Keeps one socket's sends in the order they arrived.
 //!
-//! socketioxide runs each incoming event on its own task, so two sends from one socket could
-//! reach the sequencer in either order. A ticket is drawn synchronously while the packet is
-//! decoded (in arrival order); the handler then waits for its turn before enqueueing.
+//! Each incoming event runs on its own task, so two sends from one socket could reach the
+//! sequencer in either order. A ticket is drawn synchronously as the packet is dispatched (in
+//! arrival order); the handler then waits for its turn before enqueueing.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use socketioxide::adapter::Adapter;
-use socketioxide::handler::FromMessageParts;
-use socketioxide::socket::Socket;
-use socketioxide_core::Value;
 use tokio::sync::oneshot;
 
 #[derive(Default)]
@@ -54,7 +49,8 @@ impl Drop for Turn {
     }
 }
 
-/// A send's place in its socket's arrival order.
+/// A send's place in its socket's arrival order (the default one waits for nothing).
+#[derive(Default)]
 pub struct Ticket {
     order: Option<Arc<SocketOrder>>,
     number: u64,
@@ -79,13 +75,10 @@ impl Ticket {
     }
 }
 
-impl<A: Adapter> FromMessageParts<A> for Ticket {
-    type Error = Infallible;
-
-    fn from_message_parts(s: &Arc<Socket<A>>, _: &mut Value, _: &Option<i64>) -> Result<Self, Infallible> {
-        let order = s.extensions.get::<Arc<SocketOrder>>();
-        let number = order.as_ref().map(|o| o.next_ticket.fetch_add(1, Ordering::AcqRel)).unwrap_or(0);
-        Ok(Self { order, number })
+impl SocketOrder {
+    /// The next place in this socket's order; draw it in arrival order.
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
+        Ticket { order: Some(self.clone()), number: self.next_ticket.fetch_add(1, Ordering::AcqRel) }
     }
 }
 

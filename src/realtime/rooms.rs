@@ -3,35 +3,34 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use socketioxide::extract::{AckSender, SocketRef, TryData};
 
 use super::{identity, payload, reply};
 use crate::app::AppState;
 use crate::domain::input::parse_seq;
 use crate::error::ApiResult;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
+use crate::sio::{Ack, Socket};
 use crate::telemetry;
 use tracing::Instrument;
 
-pub fn register(s: &SocketRef, state: &Arc<AppState>) {
-    let st = state.clone();
-    s.on("room:join", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-        let st = st.clone();
-        async move { reply(ack, "room:join", join(&st, &s, d).instrument(telemetry::event_span("room:join")).await) }
-    });
-    let st = state.clone();
-    s.on("room:leave", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-        let st = st.clone();
-        async move { reply(ack, "room:leave", leave(&st, &s, d).instrument(telemetry::event_span("room:leave")).await) }
-    });
-    let st = state.clone();
-    s.on("room:sync", move |s: SocketRef, TryData(d): TryData<Value>, ack: AckSender| {
-        let st = st.clone();
-        async move { reply(ack, "room:sync", sync(&st, &s, d).instrument(telemetry::event_span("room:sync")).await) }
+pub fn on_event(st: Arc<AppState>, s: Arc<Socket>, name: &str, data: Result<Value, String>, ack: Ack) {
+    let name: &'static str = match name {
+        "room:join" => "room:join",
+        "room:leave" => "room:leave",
+        _ => "room:sync",
+    };
+    tokio::spawn(async move {
+        let span = telemetry::event_span(name);
+        let result = match name {
+            "room:join" => join(&st, &s, data).instrument(span).await,
+            "room:leave" => leave(&s, data, &st).instrument(span).await,
+            _ => sync(&st, &s, data).instrument(span).await,
+        };
+        reply(ack, name, result)
     });
 }
 
-async fn join<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
+async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;
@@ -39,7 +38,7 @@ async fn join<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Resul
     let room = state.svc.join_room(&me.user_id, room_id).await?;
     // Join the delivery group before reading history: a message accepted in between is then
     // delivered live or found in the read (or both; clients dedupe by seq), never neither.
-    s.join(room.id.clone());
+    s.join(&room.id);
     state.svc.fanout.watch_room(&room.id).await?;
     let page = match after {
         Some(after) => state.svc.page(&room.id, Cursor::After(after), MAX_PAGE).await?,
@@ -53,15 +52,15 @@ async fn join<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Resul
     Ok(json!({"room": room, "head_seq": page.head_seq, "messages": page.messages, "has_more": page.has_more}))
 }
 
-async fn leave<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
+async fn leave(s: &Arc<Socket>, data: Result<Value, String>, state: &AppState) -> ApiResult<Value> {
     identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;
-    s.leave(room_id.to_string());
+    s.leave(room_id);
     Ok(json!({}))
 }
 
-async fn sync<E: std::fmt::Display>(state: &AppState, s: &SocketRef, data: Result<Value, E>) -> ApiResult<Value> {
+async fn sync(state: &AppState, s: &Socket, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
     let room_id = input.req_str("room_id")?;

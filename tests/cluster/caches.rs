@@ -60,7 +60,7 @@ async fn changes_on_one_instance_are_seen_on_another_within_a_second() {
 async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) -> ChatService {
     let crate::Parts { redis, keys, store, sequencer } =
         crate::parts_with(redis_url, db_url, Keys::new(prefix, 4)).await;
-    let (_layer, io) = socketioxide::SocketIo::new_layer();
+    let io = chatmesh::sio::Io::new(chatmesh::sio::Config::default());
     let l2 = RedisSharedCache { redis: redis.clone(), prefix: prefix.to_string() };
     ChatService::new(
         Backends {

@@ -1,0 +1,273 @@
+//! The server side shared by all sockets: open sessions, room membership, broadcast, shutdown.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::packet;
+use super::socket::{SendError, Socket, Transport};
+
+/// What the application does with sockets. Events are dispatched synchronously, in arrival order,
+/// so the application can note the order before it spawns any work.
+pub trait Handler: Send + Sync + 'static {
+    /// The client asked to connect with `auth`; `Err(message)` refuses with a `connect_error`.
+    fn connect(&self, socket: Arc<Socket>, auth: Option<Value>) -> BoxFuture<'static, Result<(), String>>;
+    fn event(&self, socket: &Arc<Socket>, name: String, data: Result<Value, String>, ack: Ack);
+    /// Called once for every socket `connect` accepted, when it closes.
+    fn disconnect(&self, socket: Arc<Socket>) -> BoxFuture<'static, ()>;
+}
+
+/// Answers one event; does nothing if the client asked for no answer.
+pub struct Ack {
+    pub(super) socket: Arc<Socket>,
+    pub(super) id: Option<u64>,
+}
+
+impl Ack {
+    pub fn send<T: Serialize + ?Sized>(self, body: &T) {
+        let Some(id) = self.id else { return };
+        let Ok(frame) = packet::ack(id, body) else { return };
+        if self.socket.send(frame) == Err(SendError::Full) {
+            tracing::warn!(socket = %self.socket.id, "slow consumer: ack queue full, closing");
+            self.socket.close();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// Largest packet (WebSocket message or polling body) the transport accepts.
+    pub max_payload: usize,
+    /// Frames queued per socket before it counts as a slow consumer.
+    pub socket_buffer: usize,
+    pub ws_read_buffer: usize,
+    pub upgrade_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            max_payload: 1_000_000,
+            socket_buffer: 8192,
+            ws_read_buffer: 1024,
+            upgrade_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The Socket.IO server: a cheap handle, clone it freely.
+#[derive(Clone)]
+pub struct Io(pub(super) Arc<IoInner>);
+
+pub(super) struct IoInner {
+    pub(super) config: Config,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Socket>>>,
+    rooms: RwLock<HashMap<Arc<str>, Vec<Arc<Socket>>>>,
+    handler: OnceLock<Arc<dyn Handler>>,
+    /// WebSocket tasks still running (shutdown waits for their close frames to go out).
+    pub(super) live_tasks: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Io {
+    pub fn new(config: Config) -> Self {
+        Self(Arc::new(IoInner {
+            config,
+            sessions: Mutex::default(),
+            rooms: RwLock::default(),
+            handler: OnceLock::new(),
+            live_tasks: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Sets the application's handler; sockets are refused until it is set.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        let _ = self.0.handler.set(handler);
+    }
+
+    /// Calls `f` for each socket in `room` (the room's lock is held: `f` must not join or leave).
+    pub fn for_each_in(&self, room: &str, mut f: impl FnMut(&Arc<Socket>)) {
+        let rooms = self.0.rooms.read().unwrap_or_else(PoisonError::into_inner);
+        for s in rooms.get(room).into_iter().flatten() {
+            f(s);
+        }
+    }
+
+    pub fn sockets_in(&self, room: &str) -> Vec<Arc<Socket>> {
+        let mut out = Vec::new();
+        self.for_each_in(room, |s| out.push(s.clone()));
+        out
+    }
+
+    pub fn room_is_empty(&self, room: &str) -> bool {
+        let rooms = self.0.rooms.read().unwrap_or_else(PoisonError::into_inner);
+        rooms.get(room).is_none_or(Vec::is_empty)
+    }
+
+    /// `event` to every socket in any of `rooms`, once each; a socket whose queue is full is
+    /// closed (a skipped event would be a silent gap). Returns how many sockets got it.
+    pub fn broadcast<T: Serialize + ?Sized>(&self, rooms: &[String], event: &str, data: &T) -> usize {
+        let Ok(frame) = packet::event(event, data) else { return 0 };
+        let mut targets: Vec<Arc<Socket>> = Vec::new();
+        for room in rooms {
+            self.for_each_in(room, |s| targets.push(s.clone()));
+        }
+        if rooms.len() > 1 {
+            targets.sort_by_key(|s| Arc::as_ptr(s) as usize);
+            targets.dedup_by_key(|s| Arc::as_ptr(s) as usize);
+        }
+        let mut sent = 0;
+        for s in targets {
+            match s.send(frame.clone()) {
+                Ok(()) => sent += 1,
+                Err(SendError::Full) => {
+                    tracing::warn!(socket = %s.id, event, "slow consumer: queue full, closing");
+                    s.close();
+                }
+                Err(SendError::Closed) => {}
+            }
+        }
+        sent
+    }
+
+    pub fn socket_count(&self) -> usize {
+        lock(&self.0.sessions).len()
+    }
+
+    /// Closes every socket (their clients reconnect elsewhere) and waits up to a second for the
+    /// WebSocket close frames to go out.
+    pub async fn close(&self) {
+        let all: Vec<Arc<Socket>> = lock(&self.0.sessions).values().cloned().collect();
+        for s in all {
+            s.close();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.0.live_tasks.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A socket not attached to any client: for tests of code that delivers to rooms.
+    pub fn test_socket(&self, id: &str) -> Arc<Socket> {
+        self.0.open_session(id.into(), Transport::WebSocket)
+    }
+}
+
+impl IoInner {
+    pub(super) fn handler(&self) -> Option<&Arc<dyn Handler>> {
+        self.handler.get()
+    }
+
+    pub(super) fn open_session(self: &Arc<Self>, id: Arc<str>, transport: Transport) -> Arc<Socket> {
+        let s = Arc::new(Socket::new(id.clone(), Arc::downgrade(self), transport, self.config.socket_buffer));
+        lock(&self.sessions).insert(id, s.clone());
+        s
+    }
+
+    pub(super) fn session(&self, id: &str) -> Option<Arc<Socket>> {
+        lock(&self.sessions).get(id).cloned()
+    }
+
+    pub(super) fn join(&self, s: &Arc<Socket>, room: &str) {
+        let mut rooms = self.rooms.write().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock `forget` takes: a socket closing now is never left in a room.
+        if s.is_closed() || s.in_room(room) {
+            return;
+        }
+        let key: Arc<str> = match rooms.get_key_value(room) {
+            Some((k, _)) => k.clone(),
+            None => room.into(),
+        };
+        rooms.entry(key.clone()).or_default().push(s.clone());
+        s.rooms().push(key);
+    }
+
+    pub(super) fn leave(&self, s: &Arc<Socket>, room: &str) {
+        let mut rooms = self.rooms.write().unwrap_or_else(PoisonError::into_inner);
+        s.rooms().retain(|r| &**r != room);
+        Self::remove_from(&mut rooms, s, room);
+    }
+
+    fn remove_from(rooms: &mut HashMap<Arc<str>, Vec<Arc<Socket>>>, s: &Arc<Socket>, room: &str) {
+        if let Some(members) = rooms.get_mut(room) {
+            members.retain(|m| !Arc::ptr_eq(m, s));
+            if members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    /// Called once by `Socket::close`.
+    pub(super) fn forget(&self, s: &Arc<Socket>, was_connected: bool) {
+        {
+            let mut rooms = self.rooms.write().unwrap_or_else(PoisonError::into_inner);
+            let joined: Vec<Arc<str>> = std::mem::take(&mut *s.rooms());
+            for room in joined {
+                Self::remove_from(&mut rooms, s, &room);
+            }
+        }
+        lock(&self.sessions).remove(&s.id);
+        if was_connected && let Some(h) = self.handler.get() {
+            tokio::spawn(h.disconnect(s.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(s: &Socket) -> Vec<String> {
+        let mut out = Vec::new();
+        s.take(&mut out);
+        out.iter().map(|f| f.as_str().to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn broadcast_reaches_each_socket_once_and_closed_sockets_leave_their_rooms() {
+        let io = Io::new(Config::default());
+        let (a, b, c) = (io.test_socket("a"), io.test_socket("b"), io.test_socket("c"));
+        a.join("r1");
+        a.join("r2");
+        a.join("r1");
+        b.join("r2");
+        c.join("r3");
+        let sent = io.broadcast(&["r1".into(), "r2".into()], "e", &1);
+        assert_eq!(sent, 2, "a is in both rooms but gets the event once");
+        assert_eq!(drained(&a), [r#"42["e",1]"#]);
+        assert_eq!(drained(&b), [r#"42["e",1]"#]);
+        assert!(drained(&c).is_empty());
+
+        a.close();
+        assert_eq!(io.sockets_in("r1").len(), 0);
+        assert_eq!(io.sockets_in("r2").len(), 1);
+        a.join("r1");
+        assert!(io.room_is_empty("r1"), "a closed socket cannot join");
+        b.leave("r2");
+        assert!(io.room_is_empty("r2"));
+        assert_eq!(io.socket_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_is_closed_by_broadcast() {
+        let io = Io::new(Config { socket_buffer: 1, ..Config::default() });
+        let a = io.test_socket("a");
+        a.join("r");
+        assert_eq!(io.broadcast(&["r".into()], "e", &1), 1);
+        assert_eq!(io.broadcast(&["r".into()], "e", &2), 0);
+        assert!(a.is_closed());
+        assert!(io.room_is_empty("r"));
+    }
+}
