@@ -279,7 +279,7 @@ async fn run(io: Arc<IoInner>, s: Arc<Socket>, mut ws: Ws) {
                 Some(Ok(Message::Close(_)) | Err(_)) | None => break,
             },
             () = &mut beat => {
-                match hb.beat(&s) {
+                match hb.beat(&s, Instant::now()) {
                     Beat::Ping => {
                         let _ = s.send(Frame::from_static(packet::PING));
                     }
@@ -352,24 +352,23 @@ struct Heartbeat {
 
 impl Heartbeat {
     fn new(c: &super::io::Config) -> Self {
-        Self {
-            interval: c.ping_interval,
-            timeout: c.ping_timeout,
-            next: Instant::now() + c.ping_interval,
-            pinged_at: None,
-        }
+        Self::starting_at(c, Instant::now())
     }
 
-    fn beat(&mut self, s: &Socket) -> Beat {
+    fn starting_at(c: &super::io::Config, now: Instant) -> Self {
+        Self { interval: c.ping_interval, timeout: c.ping_timeout, next: now + c.ping_interval, pinged_at: None }
+    }
+
+    /// Called once `next` is reached.
+    fn beat(&mut self, s: &Socket, now: Instant) -> Beat {
         match self.pinged_at.take() {
             Some(at) if s.pong.swap(false, Ordering::AcqRel) => {
-                self.next = (at + self.interval).max(Instant::now());
+                self.next = (at + self.interval).max(now);
                 Beat::Wait
             }
             Some(_) => Beat::Dead,
             None => {
                 s.pong.store(false, Ordering::Release);
-                let now = Instant::now();
                 self.pinged_at = Some(now);
                 self.next = now + self.timeout.min(self.interval);
                 Beat::Ping
@@ -386,7 +385,7 @@ async fn polling_heartbeat(s: Arc<Socket>, mut hb: Heartbeat) {
         if s.is_closed() || s.transport() == Transport::WebSocket {
             return;
         }
-        match hb.beat(&s) {
+        match hb.beat(&s, Instant::now()) {
             Beat::Ping => {
                 let _ = s.send(Frame::from_static(packet::PING));
             }
@@ -411,8 +410,8 @@ mod tests {
         assert_eq!((q.eio, q.transport, q.sid), (None, None, None));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn heartbeat_pings_every_interval_and_declares_a_silent_client_dead() {
+    #[test]
+    fn heartbeat_pings_every_interval_and_declares_a_silent_client_dead() {
         let config = super::super::io::Config {
             ping_interval: Duration::from_secs(25),
             ping_timeout: Duration::from_secs(20),
@@ -420,18 +419,15 @@ mod tests {
         };
         let s = Socket::detached("s", 8);
         let start = Instant::now();
-        let mut hb = Heartbeat::new(&config);
-        assert_eq!(hb.next - start, Duration::from_secs(25));
-        tokio::time::advance(Duration::from_secs(25)).await;
-        assert!(matches!(hb.beat(&s), Beat::Ping));
-        assert_eq!(hb.next - start, Duration::from_secs(45), "the pong is checked after the timeout");
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut hb = Heartbeat::starting_at(&config, start);
+        assert_eq!(hb.next, at(25));
+        assert!(matches!(hb.beat(&s, at(25)), Beat::Ping));
+        assert_eq!(hb.next, at(45), "the pong is checked after the timeout");
         s.pong.store(true, Ordering::Release);
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(matches!(hb.beat(&s), Beat::Wait));
-        assert_eq!(hb.next - start, Duration::from_secs(50), "the next ping is one interval after the last");
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(matches!(hb.beat(&s), Beat::Ping));
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(matches!(hb.beat(&s), Beat::Dead), "no pong within the timeout");
+        assert!(matches!(hb.beat(&s, at(45)), Beat::Wait));
+        assert_eq!(hb.next, at(50), "the next ping is one interval after the last");
+        assert!(matches!(hb.beat(&s, at(50)), Beat::Ping));
+        assert!(matches!(hb.beat(&s, at(70)), Beat::Dead), "no pong within the timeout");
     }
 }
