@@ -311,10 +311,12 @@ async fn on_message(io: &Arc<IoInner>, s: &Arc<Socket>, text: &str) {
             let _ = s.send(packet::connect_error(namespace, "Invalid namespace"));
         }
         Incoming::Connect { auth, .. } => {
-            if s.connected() {
+            if s.connected() || s.connecting.swap(true, Ordering::AcqRel) {
                 return;
             }
-            match handler.connect(s.clone(), auth).await {
+            let outcome = handler.connect(s.clone(), auth).await;
+            s.connecting.store(false, Ordering::Release);
+            match outcome {
                 Ok(()) => {
                     if s.mark_connected() {
                         let _ = s.send(packet::connected(&s.id));

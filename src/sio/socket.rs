@@ -36,6 +36,9 @@ pub struct Socket {
     pub(super) ready: Notify,
     transport: AtomicU8,
     connected: AtomicBool,
+    /// A CONNECT is being handled (two at once, say from concurrent polling POSTs, would run the
+    /// application's connect twice).
+    pub(super) connecting: AtomicBool,
     closed: AtomicBool,
     pub(super) pong: AtomicBool,
     /// A long-poll is waiting on this socket (only one may).
@@ -64,6 +67,7 @@ impl Socket {
             ready: Notify::new(),
             transport: AtomicU8::new(transport as u8),
             connected: AtomicBool::new(false),
+            connecting: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             pong: AtomicBool::new(false),
             polling: AtomicBool::new(false),
