@@ -8,11 +8,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
-use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::io::IoInner;
-use super::packet::{self, Frame};
+use super::packet::Frame;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -109,12 +108,6 @@ impl Socket {
         }
         self.ready.notify_one();
         Ok(())
-    }
-
-    /// `event` with `data` to this socket alone.
-    pub fn emit<T: Serialize + ?Sized>(&self, event: &str, data: &T) -> Result<(), SendError> {
-        let frame = packet::event(event, data).map_err(|_| SendError::Closed)?;
-        self.send(frame)
     }
 
     /// Everything queued so far, and whether the socket is closed (then nothing more will come).
