@@ -322,6 +322,12 @@ def scenario_fanout(quick, rounds):
             (f"{tag}: order violations", "count",
              sum(sum(x["order"].values()) for x in per["chatmesh"]), sum(sum(x["order"].values()) for x in per["baseline"]), False),
         ]
+    # The floor under "CPU per delivered msg": the kernel's cost of one loopback TCP send of a
+    # delivery's size to a waiting reader, with no server at all (bench/loadgen/src/floor.rs).
+    floors = [loadgen("floor", "--connections", 1000, "--seconds", 2 if quick else 4) for _ in range(rounds)]
+    raw["floor"] = floors
+    figures.append(("kernel floor: CPU per loopback TCP send of a 236-byte frame (no server)", "µs",
+                    median([f["cpu_us_per_send"] for f in floors]), None, False))
     return figures, raw
 
 

@@ -228,6 +228,7 @@ async fn measure_step(
     let sent = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
     let per_sender = per_sender_rate(rate, senders.len(), rooms.len());
+    let active = senders.len().min(rooms.len());
     let mut tasks = Vec::new();
     for (s, client) in senders.iter().enumerate() {
         let (client, stop, sent, rejected) = (client.clone(), stop.clone(), sent.clone(), rejected.clone());
@@ -237,8 +238,7 @@ async fn measure_step(
         }
         let measuring = shared.clone();
         tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_sender.max(0.1)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut tick = crate::pace::phased_interval(Duration::from_secs_f64(1.0 / per_sender.max(0.1)), s, active);
             let mut n = 0u64;
             let nonce: u32 = rand_u32();
             while !stop.load(Ordering::Relaxed) {

@@ -9,8 +9,10 @@
 
 mod api;
 mod fanout;
+mod floor;
 mod idle;
 mod measure;
+mod pace;
 mod sio;
 mod soak;
 mod track;
@@ -74,6 +76,9 @@ enum Scenario {
     Fanout(fanout::Params),
     /// N idle connections from several loopback source addresses; server RSS per connection.
     Idle(idle::Params),
+    /// The kernel's CPU per loopback TCP send of a delivery's size: the floor under any server's
+    /// CPU per delivered message on this machine.
+    Floor(floor::Params),
     /// C clients in one room at a fixed rate, with retries across reconnects; verdict line.
     Soak {
         /// One URL (HAProxy).
@@ -171,17 +176,12 @@ async fn ingest(
             acked_all.clone(),
         );
         // Open loop: one send per tick whatever the acks do; closed loop: `window` in flight.
-        let mut tick = (rate > 0.0).then(|| {
-            let mut t = tokio::time::interval(Duration::from_secs_f64(senders as f64 / rate));
-            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            t
-        });
+        let period = (rate > 0.0).then(|| Duration::from_secs_f64(senders as f64 / rate));
         let mut go = go_rx.clone();
         senders_done.push(tokio::spawn(async move {
             let _ = go.wait_for(|started| *started).await;
-            if let Some(t) = &mut tick {
-                t.reset(); // no burst for the ticks missed while the others connected
-            }
+            // Started once all are connected (no burst for ticks missed meanwhile), out of phase.
+            let mut tick = period.map(|p| pace::phased_interval(p, i, senders));
             let client = Arc::new(client);
             let mut in_flight = FuturesUnordered::new();
             let mut n = 0u64;
@@ -387,6 +387,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::Fanout(p) => fanout::run(p).await?,
         Scenario::Idle(p) => idle::run(p).await?,
+        Scenario::Floor(p) => floor::run(p).await?,
         Scenario::Soak { .. } => unreachable!(),
     };
     println!("{out}");
