@@ -75,6 +75,9 @@ class Stack:
     instances of chatmesh (cluster or embedded mode) or of the Node baseline."""
 
     def __init__(self, kind, instances=1, mode="cluster", pg=False, work=None):
+        # Cluster mode always gets its own database, dropped afterwards: chatmesh needs a store
+        # there, and runs writing into a shared one left their rows behind (and slowed later runs).
+        pg = pg or mode == "cluster"
         self.kind, self.n, self.mode, self.pg = kind, instances, mode, pg
         self.work = tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=work)
         self.procs, self.urls, self.redis = [], [], None
@@ -121,7 +124,7 @@ class Stack:
                     env.update({
                         "CHATMESH_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}",
                         "CHATMESH_CLUSTER_SECRET": SECRET,
-                        "CHATMESH_STORE_URL": f"{PG}/{self.db}" if self.pg else f"{PG}/postgres",
+                        "CHATMESH_STORE_URL": f"{PG}/{self.db}",
                     })
                 else:
                     env["CHATMESH_STORE_URL"] = f"sqlite://{self.work}/chatmesh.db"
@@ -224,6 +227,33 @@ def redis_ceiling(quick):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def postgres_cpu_seconds():
+    """CPU seconds of every PostgreSQL server process (the backends doing the write-back)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if not f.read().startswith("postgres"):
+                    continue
+        except OSError:
+            continue
+        total += cpu_seconds(int(pid))
+    return total
+
+
+def with_cpu_split(stack, run):
+    """Runs `run()` (a load generator call that returns its JSON) and adds the CPU that Redis and
+    PostgreSQL spent meanwhile, per acked message of the whole run (warm-up included)."""
+    redis0, pg0 = cpu_seconds(stack.redis.pid), postgres_cpu_seconds()
+    res = run()
+    acks = max(res.get("acked_total") or res["acked"], 1)
+    res["redis_cpu_us_per_ack"] = (cpu_seconds(stack.redis.pid) - redis0) * 1e6 / acks
+    res["postgres_cpu_us_per_ack"] = (postgres_cpu_seconds() - pg0) * 1e6 / acks
+    return res
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -239,8 +269,9 @@ def scenario_ingest(quick, rounds):
     for r in range(rounds):
         for kind in ("chatmesh", "baseline"):
             log(f"ingest round {r + 1}: {kind} (cluster mode, 1 instance, Redis)")
-            with Stack(kind, 1, "cluster") as s:
-                raw[kind].append(loadgen(*args, "--url", s.urls[0], "--server-pid", s.pids()[0]))
+            # Both with their write-back to PostgreSQL (each its own database), as in production.
+            with Stack(kind, 1, "cluster", pg=True) as s:
+                raw[kind].append(with_cpu_split(s, lambda: loadgen(*args, "--url", s.urls[0], "--server-pid", s.pids()[0])))
         log(f"ingest round {r + 1}: chatmesh embedded (SQLite)")
         with Stack("chatmesh", 1, "embedded") as s:
             raw["embedded"].append(loadgen("ingest", "--senders", 100, "--rooms", 100, "--window", 8, "--seconds", secs,
@@ -255,6 +286,12 @@ def scenario_ingest(quick, rounds):
         ("send latency p99", "ms", m("chatmesh", lambda x: x["latency_ms"]["p99"]), m("baseline", lambda x: x["latency_ms"]["p99"]), False),
         ("send latency p999", "ms", m("chatmesh", lambda x: x["latency_ms"]["p999"]), m("baseline", lambda x: x["latency_ms"]["p999"]), False),
         ("server CPU per ack", "µs", m("chatmesh", lambda x: x["server_cpu_us_per_ack"]), m("baseline", lambda x: x["server_cpu_us_per_ack"]), False),
+        # Where the rest of the 2 cores go: what bounds acked msgs/s on this machine.
+        ("load generator CPU per ack", "µs", m("chatmesh", lambda x: x["loadgen_cpu_seconds"] * 1e6 / max(x["acked"], 1)),
+         m("baseline", lambda x: x["loadgen_cpu_seconds"] * 1e6 / max(x["acked"], 1)), False),
+        ("Redis CPU per ack", "µs", m("chatmesh", lambda x: x["redis_cpu_us_per_ack"]), m("baseline", lambda x: x["redis_cpu_us_per_ack"]), False),
+        ("PostgreSQL CPU per ack (write-back)", "µs", m("chatmesh", lambda x: x["postgres_cpu_us_per_ack"]),
+         m("baseline", lambda x: x["postgres_cpu_us_per_ack"]), False),
         ("Redis ceiling: send script alone", "scripts/s", ceiling, None, True),
         ("chatmesh acked msgs/s as share of the Redis ceiling", "%", 100.0 * m("chatmesh", acked) / ceiling, None, True),
         ("acked msgs/s, embedded mode (SQLite, 100 rooms)", "msg/s", m("embedded", acked), None, True),
@@ -276,7 +313,8 @@ def scenario_fanout(quick, rounds):
         for r in range(rounds):
             for kind in ("chatmesh", "baseline"):
                 log(f"fanout {rooms}×{members} round {r + 1}: {kind} (2 instances)")
-                with Stack(kind, 2, "cluster") as s:
+                # Both write back to PostgreSQL (each its own database), as in production.
+                with Stack(kind, 2, "cluster", pg=True) as s:
                     common = ["--url", ",".join(s.urls), "--rooms", rooms, "--members", members,
                               "--step-seconds", step, "--server-pid", ",".join(map(str, s.pids()))]
                     res = loadgen("fanout", *common, "--rate", max(1, 2000 // members), "--find-max")
@@ -353,7 +391,7 @@ def scenario_idle(quick, rounds):
         for r in range(rounds):
             for kind in ("chatmesh", "baseline"):
                 log(f"idle {n} round {r + 1}: {kind}")
-                with Stack(kind, 1, "cluster") as s:
+                with Stack(kind, 1, "cluster", pg=True) as s:
                     res = loadgen("idle", "--url", s.urls[0], "--connections", n, "--sources", 8,
                                   "--hold-seconds", hold, "--server-pid", s.pids()[0])
                     per[kind].append(res)

@@ -40,9 +40,10 @@ pub enum Incoming<'a> {
 
 /// Parses a Socket.IO packet; never fails, malformed input becomes `Ignored` with the reason.
 pub fn parse(text: &str) -> Incoming<'_> {
-    let mut chars = text.as_bytes().iter();
-    let Some(&kind) = chars.next() else { return Incoming::Ignored("empty packet") };
-    let mut rest = &text[1..];
+    let Some(&kind) = text.as_bytes().first() else { return Incoming::Ignored("empty packet") };
+    // A packet type is one ASCII digit; a first character of several bytes (say `é`) is not one,
+    // and slicing after its first byte would panic.
+    let Some(mut rest) = text.get(1..) else { return Incoming::Ignored("unknown packet type") };
     let mut attachments = 0;
     if kind == b'5' || kind == b'6' {
         let Some(dash) = rest.find('-') else { return Incoming::Ignored("binary packet without attachment count") };
@@ -181,6 +182,28 @@ mod tests {
             assert!(matches!(parse(raw), Incoming::Ignored(_)), "{raw:?} was not ignored");
         }
         assert!(matches!(parse(r#"2999999999999999999999x["room:join"]"#), Incoming::Ignored(_)));
+    }
+
+    #[test]
+    fn no_input_makes_the_parser_panic() {
+        // Every string of up to three characters from an alphabet of the characters the parser
+        // looks at, plus multi-byte ones in each position (a client controls every byte).
+        let alphabet = ["0", "1", "2", "3", "5", "6", "9", "/", ",", "-", "[", "]", "\"", "{", "é", "😀", "\u{1e}", ""];
+        let mut checked = 0;
+        for a in alphabet {
+            for b in alphabet {
+                for c in alphabet {
+                    for tail in ["", r#"["e",1]"#, "é]"] {
+                        let raw = format!("{a}{b}{c}{tail}");
+                        let _ = parse(&raw);
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 18 * 18 * 18 * 3);
+        assert_eq!(parse("é"), Incoming::Ignored("unknown packet type"));
+        assert_eq!(parse("2é"), Incoming::Ignored("event payload is not a JSON array"));
     }
 
     #[test]

@@ -655,6 +655,19 @@ for (const ts of TRANSPORT_SETS) {
       }
       await sleep(200);
 
+      // Packets whose first character takes several bytes: ignored, and the socket goes on.
+      const multibyte = await open(a.token);
+      await joinRoom(multibyte, room.id);
+      const drops = [];
+      multibyte.on('disconnect', (reason) => drops.push(reason));
+      for (const raw of ['é', '😀["message:send",{}]', '2é', '2/é,["x"]', 'é2["room:join"]']) multibyte.io.engine.write(raw);
+      const after = await sendMessage(multibyte, room.id, 'after multi-byte packets');
+      assert.ok(after.seq >= 1);
+      // socket.io-client would resend a buffered emit after reconnecting: the connection itself
+      // must have stayed up.
+      assert.deepEqual(drops, [], 'the connection survived packets it could not parse');
+      multibyte.close();
+
       // Raw Engine.IO requests with nonsense.
       const raw = [
         api(url, 'GET', '/socket.io/?EIO=4&transport=polling&sid=doesnotexist'),
