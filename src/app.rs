@@ -145,6 +145,7 @@ async fn cluster_mode(
             instance_id.to_string(),
             SyncConfig {
                 claim_idle: c.claim_idle,
+                linger: c.sync_linger,
                 wait_replicas: u32::from(matches!(c.ack_level, AckLevelArg::Replica)),
                 ..SyncConfig::default()
             },

@@ -37,6 +37,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "CHATMESH_DEDUPE_TTL_HOURS",
     "CHATMESH_SYNC_BACKLOG_LIMIT",
     "CHATMESH_SYNC_CLAIM_IDLE_MS",
+    "CHATMESH_SYNC_LINGER_MS",
     "CHATMESH_SYNC_WORKER",
 ];
 
@@ -194,6 +195,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_SYNC_CLAIM_IDLE_MS", value_name = "CHATMESH_SYNC_CLAIM_IDLE_MS", default_value_t = 15_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub sync_claim_idle_ms: u64,
+    /// Cluster mode: after a write-back batch that was not full, how long the worker lets entries
+    /// gather before the next read (fewer, larger store transactions at moderate rates; adds at
+    /// most this much to the write-back lag). 0: read again at once.
+    #[arg(long, env = "CHATMESH_SYNC_LINGER_MS", value_name = "CHATMESH_SYNC_LINGER_MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub sync_linger_ms: u64,
     /// Cluster mode: whether this instance runs a write-back worker (at least one instance must;
     /// every instance does by default, and they share the work).
     #[arg(long, env = "CHATMESH_SYNC_WORKER", value_name = "CHATMESH_SYNC_WORKER", default_value_t = true,
@@ -302,6 +309,7 @@ pub struct ClusterConfig {
     pub dedupe_ttl: Duration,
     pub backlog_limit: u64,
     pub claim_idle: Duration,
+    pub sync_linger: Duration,
     pub sync_worker: bool,
 }
 
@@ -350,6 +358,7 @@ impl Config {
                     dedupe_ttl: Duration::from_secs(args.dedupe_ttl_hours * 3600),
                     backlog_limit: args.sync_backlog_limit,
                     claim_idle: Duration::from_millis(args.sync_claim_idle_ms),
+                    sync_linger: Duration::from_millis(args.sync_linger_ms),
                     sync_worker: args.sync_worker,
                 })
             }

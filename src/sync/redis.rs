@@ -38,6 +38,8 @@ pub struct SyncConfig {
     /// demotes it; what it took was never acked and is discarded on demotion, so it must not
     /// reach the store either (it did: a retried send then appeared twice in history).
     pub wait_replicas: u32,
+    /// After a batch that was not full, the pause before the next read (see `pause_after`).
+    pub linger: Duration,
 }
 
 impl Default for SyncConfig {
@@ -48,6 +50,7 @@ impl Default for SyncConfig {
             max_failures: 5,
             recent_per_room: 1000,
             wait_replicas: 0,
+            linger: Duration::from_millis(20),
         }
     }
 }
@@ -446,8 +449,42 @@ impl SyncWorker {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
-                _ => backoff = Duration::from_millis(50),
+                outcome => {
+                    backoff = Duration::from_millis(50);
+                    let pause = pause_after(&outcome, self.config.batch, self.config.linger);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
             }
         }
+    }
+}
+
+/// The pause after a successful step. A batch that was not full means the worker has caught up:
+/// reading again at once would make every store transaction (and its commit, a WAL flush) carry
+/// only the few messages that arrived meanwhile. At 1,600 msgs/s over two instances that cost
+/// PostgreSQL ~0.45 of a core; lingering lets a batch gather first. A full batch (a backlog) or an
+/// idle read (it already blocked for new entries) goes on at once.
+pub fn pause_after(outcome: &SyncOutcome, batch: usize, linger: Duration) -> Duration {
+    match outcome {
+        SyncOutcome::Synced { stored, dead } if stored + dead < batch => linger,
+        _ => Duration::ZERO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_batch_that_was_not_full_lingers() {
+        let linger = Duration::from_millis(20);
+        let synced = |stored, dead| SyncOutcome::Synced { stored, dead };
+        assert_eq!(pause_after(&synced(3, 0), 500, linger), linger, "caught up: let the next batch gather");
+        assert_eq!(pause_after(&synced(499, 1), 500, linger), Duration::ZERO, "a full batch: a backlog, go on");
+        assert_eq!(pause_after(&synced(500, 0), 500, linger), Duration::ZERO);
+        assert_eq!(pause_after(&SyncOutcome::Idle, 500, linger), Duration::ZERO, "the read already waited");
+        assert_eq!(pause_after(&synced(3, 0), 500, Duration::ZERO), Duration::ZERO, "linger 0: off");
     }
 }

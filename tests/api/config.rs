@@ -26,6 +26,7 @@ fn invalid_settings_stop_the_process_with_one_line_naming_them() {
         ),
         (vec![("CHATMESH_REDIS_URL", "redis+sentinel://127.0.0.1:1")], "CHATMESH_REDIS_URL"),
         (vec![("CHATMESH_ACK_LEVEL", "quorum")], "CHATMESH_ACK_LEVEL"),
+        (vec![("CHATMESH_SYNC_LINGER_MS", "5000")], "CHATMESH_SYNC_LINGER_MS"),
     ] {
         let (code, stderr) = run_to_exit(&env, &["serve"]);
         assert_eq!(code, Some(2), "{name}: {stderr}");

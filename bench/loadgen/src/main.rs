@@ -144,9 +144,10 @@ async fn ingest(
     let mut tasks = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
         let room = room_ids[i % rooms].clone();
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-        let client =
-            sio::Client::connect(&urls[i % urls.len()], token, ev_tx).await.with_context(|| format!("sender {i}"))?;
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(u32, String)>();
+        let client = sio::Client::connect_from(&urls[i % urls.len()], token, None, sio::Events::Raw(i as u32, ev_tx))
+            .await
+            .with_context(|| format!("sender {i}"))?;
         let join = client.call("room:join", &json!({"room_id": room})).await?;
         anyhow::ensure!(join["ok"] == true, "room:join: {join}");
         // Deliveries: checked for order, counted while measuring.
@@ -155,11 +156,10 @@ async fn ingest(
         let (measuring2, delivered2, delivered_all) =
             (measuring.clone(), delivered_measured.clone(), delivered_all.clone());
         tasks.push(tokio::spawn(async move {
-            while let Some((name, payload)) = ev_rx.recv().await {
-                if name == "message:new" {
+            while let Some((_, frame)) = ev_rx.recv().await {
+                if frame.starts_with("[\"message:new\"") {
                     delivered_all.fetch_add(1, Ordering::Relaxed);
-                    let room = payload["room_id"].as_str().unwrap_or_default();
-                    tracker.lock().unwrap().observe(room, payload["seq"].as_i64().unwrap_or(-1));
+                    tracker.lock().unwrap().observe_frame(&frame);
                     if measuring2.load(Ordering::Relaxed) {
                         delivered2.fetch_add(1, Ordering::Relaxed);
                     }
@@ -358,7 +358,8 @@ async fn ingest(
         "errors": errors.load(Ordering::Relaxed),
         "latency_ms": {"p50": percentile(&lat, 0.50), "p99": percentile(&lat, 0.99), "p999": percentile(&lat, 0.999)},
         "delivered_per_sec": delivered_measured.load(Ordering::Relaxed) as f64 / elapsed,
-        "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered},
+        "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered,
+                  "malformed": order.malformed},
         "server_cpu_seconds": server_cpu,
         "server_cpu_us_per_ack": server_cpu.map(|c| c * 1e6 / acked.max(1) as f64),
         "loadgen_cpu_seconds": self1 - self0,

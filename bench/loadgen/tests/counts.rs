@@ -75,6 +75,6 @@ fn ingest_totals_match_the_servers_counters() {
     assert_eq!(delivered_total, acked_total * 2, "{report}");
     assert_eq!(delivered_total as f64, metric(&metrics, "chatmesh_messages_delivered_total"), "deliveries vs server");
     assert!(report["acked"].as_u64().unwrap() <= acked_total);
-    assert_eq!(report["order"], serde_json::json!({"gaps": 0, "duplicates": 0, "reordered": 0}));
+    assert_eq!(report["order"], serde_json::json!({"gaps": 0, "duplicates": 0, "reordered": 0, "malformed": 0}));
     assert!(report["server_cpu_seconds"].as_f64().unwrap() > 0.0);
 }
