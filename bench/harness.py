@@ -295,7 +295,7 @@ def scenario_ingest(quick, rounds):
         ("Redis ceiling: send script alone", "scripts/s", ceiling, None, True),
         ("chatmesh acked msgs/s as share of the Redis ceiling", "%", 100.0 * m("chatmesh", acked) / ceiling, None, True),
         ("acked msgs/s, embedded mode (SQLite, 100 rooms)", "msg/s", m("embedded", acked), None, True),
-        ("order violations (gaps+dups+reorders), all runs", "count",
+        ("order violations (gaps+dups+reorders+malformed), all runs", "count",
          sum(sum(x["order"].values()) for x in raw["chatmesh"] + raw["embedded"]),
          sum(sum(x["order"].values()) for x in raw["baseline"]), False),
     ]

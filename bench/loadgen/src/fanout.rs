@@ -64,9 +64,29 @@ pub struct OrderCheck {
     pub gaps: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    /// `message:new` frames whose seq or send instant could not be read.
+    pub malformed: u64,
 }
 
 impl OrderCheck {
+    /// One raw frame for a socket whose last seq is `last`: a `message:new` is checked for order
+    /// and its (seq, send instant) returned, or counted as malformed when those cannot be read;
+    /// other events give None.
+    pub fn observe_frame(&mut self, last: &mut i64, frame: &str) -> Option<(i64, u64)> {
+        match parse_frame(frame) {
+            Some((seq, sent_us)) => {
+                self.observe(last, seq);
+                Some((seq, sent_us))
+            }
+            None => {
+                if frame.starts_with("[\"message:new\"") {
+                    self.malformed += 1;
+                }
+                None
+            }
+        }
+    }
+
     pub fn observe(&mut self, last: &mut i64, seq: i64) {
         if *last > 0 {
             if seq == *last {
@@ -164,8 +184,7 @@ pub async fn run(p: Params) -> anyhow::Result<Value> {
             let mut last_seq = vec![0i64; sockets];
             let mut order = OrderCheck::default();
             while let Some((idx, frame)) = rx.recv().await {
-                let Some((seq, sent_us)) = parse_frame(&frame) else { continue };
-                order.observe(&mut last_seq[idx as usize], seq);
+                let Some((seq, sent_us)) = order.observe_frame(&mut last_seq[idx as usize], &frame) else { continue };
                 if shared.window.contains(sent_us) {
                     shared.delivered.fetch_add(1, Ordering::Relaxed);
                     let latency = (epoch.elapsed().as_micros() as u64).saturating_sub(sent_us);
@@ -236,7 +255,8 @@ pub async fn run(p: Params) -> anyhow::Result<Value> {
         "best_within_p99": best,
         "sustained": sustained,
         "half_of_best": half,
-        "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered},
+        "order": {"gaps": order.gaps, "duplicates": order.duplicates, "reordered": order.reordered,
+                  "malformed": order.malformed},
     }))
 }
 
@@ -353,6 +373,18 @@ mod tests {
     }
 
     #[test]
+    fn frames_that_cannot_be_read_are_counted_not_skipped() {
+        let mut o = OrderCheck::default();
+        let mut last = 0;
+        let good = |seq: i64| format!(r#"["message:new",{{"seq":{seq},"body":"t5"}}]"#);
+        assert_eq!(o.observe_frame(&mut last, &good(1)), Some((1, 5)));
+        assert_eq!(o.observe_frame(&mut last, r#"["message:new",{"seq":2,"body":"hello"}]"#), None);
+        assert_eq!(o.observe_frame(&mut last, r#"["typing",{"room_id":"r"}]"#), None);
+        assert_eq!(o.observe_frame(&mut last, &good(2)), Some((2, 5)));
+        assert_eq!(o, OrderCheck { malformed: 1, ..OrderCheck::default() }, "typing is not a delivery");
+    }
+
+    #[test]
     fn a_window_holds_the_sends_between_its_ends_and_nothing_before_it_opens() {
         let w = Window::closed();
         assert!(!w.contains(0) && !w.contains(5_000), "closed before the first step");
@@ -380,7 +412,7 @@ mod tests {
         for seq in [5, 6, 7, 9, 9, 8, 10] {
             o.observe(&mut last, seq);
         }
-        assert_eq!(o, OrderCheck { gaps: 1, duplicates: 1, reordered: 1 });
+        assert_eq!(o, OrderCheck { gaps: 1, duplicates: 1, reordered: 1, malformed: 0 });
         let mut clean = OrderCheck::default();
         let mut last = 0;
         for seq in 100..200 {
