@@ -74,10 +74,11 @@ class Stack:
     """One system under test: a private Redis, optionally a fresh PostgreSQL database, and N
     instances of chatmesh (cluster or embedded mode) or of the Node baseline."""
 
-    def __init__(self, kind, instances=1, mode="cluster", pg=False, work=None):
-        # Cluster mode always gets its own database, dropped afterwards: chatmesh needs a store
-        # there, and runs writing into a shared one left their rows behind (and slowed later runs).
-        pg = pg or mode == "cluster"
+    def __init__(self, kind, instances=1, mode="cluster", work=None):
+        # Cluster mode always gets its own database, dropped afterwards, and both systems write
+        # back to it as in production: chatmesh needs a store there, and runs writing into a shared
+        # one left their rows behind (and slowed later runs).
+        pg = mode == "cluster"
         self.kind, self.n, self.mode, self.pg = kind, instances, mode, pg
         self.work = tempfile.mkdtemp(prefix=f"bench-{kind}-", dir=work)
         self.procs, self.urls, self.redis = [], [], None
@@ -269,8 +270,7 @@ def scenario_ingest(quick, rounds):
     for r in range(rounds):
         for kind in ("chatmesh", "baseline"):
             log(f"ingest round {r + 1}: {kind} (cluster mode, 1 instance, Redis)")
-            # Both with their write-back to PostgreSQL (each its own database), as in production.
-            with Stack(kind, 1, "cluster", pg=True) as s:
+            with Stack(kind, 1, "cluster") as s:
                 raw[kind].append(with_cpu_split(s, lambda: loadgen(*args, "--url", s.urls[0], "--server-pid", s.pids()[0])))
         log(f"ingest round {r + 1}: chatmesh embedded (SQLite)")
         with Stack("chatmesh", 1, "embedded") as s:
@@ -313,8 +313,7 @@ def scenario_fanout(quick, rounds):
         for r in range(rounds):
             for kind in ("chatmesh", "baseline"):
                 log(f"fanout {rooms}×{members} round {r + 1}: {kind} (2 instances)")
-                # Both write back to PostgreSQL (each its own database), as in production.
-                with Stack(kind, 2, "cluster", pg=True) as s:
+                with Stack(kind, 2, "cluster") as s:
                     common = ["--url", ",".join(s.urls), "--rooms", rooms, "--members", members,
                               "--step-seconds", step, "--server-pid", ",".join(map(str, s.pids()))]
                     res = loadgen("fanout", *common, "--rate", max(1, 2000 // members), "--find-max")
@@ -391,7 +390,7 @@ def scenario_idle(quick, rounds):
         for r in range(rounds):
             for kind in ("chatmesh", "baseline"):
                 log(f"idle {n} round {r + 1}: {kind}")
-                with Stack(kind, 1, "cluster", pg=True) as s:
+                with Stack(kind, 1, "cluster") as s:
                     res = loadgen("idle", "--url", s.urls[0], "--connections", n, "--sources", 8,
                                   "--hold-seconds", hold, "--server-pid", s.pids()[0])
                     per[kind].append(res)
@@ -416,7 +415,7 @@ def scenario_sync(quick, rounds):
     raw = {"chatmesh": [], "baseline": []}
     for r in range(rounds):
         for kind in ("chatmesh", "baseline"):
-            with Stack(kind, 1, "cluster", pg=True) as s:
+            with Stack(kind, 1, "cluster") as s:
                 log(f"sync round {r + 1}: {kind}: max ingest (closed loop)")
                 peak = loadgen("ingest", "--url", s.urls[0], "--senders", 50, "--rooms", 10, "--window", 8,
                                "--seconds", 3 if quick else 5, "--server-pid", s.pids()[0])

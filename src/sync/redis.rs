@@ -466,7 +466,7 @@ impl SyncWorker {
 /// only the few messages that arrived meanwhile. At 1,600 msgs/s over two instances that cost
 /// PostgreSQL ~0.45 of a core; lingering lets a batch gather first. A full batch (a backlog) or an
 /// idle read (it already blocked for new entries) goes on at once.
-pub fn pause_after(outcome: &SyncOutcome, batch: usize, linger: Duration) -> Duration {
+fn pause_after(outcome: &SyncOutcome, batch: usize, linger: Duration) -> Duration {
     match outcome {
         SyncOutcome::Synced { stored, dead } if stored + dead < batch => linger,
         _ => Duration::ZERO,

@@ -52,7 +52,7 @@ pub fn parse_frame(frame: &str) -> Option<(i64, u64)> {
         let end = digits.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(digits.len());
         digits[..end].parse().ok()
     }
-    if !frame.starts_with("[\"message:new\"") {
+    if !crate::track::is_message_new(frame) {
         return None;
     }
     Some((number_after(frame, "\"seq\":")? as i64, number_after(frame, "\"body\":\"t")?))
@@ -79,7 +79,7 @@ impl OrderCheck {
                 Some((seq, sent_us))
             }
             None => {
-                if frame.starts_with("[\"message:new\"") {
+                if crate::track::is_message_new(frame) {
                     self.malformed += 1;
                 }
                 None
@@ -280,7 +280,7 @@ async fn measure_step(
         if rooms.is_empty() {
             continue;
         }
-        let measuring = shared.clone();
+        let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = crate::pace::phased_interval(Duration::from_secs_f64(1.0 / per_sender.max(0.1)), s, active);
             let mut n = 0u64;
@@ -293,7 +293,7 @@ async fn measure_step(
                 let body = format!("t{sent_us}");
                 let payload = json!({"room_id": room, "client_msg_id": format!("f{nonce:x}-{s}-{n}"), "body": body});
                 let Ok(ack) = client.emit("message:send", &payload).await else { break };
-                if measuring.window.contains(sent_us) {
+                if shared.window.contains(sent_us) {
                     sent.fetch_add(1, Ordering::Relaxed);
                 }
                 let rejected = rejected.clone();

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
+use crate::measure::thread_cpu_seconds;
+
 #[derive(clap::Args)]
 pub struct Params {
     /// Connections, each sent one frame per burst (a room's members).
@@ -24,15 +26,6 @@ pub struct Params {
     pub frame_bytes: usize,
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-}
-
-/// CPU seconds (user + system) of the calling thread.
-fn thread_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else { return 0.0 };
-    let Some(at) = stat.rfind(')') else { return 0.0 };
-    let f: Vec<&str> = stat[at + 2..].split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 pub async fn run(p: Params) -> anyhow::Result<Value> {

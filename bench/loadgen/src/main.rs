@@ -157,7 +157,7 @@ async fn ingest(
             (measuring.clone(), delivered_measured.clone(), delivered_all.clone());
         tasks.push(tokio::spawn(async move {
             while let Some((_, frame)) = ev_rx.recv().await {
-                if frame.starts_with("[\"message:new\"") {
+                if track::is_message_new(&frame) {
                     delivered_all.fetch_add(1, Ordering::Relaxed);
                     tracker.lock().unwrap().observe_frame(&frame);
                     if measuring2.load(Ordering::Relaxed) {

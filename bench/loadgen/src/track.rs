@@ -70,13 +70,20 @@ impl OrderTracker {
     }
 }
 
+/// Whether a raw event frame (`["name",{...}]`) is a `message:new`.
+pub fn is_message_new(frame: &str) -> bool {
+    frame.starts_with(MESSAGE_NEW)
+}
+
+const MESSAGE_NEW: &str = "[\"message:new\",";
+
 /// (room_id, seq) of a raw `message:new` frame (`["message:new",{...}]`), picked out without
 /// parsing the whole message: the load generator shares the machine with the servers it measures,
 /// and a full parse of every delivery cost it more CPU per ack than Redis spends on the send.
 /// JSON escapes every quote inside a string, so `"room_id":"` and `"seq":` cannot occur inside the
 /// body; the message's own fields come first.
 pub fn room_and_seq(frame: &str) -> Option<(&str, i64)> {
-    let body = frame.strip_prefix("[\"message:new\",")?;
+    let body = frame.strip_prefix(MESSAGE_NEW)?;
     let room_at = body.find("\"room_id\":\"")? + "\"room_id\":\"".len();
     let room_len = body[room_at..].find('"')?;
     let seq_at = body.find("\"seq\":")? + "\"seq\":".len();
