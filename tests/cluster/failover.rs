@@ -19,10 +19,19 @@ async fn wait_ready(app: &TestApp, within: Duration) -> Duration {
 
 /// Sentinel promotes the replica; with ack level `replica` every acknowledged message survives,
 /// the instance follows the new primary by itself and readiness comes back.
+///
+/// The data nodes run as `deploy/redis/` configures them (AOF, `min-replicas-to-write 1`). With
+/// persistence off the old primary would come back empty, and a second, spurious failover (one
+/// Sentinel losing sight of the new primary for `down-after-milliseconds` under load, seen in CI)
+/// promotes that empty node and wipes the only copy on the other: acknowledged messages not yet
+/// written back are gone. That is a double loss no client can survive; the README says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_keeps_every_acknowledged_message() {
-    let mut set =
-        tokio::task::spawn_blocking(|| RedisReplicaSet::start_with(ReplicaSetOptions::default())).await.unwrap();
+    let mut set = tokio::task::spawn_blocking(|| {
+        RedisReplicaSet::start_with(ReplicaSetOptions { durable: true, ..ReplicaSetOptions::default() })
+    })
+    .await
+    .unwrap();
     let db = TestDb::create();
     let app =
         cluster_instance(set.sentinel_url(), db.url(), "f1", vec![("CHATMESH_ACK_LEVEL", "replica".into())]).await;
@@ -40,8 +49,9 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
     tokio::task::block_in_place(|| set.kill_primary());
     let new = tokio::task::block_in_place(|| set.wait_for_failover(Duration::from_secs(30)));
     assert_ne!(old, new);
-    // Ack level `replica` needs a replica: the old primary comes back and Sentinel turns it into
-    // the new primary's replica. Until then sends answer `unavailable` (never a false ack).
+    // Ack level `replica` needs a replica: the old primary comes back (with its AOF) and Sentinel
+    // turns it into the new primary's replica. Until then sends answer `unavailable` (never a
+    // false ack; the new primary also refuses writes with NOREPLICAS).
     tokio::task::block_in_place(|| set.restart_node(old));
 
     // Sends fail (unavailable) for a moment, then go to the new primary.
@@ -70,7 +80,14 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
     let seqs: Vec<i64> = r.body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
     let cmids: Vec<&str> =
         r.body["messages"].as_array().unwrap().iter().map(|m| m["client_msg_id"].as_str().unwrap_or("?")).collect();
-    assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "gap-free across the failover, nothing acked lost: {cmids:?}");
+    if seqs != (1..=40).collect::<Vec<_>>() {
+        let log = app.logs.lock().unwrap().join("\n");
+        panic!(
+            "not gap-free across the failover, or acked messages lost: seqs {seqs:?}, client ids {cmids:?}\n\
+             --- instance log ---\n{log}\n{}",
+            set.logs()
+        );
+    }
     for (id, seq) in &acked {
         assert_eq!(r.body["messages"][(*seq - 1) as usize]["id"], id.as_str());
     }

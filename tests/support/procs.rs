@@ -937,9 +937,22 @@ impl RedisReplicaSet {
     pub fn sentinel_logs(&self) -> String {
         let mut out = String::new();
         for s in &self.sentinels {
-            let _ = writeln!(out, "--- sentinel {} ---\n{}", s.port, tail(&s.log_text(), 25));
+            // Sentinels note every config save; the events (+sdown, +switch-master...) are what
+            // explains a failover.
+            let events: String =
+                s.log_text().lines().filter(|l| !l.contains("configuration saved")).collect::<Vec<_>>().join("\n");
+            let _ = writeln!(out, "--- sentinel {} ---\n{}", s.port, tail(&events, 60));
         }
         out
+    }
+
+    /// The tails of every data node's and Sentinel's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let _ = writeln!(out, "--- data node {} ---\n{}", n.port, tail(&n.log_text(), 60));
+        }
+        out + &self.sentinel_logs()
     }
 
     fn node_mut(&mut self, port: u16) -> &mut RedisNode {
