@@ -117,6 +117,7 @@ async fn cluster_mode(
     breakers: Arc<Breakers>,
     instance_id: &str,
 ) -> anyhow::Result<Mode> {
+    crate::ops::warn_without_persistence(&redis).await;
     let keys = Keys::new(&c.prefix, c.shards);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let fanout =

@@ -137,21 +137,50 @@ impl Ops for ClusterOps {
             .collect()
     }
 
-    /// Replication of the Redis primary as it reports it (`INFO replication`).
+    /// Replication and persistence of the Redis primary as it reports them (`INFO`).
     async fn refresh_gauges(&self) {
         let started = Instant::now();
-        let info = tokio::time::timeout(CHECK_TIMEOUT, async {
-            let mut conn = self.redis.conn().await;
-            redis::cmd("INFO").arg("replication").query_async::<String>(&mut conn).await
-        })
-        .await;
+        let info = tokio::time::timeout(CHECK_TIMEOUT, redis_info(&self.redis)).await;
         m::dependency_latency("redis", "info", started);
         if let Ok(Ok(text)) = info {
             let (replicas, lag) = parse_replication(&text);
             metrics::gauge!(m::REDIS_REPLICAS).set(replicas as f64);
             metrics::gauge!(m::REDIS_REPLICATION_LAG).set(lag as f64);
+            if let Some(aof) = aof_enabled(&text) {
+                metrics::gauge!(m::REDIS_AOF_ENABLED).set(if aof { 1.0 } else { 0.0 });
+            }
         }
     }
+}
+
+/// `INFO replication` and `INFO persistence` of the primary, one text (two commands: several
+/// sections in one INFO needs Redis 7).
+async fn redis_info(redis: &Redis) -> redis::RedisResult<String> {
+    let mut conn = redis.conn().await;
+    let (replication, persistence): (String, String) =
+        redis::pipe().cmd("INFO").arg("replication").cmd("INFO").arg("persistence").query_async(&mut conn).await?;
+    Ok(replication + &persistence)
+}
+
+/// Says at start when the primary keeps no append-only file: a restart empties it, and messages
+/// acknowledged but not yet written back go with it (with Sentinel, a primary restarted empty can
+/// even be promoted again and wipe its replica). Operators see it once in the log and always in
+/// `chatmesh_redis_aof_enabled`.
+pub async fn warn_without_persistence(redis: &Redis) {
+    match tokio::time::timeout(CHECK_TIMEOUT, redis_info(redis)).await {
+        Ok(Ok(text)) if aof_enabled(&text) == Some(false) => tracing::warn!(
+            "the Redis primary keeps no append-only file (appendonly no): if it restarts, acknowledged \
+             messages not yet written back to the store are lost; run it with AOF as deploy/redis/ does"
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot read Redis INFO persistence"),
+        Err(_) => tracing::debug!("Redis INFO persistence timed out"),
+    }
+}
+
+/// `aof_enabled` from `INFO persistence` (None when the section is missing).
+fn aof_enabled(info: &str) -> Option<bool> {
+    info.lines().find_map(|l| l.trim().strip_prefix("aof_enabled:")).map(|v| v == "1")
 }
 
 /// `(connected replicas, largest replica lag in seconds)` from `INFO replication` of a primary.
@@ -172,7 +201,17 @@ fn parse_replication(info: &str) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_replication;
+    use super::{aof_enabled, parse_replication};
+
+    #[test]
+    fn persistence_info_gives_aof() {
+        assert_eq!(
+            aof_enabled("# Persistence\r\nloading:0\r\naof_enabled:1\r\naof_rewrite_in_progress:0\r\n"),
+            Some(true)
+        );
+        assert_eq!(aof_enabled("# Persistence\r\naof_enabled:0\r\n"), Some(false));
+        assert_eq!(aof_enabled("# Replication\r\nrole:master\r\n"), None);
+    }
 
     #[test]
     fn replication_info_gives_replicas_and_the_largest_lag() {

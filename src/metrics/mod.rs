@@ -31,6 +31,7 @@ pub const DEPENDENCY_LATENCY: &str = "chatmesh_dependency_latency_seconds";
 pub const SOCKET_EVENTS: &str = "chatmesh_socket_events_total";
 pub const REDIS_REPLICAS: &str = "chatmesh_redis_connected_replicas";
 pub const REDIS_REPLICATION_LAG: &str = "chatmesh_redis_replication_lag_seconds";
+pub const REDIS_AOF_ENABLED: &str = "chatmesh_redis_aof_enabled";
 /// Multi-region replication lag per peer region (exported once regions replicate).
 pub const REPLICATION_LAG: &str = "chatmesh_replication_lag_seconds";
 pub const BUILD_INFO: &str = "chatmesh_build_info";
@@ -67,6 +68,7 @@ pub const ALL: &[&str] = &[
     SOCKET_EVENTS,
     REDIS_REPLICAS,
     REDIS_REPLICATION_LAG,
+    REDIS_AOF_ENABLED,
     REPLICATION_LAG,
     BUILD_INFO,
     PROCESS_CPU,
@@ -197,6 +199,7 @@ fn describe() {
     describe_counter!(SOCKET_EVENTS, "Socket.IO events answered, by event and outcome (ok or error code)");
     describe_gauge!(REDIS_REPLICAS, "Replicas connected to the Redis primary (cluster mode)");
     describe_gauge!(REDIS_REPLICATION_LAG, Unit::Seconds, "Largest lag of a Redis replica behind the primary");
+    describe_gauge!(REDIS_AOF_ENABLED, "1 if the Redis primary keeps an append-only file, 0 if a restart empties it");
     describe_gauge!(REPLICATION_LAG, Unit::Seconds, "Multi-region replication lag per peer region");
     describe_gauge!(BUILD_INFO, "1, labelled with the version of this binary");
 }

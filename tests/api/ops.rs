@@ -194,6 +194,7 @@ async fn every_documented_metric_is_exported_with_bounded_labels_and_moves_with_
         "chatmesh_sync_stored_total",
         "chatmesh_redis_connected_replicas",
         "chatmesh_redis_replication_lag_seconds",
+        "chatmesh_redis_aof_enabled",
         "chatmesh_replication_lag_seconds",
         "chatmesh_rate_limited_total",
         "chatmesh_socket_events_total",

@@ -4,7 +4,7 @@ use reqwest::{Method, StatusCode};
 
 use crate::helpers::TestApp;
 use crate::support::procs::{RedisReplicaSet, ReplicaSetOptions};
-use crate::{TestDb, cluster_instance};
+use crate::{TestDb, cluster_instance, wait_metric};
 
 async fn wait_ready(app: &TestApp, within: Duration) -> Duration {
     let started = Instant::now();
@@ -125,17 +125,4 @@ async fn readiness_follows_the_fanout_path() {
     let room = app.create_room(&token, "after", "public").await;
     assert_eq!(app.send(&token, &room, "a1", "works again").await.status, StatusCode::CREATED);
     eprintln!("readiness: red {red_after:?} after Redis died, ready {back:?} after it came back");
-}
-
-async fn wait_metric(app: &TestApp, line: &str) {
-    let started = Instant::now();
-    loop {
-        let _ = app.call(Method::GET, "/health/ready", None, None).await;
-        let text = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
-        if text.lines().any(|l| l.trim() == line) {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "metric line {line:?} never appeared");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

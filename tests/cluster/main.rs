@@ -14,6 +14,7 @@ mod caches;
 mod failover;
 mod lanes;
 mod outage;
+mod persistence;
 mod sync;
 mod traces;
 
@@ -170,4 +171,19 @@ pub async fn send_n(seq: &dyn Sequencer, room: &str, sender: &str, prefix: &str,
         seqs.push(out.message().seq);
     }
     seqs
+}
+
+/// Waits (20 s at most) until `/metrics` has exactly `line`; asks `/health/ready` each time so
+/// the checks behind some gauges run.
+pub async fn wait_metric(app: &helpers::TestApp, line: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let _ = app.call(reqwest::Method::GET, "/health/ready", None, None).await;
+        let text = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l.trim() == line) {
+            return;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "metric line {line:?} never appeared");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
