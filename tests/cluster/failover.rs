@@ -22,7 +22,8 @@ async fn wait_ready(app: &TestApp, within: Duration) -> Duration {
 ///
 /// The data nodes run as `deploy/redis/` configures them (AOF, `min-replicas-to-write 1`). With
 /// persistence off the old primary would come back empty, and a second, spurious failover (one
-/// Sentinel losing sight of the new primary for `down-after-milliseconds` under load, seen in CI)
+/// Sentinel losing sight of the new primary for `down-after-milliseconds` under load: CI, and 1 of
+/// 5 whole-suite runs here)
 /// promotes that empty node and wipes the only copy on the other: acknowledged messages not yet
 /// written back are gone. That is a double loss no client can survive; the README says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
