@@ -140,7 +140,7 @@ impl Ops for ClusterOps {
     /// Replication and persistence of the Redis primary as it reports them (`INFO`).
     async fn refresh_gauges(&self) {
         let started = Instant::now();
-        let info = tokio::time::timeout(CHECK_TIMEOUT, redis_info(&self.redis)).await;
+        let info = tokio::time::timeout(CHECK_TIMEOUT, redis_info(&self.redis, &["replication", "persistence"])).await;
         m::dependency_latency("redis", "info", started);
         if let Ok(Ok(text)) = info {
             let (replicas, lag) = parse_replication(&text);
@@ -153,13 +153,16 @@ impl Ops for ClusterOps {
     }
 }
 
-/// `INFO replication` and `INFO persistence` of the primary, one text (two commands: several
-/// sections in one INFO needs Redis 7).
-async fn redis_info(redis: &Redis) -> redis::RedisResult<String> {
+/// The primary's `INFO` for `sections`, one text (one command per section: several sections in
+/// one INFO needs Redis 7).
+async fn redis_info(redis: &Redis, sections: &[&str]) -> redis::RedisResult<String> {
     let mut conn = redis.conn().await;
-    let (replication, persistence): (String, String) =
-        redis::pipe().cmd("INFO").arg("replication").cmd("INFO").arg("persistence").query_async(&mut conn).await?;
-    Ok(replication + &persistence)
+    let mut pipe = redis::pipe();
+    for section in sections {
+        pipe.cmd("INFO").arg(*section);
+    }
+    let texts: Vec<String> = pipe.query_async(&mut conn).await?;
+    Ok(texts.concat())
 }
 
 /// Says at start when the primary keeps no append-only file: a restart empties it, and messages
@@ -167,7 +170,7 @@ async fn redis_info(redis: &Redis) -> redis::RedisResult<String> {
 /// even be promoted again and wipe its replica). Operators see it once in the log and always in
 /// `chatmesh_redis_aof_enabled`.
 pub async fn warn_without_persistence(redis: &Redis) {
-    match tokio::time::timeout(CHECK_TIMEOUT, redis_info(redis)).await {
+    match tokio::time::timeout(CHECK_TIMEOUT, redis_info(redis, &["persistence"])).await {
         Ok(Ok(text)) if aof_enabled(&text) == Some(false) => tracing::warn!(
             "the Redis primary keeps no append-only file (appendonly no): if it restarts, acknowledged \
              messages not yet written back to the store are lost; run it with AOF as deploy/redis/ does"

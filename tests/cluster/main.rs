@@ -20,6 +20,7 @@ mod traces;
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chatmesh::domain::{Timestamp, Visibility};
 use chatmesh::redis_io::{Keys, Redis, RedisUrl};
@@ -176,14 +177,14 @@ pub async fn send_n(seq: &dyn Sequencer, room: &str, sender: &str, prefix: &str,
 /// Waits (20 s at most) until `/metrics` has exactly `line`; asks `/health/ready` each time so
 /// the checks behind some gauges run.
 pub async fn wait_metric(app: &helpers::TestApp, line: &str) {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     loop {
         let _ = app.call(reqwest::Method::GET, "/health/ready", None, None).await;
         let text = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
         if text.lines().any(|l| l.trim() == line) {
             return;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(20), "metric line {line:?} never appeared");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(started.elapsed() < Duration::from_secs(20), "metric line {line:?} never appeared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
