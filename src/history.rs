@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 use redis::streams::StreamRangeReply;
 
-use crate::domain::{HistoryPage, Message};
+use crate::domain::{HistoryPage, Message, Room};
 use crate::error::{ApiError, ApiResult};
 use crate::redis_io::{Keys, Redis};
 use crate::store::Store;
@@ -27,6 +27,11 @@ pub trait History: Send + Sync + 'static {
     /// Up to `limit` messages ascending from the cursor, the room's head, and whether more exist
     /// in the direction of travel. `not_found` for an unknown room.
     async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage>;
+
+    /// Raises each room's `head_seq` to the highest seq acknowledged in it, wherever it was
+    /// acknowledged: the store's copy may lag the sequencer. After this, a room's `head_seq` is at
+    /// least the seq of every send acknowledged before the call began.
+    async fn current_heads(&self, rooms: &mut [Room]) -> ApiResult<()>;
 }
 
 /// Turns `limit + 1` messages read in the direction of travel into a page.
@@ -62,6 +67,11 @@ impl History for StoreHistory {
         let msgs = store_part(&*self.store, room_id, cursor, limit + 1).await?;
         let head = self.store.head_seq(room_id).await?.ok_or_else(ApiError::room_not_found)?;
         Ok(into_page(msgs, cursor, limit, head))
+    }
+
+    async fn current_heads(&self, _rooms: &mut [Room]) -> ApiResult<()> {
+        // The store is the sequencer: its head is the head.
+        Ok(())
     }
 }
 
@@ -145,6 +155,26 @@ impl History for RedisHistory {
         }
         let head = store_head.max(redis_head?.unwrap_or(0));
         Ok(into_page(msgs, cursor, limit, head))
+    }
+
+    async fn current_heads(&self, rooms: &mut [Room]) -> ApiResult<()> {
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        // One GET per room in one round trip (a pipeline, not MGET: the counters live in
+        // different shards' hash slots).
+        let mut pipe = redis::pipe();
+        for room in rooms.iter() {
+            pipe.get(self.keys.seq(&room.id));
+        }
+        let heads: Vec<Option<i64>> = pipe.query_async(&mut self.redis.conn().await).await.map_err(|e| {
+            tracing::warn!(error = %e, "redis head read failed");
+            ApiError::Unavailable("Redis is unavailable; retry".into())
+        })?;
+        for (room, head) in rooms.iter_mut().zip(heads) {
+            room.head_seq = room.head_seq.max(head.unwrap_or(0));
+        }
+        Ok(())
     }
 }
 

@@ -211,21 +211,40 @@ impl ChatService {
     }
 
     pub async fn joined_rooms(&self, user_id: &str) -> ApiResult<Vec<Room>> {
-        Ok(self.store.rooms_of_user(user_id).await?)
+        self.current(self.store.rooms_of_user(user_id).await?).await
     }
 
     pub async fn public_rooms(&self) -> ApiResult<Vec<Room>> {
-        Ok(self.store.public_rooms(PUBLIC_ROOMS_LIMIT).await?)
+        self.current(self.store.public_rooms(PUBLIC_ROOMS_LIMIT).await?).await
     }
 
-    /// The room as stored now (head_seq and member_count current as far as the store knows).
+    /// Rooms as answered to clients: `head_seq` covers every send acknowledged so far (the
+    /// store's may lag the write-back in cluster mode).
+    async fn current(&self, mut rooms: Vec<Room>) -> ApiResult<Vec<Room>> {
+        self.history.current_heads(&mut rooms).await?;
+        Ok(rooms)
+    }
+
+    async fn current_room(&self, room: Room) -> ApiResult<Room> {
+        let mut rooms = [room];
+        self.history.current_heads(&mut rooms).await?;
+        let [room] = rooms;
+        Ok(room)
+    }
+
+    /// The room as answered to clients: stored fields, current head_seq.
     async fn room_or_404(&self, room_id: &str) -> ApiResult<Room> {
+        self.current_room(self.stored_room(room_id).await?).await
+    }
+
+    /// The room as stored now (its head_seq may lag acknowledged sends in cluster mode).
+    async fn stored_room(&self, room_id: &str) -> ApiResult<Room> {
         self.store.room(room_id).await?.ok_or_else(ApiError::room_not_found)
     }
 
     /// The room for permission checks (cached: owner, visibility and existence).
     async fn room_meta(&self, room_id: &str) -> ApiResult<Room> {
-        self.caches.room(room_id, self.room_or_404(room_id)).await
+        self.caches.room(room_id, self.stored_room(room_id)).await
     }
 
     /// Asks the store, reading the revocation count first. A leave bumps the count after the store
@@ -308,7 +327,7 @@ impl ChatService {
         if room.owner_id != user_id {
             return Err(ApiError::Forbidden("only the owner may change the room".into()));
         }
-        let room = self.store.update_room(room_id, patch, Timestamp::now()).await?;
+        let room = self.current_room(self.store.update_room(room_id, patch, Timestamp::now()).await?).await?;
         self.changed(Invalidation::Room { id: room_id.to_string() }).await;
         self.fanout.room_updated(&room).await;
         Ok(room)

@@ -227,6 +227,14 @@ impl Receiver {
                     };
                     self.on_message(&channel, payload).await;
                 }
+                PushKind::Unsubscribe => {
+                    // The confirmation comes in order with the channel's messages: nothing of the
+                    // room arrives after it until a new subscription, whose first message must not
+                    // look like a jump from what was delivered before the room went idle here.
+                    if let Some(room) = push.data.first().and_then(bulk).as_deref().and_then(|c| self.keys.room_of_channel(c)) {
+                        self.last_seq.remove(room);
+                    }
+                }
                 PushKind::Disconnection => {
                     tracing::warn!("fan-out subscription lost; the connection manager will resubscribe");
                 }
@@ -377,10 +385,12 @@ impl Fanout for RedisFanout {
     }
 
     async fn watch_room(&self, room_id: &str) -> Result<(), ApiError> {
+        // Under the subscription's lock: the idle sweep may be dropping this very room, and must
+        // either finish before we look or see the caller's socket in the room.
+        let mut pubsub = self.pubsub.lock().await;
         if self.watched.lock().await.contains(room_id) {
             return Ok(());
         }
-        let mut pubsub = self.pubsub.lock().await;
         pubsub.subscribe(self.keys.channel(room_id)).await.map_err(|e| {
             tracing::warn!(error = %e, "subscribe failed");
             ApiError::Unavailable("Redis is unavailable; retry".into())

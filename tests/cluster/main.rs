@@ -12,6 +12,7 @@ mod helpers;
 
 mod caches;
 mod failover;
+mod heads;
 mod lanes;
 mod outage;
 mod persistence;

@@ -612,28 +612,85 @@ describe('cluster of 3 instances', () => {
     sb3.close();
   });
 
-  test('a room left idle on an instance delivers again after a rejoin there', async (t) => {
+  test('a room left idle on an instance delivers again after a rejoin there, without replaying what the join read', async (t) => {
     // n3 had one socket in the room, which left in before(); after more than the idle sweep
-    // (30 s, DESIGN.md: subscriptions of rooms without local sockets are dropped) a new socket on n3
-    // rejoins with after_seq and must get the missed message and then live ones.
+    // (30 s, DESIGN.md: subscriptions of rooms without local sockets are dropped) 2,000 messages
+    // are sent on n1, then a new socket on n3 rejoins with after_seq = head. It must get exactly the
+    // live messages after that: none of the 2,000 again (n3 must not take the first live message
+    // for a jump from what it delivered before idling and "fill" the gap), none twice.
     const wait = IDLE_MS - (Date.now() - idle.since);
     t.diagnostic(`waiting ${Math.max(0, wait)} ms more for the room to be idle on n3 for ${IDLE_MS} ms`);
     if (wait > 0) await sleep(wait);
     const s1 = await open(n[0], idle.owner.token, ['websocket']);
     await joinRoom(s1, idle.room.id);
-    const missed = await sendMessage(s1, idle.room.id, 'while n3 was idle');
+    const missed = [];
+    for (let batch = 0; batch < 40; batch++) {
+      const acks = await Promise.all(Array.from({ length: 50 }, (_, i) => sendMessage(s1, idle.room.id, `while n3 was idle ${batch}.${i}`)));
+      missed.push(...acks);
+    }
+    const head = Math.max(...missed.map((m) => m.seq));
+    assert.equal(head, idle.first.seq + 2000, 'seqs of the 2,000 sends while n3 was idle');
     const s3 = await open(n[2], idle.owner.token, ['polling']);
     const live = collect(s3, 'message:new', (m) => m.room_id === idle.room.id);
-    const j = await joinRoom(s3, idle.room.id, { after_seq: idle.first.seq });
-    assert.deepEqual(j.messages, [missed], 'rejoin on n3 catches up');
+    const j = await joinRoom(s3, idle.room.id, { after_seq: head });
+    assert.deepEqual(j.messages, [], 'rejoin at the head reads nothing');
+    assert.equal(j.head_seq, head);
+    const caughtUp = await emitAck(s3, 'room:sync', { room_id: idle.room.id, after_seq: idle.first.seq + 1990 });
+    assertSeqRun(caughtUp.messages, idle.first.seq + 1991, head, 'room:sync on the rejoined n3 socket');
     const next = [];
     for (let i = 0; i < 3; i++) next.push(await sendMessage(s1, idle.room.id, `live again ${i}`));
-    await waitFor(() => live.filter((m) => m.seq > missed.seq).length >= 3, 10000, 'live messages on the rejoined n3 socket').catch((e) => {
-      throw new Error(`${e.message}; got ${JSON.stringify(live.map((m) => m.seq))}`);
+    await waitFor(() => live.filter((m) => m.seq > head).length >= 3, 10000, 'live messages on the rejoined n3 socket').catch((e) => {
+      throw new Error(`${e.message}; got ${live.length} messages, seqs ${JSON.stringify(live.map((m) => m.seq).slice(0, 20))}`);
     });
-    assert.deepEqual(live.filter((m) => m.seq > missed.seq), next);
+    await sleep(QUIET_MS);
+    assert.ok(s3.connected, 'the rejoined n3 socket is still connected');
+    assert.deepEqual(
+      live.map((m) => m.seq),
+      next.map((m) => m.seq),
+      `message:new on the rejoined n3 socket: only the live messages, once each (first seqs seen: ${JSON.stringify(live.slice(0, 5).map((m) => m.seq))})`,
+    );
+    assert.deepEqual(live, next);
     s1.close();
     s3.close();
+  });
+
+  test('head_seq in every answer covers the sends acknowledged on other instances just before, with no wait', async () => {
+    // The store's head lags the write-back; every answer carrying head_seq must still be at least
+    // the seq of every send acknowledged before the request began (API.md: clients decide from it
+    // whether they caught up).
+    const a = await registerUser(n[0].url, 'hd');
+    const room = await createRoom(n[0].url, a.token, 'heads');
+    const socks = [];
+    for (const srv of n) socks.push(await open(srv, a.token, ['websocket']));
+    for (const s of socks) await joinRoom(s, room.id);
+    const updates = collect(socks[1], 'room:updated', (r) => r.id === room.id);
+    for (let i = 0; i < 6; i++) {
+      const at = n[i % 3];
+      const r = await api(at.url, 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: newCmid(), body: `h${i}` }, a.token);
+      assert.equal(r.status, 201, JSON.stringify(r.body));
+      const sent = (await sendMessage(socks[(i + 1) % 3], room.id, `s${i}`)).seq;
+      assert.equal(sent, r.body.seq + 1);
+      const other = n[(i + 1) % 3];
+      const third = n[(i + 2) % 3];
+      const where = (what, srv) => `${what} on ${srv.instanceId} right after seq ${sent} was acked`;
+      const got = await api(other.url, 'GET', `/api/v1/rooms/${room.id}`, undefined, a.token);
+      assert.ok(got.body.head_seq >= sent, `${where('GET /rooms/{id}', other)}: ${JSON.stringify(got.body)}`);
+      const list = await api(third.url, 'GET', '/api/v1/rooms', undefined, a.token);
+      const listed = list.body.rooms.find((x) => x.id === room.id);
+      assert.ok(listed?.head_seq >= sent, `${where('GET /rooms', third)}: ${JSON.stringify(listed)}`);
+      const patched = await api(third.url, 'PATCH', `/api/v1/rooms/${room.id}`, { topic: `t${i}` }, a.token);
+      assert.ok(patched.body.head_seq >= sent, `${where('PATCH /rooms/{id}', third)}: ${JSON.stringify(patched.body)}`);
+      const hist = await api(other.url, 'GET', `/api/v1/rooms/${room.id}/messages?limit=1`, undefined, a.token);
+      assert.ok(hist.body.head_seq >= sent, `${where('history page', other)}: ${JSON.stringify(hist.body)}`);
+      const joined = await joinRoom(socks[(i + 2) % 3], room.id);
+      assert.ok(joined.head_seq >= sent && joined.room.head_seq >= sent, `${where('room:join', n[(i + 2) % 3])}: ${JSON.stringify(joined)}`);
+      const synced = await emitAck(socks[i % 3], 'room:sync', { room_id: room.id, after_seq: sent - 1 });
+      assert.ok(synced.ok && synced.head_seq >= sent, `${where('room:sync', at)}: ${JSON.stringify(synced)}`);
+      await waitFor(() => updates.some((u) => u.topic === `t${i}`), 5000, `room:updated with topic t${i}`);
+      const update = updates.find((u) => u.topic === `t${i}`);
+      assert.ok(update.head_seq >= sent, `${where('room:updated from PATCH', third)}: ${JSON.stringify(update)}`);
+    }
+    for (const s of socks) s.close();
   });
 
   test('/api/v1/cluster lists every instance as ready; /health/ready has redis, store and sync checks', async () => {
