@@ -49,7 +49,7 @@ fn into_page(mut msgs: Vec<Message>, cursor: Cursor, limit: u32, head: i64) -> H
     HistoryPage { messages: msgs, head_seq, has_more: more }
 }
 
-pub struct StoreHistory {
+pub struct LocalHistory {
     pub store: Arc<dyn Store>,
 }
 
@@ -62,7 +62,7 @@ async fn store_part(store: &dyn Store, room_id: &str, cursor: Cursor, probe: u32
 }
 
 #[async_trait]
-impl History for StoreHistory {
+impl History for LocalHistory {
     async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
         let msgs = store_part(&*self.store, room_id, cursor, limit + 1).await?;
         let head = self.store.head_seq(room_id).await?.ok_or_else(ApiError::room_not_found)?;
@@ -92,7 +92,49 @@ fn parse_entries(reply: StreamRangeReply) -> Vec<Message> {
         .collect()
 }
 
+/// Reads of the store and the stream a page may take before it is served with a hole.
+const UNION_ATTEMPTS: u32 = 3;
+
+/// Whether `msgs` (ascending) has no gap in seq, and starts right after an `After` cursor.
+fn is_contiguous(msgs: &[Message], cursor: Cursor) -> bool {
+    let starts_right = match (cursor, msgs.first()) {
+        (Cursor::After(after), Some(first)) => first.seq == after.saturating_add(1),
+        _ => true,
+    };
+    starts_right && msgs.windows(2).all(|w| w[1].seq == w[0].seq + 1)
+}
+
 impl RedisHistory {
+    /// Up to `probe` messages from the cursor, the union of the store's and the stream's, and
+    /// the room's head.
+    ///
+    /// The store is read first: a message the store read missed (written back after it) is
+    /// still in the stream when the stream is read, since the stream only loses messages the
+    /// store held for a while (`SyncConfig::recent_per_room` newer ones synced). Read the other
+    /// way round, or at once, the stream could be read before message N was accepted and the
+    /// store after N+1 but not yet N was written back (consumers commit batches in any order):
+    /// a hole, seen in the cluster suite's late-joiner test.
+    async fn union(&self, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<(Vec<Message>, i64)> {
+        let (stored, store_head) =
+            tokio::join!(store_part(&*self.store, room_id, cursor, probe), self.store.head_seq(room_id));
+        let store_head = store_head?.ok_or_else(ApiError::room_not_found)?;
+        let stored = stored?;
+        let (recent, redis_head) = tokio::join!(self.recent(room_id, cursor, probe), self.redis_head(room_id));
+        let mut by_seq: BTreeMap<i64, Message> = BTreeMap::new();
+        for m in stored.into_iter().chain(recent?) {
+            by_seq.insert(m.seq, m);
+        }
+        let mut msgs: Vec<Message> = by_seq.into_values().collect();
+        match cursor {
+            Cursor::After(_) => msgs.truncate(probe as usize),
+            _ => {
+                let keep = msgs.len().saturating_sub(probe as usize);
+                msgs.drain(..keep);
+            }
+        }
+        Ok((msgs, store_head.max(redis_head?.unwrap_or(0))))
+    }
+
     /// Recent messages from the room's stream, in the direction of travel.
     pub async fn recent(&self, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
         let key = self.keys.history(room_id);
@@ -132,29 +174,20 @@ impl RedisHistory {
 impl History for RedisHistory {
     async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
         let probe = limit + 1;
-        let (recent, stored, store_head, redis_head) = tokio::join!(
-            self.recent(room_id, cursor, probe),
-            store_part(&*self.store, room_id, cursor, probe),
-            self.store.head_seq(room_id),
-            self.redis_head(room_id),
-        );
-        let store_head = store_head?.ok_or_else(ApiError::room_not_found)?;
-        // Every message is in the store (synced) or in the stream (not yet synced, never trimmed):
-        // the union by seq is complete. Both sides were read from the same cursor.
-        let mut by_seq: BTreeMap<i64, Message> = BTreeMap::new();
-        for m in stored?.into_iter().chain(recent?) {
-            by_seq.insert(m.seq, m);
-        }
-        let mut msgs: Vec<Message> = by_seq.into_values().collect();
-        match cursor {
-            Cursor::After(_) => msgs.truncate(probe as usize),
-            _ => {
-                let keep = msgs.len().saturating_sub(probe as usize);
-                msgs.drain(..keep);
+        let mut attempt = 1;
+        loop {
+            let (msgs, head) = self.union(room_id, cursor, probe).await?;
+            // Seqs are gap-free: a hole means the two reads raced the write-back (below). Read
+            // again; a hole that stays is a message missing from both (dead-lettered), and the
+            // rest of the page is still worth serving.
+            if is_contiguous(&msgs, cursor) || attempt == UNION_ATTEMPTS {
+                if attempt > 1 {
+                    tracing::warn!(room_id, attempt, contiguous = is_contiguous(&msgs, cursor), "history read again");
+                }
+                return Ok(into_page(msgs, cursor, limit, head));
             }
+            attempt += 1;
         }
-        let head = store_head.max(redis_head?.unwrap_or(0));
-        Ok(into_page(msgs, cursor, limit, head))
     }
 
     async fn current_heads(&self, rooms: &mut [Room]) -> ApiResult<()> {
@@ -207,5 +240,15 @@ mod tests {
         let p = into_page((1..=2).map(m).collect(), Cursor::Latest, 3, 0);
         assert!(!p.has_more);
         assert_eq!(p.head_seq, 2, "head is never below what was read");
+    }
+
+    #[test]
+    fn holes_are_seen() {
+        let seqs = |v: &[i64]| v.iter().copied().map(m).collect::<Vec<_>>();
+        assert!(is_contiguous(&seqs(&[3, 4, 5]), Cursor::After(2)));
+        assert!(!is_contiguous(&seqs(&[3, 4, 5]), Cursor::After(1)), "first after the cursor missing");
+        assert!(!is_contiguous(&seqs(&[197, 198, 200]), Cursor::Latest));
+        assert!(is_contiguous(&seqs(&[197, 198, 199]), Cursor::Before(200)));
+        assert!(is_contiguous(&[], Cursor::After(9)));
     }
 }
