@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::sio::Io;
 use axum::serve::ListenerExt;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -16,94 +15,48 @@ use crate::auth::{self, Tokens};
 use crate::breaker::Breakers;
 use crate::cache::{Caches, RedisSharedCache};
 use crate::cluster::{self, InstanceRecord};
-use crate::config::{AckLevelArg, ClusterConfig, Config};
+use crate::config::{AckLevel, ClusterConfig, Config};
 use crate::domain::Timestamp;
-use crate::fanout::Fanout;
 use crate::fanout::local::LocalFanout;
 use crate::fanout::redis::RedisFanout;
-use crate::history::{History, RedisHistory, StoreHistory};
-use crate::ops::{ClusterOps, EmbeddedOps, Ops};
+use crate::fanout::{Delivery, Evictions, Notices};
+use crate::history::{History, LocalHistory, RedisHistory};
+use crate::ops::{LocalOps, Ops, RedisOps};
 use crate::presence::LocalPresence;
 use crate::redis_io::{Keys, Redis};
 use crate::revocation::{LocalRevocations, RedisRevocations, Revocations};
 use crate::sequencer::Sequencer;
-use crate::sequencer::embedded::GroupCommitSequencer;
-use crate::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
+use crate::sequencer::embedded::LocalSequencer;
+use crate::sequencer::redis::{RedisSequencer, RedisSequencerConfig};
 use crate::service::{Backends, ChatService, Limits};
+use crate::state::AppState;
 use crate::store::Store;
 use crate::sync::SyncStats;
 use crate::sync::redis::{SyncConfig, SyncWorker};
 use crate::{api, metrics, realtime};
 
-/// Everything a handler may need; shared as `Arc<AppState>`.
-pub struct AppState {
-    pub svc: ChatService,
-    pub config: Config,
-    pub instance_id: String,
-    /// The address actually bound (CHATMESH_BIND may say port 0).
-    pub listen_addr: SocketAddr,
-    pub started_at: Timestamp,
-    pub metrics: PrometheusHandle,
-    pub presence: LocalPresence,
-    /// Set on SIGTERM: readiness turns 503 so the balancer moves traffic away.
-    pub draining: AtomicBool,
-    /// In-flight sends; shutdown waits for them so an acked send is never cut off.
-    pub inflight: TaskTracker,
-    /// Readiness and the cluster view of this mode.
-    pub ops: Arc<dyn Ops>,
-}
-
-impl AppState {
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Runs the readiness checks; the answer (draining included) is also `chatmesh_ready`.
-    pub async fn check_ready(&self) -> (bool, serde_json::Value) {
-        let (ok, checks) = self.ops.readiness().await;
-        let ready = ok && !self.is_draining();
-        ::metrics::gauge!(metrics::READY).set(if ready { 1.0 } else { 0.0 });
-        (ready, checks)
-    }
-
-    /// This instance as `/api/v1/cluster` and the heartbeat describe it.
-    pub async fn instance_record(&self) -> InstanceRecord {
-        let (ready, _) = self.check_ready().await;
-        InstanceRecord {
-            id: self.instance_id.clone(),
-            region: self.config.region.clone(),
-            address: self.listen_addr.to_string(),
-            started_at: self.started_at,
-            last_seen: Timestamp::now(),
-            connections: realtime::connection_count(),
-            ready,
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            accepted_total: metrics::TOTALS.accepted_total(),
-            delivered_total: metrics::TOTALS.delivered_total(),
-            circuits: self.ops.circuits(),
-            recent_errors: crate::telemetry::recent_errors(),
-        }
-    }
-}
-
 /// The implementations of one mode.
 struct Mode {
     sequencer: Arc<dyn Sequencer>,
     revocations: Arc<dyn Revocations>,
-    fanout: Arc<dyn Fanout>,
+    delivery: Arc<dyn Delivery>,
+    notices: Arc<dyn Notices>,
+    evictions: Arc<dyn Evictions>,
     history: Arc<dyn History>,
     ops: Arc<dyn Ops>,
     heartbeat: Option<(Redis, Keys)>,
 }
 
 fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>) -> Mode {
-    let fanout: Arc<dyn Fanout> = Arc::new(LocalFanout::new(io));
+    let fanout = Arc::new(LocalFanout::new(io));
     Mode {
-        sequencer: Arc::new(GroupCommitSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
+        sequencer: Arc::new(LocalSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
         revocations: Arc::new(LocalRevocations),
-        fanout,
-        history: Arc::new(StoreHistory { store: store.clone() }),
-        ops: Arc::new(EmbeddedOps { store, breakers }),
+        delivery: fanout.clone(),
+        notices: fanout.clone(),
+        evictions: fanout,
+        history: Arc::new(LocalHistory { store: store.clone() }),
+        ops: Arc::new(LocalOps { store, breakers }),
         heartbeat: None,
     }
 }
@@ -127,10 +80,7 @@ async fn cluster_mode(
         keys.clone(),
         store.clone(),
         RedisSequencerConfig {
-            ack_level: match c.ack_level {
-                AckLevelArg::Leader => AckLevel::Leader,
-                AckLevelArg::Replica => AckLevel::Replica,
-            },
+            ack_level: c.ack_level,
             wait_timeout: Duration::from_secs(1),
             dedupe_ttl: c.dedupe_ttl,
             backlog_limit: c.backlog_limit,
@@ -147,7 +97,7 @@ async fn cluster_mode(
             SyncConfig {
                 claim_idle: c.claim_idle,
                 linger: c.sync_linger,
-                wait_replicas: u32::from(matches!(c.ack_level, AckLevelArg::Replica)),
+                wait_replicas: u32::from(matches!(c.ack_level, AckLevel::Replica)),
                 ..SyncConfig::default()
             },
         )
@@ -161,11 +111,13 @@ async fn cluster_mode(
         revocations: Arc::new(RedisRevocations {
             redis: redis.clone(),
             keys: keys.clone(),
-            wait_replica: matches!(c.ack_level, AckLevelArg::Replica).then_some(Duration::from_secs(1)),
+            wait_replica: matches!(c.ack_level, AckLevel::Replica).then_some(Duration::from_secs(1)),
         }),
-        fanout: fanout.clone(),
+        delivery: fanout.clone(),
+        notices: fanout.clone(),
+        evictions: fanout.clone(),
         history,
-        ops: Arc::new(ClusterOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
+        ops: Arc::new(RedisOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
     })
 }
@@ -231,7 +183,9 @@ impl Application {
                 store,
                 sequencer: mode.sequencer,
                 revocations: mode.revocations,
-                fanout: mode.fanout,
+                delivery: mode.delivery,
+                notices: mode.notices,
+                evictions: mode.evictions,
                 history: mode.history,
                 caches,
             },

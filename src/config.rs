@@ -10,37 +10,6 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Environment variables this build understands; any other `CHATMESH_*` variable is a typo
-/// that would otherwise be silently ignored.
-pub const KNOWN_ENV: &[&str] = &[
-    "CHATMESH_BIND",
-    "CHATMESH_INSTANCE_ID",
-    "CHATMESH_REGION",
-    "CHATMESH_STORE_URL",
-    "CHATMESH_REDIS_URL",
-    "CHATMESH_JWT_SECRET",
-    "CHATMESH_CLUSTER_SECRET",
-    "CHATMESH_ADMIN_TOKEN",
-    "CHATMESH_LOG_FORMAT",
-    "CHATMESH_AUTH_RATE_PER_MIN",
-    "CHATMESH_SEND_RATE_PER_SEC",
-    "CHATMESH_MAX_BODY_BYTES",
-    "CHATMESH_TOKEN_TTL_SECS",
-    "CHATMESH_DRAIN_DELAY_MS",
-    "CHATMESH_SHUTDOWN_TIMEOUT_MS",
-    "CHATMESH_TRUST_PROXY",
-    "CHATMESH_PING_INTERVAL_MS",
-    "CHATMESH_PING_TIMEOUT_MS",
-    "CHATMESH_ACK_LEVEL",
-    "CHATMESH_REDIS_PREFIX",
-    "CHATMESH_SHARDS",
-    "CHATMESH_DEDUPE_TTL_HOURS",
-    "CHATMESH_SYNC_BACKLOG_LIMIT",
-    "CHATMESH_SYNC_CLAIM_IDLE_MS",
-    "CHATMESH_SYNC_LINGER_MS",
-    "CHATMESH_SYNC_WORKER",
-];
-
 /// Prefixes reserved for test harnesses and tools, not for the server.
 const IGNORED_ENV_PREFIXES: &[&str] = &["CHATMESH_TEST_", "CHATMESH_BENCH_"];
 
@@ -175,7 +144,7 @@ pub struct ServeArgs {
     /// Cluster mode: when a send is acknowledged — `leader` (the Redis primary ran it) or
     /// `replica` (WAIT 1: a replica has it too; survives losing the primary).
     #[arg(long, env = "CHATMESH_ACK_LEVEL", value_name = "CHATMESH_ACK_LEVEL", default_value = "leader")]
-    pub ack_level: AckLevelArg,
+    pub ack_level: AckLevel,
     /// Cluster mode: prefix of every Redis key and channel (several clusters can share a Redis).
     #[arg(long, env = "CHATMESH_REDIS_PREFIX", value_name = "CHATMESH_REDIS_PREFIX", default_value = "cm")]
     pub redis_prefix: String,
@@ -208,9 +177,12 @@ pub struct ServeArgs {
     pub sync_worker: bool,
 }
 
+/// How far a send's acknowledgement waits (cluster mode).
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckLevelArg {
+pub enum AckLevel {
+    /// The Redis primary ran the send script (lost if the primary dies before replicating).
     Leader,
+    /// At least one replica has it too (`WAIT 1`): survives the loss of the primary.
     Replica,
 }
 
@@ -305,7 +277,7 @@ pub struct ClusterConfig {
     pub redis: crate::redis_io::RedisUrl,
     pub prefix: String,
     pub shards: u32,
-    pub ack_level: AckLevelArg,
+    pub ack_level: AckLevel,
     pub dedupe_ttl: Duration,
     pub backlog_limit: u64,
     pub claim_idle: Duration,
@@ -401,11 +373,28 @@ impl Config {
     }
 }
 
+/// The environment variables this build understands: every `env = ...` of every subcommand's
+/// flags, read from the clap definitions so that a new setting cannot be forgotten here.
+pub fn known_env() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let mut names: Vec<String> = cli
+        .get_subcommands()
+        .chain(std::iter::once(&cli))
+        .flat_map(|c| c.get_arguments())
+        .filter_map(|a| a.get_env().and_then(|e| e.to_str()).map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Rejects `CHATMESH_*` variables this build does not know (a typo must not be silently ignored).
 pub fn check_unknown_env(vars: impl Iterator<Item = String>) -> Result<(), ConfigError> {
+    let known = known_env();
     for name in vars {
         if name.starts_with("CHATMESH_")
-            && !KNOWN_ENV.contains(&name.as_str())
+            && !known.contains(&name)
             && !IGNORED_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
         {
             return Err(invalid(&name, "unknown setting"));
@@ -424,6 +413,15 @@ mod tests {
             check_unknown_env(["CHATMESH_BIND".to_string(), "CHATMESH_BINDD".to_string()].into_iter()).unwrap_err();
         assert_eq!(err.to_string(), "invalid setting CHATMESH_BINDD: unknown setting");
         assert!(check_unknown_env(["CHATMESH_TEST_MONGODB_URL".to_string()].into_iter()).is_ok());
+    }
+
+    #[test]
+    fn known_env_comes_from_every_subcommand() {
+        let known = known_env();
+        for name in ["CHATMESH_BIND", "CHATMESH_STORE_URL", "CHATMESH_SYNC_WORKER", "CHATMESH_ACK_LEVEL"] {
+            assert!(known.contains(&name.to_string()), "{name} missing from {known:?}");
+        }
+        assert!(known.iter().all(|n| n.starts_with("CHATMESH_")), "{known:?}");
     }
 
     #[test]

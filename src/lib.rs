@@ -18,6 +18,7 @@
 //! - [`service`]: the operations both REST and Socket.IO call (never branching on the mode).
 //! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
 //! - [`auth`], [`ratelimit`], [`metrics`], [`telemetry`]: cross-cutting pieces.
+//! - [`state`]: what every handler shares ([`state::AppState`]).
 //! - [`app`]: `Application::build` wires one mode and `run_until_stopped` serves it.
 //! - [`backup`]: `chatmesh backup` / `chatmesh restore` (streamed JSON Lines, any backend).
 
@@ -43,6 +44,7 @@ pub mod revocation;
 pub mod sequencer;
 pub mod service;
 pub mod sio;
+pub mod state;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -57,13 +57,13 @@ pub trait Ops: Send + Sync + 'static {
     async fn refresh_gauges(&self) {}
 }
 
-pub struct EmbeddedOps {
+pub struct LocalOps {
     pub store: Arc<dyn Store>,
     pub breakers: Arc<Breakers>,
 }
 
 #[async_trait]
-impl Ops for EmbeddedOps {
+impl Ops for LocalOps {
     async fn readiness(&self) -> (bool, Value) {
         let (ok, latency_ms) = timed(async { self.store.ping().await.is_ok() }).await;
         metrics::histogram!(m::DEPENDENCY_LATENCY, "dependency" => "store", "operation" => "ping")
@@ -83,7 +83,7 @@ impl Ops for EmbeddedOps {
     }
 }
 
-pub struct ClusterOps {
+pub struct RedisOps {
     pub store: Arc<dyn Store>,
     pub redis: Redis,
     pub keys: Keys,
@@ -93,7 +93,7 @@ pub struct ClusterOps {
 }
 
 #[async_trait]
-impl Ops for ClusterOps {
+impl Ops for RedisOps {
     /// Ready needs Redis and a working fan-out; the store may be down (sends keep being accepted
     /// and wait in Redis), so its check and the sync lag are reported but do not gate.
     async fn readiness(&self) -> (bool, Value) {

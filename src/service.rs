@@ -9,7 +9,7 @@ use crate::auth::{self, Tokens};
 use crate::cache::{Caches, Invalidation};
 use crate::domain::*;
 use crate::error::{ApiError, ApiResult};
-use crate::fanout::Fanout;
+use crate::fanout::{Delivery, Evictions, Notices};
 pub use crate::history::Cursor;
 use crate::history::History;
 use crate::metrics as m;
@@ -56,17 +56,19 @@ impl Sent {
 }
 
 pub struct ChatService {
-    pub store: Arc<dyn Store>,
-    pub sequencer: Arc<dyn Sequencer>,
-    pub revocations: Arc<dyn Revocations>,
-    pub fanout: Arc<dyn Fanout>,
-    pub history: Arc<dyn History>,
-    pub tokens: Tokens,
-    pub region: String,
+    store: Arc<dyn Store>,
+    sequencer: Arc<dyn Sequencer>,
+    revocations: Arc<dyn Revocations>,
+    delivery: Arc<dyn Delivery>,
+    notices: Arc<dyn Notices>,
+    evictions: Arc<dyn Evictions>,
+    history: Arc<dyn History>,
+    tokens: Tokens,
+    region: String,
     send_limiter: RateLimiter,
     auth_limiter: RateLimiter,
-    /// L1 caches; evicted here and on every instance through the fan-out.
-    pub caches: Arc<Caches>,
+    /// L1 caches; evicted here and on every instance through `evictions`.
+    caches: Arc<Caches>,
 }
 
 /// The mode's implementations the service runs on.
@@ -74,7 +76,9 @@ pub struct Backends {
     pub store: Arc<dyn Store>,
     pub sequencer: Arc<dyn Sequencer>,
     pub revocations: Arc<dyn Revocations>,
-    pub fanout: Arc<dyn Fanout>,
+    pub delivery: Arc<dyn Delivery>,
+    pub notices: Arc<dyn Notices>,
+    pub evictions: Arc<dyn Evictions>,
     pub history: Arc<dyn History>,
     pub caches: Arc<Caches>,
 }
@@ -95,14 +99,16 @@ pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
 
 impl ChatService {
     pub fn new(backends: Backends, tokens: Tokens, region: String, limits: Limits) -> Self {
-        let Backends { store, sequencer, revocations, fanout, history, caches } = backends;
+        let Backends { store, sequencer, revocations, delivery, notices, evictions, history, caches } = backends;
         let send = f64::from(limits.send_rate_per_sec);
         let auth = f64::from(limits.auth_rate_per_min);
         Self {
             store,
             sequencer,
             revocations,
-            fanout,
+            delivery,
+            notices,
+            evictions,
             history,
             tokens,
             region,
@@ -171,19 +177,49 @@ impl ChatService {
     /// Evicts `what` here and on every other instance.
     async fn changed(&self, what: Invalidation) {
         self.caches.evict(&what).await;
-        self.fanout.invalidate(&what).await;
+        self.evictions.invalidate(&what).await;
     }
 
-    /// The authenticated user; a valid token for a user that no longer exists is unauthorized.
+    /// The user a token was issued to (signature and expiry checked).
     pub async fn authenticate(&self, token: &str) -> ApiResult<String> {
         self.tokens.verify(token)
+    }
+
+    /// The user a socket's CONNECT token names, if it may connect: a signed token for a user the
+    /// store does not know is refused too. While the store is unreachable the signature alone
+    /// admits the socket (cluster mode keeps serving then).
+    pub async fn authenticate_socket(&self, token: &str) -> Option<String> {
+        let user_id = self.tokens.verify(token).ok()?;
+        if let Ok(None) = self.store.user(&user_id).await {
+            return None;
+        }
+        Some(user_id)
+    }
+
+    /// `presence` for the user to the rooms they are a member of, on every instance.
+    pub async fn announce_presence(&self, user_id: &str, online: bool) {
+        match self.store.room_ids_of_user(user_id).await {
+            Ok(rooms) => self.notices.presence(user_id, online, &rooms).await,
+            Err(e) => tracing::warn!(error = %e, "presence: could not list rooms"),
+        }
+    }
+
+    /// `typing` from a socket to the room's other sockets (the caller checked it joined the room).
+    pub async fn typing(&self, room_id: &str, user_id: &str, socket_id: &str) {
+        self.notices.typing(room_id, user_id, socket_id).await;
+    }
+
+    /// Makes sure every message accepted in the room from now on reaches this instance; call it
+    /// after a socket joined the room's delivery group and before it reads history.
+    pub async fn watch_room(&self, room_id: &str) -> ApiResult<()> {
+        self.delivery.watch_room(room_id).await
     }
 
     pub async fn update_me(&self, user_id: &str, patch: UserPatch) -> ApiResult<User> {
         let user = self.store.update_user(user_id, patch, Timestamp::now()).await?;
         self.changed(Invalidation::User { id: user_id.to_string() }).await;
         let rooms = self.store.room_ids_of_user(user_id).await?;
-        self.fanout.user_updated(&user, &rooms).await;
+        self.notices.user_updated(&user, &rooms).await;
         Ok(user)
     }
 
@@ -329,7 +365,7 @@ impl ChatService {
         }
         let room = self.current_room(self.store.update_room(room_id, patch, Timestamp::now()).await?).await?;
         self.changed(Invalidation::Room { id: room_id.to_string() }).await;
-        self.fanout.room_updated(&room).await;
+        self.notices.room_updated(&room).await;
         Ok(room)
     }
 
@@ -353,7 +389,7 @@ impl ChatService {
         // Even when the store had no membership: a leave retried after the bump failed must bump.
         self.revocations.revoke(room_id, user_id).await?;
         self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
-        self.fanout.member_left(room_id, user_id).await
+        self.delivery.member_left(room_id, user_id).await
     }
 
     pub async fn add_member(&self, owner_id: &str, room_id: &str, new_member: &str) -> ApiResult<()> {

@@ -8,9 +8,9 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::extract::{ClientIp, JsonBody};
-use crate::app::AppState;
 use crate::domain::{DisplayName, Password, Username};
 use crate::error::ApiResult;
+use crate::state::AppState;
 
 pub async fn register(
     State(state): State<Arc<AppState>>,

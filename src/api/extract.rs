@@ -10,9 +10,9 @@ use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
-use crate::app::AppState;
 use crate::domain::input::Input;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// The user id of a valid `Authorization: Bearer` token.
 pub struct AuthUser(pub String);

@@ -9,11 +9,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::extract::{AuthUser, JsonBody};
-use crate::app::AppState;
 use crate::domain::input::parse_seq;
 use crate::domain::{ClientMsgId, HistoryPage, Message, MessageBody};
 use crate::error::{ApiError, ApiResult};
 use crate::service::{Cursor, clamp_limit};
+use crate::state::AppState;
 
 pub async fn send(
     State(state): State<Arc<AppState>>,
@@ -22,10 +22,7 @@ pub async fn send(
     JsonBody(input): JsonBody,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
     let started = Instant::now();
-    if state.inflight.is_closed() {
-        return Err(ApiError::Unavailable("this instance is shutting down; retry".into()));
-    }
-    let _inflight = state.inflight.token();
+    let _inflight = state.admit_send()?;
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;
     let sent = state.svc.send(&uid, &room_id, client_msg_id, body, ()).await?;

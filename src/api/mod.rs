@@ -16,9 +16,9 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 
-use crate::app::AppState;
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::state::AppState;
 use crate::telemetry;
 use tracing::Instrument;
 

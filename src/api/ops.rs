@@ -10,8 +10,8 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::extract::bearer;
-use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))

@@ -9,9 +9,9 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::extract::{AuthUser, JsonBody};
-use crate::app::AppState;
 use crate::domain::{Room, RoomName, Topic, Visibility};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use crate::store::RoomPatch;
 
 pub async fn create(

@@ -6,9 +6,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 
 use super::extract::{AuthUser, JsonBody};
-use crate::app::AppState;
 use crate::domain::{AvatarUrl, DisplayName, StatusText, User};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use crate::store::UserPatch;
 
 pub async fn me(State(state): State<Arc<AppState>>, AuthUser(uid): AuthUser) -> ApiResult<Json<User>> {

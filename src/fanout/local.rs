@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{Fanout, user_channel};
+use super::{Delivery, Evictions, Notices, user_channel};
+use crate::cache::Invalidation;
 use crate::domain::{Message, Room, User};
 use crate::error::ApiError;
 use crate::metrics as m;
@@ -61,7 +62,7 @@ pub async fn emit_typing(io: &Io, room_id: &str, user_id: &str, except_socket: &
 }
 
 #[async_trait]
-impl Fanout for LocalFanout {
+impl Delivery for LocalFanout {
     async fn publish_message(&self, msg: &Message) {
         // Serialized once, copied verbatim into each socket's packet.
         if let Ok(raw) = serde_json::value::to_raw_value(msg) {
@@ -69,6 +70,19 @@ impl Fanout for LocalFanout {
         }
     }
 
+    async fn watch_room(&self, _room_id: &str) -> Result<(), ApiError> {
+        // Every accepted message is published in-process: nothing to subscribe to.
+        Ok(())
+    }
+
+    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
+        stop_delivery(&self.io, room_id, user_id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Notices for LocalFanout {
     async fn room_updated(&self, room: &Room) {
         self.io.broadcast(std::slice::from_ref(&room.id), "room:updated", room);
     }
@@ -90,18 +104,11 @@ impl Fanout for LocalFanout {
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {
         emit_typing(&self.io, room_id, user_id, except_socket).await;
     }
+}
 
-    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
-        stop_delivery(&self.io, room_id, user_id);
-        Ok(())
-    }
-
-    async fn invalidate(&self, _what: &crate::cache::Invalidation) {
+#[async_trait]
+impl Evictions for LocalFanout {
+    async fn invalidate(&self, _what: &Invalidation) {
         // One instance: the service evicted its own cache already.
-    }
-
-    async fn watch_room(&self, _room_id: &str) -> Result<(), ApiError> {
-        // Every accepted message is published in-process: nothing to subscribe to.
-        Ok(())
     }
 }

@@ -1,21 +1,40 @@
-//! Delivers events to connected sockets.
+//! Delivers to connected sockets, on this instance or on all of them: three promises, three
+//! traits ([`Delivery`] of chat messages, [`Notices`], cache [`Evictions`]), each implemented
+//! once per mode ([`local::LocalFanout`] in-process, [`redis::RedisFanout`] over pub/sub).
 //!
-//! Promise: `publish_message` calls for one room are made in seq order (by the sequencer) and every
-//! socket that joined the room receives them in that order. A socket that cannot keep up is
-//! disconnected rather than skipped, so it reconnects and resyncs with `after_seq` instead of
-//! silently missing a message.
+//! A socket that cannot keep up is disconnected rather than skipped, so it reconnects and
+//! resyncs with `after_seq` instead of silently missing a message.
 
 pub mod local;
 pub mod redis;
 
 use async_trait::async_trait;
 
+use crate::cache::Invalidation;
 use crate::domain::{Message, Room, User};
+use crate::error::ApiError;
 
+/// Chat messages to the sockets in their room.
+///
+/// Promise: `publish_message` calls for one room are made in seq order (by the sequencer) and
+/// every socket that joined the room receives them in that order, each once; a socket whose
+/// user left the room receives none accepted after the leave was answered.
 #[async_trait]
-pub trait Fanout: Send + Sync + 'static {
+pub trait Delivery: Send + Sync + 'static {
     /// `message:new` to every socket that joined the message's room.
     async fn publish_message(&self, msg: &Message);
+    /// Called before a local socket reads history after joining `room_id`: from the moment this
+    /// returns, every message accepted in the room reaches this instance.
+    async fn watch_room(&self, room_id: &str) -> Result<(), ApiError>;
+    /// The user left the room: their sockets, on every instance, stop receiving it (as if each had
+    /// sent `room:leave`). Once it returns `Ok`, no message accepted later reaches them.
+    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError>;
+}
+
+/// Notices to sockets on every instance, best effort and with no ordering promise: a lost one
+/// costs a stale display, never a message.
+#[async_trait]
+pub trait Notices: Send + Sync + 'static {
     /// `room:updated` to every socket that joined the room.
     async fn room_updated(&self, room: &Room);
     /// `user:updated` to the user's own sockets and to sockets in `room_ids`.
@@ -24,14 +43,13 @@ pub trait Fanout: Send + Sync + 'static {
     async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]);
     /// `typing` to the room's sockets except `except_socket` (the typist's own).
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str);
-    /// The user left the room: their sockets, on every instance, stop receiving it (as if each had
-    /// sent `room:leave`). Once it returns `Ok`, no message accepted later reaches them.
-    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), crate::error::ApiError>;
-    /// Evicts a cache entry on every other instance (this one already did).
-    async fn invalidate(&self, what: &crate::cache::Invalidation);
-    /// Called before a local socket reads history after joining `room_id`: from the moment this
-    /// returns, every message accepted in the room reaches this instance.
-    async fn watch_room(&self, room_id: &str) -> Result<(), crate::error::ApiError>;
+}
+
+/// Cache evictions on every other instance (the caller evicted its own already). Best effort:
+/// caches that must not be stale carry their own check (see [`revocation`](crate::revocation)).
+#[async_trait]
+pub trait Evictions: Send + Sync + 'static {
+    async fn invalidate(&self, what: &Invalidation);
 }
 
 /// The Socket.IO room that holds a user's own sockets (room ids are ULIDs, never this shape).

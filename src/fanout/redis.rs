@@ -27,7 +27,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{Mutex, mpsc};
 
 use super::local::{deliver_local, emit_typing, stop_delivery};
-use super::{Fanout, user_channel};
+use super::{Delivery, Evictions, Notices, user_channel};
 use crate::cache::{Caches, Invalidation};
 use crate::domain::{Message, Room, Timestamp, User};
 use crate::error::ApiError;
@@ -231,7 +231,9 @@ impl Receiver {
                     // The confirmation comes in order with the channel's messages: nothing of the
                     // room arrives after it until a new subscription, whose first message must not
                     // look like a jump from what was delivered before the room went idle here.
-                    if let Some(room) = push.data.first().and_then(bulk).as_deref().and_then(|c| self.keys.room_of_channel(c)) {
+                    if let Some(room) =
+                        push.data.first().and_then(bulk).as_deref().and_then(|c| self.keys.room_of_channel(c))
+                    {
                         self.last_seq.remove(room);
                     }
                 }
@@ -329,11 +331,40 @@ impl Receiver {
 }
 
 #[async_trait]
-impl Fanout for RedisFanout {
+impl Delivery for RedisFanout {
     async fn publish_message(&self, _msg: &Message) {
         // The send script publishes in the same atomic step as sequencing.
     }
 
+    async fn watch_room(&self, room_id: &str) -> Result<(), ApiError> {
+        // Under the subscription's lock: the idle sweep may be dropping this very room, and must
+        // either finish before we look or see the caller's socket in the room.
+        let mut pubsub = self.pubsub.lock().await;
+        if self.watched.lock().await.contains(room_id) {
+            return Ok(());
+        }
+        pubsub.subscribe(self.keys.channel(room_id)).await.map_err(|e| {
+            tracing::warn!(error = %e, "subscribe failed");
+            ApiError::Unavailable("Redis is unavailable; retry".into())
+        })?;
+        self.watched.lock().await.insert(room_id.to_string());
+        Ok(())
+    }
+
+    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
+        // One Redis connection carries an instance's events and room messages, in publish order:
+        // every instance, this one included, processes this before any message sequenced after it.
+        let data = serde_json::json!({"room_id": room_id, "user_id": user_id});
+        let ev = Event { rooms: Vec::new(), event: MEMBER_LEFT.into(), data, except: None };
+        self.try_publish_event(&ev).await.map_err(|e| {
+            tracing::warn!(error = %e, "could not publish a leave");
+            ApiError::Unavailable("Redis is unavailable; retry the leave".into())
+        })
+    }
+}
+
+#[async_trait]
+impl Notices for RedisFanout {
     async fn room_updated(&self, room: &Room) {
         let data = serde_json::to_value(room).unwrap_or_default();
         self.publish_event(Event { rooms: vec![room.id.clone()], event: "room:updated".into(), data, except: None })
@@ -367,35 +398,12 @@ impl Fanout for RedisFanout {
         })
         .await;
     }
+}
 
-    async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
-        // One Redis connection carries an instance's events and room messages, in publish order:
-        // every instance, this one included, processes this before any message sequenced after it.
-        let data = serde_json::json!({"room_id": room_id, "user_id": user_id});
-        let ev = Event { rooms: Vec::new(), event: MEMBER_LEFT.into(), data, except: None };
-        self.try_publish_event(&ev).await.map_err(|e| {
-            tracing::warn!(error = %e, "could not publish a leave");
-            ApiError::Unavailable("Redis is unavailable; retry the leave".into())
-        })
-    }
-
+#[async_trait]
+impl Evictions for RedisFanout {
     async fn invalidate(&self, what: &Invalidation) {
         let data = serde_json::to_value(what).unwrap_or_default();
         self.publish_event(Event { rooms: Vec::new(), event: INVALIDATE.into(), data, except: None }).await;
-    }
-
-    async fn watch_room(&self, room_id: &str) -> Result<(), ApiError> {
-        // Under the subscription's lock: the idle sweep may be dropping this very room, and must
-        // either finish before we look or see the caller's socket in the room.
-        let mut pubsub = self.pubsub.lock().await;
-        if self.watched.lock().await.contains(room_id) {
-            return Ok(());
-        }
-        pubsub.subscribe(self.keys.channel(room_id)).await.map_err(|e| {
-            tracing::warn!(error = %e, "subscribe failed");
-            ApiError::Unavailable("Redis is unavailable; retry".into())
-        })?;
-        self.watched.lock().await.insert(room_id.to_string());
-        Ok(())
     }
 }

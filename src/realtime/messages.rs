@@ -7,10 +7,10 @@ use serde_json::{Value, json};
 
 use super::order::Ticket;
 use super::{identity, payload, reply, reply_ok};
-use crate::app::AppState;
 use crate::domain::{ClientMsgId, Message, MessageBody};
 use crate::error::{ApiError, ApiResult};
 use crate::sio::{Ack, Socket};
+use crate::state::AppState;
 use crate::telemetry;
 use tracing::Instrument;
 
@@ -24,13 +24,11 @@ struct SendAck<'a> {
 /// Called in arrival order: the ticket drawn here keeps this socket's sends in that order even
 /// though each runs on its own task.
 pub fn on_send(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, ack: Ack) {
-    if st.inflight.is_closed() {
-        // Past the drain: answer rather than leave the client waiting on a closing socket.
-        let err = ApiError::Unavailable("this instance is shutting down; reconnect and retry".into());
-        return reply(ack, "message:send", Err(err));
-    }
+    let inflight = match st.admit_send() {
+        Ok(token) => token,
+        Err(e) => return reply(ack, "message:send", Err(e)),
+    };
     let ticket = s.ext::<super::Conn>().map(|c| c.order.ticket()).unwrap_or_default();
-    let inflight = st.inflight.token();
     tokio::spawn(async move {
         let _inflight = inflight;
         match send(&st, &s, data, ticket).instrument(telemetry::event_span("message:send")).await {
@@ -66,6 +64,6 @@ async fn typing(state: &AppState, s: &Socket, data: Result<Value, String>) -> Ap
     if !s.in_room(room_id) {
         return Err(ApiError::Forbidden("join the room before sending typing".into()));
     }
-    state.svc.fanout.typing(room_id, &me.user_id, &s.id).await;
+    state.svc.typing(room_id, &me.user_id, &s.id).await;
     Ok(json!({}))
 }

@@ -12,12 +12,12 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
-use crate::app::AppState;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::fanout::user_channel;
 use crate::metrics as m;
 use crate::sio::{Ack, Handler, Io, Socket};
+use crate::state::AppState;
 
 pub use order::SocketOrder;
 
@@ -74,7 +74,7 @@ impl Handler for Realtime {
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
             tracing::info!(socket = %s.id, user = %user_id, transport = ?s.transport(), "socket connected");
             if state.presence.connect(&user_id) {
-                tokio::spawn(async move { announce_presence(&state, &user_id, true).await });
+                tokio::spawn(async move { state.svc.announce_presence(&user_id, true).await });
             }
             Ok(())
         }
@@ -99,7 +99,7 @@ impl Handler for Realtime {
             let Some(conn) = s.ext::<Conn>() else { return };
             tracing::info!(socket = %s.id, user = %conn.user_id, "socket disconnected");
             if state.presence.disconnect(&conn.user_id) {
-                announce_presence(&state, &conn.user_id, false).await;
+                state.svc.announce_presence(&conn.user_id, false).await;
             }
         }
         .boxed()
@@ -111,20 +111,7 @@ async fn authenticate(state: &AppState, auth: Option<Value>) -> Option<String> {
         return None;
     }
     let token = auth.as_ref().and_then(|a| a.get("token")).and_then(Value::as_str)?;
-    let user_id = state.svc.authenticate(token).await.ok()?;
-    // A signed token for a user the store does not know is refused too; while the store is
-    // unreachable the signature alone admits the socket (cluster mode keeps serving then).
-    if let Ok(None) = state.svc.store.user(&user_id).await {
-        return None;
-    }
-    Some(user_id)
-}
-
-async fn announce_presence(state: &AppState, user_id: &str, online: bool) {
-    match state.svc.store.room_ids_of_user(user_id).await {
-        Ok(rooms) => state.svc.fanout.presence(user_id, online, &rooms).await,
-        Err(e) => tracing::warn!(error = %e, "presence: could not list rooms"),
-    }
+    state.svc.authenticate_socket(token).await
 }
 
 /// The payload of a client event as a JSON object, refusing oversized packets.

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::{identity, payload, reply};
-use crate::app::AppState;
 use crate::domain::input::parse_seq;
 use crate::error::ApiResult;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
 use crate::sio::{Ack, Socket};
+use crate::state::AppState;
 use crate::telemetry;
 use tracing::Instrument;
 
@@ -39,7 +39,7 @@ async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) ->
     // Join the delivery group before reading history: a message accepted in between is then
     // delivered live or found in the read (or both; clients dedupe by seq), never neither.
     s.join(&room.id);
-    state.svc.fanout.watch_room(&room.id).await?;
+    state.svc.watch_room(&room.id).await?;
     let page = match after {
         Some(after) => state.svc.page(&room.id, Cursor::After(after), MAX_PAGE).await?,
         None => {

@@ -15,7 +15,7 @@ use super::{Receipt, SendOutcome, Sequencer};
 use crate::breaker::Breakers;
 use crate::domain::Message;
 use crate::error::ApiError;
-use crate::fanout::Fanout;
+use crate::fanout::Delivery;
 use crate::metrics as m;
 use crate::store::{AppendOutcome, SendRequest, Store, StoreError};
 
@@ -28,12 +28,12 @@ const PUBLISH_QUEUE: usize = 64;
 
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
-pub struct GroupCommitSequencer {
+pub struct LocalSequencer {
     queue: mpsc::Sender<(SendRequest, Reply)>,
 }
 
-impl GroupCommitSequencer {
-    pub fn start(store: Arc<dyn Store>, fanout: Arc<dyn Fanout>, breakers: Arc<Breakers>) -> Self {
+impl LocalSequencer {
+    pub fn start(store: Arc<dyn Store>, fanout: Arc<dyn Delivery>, breakers: Arc<Breakers>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (publish_tx, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
         // The committer runs on a thread of its own: a transaction is several round trips to
@@ -109,7 +109,7 @@ async fn commit_loop(
 }
 
 /// Fans committed batches out in commit order.
-async fn publish_loop(mut rx: mpsc::Receiver<(Instant, Vec<Message>)>, fanout: Arc<dyn Fanout>) {
+async fn publish_loop(mut rx: mpsc::Receiver<(Instant, Vec<Message>)>, fanout: Arc<dyn Delivery>) {
     while let Some((committed, batch)) = rx.recv().await {
         for msg in &batch {
             fanout.publish_message(msg).await;
@@ -119,7 +119,7 @@ async fn publish_loop(mut rx: mpsc::Receiver<(Instant, Vec<Message>)>, fanout: A
 }
 
 #[async_trait]
-impl Sequencer for GroupCommitSequencer {
+impl Sequencer for LocalSequencer {
     fn span_name(&self) -> &'static str {
         "store group commit"
     }

@@ -33,14 +33,7 @@ const LANES: usize = 4;
 /// Rounds a batch may take to initialise missing room counters before giving up.
 const MAX_ROUNDS: usize = 3;
 
-/// How far an acknowledgement waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckLevel {
-    /// The primary ran the script (lost if the primary dies before replicating).
-    Leader,
-    /// At least one replica has it (`WAIT 1`): survives the loss of the primary.
-    Replica,
-}
+pub use crate::config::AckLevel;
 
 #[derive(Clone)]
 pub struct RedisSequencerConfig {

@@ -11,6 +11,7 @@ use chatmesh::history::RedisHistory;
 use chatmesh::redis_io::{Keys, Redis, RedisUrl};
 use chatmesh::revocation::RedisRevocations;
 use chatmesh::service::{Backends, ChatService, Limits};
+use chatmesh::store::Store;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -57,24 +58,28 @@ async fn changes_on_one_instance_are_seen_on_another_within_a_second() {
 
 /// One instance's service, wired as `app.rs` wires cluster mode, except that its fan-out carries
 /// no cache evictions to other instances (as when the pub/sub message is late or lost).
-async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) -> ChatService {
+/// Returns the service and its store.
+async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) -> (ChatService, Arc<dyn Store>) {
     let crate::Parts { redis, keys, store, sequencer } =
         crate::parts_with(redis_url, db_url, Keys::new(prefix, 4)).await;
-    let io = chatmesh::sio::Io::new(chatmesh::sio::Config::default());
+    let fanout = Arc::new(LocalFanout::new(chatmesh::sio::Io::new(chatmesh::sio::Config::default())));
     let l2 = RedisSharedCache { redis: redis.clone(), prefix: prefix.to_string() };
-    ChatService::new(
+    let svc = ChatService::new(
         Backends {
             store: store.clone(),
             sequencer: Arc::new(sequencer),
             revocations: Arc::new(RedisRevocations { redis: redis.clone(), keys: keys.clone(), wait_replica: None }),
-            fanout: Arc::new(LocalFanout::new(io)),
-            history: Arc::new(RedisHistory { store, redis, keys }),
+            delivery: fanout.clone(),
+            notices: fanout.clone(),
+            evictions: fanout,
+            history: Arc::new(RedisHistory { store: store.clone(), redis, keys }),
             caches: Arc::new(Caches::new(Arc::new(l2))),
         },
         Tokens::new(&Secret::new(crate::SECRET.to_string()), Duration::from_secs(3600)),
         "local".into(),
         Limits { send_rate_per_sec: 1_000, auth_rate_per_min: 1_000 },
-    )
+    );
+    (svc, store)
 }
 
 async fn send(svc: &ChatService, user: &str, room: &str, cmid: &str) -> Result<i64, ApiError> {
@@ -93,9 +98,9 @@ async fn a_leave_holds_on_other_instances_without_their_cache_evictions() {
     let redis = RedisServer::start();
     let db = TestDb::create();
     let prefix = format!("t{}", ulid::Ulid::generate());
-    let n1 = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
-    let n2 = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
-    let (user, room) = crate::seed(&*n1.store).await;
+    let (n1, store) = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
+    let (n2, _) = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
+    let (user, room) = crate::seed(&*store).await;
 
     // n2 caches the membership (L1, and L2 for n1).
     assert_eq!(send(&n2, &user, &room, "c1").await, Ok(1));

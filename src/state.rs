@@ -1,0 +1,81 @@
+//! What every handler shares: the service, the settings, this instance's identity and its
+//! drain state. Its own module so that `api/` and `realtime/` need nothing from the wiring in
+//! [`app`](crate::app).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::cluster::InstanceRecord;
+use crate::config::Config;
+use crate::domain::Timestamp;
+use crate::error::{ApiError, ApiResult};
+use crate::ops::Ops;
+use crate::presence::LocalPresence;
+use crate::service::ChatService;
+use crate::{metrics, realtime};
+
+/// Everything a handler may need; shared as `Arc<AppState>`.
+pub struct AppState {
+    pub svc: ChatService,
+    pub config: Config,
+    pub instance_id: String,
+    /// The address actually bound (CHATMESH_BIND may say port 0).
+    pub listen_addr: SocketAddr,
+    pub started_at: Timestamp,
+    pub metrics: PrometheusHandle,
+    pub presence: LocalPresence,
+    /// Set on SIGTERM: readiness turns 503 so the balancer moves traffic away.
+    pub draining: AtomicBool,
+    /// In-flight sends; shutdown waits for them so an acked send is never cut off.
+    pub inflight: TaskTracker,
+    /// Readiness and the cluster view of this mode.
+    pub ops: Arc<dyn Ops>,
+}
+
+impl AppState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Admits one send, REST or Socket.IO: shutdown waits for the token to drop, so an admitted
+    /// send is finished and acknowledged before the process exits. Past the drain the send is
+    /// answered `unavailable` at once rather than left waiting on a closing connection.
+    pub fn admit_send(&self) -> ApiResult<TaskTrackerToken> {
+        if self.inflight.is_closed() {
+            return Err(ApiError::Unavailable("this instance is shutting down; reconnect and retry".into()));
+        }
+        Ok(self.inflight.token())
+    }
+
+    /// Runs the readiness checks; the answer (draining included) is also `chatmesh_ready`.
+    pub async fn check_ready(&self) -> (bool, serde_json::Value) {
+        let (ok, checks) = self.ops.readiness().await;
+        let ready = ok && !self.is_draining();
+        ::metrics::gauge!(metrics::READY).set(if ready { 1.0 } else { 0.0 });
+        (ready, checks)
+    }
+
+    /// This instance as `/api/v1/cluster` and the heartbeat describe it.
+    pub async fn instance_record(&self) -> InstanceRecord {
+        let (ready, _) = self.check_ready().await;
+        InstanceRecord {
+            id: self.instance_id.clone(),
+            region: self.config.region.clone(),
+            address: self.listen_addr.to_string(),
+            started_at: self.started_at,
+            last_seen: Timestamp::now(),
+            connections: realtime::connection_count(),
+            ready,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            accepted_total: metrics::TOTALS.accepted_total(),
+            delivered_total: metrics::TOTALS.delivered_total(),
+            circuits: self.ops.circuits(),
+            recent_errors: crate::telemetry::recent_errors(),
+        }
+    }
+}
