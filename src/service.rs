@@ -169,7 +169,7 @@ impl ChatService {
         Ok((user, token))
     }
 
-    pub async fn user(&self, id: &str) -> ApiResult<User> {
+    pub async fn user(&self, id: &UserId) -> ApiResult<User> {
         let load = async { self.store.user(id).await?.ok_or_else(|| ApiError::NotFound("user not found".into())) };
         self.caches.user(id, load).await
     }
@@ -181,15 +181,15 @@ impl ChatService {
     }
 
     /// The user a token was issued to (signature and expiry checked).
-    pub async fn authenticate(&self, token: &str) -> ApiResult<String> {
-        self.tokens.verify(token)
+    pub async fn authenticate(&self, token: &str) -> ApiResult<UserId> {
+        self.tokens.verify(token).map(UserId::from)
     }
 
     /// The user a socket's CONNECT token names, if it may connect: a signed token for a user the
     /// store does not know is refused too. While the store is unreachable the signature alone
     /// admits the socket (cluster mode keeps serving then).
-    pub async fn authenticate_socket(&self, token: &str) -> Option<String> {
-        let user_id = self.tokens.verify(token).ok()?;
+    pub async fn authenticate_socket(&self, token: &str) -> Option<UserId> {
+        let user_id = UserId::from(self.tokens.verify(token).ok()?);
         if let Ok(None) = self.store.user(&user_id).await {
             return None;
         }
@@ -197,7 +197,7 @@ impl ChatService {
     }
 
     /// `presence` for the user to the rooms they are a member of, on every instance.
-    pub async fn announce_presence(&self, user_id: &str, online: bool) {
+    pub async fn announce_presence(&self, user_id: &UserId, online: bool) {
         match self.store.room_ids_of_user(user_id).await {
             Ok(rooms) => self.notices.presence(user_id, online, &rooms).await,
             Err(e) => tracing::warn!(error = %e, "presence: could not list rooms"),
@@ -205,17 +205,17 @@ impl ChatService {
     }
 
     /// `typing` from a socket to the room's other sockets (the caller checked it joined the room).
-    pub async fn typing(&self, room_id: &str, user_id: &str, socket_id: &str) {
+    pub async fn typing(&self, room_id: &RoomId, user_id: &UserId, socket_id: &str) {
         self.notices.typing(room_id, user_id, socket_id).await;
     }
 
     /// Makes sure every message accepted in the room from now on reaches this instance; call it
     /// after a socket joined the room's delivery group and before it reads history.
-    pub async fn watch_room(&self, room_id: &str) -> ApiResult<()> {
+    pub async fn watch_room(&self, room_id: &RoomId) -> ApiResult<()> {
         self.delivery.watch_room(room_id).await
     }
 
-    pub async fn update_me(&self, user_id: &str, patch: UserPatch) -> ApiResult<User> {
+    pub async fn update_me(&self, user_id: &UserId, patch: UserPatch) -> ApiResult<User> {
         let user = self.store.update_user(user_id, patch, Timestamp::now()).await?;
         self.changed(Invalidation::User { id: user_id.to_string() }).await;
         let rooms = self.store.room_ids_of_user(user_id).await?;
@@ -227,7 +227,7 @@ impl ChatService {
 
     pub async fn create_room(
         &self,
-        owner_id: &str,
+        owner_id: &UserId,
         name: RoomName,
         topic: Option<Topic>,
         visibility: Visibility,
@@ -246,7 +246,7 @@ impl ChatService {
             .await?)
     }
 
-    pub async fn joined_rooms(&self, user_id: &str) -> ApiResult<Vec<Room>> {
+    pub async fn joined_rooms(&self, user_id: &UserId) -> ApiResult<Vec<Room>> {
         self.current(self.store.rooms_of_user(user_id).await?).await
     }
 
@@ -269,30 +269,30 @@ impl ChatService {
     }
 
     /// The room as answered to clients: stored fields, current head_seq.
-    async fn room_or_404(&self, room_id: &str) -> ApiResult<Room> {
+    async fn room_or_404(&self, room_id: &RoomId) -> ApiResult<Room> {
         self.current_room(self.stored_room(room_id).await?).await
     }
 
     /// The room as stored now (its head_seq may lag acknowledged sends in cluster mode).
-    async fn stored_room(&self, room_id: &str) -> ApiResult<Room> {
+    async fn stored_room(&self, room_id: &RoomId) -> ApiResult<Room> {
         self.store.room(room_id).await?.ok_or_else(ApiError::room_not_found)
     }
 
     /// The room for permission checks (cached: owner, visibility and existence).
-    async fn room_meta(&self, room_id: &str) -> ApiResult<Room> {
+    async fn room_meta(&self, room_id: &RoomId) -> ApiResult<Room> {
         self.caches.room(room_id, self.stored_room(room_id)).await
     }
 
     /// Asks the store, reading the revocation count first. A leave bumps the count after the store
     /// changed, so the count remembered with a "member" answer is never newer than a later leave's:
     /// the leave always makes it stale.
-    async fn confirmed_membership(&self, room_id: &str, user_id: &str) -> ApiResult<Option<u64>> {
+    async fn confirmed_membership(&self, room_id: &RoomId, user_id: &UserId) -> ApiResult<Option<u64>> {
         let count = self.revocations.count(room_id, user_id).await?;
         self.confirm_at(room_id, user_id, count).await
     }
 
     /// Asks the store and remembers a "member" answer with `count`, read before it.
-    async fn confirm_at(&self, room_id: &str, user_id: &str, count: u64) -> ApiResult<Option<u64>> {
+    async fn confirm_at(&self, room_id: &RoomId, user_id: &UserId, count: u64) -> ApiResult<Option<u64>> {
         if !self.store.is_member(room_id, user_id).await? {
             return Ok(None);
         }
@@ -302,7 +302,7 @@ impl ChatService {
 
     /// The revocation count the user's membership was confirmed at, from the cache when known
     /// (possibly stale: for sends, whose sequencing checks it); `None` when not a member.
-    async fn membership_for_send(&self, room_id: &str, user_id: &str) -> ApiResult<Option<u64>> {
+    async fn membership_for_send(&self, room_id: &RoomId, user_id: &UserId) -> ApiResult<Option<u64>> {
         if let Some(count) = self.caches.known_member(room_id, user_id).await {
             return Ok(Some(count));
         }
@@ -310,7 +310,7 @@ impl ChatService {
     }
 
     /// Whether the user is a member now: a leave answered on any instance counts.
-    async fn is_member(&self, room_id: &str, user_id: &str) -> ApiResult<bool> {
+    async fn is_member(&self, room_id: &RoomId, user_id: &UserId) -> ApiResult<bool> {
         let cached = self.caches.known_member(room_id, user_id).await;
         let count = self.revocations.count(room_id, user_id).await?;
         match cached {
@@ -322,7 +322,7 @@ impl ChatService {
     }
 
     /// The answer to a send refused because the sender left the room after it was checked.
-    async fn revoked(&self, room_id: &str, user_id: &str) -> ApiError {
+    async fn revoked(&self, room_id: &RoomId, user_id: &UserId) -> ApiError {
         self.caches.forget_member(room_id, user_id).await;
         match self.confirmed_membership(room_id, user_id).await {
             Ok(None) => ApiError::not_member(),
@@ -335,7 +335,7 @@ impl ChatService {
     }
 
     /// A room the user may see: public, or private with the user a member.
-    pub async fn visible_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
+    pub async fn visible_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
         let room = self.room_or_404(room_id).await?;
         if room.visibility == Visibility::Private && !self.is_member(room_id, user_id).await? {
             return Err(ApiError::Forbidden("this room is private".into()));
@@ -344,7 +344,7 @@ impl ChatService {
     }
 
     /// Succeeds when the user is a member; `forbidden` when not, `not_found` for an unknown room.
-    async fn ensure_member(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
+    async fn ensure_member(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<()> {
         if self.is_member(room_id, user_id).await? {
             return Ok(());
         }
@@ -353,14 +353,14 @@ impl ChatService {
     }
 
     /// A room the user is a member of.
-    pub async fn member_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
+    pub async fn member_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
         self.ensure_member(user_id, room_id).await?;
         self.room_or_404(room_id).await
     }
 
-    pub async fn update_room(&self, user_id: &str, room_id: &str, patch: RoomPatch) -> ApiResult<Room> {
+    pub async fn update_room(&self, user_id: &UserId, room_id: &RoomId, patch: RoomPatch) -> ApiResult<Room> {
         let room = self.room_meta(room_id).await?;
-        if room.owner_id != user_id {
+        if room.owner_id != user_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may change the room".into()));
         }
         let room = self.current_room(self.store.update_room(room_id, patch, Timestamp::now()).await?).await?;
@@ -370,7 +370,7 @@ impl ChatService {
     }
 
     /// Joins a public room (idempotent); a private room only for existing members.
-    pub async fn join_room(&self, user_id: &str, room_id: &str) -> ApiResult<Room> {
+    pub async fn join_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
         let room = self.room_meta(room_id).await?;
         if self.is_member(room_id, user_id).await? {
             return self.room_or_404(room_id).await;
@@ -383,7 +383,7 @@ impl ChatService {
         self.room_or_404(room_id).await
     }
 
-    pub async fn leave_room(&self, user_id: &str, room_id: &str) -> ApiResult<()> {
+    pub async fn leave_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<()> {
         self.room_meta(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
         // Even when the store had no membership: a leave retried after the bump failed must bump.
@@ -392,9 +392,9 @@ impl ChatService {
         self.delivery.member_left(room_id, user_id).await
     }
 
-    pub async fn add_member(&self, owner_id: &str, room_id: &str, new_member: &str) -> ApiResult<()> {
+    pub async fn add_member(&self, owner_id: &UserId, room_id: &RoomId, new_member: &UserId) -> ApiResult<()> {
         let room = self.room_meta(room_id).await?;
-        if room.owner_id != owner_id {
+        if room.owner_id != owner_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may add members".into()));
         }
         self.user(new_member).await?;
@@ -403,7 +403,7 @@ impl ChatService {
         Ok(())
     }
 
-    pub async fn members(&self, user_id: &str, room_id: &str) -> ApiResult<Vec<User>> {
+    pub async fn members(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Vec<User>> {
         self.ensure_member(user_id, room_id).await?;
         Ok(self.store.members(room_id).await?)
     }
@@ -414,8 +414,8 @@ impl ChatService {
     /// `turn` is held until the send is enqueued, so one socket's sends keep their order.
     pub async fn send<T>(
         &self,
-        sender_id: &str,
-        room_id: &str,
+        sender_id: &UserId,
+        room_id: &RoomId,
         client_msg_id: ClientMsgId,
         body: MessageBody,
         turn: T,
@@ -423,7 +423,7 @@ impl ChatService {
         // One span for the sequencing (the Redis script or the group commit); its context travels
         // with the message to whoever makes it durable.
         let span = if telemetry::traces_enabled() {
-            tracing::info_span!("sequence", otel.name = self.sequencer.span_name(), room = room_id)
+            tracing::info_span!("sequence", otel.name = self.sequencer.span_name(), room = room_id.as_str())
         } else {
             tracing::Span::none()
         };
@@ -463,13 +463,19 @@ impl ChatService {
     }
 
     /// A page of history for a user who may see the room.
-    pub async fn history(&self, user_id: &str, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+    pub async fn history(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        cursor: Cursor,
+        limit: u32,
+    ) -> ApiResult<HistoryPage> {
         self.visible_room(user_id, room_id).await?;
         self.page(room_id, cursor, limit).await
     }
 
     /// A page of history, without permission checks (the caller made them).
-    pub async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+    pub async fn page(&self, room_id: &RoomId, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
         self.history.page(room_id, cursor, limit).await
     }
 }

@@ -10,12 +10,13 @@ use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
+use crate::domain::UserId;
 use crate::domain::input::Input;
 use crate::error::ApiError;
 use crate::state::AppState;
 
 /// The user id of a valid `Authorization: Bearer` token.
-pub struct AuthUser(pub String);
+pub struct AuthUser(pub UserId);
 
 pub fn bearer(parts: &Parts) -> Option<&str> {
     parts.headers.get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::extract::{AuthUser, JsonBody};
+use crate::domain::RoomId;
 use crate::domain::input::parse_seq;
 use crate::domain::{ClientMsgId, HistoryPage, Message, MessageBody};
 use crate::error::{ApiError, ApiResult};
@@ -18,7 +19,7 @@ use crate::state::AppState;
 pub async fn send(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(room_id): Path<String>,
+    Path(room_id): Path<RoomId>,
     JsonBody(input): JsonBody,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
     let started = Instant::now();
@@ -40,7 +41,7 @@ fn int_param(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<i64>> 
 pub async fn history(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(room_id): Path<String>,
+    Path(room_id): Path<RoomId>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<HistoryPage>> {
     let after = int_param(&q, "after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::extract::{AuthUser, JsonBody};
 use crate::domain::{Room, RoomName, Topic, Visibility};
+use crate::domain::{RoomId, UserId};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::RoomPatch;
@@ -43,7 +44,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<RoomId>,
 ) -> ApiResult<Json<Room>> {
     Ok(Json(state.svc.visible_room(&uid, &id).await?))
 }
@@ -51,7 +52,7 @@ pub async fn get(
 pub async fn update(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<RoomId>,
     JsonBody(input): JsonBody,
 ) -> ApiResult<Json<Room>> {
     let patch = RoomPatch {
@@ -64,7 +65,7 @@ pub async fn update(
 pub async fn join(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<RoomId>,
 ) -> ApiResult<Json<Room>> {
     Ok(Json(state.svc.join_room(&uid, &id).await?))
 }
@@ -72,7 +73,7 @@ pub async fn join(
 pub async fn leave(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<RoomId>,
 ) -> ApiResult<StatusCode> {
     state.svc.leave_room(&uid, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -81,18 +82,18 @@ pub async fn leave(
 pub async fn add_member(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<RoomId>,
     JsonBody(input): JsonBody,
 ) -> ApiResult<StatusCode> {
-    let user_id = input.req_str("user_id")?;
-    state.svc.add_member(&uid, &id, user_id).await?;
+    let user_id = UserId::from(input.req_str("user_id")?);
+    state.svc.add_member(&uid, &id, &user_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn members(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<RoomId>,
 ) -> ApiResult<Json<Value>> {
     let members = state.svc.members(&uid, &id).await?;
     Ok(Json(json!({ "members": members })))

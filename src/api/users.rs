@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 
 use super::extract::{AuthUser, JsonBody};
+use crate::domain::UserId;
 use crate::domain::{AvatarUrl, DisplayName, StatusText, User};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -35,7 +36,7 @@ pub async fn update_me(
 pub async fn get(
     State(state): State<Arc<AppState>>,
     AuthUser(_): AuthUser,
-    Path(id): Path<String>,
+    Path(id): Path<UserId>,
 ) -> ApiResult<Json<User>> {
     Ok(Json(state.svc.user(&id).await?))
 }

@@ -13,6 +13,7 @@ use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 use crate::config::Config;
+use crate::domain::UserId;
 use crate::error::ApiError;
 use crate::fanout::user_channel;
 use crate::metrics as m;
@@ -39,7 +40,7 @@ pub fn connection_count() -> i64 {
 
 /// Whose socket it is and the order of its sends; attached when the handshake is accepted.
 pub struct Conn {
-    pub user_id: String,
+    pub user_id: UserId,
     order: Arc<SocketOrder>,
 }
 
@@ -106,7 +107,7 @@ impl Handler for Realtime {
     }
 }
 
-async fn authenticate(state: &AppState, auth: Option<Value>) -> Option<String> {
+async fn authenticate(state: &AppState, auth: Option<Value>) -> Option<UserId> {
     if state.is_draining() {
         return None;
     }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::{identity, payload, reply};
+use crate::domain::RoomId;
 use crate::domain::input::parse_seq;
 use crate::error::ApiResult;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
@@ -33,17 +34,17 @@ pub fn on_event(st: Arc<AppState>, s: Arc<Socket>, name: &str, data: Result<Valu
 async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
-    let room_id = input.req_str("room_id")?;
+    let room_id = RoomId::from(input.req_str("room_id")?);
     let after = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
-    let room = state.svc.join_room(&me.user_id, room_id).await?;
+    let room = state.svc.join_room(&me.user_id, &room_id).await?;
     // Join the delivery group before reading history: a message accepted in between is then
     // delivered live or found in the read (or both; clients dedupe by seq), never neither.
     s.join(&room.id);
-    state.svc.watch_room(&room.id).await?;
+    state.svc.watch_room(&room_id).await?;
     let page = match after {
-        Some(after) => state.svc.page(&room.id, Cursor::After(after), MAX_PAGE).await?,
+        Some(after) => state.svc.page(&room_id, Cursor::After(after), MAX_PAGE).await?,
         None => {
-            let mut page = state.svc.page(&room.id, Cursor::After(i64::MAX), 1).await?;
+            let mut page = state.svc.page(&room_id, Cursor::After(i64::MAX), 1).await?;
             page.has_more = false;
             page
         }
@@ -63,9 +64,9 @@ async fn leave(s: &Arc<Socket>, data: Result<Value, String>, state: &AppState) -
 async fn sync(state: &AppState, s: &Socket, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
-    let room_id = input.req_str("room_id")?;
+    let room_id = RoomId::from(input.req_str("room_id")?);
     let after = parse_seq("after_seq", input.req_int("after_seq")?)?;
     let limit = clamp_limit(input.opt_int("limit")?)?;
-    let page = state.svc.history(&me.user_id, room_id, Cursor::After(after), limit).await?;
+    let page = state.svc.history(&me.user_id, &room_id, Cursor::After(after), limit).await?;
     Ok(json!({"messages": page.messages, "head_seq": page.head_seq, "has_more": page.has_more}))
 }

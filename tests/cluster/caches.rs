@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 use chatmesh::auth::Tokens;
 use chatmesh::cache::{Caches, RedisSharedCache};
 use chatmesh::config::Secret;
-use chatmesh::domain::{ClientMsgId, MessageBody};
+use chatmesh::domain::{ClientMsgId, MessageBody, RoomId, UserId};
 use chatmesh::error::ApiError;
 use chatmesh::fanout::local::LocalFanout;
 use chatmesh::history::RedisHistory;
@@ -82,7 +82,7 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
     (svc, store)
 }
 
-async fn send(svc: &ChatService, user: &str, room: &str, cmid: &str) -> Result<i64, ApiError> {
+async fn send(svc: &ChatService, user: &UserId, room: &RoomId, cmid: &str) -> Result<i64, ApiError> {
     let sent = svc
         .send(user, room, ClientMsgId::parse(cmid).unwrap(), MessageBody::parse(&format!("body {cmid}")).unwrap(), ())
         .await?;
@@ -101,6 +101,7 @@ async fn a_leave_holds_on_other_instances_without_their_cache_evictions() {
     let (n1, store) = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
     let (n2, _) = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
     let (user, room) = crate::seed(&*store).await;
+    let (user, room) = (UserId::from(user), RoomId::from(room));
 
     // n2 caches the membership (L1, and L2 for n1).
     assert_eq!(send(&n2, &user, &room, "c1").await, Ok(1));
