@@ -32,15 +32,11 @@ pub enum Command {
     Restore(RestoreArgs),
 }
 
-/// `chatmesh backup`: the store to read and where the backup goes. The format is described in
-/// [`crate::backup`].
+/// The durable store, the same setting for `serve`, `backup` and `restore`. Its value is never
+/// printed by `--help` (a URL may carry a password).
 #[derive(Args, Debug, Clone)]
-pub struct BackupArgs {
-    /// Backup file to write (`-` for stdout), mode 0600 (it holds password hashes). An existing
-    /// file is replaced only once the backup is complete.
-    #[arg(long, value_name = "FILE")]
-    pub out: String,
-    /// Store to back up: sqlite://PATH, postgres://... or mongodb://...
+pub struct StoreArg {
+    /// Durable store: sqlite://PATH (created if missing), postgres://... or mongodb://...
     #[arg(
         long,
         env = "CHATMESH_STORE_URL",
@@ -51,21 +47,26 @@ pub struct BackupArgs {
     pub store_url: String,
 }
 
+/// `chatmesh backup`: the store to read and where the backup goes. The format is described in
+/// [`crate::backup`].
+#[derive(Args, Debug, Clone)]
+pub struct BackupArgs {
+    /// Backup file to write (`-` for stdout), mode 0600 (it holds password hashes). An existing
+    /// file is replaced only once the backup is complete.
+    #[arg(long, value_name = "FILE")]
+    pub out: String,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
 /// `chatmesh restore`: the backup to read and the store to load it into.
 #[derive(Args, Debug, Clone)]
 pub struct RestoreArgs {
     /// Backup file to read (`-` for stdin).
     #[arg(long = "in", value_name = "FILE")]
     pub input: String,
-    /// Store to load into: sqlite://PATH (created if missing), postgres://... or mongodb://...
-    #[arg(
-        long,
-        env = "CHATMESH_STORE_URL",
-        value_name = "CHATMESH_STORE_URL",
-        default_value = "sqlite://./data/chatmesh.db",
-        hide_env_values = true
-    )]
-    pub store_url: String,
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,16 +80,10 @@ pub struct ServeArgs {
     /// Region / instance group name.
     #[arg(long, env = "CHATMESH_REGION", value_name = "CHATMESH_REGION", default_value = "local")]
     pub region: String,
-    /// Durable store: sqlite://PATH (postgres:// and mongodb:// in cluster builds).
-    #[arg(
-        long,
-        env = "CHATMESH_STORE_URL",
-        value_name = "CHATMESH_STORE_URL",
-        default_value = "sqlite://./data/chatmesh.db"
-    )]
-    pub store_url: String,
+    #[command(flatten)]
+    pub store: StoreArg,
     /// Redis URL; unset means embedded single-node mode.
-    #[arg(long, env = "CHATMESH_REDIS_URL", value_name = "CHATMESH_REDIS_URL")]
+    #[arg(long, env = "CHATMESH_REDIS_URL", value_name = "CHATMESH_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// User-token signing key (embedded mode: generated once into the data dir).
     #[arg(long, env = "CHATMESH_JWT_SECRET", value_name = "CHATMESH_JWT_SECRET", hide_env_values = true)]
@@ -299,7 +294,7 @@ fn invalid(name: &str, reason: impl Into<String>) -> ConfigError {
 
 impl Config {
     pub fn from_args(args: ServeArgs, stdout_is_terminal: bool) -> Result<Self, ConfigError> {
-        let store = StoreUrl::parse(&args.store_url).map_err(|r| invalid("CHATMESH_STORE_URL", r))?;
+        let store = StoreUrl::parse(&args.store.store_url).map_err(|r| invalid("CHATMESH_STORE_URL", r))?;
         let cluster = match &args.redis_url {
             None => None,
             Some(url) => {

@@ -66,11 +66,11 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Backup(args)) => {
-            let url = args.store_url.clone();
+            let url = args.store.store_url.clone();
             return run_tool("backup", &url, |u| chatmesh::backup::backup(args, u));
         }
         Some(Command::Restore(args)) => {
-            let url = args.store_url.clone();
+            let url = args.store.store_url.clone();
             return run_tool("restore", &url, |u| chatmesh::backup::restore(args, u));
         }
         // No subcommand: `serve` with settings from the environment only.

@@ -51,3 +51,26 @@ fn help_lists_every_setting() {
         assert!(help.contains(var), "{var} missing from --help");
     }
 }
+
+#[test]
+fn help_never_prints_the_values_of_urls_or_secrets() {
+    // clap shows an env variable's current value in --help unless told not to; store and Redis
+    // URLs carry passwords.
+    for cmd in ["serve", "backup", "restore"] {
+        let out = std::process::Command::new(binary())
+            .args([cmd, "--help"])
+            .env("CHATMESH_STORE_URL", "postgres://app:store-pw-1@db/chat")
+            .env("CHATMESH_REDIS_URL", "redis://:redis-pw-2@cache:6379")
+            .env("CHATMESH_JWT_SECRET", "jwt-secret-3-0123456789abcdef0123456789")
+            .env("CHATMESH_CLUSTER_SECRET", "cluster-secret-4-0123456789abcdef01234")
+            .env("CHATMESH_ADMIN_TOKEN", "admin-token-5-0123456789")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("CHATMESH_STORE_URL"), "{cmd} --help names the store setting");
+        for secret in ["store-pw-1", "redis-pw-2", "jwt-secret-3", "cluster-secret-4", "admin-token-5"] {
+            assert!(!help.contains(secret), "{cmd} --help printed {secret}:\n{help}");
+        }
+    }
+}
