@@ -46,7 +46,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// On every answer: browsers must not guess content types (a JSON error echoing input must never
+/// run as a script) nor send our URLs (room ids) to other sites.
+async fn security_headers(mut res: Response) -> Response {
+    let h = res.headers_mut();
+    h.insert(axum::http::header::X_CONTENT_TYPE_OPTIONS, axum::http::HeaderValue::from_static("nosniff"));
+    h.insert(axum::http::header::REFERRER_POLICY, axum::http::HeaderValue::from_static("no-referrer"));
+    res
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -81,6 +81,7 @@ impl DisplayName {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
         char_len_within("display_name", s, 1, 64)?;
         reject_controls("display_name", s, false)?;
+        reject_invisible("display_name", s)?;
         if s.trim().is_empty() {
             return err("display_name must not be only whitespace");
         }
@@ -119,6 +120,7 @@ impl RoomName {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
         char_len_within("name", s, 1, 80)?;
         reject_controls("name", s, false)?;
+        reject_invisible("name", s)?;
         if s.trim().is_empty() {
             return err("name must not be only whitespace");
         }
@@ -168,6 +170,31 @@ fn reject_controls(field: &str, s: &str, allow_newline_tab: bool) -> Result<(), 
     Ok(())
 }
 
+/// Bidirectional-text controls and zero-width characters: in a name they make one user or room look
+/// like another (`admin` vs `ad\u{200B}min`, a right-to-left override turning `exe.txt` into
+/// `txt.exe`). Message bodies keep them (emoji sequences join with U+200D).
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' // Arabic letter mark, LRM, RLM
+        | '\u{202A}'..='\u{202E}' // embeddings and overrides
+        | '\u{2066}'..='\u{2069}' // isolates
+        | '\u{200B}'..='\u{200D}' // zero-width space, non-joiner, joiner
+        | '\u{2060}'..='\u{2064}' // word joiner and invisible operators
+        | '\u{180E}' | '\u{FEFF}' // Mongolian vowel separator, zero-width no-break space
+        | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' // Hangul fillers (blank look-alikes)
+    )
+}
+
+fn reject_invisible(field: &str, s: &str) -> Result<(), FieldError> {
+    match s.chars().find(|&c| is_invisible(c)) {
+        Some(c) => err(format!(
+            "{field} must not contain bidirectional controls or zero-width characters (found U+{:04X})",
+            c as u32
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Room visibility.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -204,6 +231,20 @@ mod tests {
         assert!(Username::parse("al ice").is_err());
         assert!(Username::parse("alicé").is_err());
         assert!(Username::parse(&"a".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn names_refuse_bidi_controls_and_zero_width_characters() {
+        for bad in ["ad\u{200B}min", "\u{202E}txt.exe", "a\u{2066}b\u{2069}", "x\u{FEFF}", "\u{3164}\u{3164}", "a\u{200D}b"] {
+            let e = DisplayName::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("zero-width"), "{bad:?}: {e}");
+            assert!(RoomName::parse(bad).is_err(), "room name {bad:?}");
+        }
+        for good in ["김철수", "José", "O'Brien", "מרים", "شادي", "👍 team"] {
+            assert!(DisplayName::parse(good).is_ok(), "{good:?}");
+            assert!(RoomName::parse(good).is_ok(), "{good:?}");
+        }
+        assert!(MessageBody::parse("👨\u{200D}👩\u{200D}👧").is_ok(), "bodies keep emoji sequences");
     }
 
     #[test]

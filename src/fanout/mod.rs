@@ -54,5 +54,13 @@ pub trait Evictions: Send + Sync + 'static {
 
 /// The Socket.IO room that holds a user's own sockets (room ids are ULIDs, never this shape).
 pub fn user_channel(user_id: &str) -> String {
-    format!("user:{user_id}")
+    format!("{USER_CHANNEL_PREFIX}{user_id}")
+}
+
+const USER_CHANNEL_PREFIX: &str = "user:";
+
+/// Whether a Socket.IO room name is one of chatmesh's own channels, which sockets must not join,
+/// leave or address: leaving its own user channel would let a socket escape a REST leave.
+pub fn is_internal_channel(name: &str) -> bool {
+    name.starts_with(USER_CHANNEL_PREFIX)
 }

@@ -6,8 +6,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::order::Ticket;
-use super::{identity, payload, reply, reply_ok};
-use crate::domain::{ClientMsgId, Message, MessageBody, RoomId};
+use super::{identity, payload, reply, reply_ok, room_arg};
+use crate::domain::{ClientMsgId, Message, MessageBody};
 use crate::error::{ApiError, ApiResult};
 use crate::sio::{Ack, Socket};
 use crate::state::AppState;
@@ -49,7 +49,7 @@ async fn send(state: &AppState, s: &Socket, data: Result<Value, String>, ticket:
     let turn = ticket.turn().await;
     let me = identity(s)?;
     let input = payload(state, data)?;
-    let room_id = RoomId::from(input.req_str("room_id")?);
+    let room_id = room_arg(&input)?;
     let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
     let body = MessageBody::parse(input.req_str("body")?)?;
     let sent = state.svc.send(&me.user_id, &room_id, client_msg_id, body, turn).await?;
@@ -60,7 +60,7 @@ async fn send(state: &AppState, s: &Socket, data: Result<Value, String>, ticket:
 async fn typing(state: &AppState, s: &Socket, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
-    let room_id = RoomId::from(input.req_str("room_id")?);
+    let room_id = room_arg(&input)?;
     if !s.in_room(&room_id) {
         return Err(ApiError::Forbidden("join the room before sending typing".into()));
     }

@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::domain::UserId;
+use crate::domain::{RoomId, UserId};
 use crate::error::ApiError;
 use crate::fanout::user_channel;
 use crate::metrics as m;
@@ -164,6 +164,16 @@ fn reply(ack: Ack, event: &'static str, result: Result<Value, ApiError>) {
 fn reply_ok<T: serde::Serialize>(ack: Ack, event: &'static str, body: &T) {
     metrics::counter!(crate::metrics::SOCKET_EVENTS, "event" => event, "outcome" => "ok").increment(1);
     ack.send(body);
+}
+
+/// The `room_id` of a client event. chatmesh's internal channels are not rooms: a socket that
+/// could leave its own user channel would keep receiving a room after a REST leave.
+fn room_arg(input: &crate::domain::input::Input) -> Result<RoomId, ApiError> {
+    let room_id = input.req_str("room_id")?;
+    if crate::fanout::is_internal_channel(room_id) {
+        return Err(ApiError::validation("room_id must be a room id"));
+    }
+    Ok(RoomId::from(room_id))
 }
 
 fn identity(s: &Socket) -> Result<&Conn, ApiError> {

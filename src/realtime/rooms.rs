@@ -4,8 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::{identity, payload, reply};
-use crate::domain::RoomId;
+use super::{identity, payload, reply, room_arg};
 use crate::domain::input::parse_seq;
 use crate::error::ApiResult;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
@@ -34,7 +33,7 @@ pub fn on_event(st: Arc<AppState>, s: Arc<Socket>, name: &str, data: Result<Valu
 async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
-    let room_id = RoomId::from(input.req_str("room_id")?);
+    let room_id = room_arg(&input)?;
     let after = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
     let room = state.svc.join_room(&me.user_id, &room_id).await?;
     // Join the delivery group before reading history: a message accepted in between is then
@@ -56,15 +55,15 @@ async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) ->
 async fn leave(s: &Arc<Socket>, data: Result<Value, String>, state: &AppState) -> ApiResult<Value> {
     identity(s)?;
     let input = payload(state, data)?;
-    let room_id = input.req_str("room_id")?;
-    s.leave(room_id);
+    let room_id = room_arg(&input)?;
+    s.leave(&room_id);
     Ok(json!({}))
 }
 
 async fn sync(state: &AppState, s: &Socket, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
     let input = payload(state, data)?;
-    let room_id = RoomId::from(input.req_str("room_id")?);
+    let room_id = room_arg(&input)?;
     let after = parse_seq("after_seq", input.req_int("after_seq")?)?;
     let limit = clamp_limit(input.opt_int("limit")?)?;
     let page = state.svc.history(&me.user_id, &room_id, Cursor::After(after), limit).await?;

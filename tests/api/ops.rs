@@ -50,7 +50,7 @@ async fn cluster_view_is_guarded_by_the_admin_token() {
 }
 
 #[tokio::test]
-async fn web_page_and_its_assets_are_served() {
+async fn web_page_and_its_assets_are_served_with_security_headers() {
     let app = spawn_app().await;
     for (path, ty) in [
         ("/", "text/html"),
@@ -61,7 +61,21 @@ async fn web_page_and_its_assets_are_served() {
         let res = app.http.get(format!("{}{path}", app.url)).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{path}");
         assert!(res.headers()["content-type"].to_str().unwrap().starts_with(ty), "{path}");
+        let header = |name: &str| res.headers().get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let csp = header("content-security-policy");
+        for part in ["default-src 'self'", "frame-ancestors 'none'", "object-src 'none'"] {
+            assert!(csp.contains(part), "{path}: CSP {csp:?} lacks {part}");
+        }
+        assert_eq!(header("x-frame-options"), "DENY", "{path}");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("referrer-policy"), "no-referrer", "{path}");
         assert!(!res.text().await.unwrap().is_empty());
+    }
+    // Every answer, API errors included, forbids content sniffing.
+    for path in ["/api/v1/users/me", "/health/live", "/no/such/route"] {
+        let r = app.call(reqwest::Method::GET, path, None, None).await;
+        assert_eq!(r.headers.get("x-content-type-options").map(|v| v.to_str().unwrap()), Some("nosniff"), "{path}");
+        assert_eq!(r.headers.get("referrer-policy").map(|v| v.to_str().unwrap()), Some("no-referrer"), "{path}");
     }
 }
 

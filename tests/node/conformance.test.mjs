@@ -477,6 +477,29 @@ for (const ts of TRANSPORT_SETS) {
       sb2.close();
     });
 
+    test('a socket cannot leave or address its own user channel, so a REST leave still stops its delivery', async () => {
+      const { a, b, room, sa, sb } = await twoInRoom();
+      const seenB = collect(sb, 'message:new');
+      for (const [event, payload] of [
+        ['room:leave', { room_id: `user:${b.user.id}` }],
+        ['room:join', { room_id: `user:${b.user.id}` }],
+        ['room:sync', { room_id: `user:${b.user.id}`, after_seq: 0 }],
+        ['typing', { room_id: `user:${b.user.id}` }],
+        ['message:send', { room_id: `user:${a.user.id}`, client_msg_id: newCmid(), body: 'to a user channel' }],
+      ]) {
+        const ack = await emitAck(sb, event, payload);
+        assert.equal(ack?.ok, false, `${event} on a user channel: ${JSON.stringify(ack)}`);
+        assert.equal(ack.error?.code, 'validation_failed', `${event} on a user channel: ${JSON.stringify(ack)}`);
+      }
+      const leave = await api(url, 'POST', `/api/v1/rooms/${room.id}/leave`, undefined, b.token);
+      assert.equal(leave.status, 204, JSON.stringify(leave.body));
+      const m = await sendMessage(sa, room.id, 'after the leave');
+      await sleep(QUIET_MS);
+      assert.equal(m.seq, 1);
+      assert.deepEqual(seenB, [], 'no message:new on the leaver\'s socket after its REST leave');
+      assert.equal(sb.connected, true);
+    });
+
     test('room:sync pages with after_seq/limit and reports has_more and head_seq', async () => {
       const a = await user('a');
       const room = await createRoom(url, a.token, 'sync');
