@@ -39,7 +39,7 @@
 //! `upsert_messages`, the cluster write-back path, needs no transaction: it is idempotent and
 //! order-insensitive, so a batch cut short by a crash is completed by its retry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,6 +54,7 @@ use mongodb::{Client, ClientSession, Collection, Database, IndexModel, SessionCu
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::append::{self, distinct};
 use super::{
     AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
     StoreError, StoreResult, UserPatch, UserRecord,
@@ -316,14 +317,6 @@ impl ExportSnapshot for MongoExport {
     }
 }
 
-/// The distinct values, sorted.
-fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut v: Vec<&str> = values.collect();
-    v.sort_unstable();
-    v.dedup();
-    v
-}
-
 fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
     IndexModel::builder()
         .keys(keys)
@@ -499,8 +492,8 @@ impl MongoStore {
     }
 
     /// One attempt of `append_messages`, inside a transaction: read the stored dedupe keys and the
-    /// room heads from the transaction's snapshot, decide every outcome, then move the heads and
-    /// insert the new messages. Two transactions that sequence the same room both write its room
+    /// room heads from the transaction's snapshot, decide every outcome ([`append::decide`]),
+    /// then move the heads and insert the new messages. Two transactions that sequence the same room both write its room
     /// document, so one of them fails on a write conflict and is run again on a fresh snapshot:
     /// seqs stay gap-free and no two messages share one.
     async fn append_in(&self, s: &mut ClientSession, batch: &[SendRequest]) -> MongoResult<Vec<AppendOutcome>> {
@@ -508,86 +501,43 @@ impl MongoStore {
             batch.iter().map(|r| (r.room_id.as_str(), r.sender_id.as_str(), r.client_msg_id.as_str())).collect();
         keys.sort_unstable();
         keys.dedup();
-        let mut known: HashMap<(String, String, String), Message> = HashMap::new();
+        let mut stored: Vec<Message> = Vec::new();
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             let any: Vec<Document> = chunk
                 .iter()
                 .map(|(room, sender, cmid)| doc! { "room_id": *room, "sender_id": *sender, "client_msg_id": *cmid })
                 .collect();
             let cursor = self.messages.find(doc! { "$or": any }).session(&mut *s).await?;
-            for d in collect(cursor, s).await? {
-                let m = Message::from(d);
-                known.insert((m.room_id.clone(), m.sender_id.clone(), m.client_msg_id.clone()), m);
-            }
+            stored.extend(collect(cursor, s).await?.into_iter().map(Message::from));
         }
 
-        let mut room_ids: Vec<&str> = batch.iter().map(|r| r.room_id.as_str()).collect();
-        room_ids.sort_unstable();
-        room_ids.dedup();
+        let room_ids = distinct(batch.iter().map(|r| r.room_id.as_str()));
         let heads_coll = self.rooms.clone_with_type::<HeadDoc>();
         let cursor = heads_coll
             .find(doc! { "_id": { "$in": &room_ids } })
             .projection(doc! { "head_seq": 1 })
             .session(&mut *s)
             .await?;
-        let mut heads: HashMap<String, i64> =
-            collect(cursor, s).await?.into_iter().map(|h| (h.id, h.head_seq)).collect();
-        let before = heads.clone();
-
-        let mut out = Vec::with_capacity(batch.len());
-        let mut fresh: Vec<MessageDoc> = Vec::new();
-        let mut touched: HashSet<&str> = HashSet::new();
-        for req in batch {
-            let key = (req.room_id.clone(), req.sender_id.clone(), req.client_msg_id.clone());
-            if let Some(original) = known.get(&key) {
-                out.push(if original.body == req.body {
-                    AppendOutcome::Duplicate(original.clone())
-                } else {
-                    AppendOutcome::Conflict
-                });
-                continue;
-            }
-            let Some(head) = heads.get_mut(&req.room_id) else {
-                out.push(AppendOutcome::RoomMissing);
-                continue;
-            };
-            *head += 1;
-            touched.insert(&req.room_id);
-            let msg = Message {
-                id: req.message_id.clone(),
-                room_id: req.room_id.clone(),
-                seq: *head,
-                sender_id: req.sender_id.clone(),
-                client_msg_id: req.client_msg_id.clone(),
-                body: req.body.clone(),
-                created_at: req.created_at,
-            };
-            fresh.push(MessageDoc::from(&msg));
-            known.insert(key, msg.clone());
-            out.push(AppendOutcome::Accepted(msg));
-        }
+        let heads = collect(cursor, s).await?.into_iter().map(|h| (h.id, h.head_seq));
+        let plan = append::decide(batch, stored, heads);
 
         // Heads first, in id order: a conflicting sequencer of the same room fails here, before
         // any insert. The filter on the old head makes a lost race an error, never silently ignored.
-        let mut touched: Vec<&str> = touched.into_iter().collect();
-        touched.sort_unstable();
-        for room in touched {
+        for h in &plan.heads {
             let res = self
                 .rooms
-                .update_one(
-                    doc! { "_id": room, "head_seq": before[room] },
-                    doc! { "$set": { "head_seq": heads[room] } },
-                )
+                .update_one(doc! { "_id": &h.room_id, "head_seq": h.from }, doc! { "$set": { "head_seq": h.to } })
                 .session(&mut *s)
                 .await?;
             if res.matched_count != 1 {
-                return Err(MongoError::custom(format!("room {room} moved during append_messages")));
+                return Err(MongoError::custom(format!("room {} moved during append_messages", h.room_id)));
             }
         }
-        if !fresh.is_empty() {
+        if !plan.fresh.is_empty() {
+            let fresh: Vec<MessageDoc> = plan.fresh.iter().map(MessageDoc::from).collect();
             self.messages.insert_many(&fresh).ordered(true).session(&mut *s).await?;
         }
-        Ok(out)
+        Ok(plan.outcomes)
     }
 }
 
