@@ -75,10 +75,8 @@ pub fn decide(
         plan.fresh.push(msg.clone());
         plan.outcomes.push(AppendOutcome::Accepted(msg));
     }
-    plan.heads = after
-        .into_iter()
-        .map(|(room, to)| HeadMove { room_id: room.to_string(), from: before[room], to })
-        .collect();
+    plan.heads =
+        after.into_iter().map(|(room, to)| HeadMove { room_id: room.to_string(), from: before[room], to }).collect();
     plan
 }
 
@@ -134,10 +132,7 @@ mod tests {
         assert_eq!(plan.fresh[2].created_at, Timestamp(7));
         assert_eq!(
             plan.heads,
-            [
-                HeadMove { room_id: "a".into(), from: 5, to: 8 },
-                HeadMove { room_id: "b".into(), from: 0, to: 1 }
-            ]
+            [HeadMove { room_id: "a".into(), from: 5, to: 8 }, HeadMove { room_id: "b".into(), from: 0, to: 1 }]
         );
     }
 

@@ -30,6 +30,10 @@ impl Dialect for Postgres {
     const BEGIN_SNAPSHOT: &'static str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
     const GREATEST: &'static str = "GREATEST";
     const KEYS_JOIN: &'static str = "JOIN";
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
 }
 
 impl SqlStore<Postgres> {

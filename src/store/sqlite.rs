@@ -34,6 +34,10 @@ impl Dialect for Sqlite {
     /// CROSS JOIN makes the left table (the keys) the outer loop: SQLite 3.40's planner, left to
     /// choose, scans messages instead.
     const KEYS_JOIN: &'static str = "CROSS JOIN";
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
 }
 
 impl SqlStore<Sqlite> {

@@ -64,7 +64,16 @@ impl From<UserRecord> for StoredUser {
     fn from(r: UserRecord) -> Self {
         let User { id, username, display_name, status_text, avatar_url, created_at, updated_at } = r.user;
         let (created_at, updated_at) = (created_at.0, updated_at.0);
-        Self { id, username, display_name, status_text, avatar_url, password_hash: r.password_hash, created_at, updated_at }
+        Self {
+            id,
+            username,
+            display_name,
+            status_text,
+            avatar_url,
+            password_hash: r.password_hash,
+            created_at,
+            updated_at,
+        }
     }
 }
 
@@ -73,7 +82,10 @@ impl From<StoredUser> for UserRecord {
         let StoredUser { id, username, display_name, status_text, avatar_url, password_hash, created_at, updated_at } =
             s;
         let (created_at, updated_at) = (Timestamp(created_at), Timestamp(updated_at));
-        UserRecord { user: User { id, username, display_name, status_text, avatar_url, created_at, updated_at }, password_hash }
+        UserRecord {
+            user: User { id, username, display_name, status_text, avatar_url, created_at, updated_at },
+            password_hash,
+        }
     }
 }
 

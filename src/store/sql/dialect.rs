@@ -23,4 +23,7 @@ pub trait Dialect: Database {
     /// How the dedupe lookup joins its list of keys to `messages`: the keys must drive the loop,
     /// one probe of the dedupe index each.
     const KEYS_JOIN: &'static str;
+
+    /// How many rows a statement wrote (sqlx has no trait for it).
+    fn rows_affected(done: &Self::QueryResult) -> u64;
 }

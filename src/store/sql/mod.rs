@@ -79,6 +79,10 @@ where
     for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
     for<'a> &'a str: Encode<'a, D> + Type<D> + ColumnIndex<D::Row>,
     for<'a> i64: Encode<'a, D> + Decode<'a, D> + Type<D>,
+    for<'a> String: Decode<'a, D> + Type<D>,
+    for<'a> Option<String>: Encode<'a, D> + Type<D>,
+    usize: ColumnIndex<D::Row>,
+    D::Arguments: IntoArguments<D>,
 {
     fn insert_users<'r>(rows: impl IntoIterator<Item = &'r UserRecord>, tail: &str) -> QueryBuilder<D> {
         let mut q = QueryBuilder::new(format!("INSERT INTO users ({USER_COLS}, password_hash) "));
@@ -370,14 +374,9 @@ where
         // A concurrent insert of the same membership makes this wait for that transaction, then
         // do nothing: exactly one of them counts the member.
         let membership = Membership { room_id: room_id.to_string(), user_id: user_id.to_string(), joined_at: now };
-        let added = Self::insert_memberships([&membership], " ON CONFLICT (room_id, user_id) DO NOTHING")
-            .build()
-            .execute(&mut *tx)
-            .await
-            // The room was there a moment ago: a missing referent is the user.
-            .map_err(missing("user"))?
-            .rows_affected()
-            == 1;
+        let mut q = Self::insert_memberships([&membership], " ON CONFLICT (room_id, user_id) DO NOTHING");
+        // The room was there a moment ago: a missing referent is the user.
+        let added = D::rows_affected(&q.build().execute(&mut *tx).await.map_err(missing("user"))?) == 1;
         if added {
             let mut q = Self::by("UPDATE rooms SET member_count = member_count + 1 WHERE id = ".into(), room_id);
             q.build().execute(&mut *tx).await.map_err(unavailable)?;
@@ -390,7 +389,7 @@ where
         let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
         let mut q = Self::by("DELETE FROM memberships WHERE room_id = ".into(), room_id);
         q.push(" AND user_id = ").push_bind(user_id);
-        let removed = q.build().execute(&mut *tx).await.map_err(unavailable)?.rows_affected() == 1;
+        let removed = D::rows_affected(&q.build().execute(&mut *tx).await.map_err(unavailable)?) == 1;
         if removed {
             let mut q = Self::by("UPDATE rooms SET member_count = member_count - 1 WHERE id = ".into(), room_id);
             q.build().execute(&mut *tx).await.map_err(unavailable)?;
@@ -517,7 +516,8 @@ where
         // Room rows are written in id order, as everywhere else (no deadlock with writers).
         let mut sorted: Vec<&Room> = rooms.iter().collect();
         sorted.sort_by(|a, b| a.id.cmp(&b.id));
-        let raise = format!(" ON CONFLICT (id) DO UPDATE SET head_seq = {}(rooms.head_seq, excluded.head_seq)", D::GREATEST);
+        let raise =
+            format!(" ON CONFLICT (id) DO UPDATE SET head_seq = {}(rooms.head_seq, excluded.head_seq)", D::GREATEST);
         let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
         for chunk in sorted.chunks(CHUNK) {
             let mut q = Self::insert_rooms(chunk.iter().copied(), &raise);
@@ -558,6 +558,8 @@ where
     for<'a> &'a str: Encode<'a, D> + Type<D> + ColumnIndex<D::Row>,
     for<'a> i64: Encode<'a, D> + Decode<'a, D> + Type<D>,
     for<'a> String: Decode<'a, D> + Type<D>,
+    for<'a> Option<String>: Encode<'a, D> + Type<D>,
+    usize: ColumnIndex<D::Row>,
     D::Arguments: IntoArguments<D>,
 {
     fn consistency(&self) -> ExportConsistency {
