@@ -72,6 +72,27 @@ pub struct RoomPatch {
     pub topic: Option<String>,
 }
 
+impl NewUser {
+    /// The user as first stored: no status, no avatar, updated when created.
+    pub fn into_record(self) -> UserRecord {
+        let NewUser { id, username, display_name, password_hash, created_at } = self;
+        let (status_text, avatar_url, updated_at) = (String::new(), String::new(), created_at);
+        UserRecord {
+            user: User { id, username, display_name, status_text, avatar_url, created_at, updated_at },
+            password_hash,
+        }
+    }
+}
+
+impl NewRoom {
+    /// The room as first stored: no messages yet (head_seq 0), its owner the one member.
+    pub fn into_room(self) -> Room {
+        let NewRoom { id, name, topic, visibility, owner_id, home_region, created_at } = self;
+        let (head_seq, member_count, updated_at) = (0, 1, created_at);
+        Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at }
+    }
+}
+
 /// A send that still needs its seq.
 #[derive(Debug, Clone)]
 pub struct SendRequest {

@@ -188,6 +188,23 @@ impl From<MessageDoc> for Message {
     }
 }
 
+impl From<UserRecord> for UserDoc {
+    fn from(r: UserRecord) -> Self {
+        let User { id, username, display_name, status_text, avatar_url, created_at, updated_at } = r.user;
+        let (password_hash, created_at, updated_at) = (r.password_hash, created_at.0, updated_at.0);
+        UserDoc { id, username, display_name, status_text, avatar_url, password_hash, created_at, updated_at }
+    }
+}
+
+impl From<Room> for RoomDoc {
+    fn from(r: Room) -> Self {
+        let Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at } =
+            r;
+        let (created_at, updated_at) = (created_at.0, updated_at.0);
+        RoomDoc { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at }
+    }
+}
+
 impl From<&Message> for MessageDoc {
     fn from(m: &Message) -> Self {
         MessageDoc {
@@ -549,16 +566,7 @@ impl Store for MongoStore {
     }
 
     async fn create_user(&self, u: NewUser) -> StoreResult<User> {
-        let d = UserDoc {
-            id: u.id,
-            username: u.username,
-            display_name: u.display_name,
-            status_text: String::new(),
-            avatar_url: String::new(),
-            password_hash: u.password_hash,
-            created_at: u.created_at.0,
-            updated_at: u.created_at.0,
-        };
+        let d = UserDoc::from(u.into_record());
         match self.users.insert_one(&d).await {
             Ok(_) => Ok(User::from(d)),
             Err(e) if is_duplicate_key(&e) => Err(StoreError::UsernameTaken),
@@ -600,18 +608,7 @@ impl Store for MongoStore {
     }
 
     async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
-        let d = RoomDoc {
-            id: r.id,
-            name: r.name,
-            topic: r.topic,
-            visibility: r.visibility,
-            owner_id: r.owner_id,
-            home_region: r.home_region,
-            head_seq: 0,
-            member_count: 1,
-            created_at: r.created_at.0,
-            updated_at: r.created_at.0,
-        };
+        let d = RoomDoc::from(r.into_room());
         self.atomically((self, &d), |s, (this, d)| this.create_room_in(s, d).boxed()).await.map_err(unavailable)?;
         Ok(Room::from(d))
     }
@@ -827,19 +824,7 @@ impl Store for MongoStore {
         if users.is_empty() {
             return Ok(());
         }
-        let docs: Vec<UserDoc> = users
-            .iter()
-            .map(|r| UserDoc {
-                id: r.user.id.clone(),
-                username: r.user.username.clone(),
-                display_name: r.user.display_name.clone(),
-                status_text: r.user.status_text.clone(),
-                avatar_url: r.user.avatar_url.clone(),
-                password_hash: r.password_hash.clone(),
-                created_at: r.user.created_at.0,
-                updated_at: r.user.updated_at.0,
-            })
-            .collect();
+        let docs: Vec<UserDoc> = users.iter().cloned().map(UserDoc::from).collect();
         let e = match self.users.insert_many(&docs).ordered(false).await {
             Ok(_) => return Ok(()),
             Err(e) if is_duplicate_key(&e) => e,

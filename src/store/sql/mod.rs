@@ -277,18 +277,7 @@ where
     }
 
     async fn create_user(&self, u: NewUser) -> StoreResult<User> {
-        let record = UserRecord {
-            user: User {
-                id: u.id,
-                username: u.username,
-                display_name: u.display_name,
-                status_text: String::new(),
-                avatar_url: String::new(),
-                created_at: u.created_at,
-                updated_at: u.created_at,
-            },
-            password_hash: u.password_hash,
-        };
+        let record = u.into_record();
         let mut q = Self::insert_users([&record], "");
         q.build().execute(&self.pool).await.map_err(username_taken)?;
         Ok(record.user)
@@ -314,19 +303,8 @@ where
     }
 
     async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
-        let room = Room {
-            id: r.id,
-            name: r.name,
-            topic: r.topic,
-            visibility: r.visibility,
-            owner_id: r.owner_id,
-            home_region: r.home_region,
-            head_seq: 0,
-            member_count: 1,
-            created_at: r.created_at,
-            updated_at: r.created_at,
-        };
-        let owner = Membership { room_id: room.id.clone(), user_id: room.owner_id.clone(), joined_at: r.created_at };
+        let room = r.into_room();
+        let owner = Membership { room_id: room.id.clone(), user_id: room.owner_id.clone(), joined_at: room.created_at };
         let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
         Self::insert_rooms([&room], "").build().execute(&mut *tx).await.map_err(unavailable)?;
         Self::insert_memberships([&owner], "").build().execute(&mut *tx).await.map_err(unavailable)?;
