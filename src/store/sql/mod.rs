@@ -212,13 +212,13 @@ where
     }
 
     /// `SELECT {from} [WHERE ({key}) > (after)] ORDER BY {key} LIMIT limit`.
-    fn page(from: &str, key: &str, after: Option<&[Key<'_>]>, limit: u32) -> QueryBuilder<D> {
+    fn page<const N: usize>(from: &str, key: &str, after: Option<[Key<'_>; N]>, limit: u32) -> QueryBuilder<D> {
         let mut q = QueryBuilder::new(format!("SELECT {from}"));
         if let Some(after) = after {
             q.push(format!(" WHERE ({key}) > ("));
             let mut sep = q.separated(", ");
             for k in after {
-                match *k {
+                match k {
                     Key::Text(t) => sep.push_bind(t),
                     Key::Int(i) => sep.push_bind(i),
                 };
@@ -243,7 +243,8 @@ where
         q.build_query_as().fetch_optional(&self.pool).await.map_err(unavailable)
     }
 
-    /// `SELECT {sql} ?` with `value` bound: for the many reads keyed by one id.
+    /// `sql` followed by `value` as a bound parameter: the start of the many statements keyed by
+    /// one id.
     fn by(sql: String, value: &str) -> QueryBuilder<D> {
         let mut q = QueryBuilder::new(sql);
         q.push_bind(value);
@@ -546,31 +547,27 @@ where
 
     async fn users_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<UserRecord>> {
         let after = after.map(|id| [Key::Text(id)]);
-        let q = SqlStore::page(&format!("{USER_COLS}, password_hash FROM users"), "id", opt(&after), limit);
+        let q = SqlStore::page(&format!("{USER_COLS}, password_hash FROM users"), "id", after, limit);
         self.fetch(q, limit).await
     }
 
     async fn rooms_page(&mut self, after: Option<&str>, limit: u32) -> StoreResult<Vec<Room>> {
         let after = after.map(|id| [Key::Text(id)]);
-        let q = SqlStore::page(&format!("{ROOM_COLS} FROM rooms"), "id", opt(&after), limit);
+        let q = SqlStore::page(&format!("{ROOM_COLS} FROM rooms"), "id", after, limit);
         self.fetch(q, limit).await
     }
 
     async fn memberships_page(&mut self, after: Option<(&str, &str)>, limit: u32) -> StoreResult<Vec<Membership>> {
         let after = after.map(|(room, user)| [Key::Text(room), Key::Text(user)]);
-        let q = SqlStore::page(&format!("{MEMBERSHIP_COLS} FROM memberships"), "room_id, user_id", opt(&after), limit);
+        let q = SqlStore::page(&format!("{MEMBERSHIP_COLS} FROM memberships"), "room_id, user_id", after, limit);
         self.fetch(q, limit).await
     }
 
     async fn messages_page(&mut self, after: Option<(&str, i64)>, limit: u32) -> StoreResult<Vec<Message>> {
         let after = after.map(|(room, seq)| [Key::Text(room), Key::Int(seq)]);
-        let q = SqlStore::page(&format!("{MSG_COLS} FROM messages"), "room_id, seq", opt(&after), limit);
+        let q = SqlStore::page(&format!("{MSG_COLS} FROM messages"), "room_id, seq", after, limit);
         self.fetch(q, limit).await
     }
-}
-
-fn opt<'k, const N: usize>(after: &'k Option<[Key<'k>; N]>) -> Option<&'k [Key<'k>]> {
-    after.as_ref().map(|k| k.as_slice())
 }
 
 impl<D> SqlExport<D>
