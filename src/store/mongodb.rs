@@ -198,9 +198,8 @@ impl From<UserRecord> for UserDoc {
 
 impl From<Room> for RoomDoc {
     fn from(r: Room) -> Self {
-        let Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at } =
-            r;
-        let (created_at, updated_at) = (created_at.0, updated_at.0);
+        let (created_at, updated_at) = (r.created_at.0, r.updated_at.0);
+        let Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, .. } = r;
         RoomDoc { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at }
     }
 }
@@ -510,9 +509,9 @@ impl MongoStore {
 
     /// One attempt of `append_messages`, inside a transaction: read the stored dedupe keys and the
     /// room heads from the transaction's snapshot, decide every outcome ([`append::decide`]),
-    /// then move the heads and insert the new messages. Two transactions that sequence the same room both write its room
-    /// document, so one of them fails on a write conflict and is run again on a fresh snapshot:
-    /// seqs stay gap-free and no two messages share one.
+    /// then move the heads and insert the new messages. Two transactions that sequence the same
+    /// room both write its room document, so one of them fails on a write conflict and is run
+    /// again on a fresh snapshot: seqs stay gap-free and no two messages share one.
     async fn append_in(&self, s: &mut ClientSession, batch: &[SendRequest]) -> MongoResult<Vec<AppendOutcome>> {
         let mut keys: Vec<(&str, &str, &str)> =
             batch.iter().map(|r| (r.room_id.as_str(), r.sender_id.as_str(), r.client_msg_id.as_str())).collect();

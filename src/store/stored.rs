@@ -91,9 +91,8 @@ impl From<StoredUser> for UserRecord {
 
 impl From<Room> for StoredRoom {
     fn from(r: Room) -> Self {
-        let Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at } =
-            r;
-        let (created_at, updated_at) = (created_at.0, updated_at.0);
+        let (created_at, updated_at) = (r.created_at.0, r.updated_at.0);
+        let Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, .. } = r;
         Self { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at }
     }
 }
