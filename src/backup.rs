@@ -64,7 +64,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::config::{BackupArgs, RestoreArgs, StoreUrl};
-use crate::domain::{Message, Room, Timestamp, User, Visibility};
+use crate::domain::{Message, Room, Timestamp};
+use crate::store::stored::{StoredMembership, StoredMessage, StoredRoom, StoredUser};
 use crate::store::{self, ExportConsistency, ExportSnapshot, Membership, Store, StoreError, UserRecord};
 
 /// Records per export page and per restore batch: what bounds the memory of both commands.
@@ -123,170 +124,16 @@ impl std::fmt::Display for Counts {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UserLine {
-    id: String,
-    username: String,
-    display_name: String,
-    status_text: String,
-    avatar_url: String,
-    password_hash: String,
-    created_at: i64,
-    updated_at: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RoomLine {
-    id: String,
-    name: String,
-    topic: String,
-    visibility: Visibility,
-    owner_id: String,
-    home_region: String,
-    head_seq: i64,
-    member_count: i64,
-    created_at: i64,
-    updated_at: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MembershipLine {
-    room_id: String,
-    user_id: String,
-    joined_at: i64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MessageLine {
-    id: String,
-    room_id: String,
-    seq: i64,
-    sender_id: String,
-    client_msg_id: String,
-    body: String,
-    created_at: i64,
-}
-
-/// One line after the header.
+/// One line after the header. The records are the models as stored ([`crate::store::stored`]):
+/// times in ms, unknown fields refused.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Record {
-    User(UserLine),
-    Room(RoomLine),
-    Membership(MembershipLine),
-    Message(MessageLine),
+    User(StoredUser),
+    Room(StoredRoom),
+    Membership(StoredMembership),
+    Message(StoredMessage),
     End { counts: Counts },
-}
-
-impl From<UserRecord> for UserLine {
-    fn from(r: UserRecord) -> Self {
-        let u = r.user;
-        UserLine {
-            id: u.id,
-            username: u.username,
-            display_name: u.display_name,
-            status_text: u.status_text,
-            avatar_url: u.avatar_url,
-            password_hash: r.password_hash,
-            created_at: u.created_at.0,
-            updated_at: u.updated_at.0,
-        }
-    }
-}
-
-impl From<UserLine> for UserRecord {
-    fn from(l: UserLine) -> Self {
-        UserRecord {
-            user: User {
-                id: l.id,
-                username: l.username,
-                display_name: l.display_name,
-                status_text: l.status_text,
-                avatar_url: l.avatar_url,
-                created_at: Timestamp(l.created_at),
-                updated_at: Timestamp(l.updated_at),
-            },
-            password_hash: l.password_hash,
-        }
-    }
-}
-
-impl From<Room> for RoomLine {
-    fn from(r: Room) -> Self {
-        RoomLine {
-            id: r.id,
-            name: r.name,
-            topic: r.topic,
-            visibility: r.visibility,
-            owner_id: r.owner_id,
-            home_region: r.home_region,
-            head_seq: r.head_seq,
-            member_count: r.member_count,
-            created_at: r.created_at.0,
-            updated_at: r.updated_at.0,
-        }
-    }
-}
-
-impl From<RoomLine> for Room {
-    fn from(l: RoomLine) -> Self {
-        Room {
-            id: l.id,
-            name: l.name,
-            topic: l.topic,
-            visibility: l.visibility,
-            owner_id: l.owner_id,
-            home_region: l.home_region,
-            head_seq: l.head_seq,
-            member_count: l.member_count,
-            created_at: Timestamp(l.created_at),
-            updated_at: Timestamp(l.updated_at),
-        }
-    }
-}
-
-impl From<Membership> for MembershipLine {
-    fn from(m: Membership) -> Self {
-        MembershipLine { room_id: m.room_id, user_id: m.user_id, joined_at: m.joined_at.0 }
-    }
-}
-
-impl From<MembershipLine> for Membership {
-    fn from(l: MembershipLine) -> Self {
-        Membership { room_id: l.room_id, user_id: l.user_id, joined_at: Timestamp(l.joined_at) }
-    }
-}
-
-impl From<Message> for MessageLine {
-    fn from(m: Message) -> Self {
-        MessageLine {
-            id: m.id,
-            room_id: m.room_id,
-            seq: m.seq,
-            sender_id: m.sender_id,
-            client_msg_id: m.client_msg_id,
-            body: m.body,
-            created_at: m.created_at.0,
-        }
-    }
-}
-
-impl From<MessageLine> for Message {
-    fn from(l: MessageLine) -> Self {
-        Message {
-            id: l.id,
-            room_id: l.room_id,
-            seq: l.seq,
-            sender_id: l.sender_id,
-            client_msg_id: l.client_msg_id,
-            body: l.body,
-            created_at: Timestamp(l.created_at),
-        }
-    }
 }
 
 fn backend_name(url: &StoreUrl) -> &'static str {

@@ -7,7 +7,7 @@
 //! - [`config`]: typed settings from environment and flags, parsed once.
 //! - [`domain`]: validated newtypes (`Username`, `MessageBody`, ...) and the API objects.
 //! - [`error`]: the one error enum of the API, mapped once to HTTP and Socket.IO acks.
-//! - [`store`]: the durable [`store::Store`] trait and its SQLite implementation.
+//! - [`store`]: the durable [`store::Store`] trait; one SQL store (SQLite, PostgreSQL) and MongoDB.
 //! - [`sequencer`]: assigns per-room seqs; embedded mode group-commits into the store.
 //! - [`fanout`]: delivers accepted messages to sockets, in seq order.
 //! - [`history`]: reading messages (store; in cluster mode merged with Redis recent history).

@@ -203,6 +203,14 @@ pub enum Visibility {
     Private,
 }
 
+/// How a stored visibility is read back (SQL rows).
+impl TryFrom<String> for Visibility {
+    type Error = FieldError;
+    fn try_from(s: String) -> Result<Self, FieldError> {
+        Self::parse(&s)
+    }
+}
+
 impl Visibility {
     pub fn parse(s: &str) -> Result<Self, FieldError> {
         match s {

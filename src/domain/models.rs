@@ -4,9 +4,22 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::Visibility;
 
-/// Milliseconds since the Unix epoch; serialized as RFC 3339 UTC with milliseconds.
+/// Milliseconds since the Unix epoch; serialized as RFC 3339 UTC with milliseconds, stored as the
+/// plain number (SQL columns, MongoDB fields and backup lines alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Timestamp(pub i64);
+
+impl From<i64> for Timestamp {
+    fn from(ms: i64) -> Self {
+        Self(ms)
+    }
+}
+
+impl From<Timestamp> for i64 {
+    fn from(t: Timestamp) -> Self {
+        t.0
+    }
+}
 
 impl<'de> Deserialize<'de> for Timestamp {
     /// Accepts the wire form (RFC 3339) and plain milliseconds. A visitor rather than an untagged
@@ -97,32 +110,39 @@ pub fn new_id() -> String {
     ulid::Ulid::generate().to_string()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The models decode from SQL rows by their `FromRow` derives: columns bear the field names, times
+/// are stored as ms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct User {
     pub id: String,
     pub username: String,
     pub display_name: String,
     pub status_text: String,
     pub avatar_url: String,
+    #[sqlx(try_from = "i64")]
     pub created_at: Timestamp,
+    #[sqlx(try_from = "i64")]
     pub updated_at: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Room {
     pub id: String,
     pub name: String,
     pub topic: String,
+    #[sqlx(try_from = "String")]
     pub visibility: Visibility,
     pub owner_id: String,
     pub home_region: String,
     pub head_seq: i64,
     pub member_count: i64,
+    #[sqlx(try_from = "i64")]
     pub created_at: Timestamp,
+    #[sqlx(try_from = "i64")]
     pub updated_at: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Message {
     pub id: String,
     pub room_id: String,
@@ -130,6 +150,7 @@ pub struct Message {
     pub sender_id: String,
     pub client_msg_id: String,
     pub body: String,
+    #[sqlx(try_from = "i64")]
     pub created_at: Timestamp,
 }
 

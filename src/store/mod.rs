@@ -2,10 +2,22 @@
 //!
 //! One trait, one implementation per backend, chosen once at start. Every backend passes the same
 //! contract suite (`tests/store_contract.rs`). The promises each method makes are stated on it.
+//!
+//! # Layout
+//!
+//! - [`sql`]: the SQL store, written once ([`sql::SqlStore`]) over a small [`sql::Dialect`];
+//!   [`sqlite`] and [`postgres`] open it and say how their backend spells things.
+//! - [`mongodb`]: the MongoDB store.
+//! - [`append`]: the embedded sequencer's decision (dedupe, seq = head + 1), pure, used by every
+//!   backend's [`Store::append_messages`].
+//! - [`stored`]: the models as stored (times in ms), the shape of backup lines.
 
+pub mod append;
 pub mod mongodb;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
+pub mod stored;
 
 use std::sync::Arc;
 
@@ -60,6 +72,27 @@ pub struct RoomPatch {
     pub topic: Option<String>,
 }
 
+impl NewUser {
+    /// The user as first stored: no status, no avatar, updated when created.
+    pub fn into_record(self) -> UserRecord {
+        let NewUser { id, username, display_name, password_hash, created_at } = self;
+        let (status_text, avatar_url, updated_at) = (String::new(), String::new(), created_at);
+        UserRecord {
+            user: User { id, username, display_name, status_text, avatar_url, created_at, updated_at },
+            password_hash,
+        }
+    }
+}
+
+impl NewRoom {
+    /// The room as first stored: no messages yet (head_seq 0), its owner the one member.
+    pub fn into_room(self) -> Room {
+        let NewRoom { id, name, topic, visibility, owner_id, home_region, created_at } = self;
+        let (head_seq, member_count, updated_at) = (0, 1, created_at);
+        Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at }
+    }
+}
+
 /// A send that still needs its seq.
 #[derive(Debug, Clone)]
 pub struct SendRequest {
@@ -91,17 +124,19 @@ pub enum AppendOutcome {
 }
 
 /// A user with its password hash: what `chatmesh backup` exports and `restore` imports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct UserRecord {
+    #[sqlx(flatten)]
     pub user: User,
     pub password_hash: String,
 }
 
 /// One membership, with the time the user joined (it orders [`Store::members`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Membership {
     pub room_id: String,
     pub user_id: String,
+    #[sqlx(try_from = "i64")]
     pub joined_at: Timestamp,
 }
 
@@ -190,7 +225,7 @@ pub trait Store: Send + Sync + 'static {
     async fn is_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool>;
     /// Members, in the order they joined.
     async fn members(&self, room_id: &str) -> StoreResult<Vec<User>>;
-    /// Ids of the rooms the user is a member of.
+    /// Ids of the rooms the user is a member of, ascending (bytewise).
     async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>>;
 
     /// The embedded sequencer: in ONE transaction, for each request in order, dedupe on

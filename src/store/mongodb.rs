@@ -39,7 +39,7 @@
 //! `upsert_messages`, the cluster write-back path, needs no transaction: it is idempotent and
 //! order-insensitive, so a batch cut short by a crash is completed by its retry.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,6 +54,7 @@ use mongodb::{Client, ClientSession, Collection, Database, IndexModel, SessionCu
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::append::{self, distinct};
 use super::{
     AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
     StoreError, StoreResult, UserPatch, UserRecord,
@@ -187,6 +188,22 @@ impl From<MessageDoc> for Message {
     }
 }
 
+impl From<UserRecord> for UserDoc {
+    fn from(r: UserRecord) -> Self {
+        let User { id, username, display_name, status_text, avatar_url, created_at, updated_at } = r.user;
+        let (password_hash, created_at, updated_at) = (r.password_hash, created_at.0, updated_at.0);
+        UserDoc { id, username, display_name, status_text, avatar_url, password_hash, created_at, updated_at }
+    }
+}
+
+impl From<Room> for RoomDoc {
+    fn from(r: Room) -> Self {
+        let (created_at, updated_at) = (r.created_at.0, r.updated_at.0);
+        let Room { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, .. } = r;
+        RoomDoc { id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at }
+    }
+}
+
 impl From<&Message> for MessageDoc {
     fn from(m: &Message) -> Self {
         MessageDoc {
@@ -314,14 +331,6 @@ impl ExportSnapshot for MongoExport {
         let docs = find_page(&self.messages, &mut self.session, filter, sort, limit).await?;
         Ok(docs.into_iter().map(Message::from).collect())
     }
-}
-
-/// The distinct values, sorted.
-fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    let mut v: Vec<&str> = values.collect();
-    v.sort_unstable();
-    v.dedup();
-    v
 }
 
 fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
@@ -499,95 +508,52 @@ impl MongoStore {
     }
 
     /// One attempt of `append_messages`, inside a transaction: read the stored dedupe keys and the
-    /// room heads from the transaction's snapshot, decide every outcome, then move the heads and
-    /// insert the new messages. Two transactions that sequence the same room both write its room
-    /// document, so one of them fails on a write conflict and is run again on a fresh snapshot:
-    /// seqs stay gap-free and no two messages share one.
+    /// room heads from the transaction's snapshot, decide every outcome ([`append::decide`]),
+    /// then move the heads and insert the new messages. Two transactions that sequence the same
+    /// room both write its room document, so one of them fails on a write conflict and is run
+    /// again on a fresh snapshot: seqs stay gap-free and no two messages share one.
     async fn append_in(&self, s: &mut ClientSession, batch: &[SendRequest]) -> MongoResult<Vec<AppendOutcome>> {
         let mut keys: Vec<(&str, &str, &str)> =
             batch.iter().map(|r| (r.room_id.as_str(), r.sender_id.as_str(), r.client_msg_id.as_str())).collect();
         keys.sort_unstable();
         keys.dedup();
-        let mut known: HashMap<(String, String, String), Message> = HashMap::new();
+        let mut stored: Vec<Message> = Vec::new();
         for chunk in keys.chunks(LOOKUP_CHUNK) {
             let any: Vec<Document> = chunk
                 .iter()
                 .map(|(room, sender, cmid)| doc! { "room_id": *room, "sender_id": *sender, "client_msg_id": *cmid })
                 .collect();
             let cursor = self.messages.find(doc! { "$or": any }).session(&mut *s).await?;
-            for d in collect(cursor, s).await? {
-                let m = Message::from(d);
-                known.insert((m.room_id.clone(), m.sender_id.clone(), m.client_msg_id.clone()), m);
-            }
+            stored.extend(collect(cursor, s).await?.into_iter().map(Message::from));
         }
 
-        let mut room_ids: Vec<&str> = batch.iter().map(|r| r.room_id.as_str()).collect();
-        room_ids.sort_unstable();
-        room_ids.dedup();
+        let room_ids = distinct(batch.iter().map(|r| r.room_id.as_str()));
         let heads_coll = self.rooms.clone_with_type::<HeadDoc>();
         let cursor = heads_coll
             .find(doc! { "_id": { "$in": &room_ids } })
             .projection(doc! { "head_seq": 1 })
             .session(&mut *s)
             .await?;
-        let mut heads: HashMap<String, i64> =
-            collect(cursor, s).await?.into_iter().map(|h| (h.id, h.head_seq)).collect();
-        let before = heads.clone();
-
-        let mut out = Vec::with_capacity(batch.len());
-        let mut fresh: Vec<MessageDoc> = Vec::new();
-        let mut touched: HashSet<&str> = HashSet::new();
-        for req in batch {
-            let key = (req.room_id.clone(), req.sender_id.clone(), req.client_msg_id.clone());
-            if let Some(original) = known.get(&key) {
-                out.push(if original.body == req.body {
-                    AppendOutcome::Duplicate(original.clone())
-                } else {
-                    AppendOutcome::Conflict
-                });
-                continue;
-            }
-            let Some(head) = heads.get_mut(&req.room_id) else {
-                out.push(AppendOutcome::RoomMissing);
-                continue;
-            };
-            *head += 1;
-            touched.insert(&req.room_id);
-            let msg = Message {
-                id: req.message_id.clone(),
-                room_id: req.room_id.clone(),
-                seq: *head,
-                sender_id: req.sender_id.clone(),
-                client_msg_id: req.client_msg_id.clone(),
-                body: req.body.clone(),
-                created_at: req.created_at,
-            };
-            fresh.push(MessageDoc::from(&msg));
-            known.insert(key, msg.clone());
-            out.push(AppendOutcome::Accepted(msg));
-        }
+        let heads = collect(cursor, s).await?.into_iter().map(|h| (h.id, h.head_seq));
+        let plan = append::decide(batch, stored, heads);
 
         // Heads first, in id order: a conflicting sequencer of the same room fails here, before
         // any insert. The filter on the old head makes a lost race an error, never silently ignored.
-        let mut touched: Vec<&str> = touched.into_iter().collect();
-        touched.sort_unstable();
-        for room in touched {
+        for h in &plan.heads {
             let res = self
                 .rooms
-                .update_one(
-                    doc! { "_id": room, "head_seq": before[room] },
-                    doc! { "$set": { "head_seq": heads[room] } },
-                )
+                .update_one(doc! { "_id": &h.room_id, "head_seq": h.from }, doc! { "$set": { "head_seq": h.to } })
                 .session(&mut *s)
                 .await?;
             if res.matched_count != 1 {
-                return Err(MongoError::custom(format!("room {room} moved during append_messages")));
+                return Err(MongoError::custom(format!("room {} moved during append_messages", h.room_id)));
             }
         }
-        if !fresh.is_empty() {
+        if !plan.fresh.is_empty() {
+            let fresh: Vec<MessageDoc> = plan.fresh.iter().map(MessageDoc::from).collect();
             self.messages.insert_many(&fresh).ordered(true).session(&mut *s).await?;
         }
-        Ok(out)
+        Ok(plan.outcomes)
     }
 }
 
@@ -599,16 +565,7 @@ impl Store for MongoStore {
     }
 
     async fn create_user(&self, u: NewUser) -> StoreResult<User> {
-        let d = UserDoc {
-            id: u.id,
-            username: u.username,
-            display_name: u.display_name,
-            status_text: String::new(),
-            avatar_url: String::new(),
-            password_hash: u.password_hash,
-            created_at: u.created_at.0,
-            updated_at: u.created_at.0,
-        };
+        let d = UserDoc::from(u.into_record());
         match self.users.insert_one(&d).await {
             Ok(_) => Ok(User::from(d)),
             Err(e) if is_duplicate_key(&e) => Err(StoreError::UsernameTaken),
@@ -650,18 +607,7 @@ impl Store for MongoStore {
     }
 
     async fn create_room(&self, r: NewRoom) -> StoreResult<Room> {
-        let d = RoomDoc {
-            id: r.id,
-            name: r.name,
-            topic: r.topic,
-            visibility: r.visibility,
-            owner_id: r.owner_id,
-            home_region: r.home_region,
-            head_seq: 0,
-            member_count: 1,
-            created_at: r.created_at.0,
-            updated_at: r.created_at.0,
-        };
+        let d = RoomDoc::from(r.into_room());
         self.atomically((self, &d), |s, (this, d)| this.create_room_in(s, d).boxed()).await.map_err(unavailable)?;
         Ok(Room::from(d))
     }
@@ -877,19 +823,7 @@ impl Store for MongoStore {
         if users.is_empty() {
             return Ok(());
         }
-        let docs: Vec<UserDoc> = users
-            .iter()
-            .map(|r| UserDoc {
-                id: r.user.id.clone(),
-                username: r.user.username.clone(),
-                display_name: r.user.display_name.clone(),
-                status_text: r.user.status_text.clone(),
-                avatar_url: r.user.avatar_url.clone(),
-                password_hash: r.password_hash.clone(),
-                created_at: r.user.created_at.0,
-                updated_at: r.user.updated_at.0,
-            })
-            .collect();
+        let docs: Vec<UserDoc> = users.iter().cloned().map(UserDoc::from).collect();
         let e = match self.users.insert_many(&docs).ordered(false).await {
             Ok(_) => return Ok(()),
             Err(e) if is_duplicate_key(&e) => e,
