@@ -243,7 +243,9 @@ mod tests {
 
     #[test]
     fn names_refuse_bidi_controls_and_zero_width_characters() {
-        for bad in ["ad\u{200B}min", "\u{202E}txt.exe", "a\u{2066}b\u{2069}", "x\u{FEFF}", "\u{3164}\u{3164}", "a\u{200D}b"] {
+        for bad in
+            ["ad\u{200B}min", "\u{202E}txt.exe", "a\u{2066}b\u{2069}", "x\u{FEFF}", "\u{3164}\u{3164}", "a\u{200D}b"]
+        {
             let e = DisplayName::parse(bad).unwrap_err().to_string();
             assert!(e.contains("zero-width"), "{bad:?}: {e}");
             assert!(RoomName::parse(bad).is_err(), "room name {bad:?}");
