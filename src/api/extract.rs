@@ -31,13 +31,27 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
     }
 }
 
-/// A JSON object body. Oversized bodies are 413, anything that is not a JSON object is 400.
+/// A JSON object body sent as `application/json`. Oversized bodies are 413, anything else 400.
 pub struct JsonBody(pub Input);
+
+/// Whether the request says its body is JSON. A browser sends a cross-site form or `text/plain`
+/// post without asking the server first; only `application/json` needs a CORS preflight, so
+/// refusing the rest keeps a hostile page from registering or logging in its visitors.
+fn is_json(req: &Request) -> bool {
+    req.headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
 
 impl FromRequest<Arc<AppState>> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        if !is_json(&req) {
+            return Err(ApiError::validation("the body must be sent as Content-Type: application/json"));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit: state.config.max_body_bytes }

@@ -49,6 +49,43 @@ async fn register_login_and_errors() {
     let r = app.raw(Method::POST, "/api/v1/auth/register", b"{not json".to_vec(), None).await;
     assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"));
 
+    // A cross-site page can post text/plain or a form without a preflight: such bodies are refused
+    // even when they hold valid JSON, and nothing is created.
+    let valid = br#"{"username": "csrf_victim", "password": "correct horse battery"}"#;
+    for ty in ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data"] {
+        let res = app
+            .http
+            .post(format!("{}/api/v1/auth/register", app.url))
+            .header("content-type", ty)
+            .body(valid.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{ty}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "validation_failed", "{ty}: {body}");
+    }
+    let res = app.http.post(format!("{}/api/v1/auth/register", app.url)).body(valid.to_vec()).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST, "no Content-Type at all");
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/auth/login",
+            Some(json!({"username": "csrf_victim", "password": "correct horse battery"})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "none of the refused posts registered the user");
+    let res = app
+        .http
+        .post(format!("{}/api/v1/auth/register", app.url))
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(valid.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "application/json with parameters, any case");
+
     // Edges that must pass.
     let r = app
         .call(
