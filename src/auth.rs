@@ -58,9 +58,16 @@ pub async fn verify_password(password: String, hash: Option<String>) -> bool {
     ok && known
 }
 
+/// Who issues user tokens and for whom: checked on every token, so a token signed with the same
+/// key for another purpose (the instance-to-instance tokens of a cluster, say) is not a user token.
+const ISSUER: &str = "chatmesh";
+const AUDIENCE: &str = "chatmesh-user";
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,
+    iss: String,
+    aud: String,
     iat: u64,
     exp: u64,
 }
@@ -77,7 +84,9 @@ impl Tokens {
     pub fn new(secret: &Secret, ttl: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
         Self {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
             decoding: DecodingKey::from_secret(secret.expose().as_bytes()),
@@ -88,16 +97,24 @@ impl Tokens {
 
     pub fn issue(&self, user_id: &str) -> Result<String, ApiError> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
-        let claims = Claims { sub: user_id.to_string(), iat: now, exp: now + self.ttl.as_secs() };
+        let claims = Claims {
+            sub: user_id.to_string(),
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            iat: now,
+            exp: now + self.ttl.as_secs(),
+        };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ApiError::Unavailable(format!("token signing failed: {e}")))
     }
 
-    /// The user id of a valid token.
+    /// The user id of a valid token. One answer for every reason a token is refused (expired,
+    /// forged, malformed, another issuer or audience): telling them apart helps only an attacker.
     pub fn verify(&self, token: &str) -> Result<String, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|d| d.claims.sub)
-            .map_err(|e| ApiError::Unauthorized(format!("invalid token: {e}")))
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|d| d.claims.sub).map_err(|e| {
+            tracing::debug!(reason = %e, "token refused");
+            ApiError::Unauthorized("invalid or expired token".into())
+        })
     }
 }
 
@@ -153,6 +170,28 @@ mod tests {
         let other = Tokens::new(&Secret::new("y".repeat(32)), Duration::from_secs(60));
         assert!(other.verify(&tok).is_err());
         assert!(t.verify("garbage").is_err());
+    }
+
+    #[test]
+    fn expired_forged_and_foreign_tokens_get_one_answer() {
+        let secret = Secret::new("x".repeat(32));
+        let t = Tokens::new(&secret, Duration::from_secs(60));
+        let key = EncodingKey::from_secret(secret.expose().as_bytes());
+        let now = chrono::Utc::now().timestamp() as u64;
+        let sign = |iss: &str, aud: &str, exp: u64| {
+            let c = Claims { sub: "u1".into(), iss: iss.into(), aud: aud.into(), iat: now, exp };
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).unwrap()
+        };
+        assert_eq!(t.verify(&sign(ISSUER, AUDIENCE, now + 60)).unwrap(), "u1");
+        let expired = t.verify(&sign(ISSUER, AUDIENCE, now - 3600)).unwrap_err();
+        let other_audience = t.verify(&sign(ISSUER, "internal", now + 60)).unwrap_err();
+        let other_issuer = t.verify(&sign("someone-else", AUDIENCE, now + 60)).unwrap_err();
+        let forged = Tokens::new(&Secret::new("y".repeat(32)), Duration::from_secs(60)).issue("u1").unwrap();
+        let forged = t.verify(&forged).unwrap_err();
+        for e in [&other_audience, &other_issuer, &forged] {
+            assert_eq!(e, &expired, "every refusal reads the same");
+        }
+        assert_eq!(expired.to_string(), "invalid or expired token");
     }
 
     #[tokio::test]
