@@ -191,7 +191,11 @@ impl Application {
             },
             Tokens::new(&secret, config.token_ttl),
             config.region.clone(),
-            Limits { send_rate_per_sec: config.send_rate_per_sec, auth_rate_per_min: config.auth_rate_per_min },
+            Limits {
+                send_rate_per_sec: config.send_rate_per_sec,
+                auth_rate_per_min: config.auth_rate_per_min,
+                password_hash_queue: config.password_hash_queue,
+            },
         );
         let state = Arc::new(AppState {
             svc,

@@ -2,7 +2,8 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use argon2::Argon2;
@@ -15,48 +16,81 @@ use tokio::sync::Semaphore;
 use crate::config::Secret;
 use crate::error::ApiError;
 
-/// Argon2id runs at most one hash per core at a time. Each takes 19 MiB, and a burst of logins
-/// would otherwise take burst × 19 MiB at once (which the allocator then keeps resident), for no
-/// gain in throughput on a CPU-bound job.
-static HASHING: LazyLock<Arc<Semaphore>> =
-    LazyLock::new(|| Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))));
-
-/// Runs a password-hashing job off the async runtime, within the [`HASHING`] bound. The permit
-/// moves into the job, so a caller that gives up does not free it while the job still runs.
-async fn hashing<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> Result<T, tokio::task::JoinError> {
-    let permit = HASHING.clone().acquire_owned().await.expect("the hashing semaphore is never closed");
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        job()
-    })
-    .await
+/// Password hashing (Argon2id), bounded twice: at most one hash per core runs at a time (each
+/// takes 19 MiB, and a burst would otherwise take burst x 19 MiB at once, which the allocator then
+/// keeps resident, for no gain on a CPU-bound job), and at most `queue` requests wait for a turn.
+/// Beyond that a login or registration answers `rate_limited` at once: a burst must not stall every
+/// login behind it for seconds, nor hold a connection each.
+pub struct Hashing {
+    permits: Arc<Semaphore>,
+    queue: usize,
+    waiting: AtomicUsize,
 }
 
-/// Hashes off the async runtime: Argon2id is deliberately slow (tens of ms).
-pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    hashing(move || Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()))
+/// How long a refused caller is told to wait.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(1);
+
+impl Hashing {
+    /// One permit per core; `queue` callers may wait for one.
+    pub fn new(queue: usize) -> Self {
+        Self::with_permits(std::thread::available_parallelism().map_or(1, |n| n.get()), queue)
+    }
+
+    fn with_permits(permits: usize, queue: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(permits)), queue, waiting: AtomicUsize::new(0) }
+    }
+
+    /// Runs a hashing job off the async runtime, within both bounds. The permit moves into the
+    /// job, so a caller that gives up does not free it while the job still runs.
+    async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    metrics::counter!(crate::metrics::RATE_LIMITED, "kind" => "password_hashing").increment(1);
+                    return Err(ApiError::RateLimited { retry_after: QUEUE_FULL_RETRY });
+                }
+                let permit = self.permits.clone().acquire_owned().await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                permit.expect("the hashing semaphore is never closed")
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            job()
+        })
         .await
-        .map_err(|e| ApiError::Unavailable(format!("hashing task failed: {e}")))?
-        .map_err(|e| ApiError::Unavailable(format!("hashing failed: {e}")))
+        .map_err(|e| ApiError::Unavailable(format!("hashing task failed: {e}")))
+    }
+
+    /// Hashes off the async runtime: Argon2id is deliberately slow (tens of ms).
+    pub async fn hash_password(&self, password: String) -> Result<String, ApiError> {
+        self.run(move || Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()))
+            .await?
+            .map_err(|e| ApiError::Unavailable(format!("hashing failed: {e}")))
+    }
+
+    /// Whether `password` matches `hash`; with no hash (no such user) a dummy one is verified, so
+    /// that a wrong username takes as long as a wrong password. `rate_limited` past the queue.
+    pub async fn verify_password(&self, password: String, hash: Option<String>) -> Result<bool, ApiError> {
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
+        let ok = self
+            .run(move || {
+                PasswordHash::new(&hash)
+                    .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+                    .unwrap_or(false)
+            })
+            .await?;
+        Ok(ok && known)
+    }
 }
 
 /// A hash of a password nobody knows, verified when the user does not exist so that a wrong
 /// username takes as long as a wrong password.
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$1kqbqQnmYAKQZx3E4fAcN0z0mJ2ppdjm0k5vQ7uBq0Q";
-
-pub async fn verify_password(password: String, hash: Option<String>) -> bool {
-    let known = hash.is_some();
-    let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
-    let ok = hashing(move || {
-        PasswordHash::new(&hash)
-            .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false);
-    ok && known
-}
 
 /// Who issues user tokens and for whom: checked on every token, so a token signed with the same
 /// key for another purpose (the instance-to-instance tokens of a cluster, say) is not a user token.
@@ -151,15 +185,43 @@ mod tests {
 
     #[tokio::test]
     async fn hashing_waits_while_every_core_is_hashing() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-        let busy = HASHING.clone().acquire_many_owned(cores).await.unwrap();
-        let waiting = tokio::spawn(hash_password("correct horse".into()));
+        let h = Arc::new(Hashing::with_permits(2, 8));
+        let busy = h.permits.clone().acquire_many_owned(2).await.unwrap();
+        let waiting = tokio::spawn({
+            let h = h.clone();
+            async move { h.hash_password("correct horse".into()).await }
+        });
         // An unbounded hash takes tens of ms here; this one must not start while the permits are out.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiting.is_finished(), "a hash ran while every permit was held");
         drop(busy);
         let hash = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap().unwrap();
-        assert!(verify_password("correct horse".into(), Some(hash)).await);
+        assert_eq!(h.verify_password("correct horse".into(), Some(hash)).await, Ok(true));
+    }
+
+    #[tokio::test]
+    async fn past_the_queue_a_hash_is_refused_at_once() {
+        let h = Arc::new(Hashing::with_permits(1, 2));
+        let busy = h.permits.clone().acquire_owned().await.unwrap();
+        // Exactly `queue` callers may wait...
+        let mut waiters = Vec::new();
+        for _ in 0..2 {
+            let h = h.clone();
+            waiters.push(tokio::spawn(async move { h.hash_password("correct horse".into()).await }));
+        }
+        while h.waiting.load(Ordering::Acquire) < 2 {
+            tokio::task::yield_now().await;
+        }
+        // ...the next one is told to come back, without waiting.
+        let refused = tokio::time::timeout(Duration::from_millis(500), h.verify_password("x".into(), None)).await;
+        assert_eq!(refused.expect("answered at once"), Err(ApiError::RateLimited { retry_after: QUEUE_FULL_RETRY }));
+        drop(busy);
+        for w in waiters {
+            assert!(w.await.unwrap().unwrap().starts_with("$argon2id$"));
+        }
+        assert_eq!(h.waiting.load(Ordering::Acquire), 0);
+        // With the queue drained, hashing works again.
+        assert_eq!(h.verify_password("x".into(), None).await, Ok(false));
     }
 
     #[test]
@@ -196,11 +258,12 @@ mod tests {
 
     #[tokio::test]
     async fn password_hash_verifies() {
-        let h = hash_password("correct horse".into()).await.unwrap();
+        let hashing = Hashing::new(4);
+        let h = hashing.hash_password("correct horse".into()).await.unwrap();
         assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse".into(), Some(h.clone())).await);
-        assert!(!verify_password("wrong horse".into(), Some(h)).await);
-        assert!(!verify_password("anything".into(), None).await);
+        assert_eq!(hashing.verify_password("correct horse".into(), Some(h.clone())).await, Ok(true));
+        assert_eq!(hashing.verify_password("wrong horse".into(), Some(h)).await, Ok(false));
+        assert_eq!(hashing.verify_password("anything".into(), None).await, Ok(false));
     }
 
     #[test]

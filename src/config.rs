@@ -101,6 +101,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_AUTH_RATE_PER_MIN", value_name = "CHATMESH_AUTH_RATE_PER_MIN", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub auth_rate_per_min: u32,
+    /// Logins and registrations that may wait for a password-hashing slot (one per core); past
+    /// it they answer 429 rate_limited at once.
+    #[arg(long, env = "CHATMESH_PASSWORD_HASH_QUEUE", value_name = "CHATMESH_PASSWORD_HASH_QUEUE",
+          default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub password_hash_queue: u32,
     /// Sends per user per second, sustained (bursts up to 10x).
     #[arg(long, env = "CHATMESH_SEND_RATE_PER_SEC", value_name = "CHATMESH_SEND_RATE_PER_SEC", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -255,6 +260,7 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
     pub auth_rate_per_min: u32,
+    pub password_hash_queue: usize,
     pub send_rate_per_sec: u32,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
@@ -355,6 +361,7 @@ impl Config {
             admin_token: non_empty("CHATMESH_ADMIN_TOKEN", args.admin_token, 16)?,
             log_format: args.log_format.unwrap_or(if stdout_is_terminal { LogFormat::Pretty } else { LogFormat::Json }),
             auth_rate_per_min: args.auth_rate_per_min,
+            password_hash_queue: args.password_hash_queue as usize,
             send_rate_per_sec: args.send_rate_per_sec,
             max_body_bytes: args.max_body_bytes as usize,
             token_ttl: Duration::from_secs(args.token_ttl_secs),

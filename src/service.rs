@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{self, Tokens};
+use crate::auth::{Hashing, Tokens};
 use crate::cache::{Caches, Invalidation};
 use crate::domain::*;
 use crate::error::{ApiError, ApiResult};
@@ -64,6 +64,7 @@ pub struct ChatService {
     evictions: Arc<dyn Evictions>,
     history: Arc<dyn History>,
     tokens: Tokens,
+    hashing: Hashing,
     region: String,
     send_limiter: RateLimiter,
     auth_limiter: RateLimiter,
@@ -87,6 +88,8 @@ pub struct Backends {
 pub struct Limits {
     pub send_rate_per_sec: u32,
     pub auth_rate_per_min: u32,
+    /// Logins and registrations that may wait for a password-hashing slot.
+    pub password_hash_queue: usize,
 }
 
 pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
@@ -111,6 +114,7 @@ impl ChatService {
             evictions,
             history,
             tokens,
+            hashing: Hashing::new(limits.password_hash_queue),
             region,
             send_limiter: RateLimiter::new(send, send * 10.0),
             auth_limiter: RateLimiter::new(auth / 60.0, auth),
@@ -135,7 +139,7 @@ impl ChatService {
         password: Password,
         display_name: Option<DisplayName>,
     ) -> ApiResult<(User, String)> {
-        let hash = auth::hash_password(password.into_inner()).await?;
+        let hash = self.hashing.hash_password(password.into_inner()).await?;
         let display_name = display_name.map(DisplayName::into_inner).unwrap_or_else(|| username.to_string());
         let user = self
             .store
@@ -161,7 +165,7 @@ impl ChatService {
             Some((u, h)) => (Some(u), Some(h)),
             None => (None, None),
         };
-        if !auth::verify_password(password, hash).await {
+        if !self.hashing.verify_password(password, hash).await? {
             return Err(ApiError::InvalidCredentials);
         }
         let user = user.ok_or(ApiError::InvalidCredentials)?;
