@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 use redis::streams::StreamRangeReply;
 
-use crate::domain::{HistoryPage, Message, Room};
+use crate::domain::{HistoryPage, Message, Room, RoomId};
 use crate::error::{ApiError, ApiResult};
 use crate::redis_io::{Keys, Redis};
 use crate::store::Store;
@@ -26,7 +26,7 @@ pub enum Cursor {
 pub trait History: Send + Sync + 'static {
     /// Up to `limit` messages ascending from the cursor, the room's head, and whether more exist
     /// in the direction of travel. `not_found` for an unknown room.
-    async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage>;
+    async fn page(&self, room_id: &RoomId, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage>;
 
     /// Raises each room's `head_seq` to the highest seq acknowledged in it, wherever it was
     /// acknowledged: the store's copy may lag the sequencer. After this, a room's `head_seq` is at
@@ -53,7 +53,7 @@ pub struct LocalHistory {
     pub store: Arc<dyn Store>,
 }
 
-async fn store_part(store: &dyn Store, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
+async fn store_part(store: &dyn Store, room_id: &RoomId, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
     Ok(match cursor {
         Cursor::After(after) => store.messages_after(room_id, after, probe).await?,
         Cursor::Before(before) => store.messages_before(room_id, before, probe).await?,
@@ -63,7 +63,7 @@ async fn store_part(store: &dyn Store, room_id: &str, cursor: Cursor, probe: u32
 
 #[async_trait]
 impl History for LocalHistory {
-    async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+    async fn page(&self, room_id: &RoomId, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
         let msgs = store_part(&*self.store, room_id, cursor, limit + 1).await?;
         let head = self.store.head_seq(room_id).await?.ok_or_else(ApiError::room_not_found)?;
         Ok(into_page(msgs, cursor, limit, head))
@@ -114,7 +114,7 @@ impl RedisHistory {
     /// way round, or at once, the stream could be read before message N was accepted and the
     /// store after N+1 but not yet N was written back (consumers commit batches in any order):
     /// a hole, seen in the cluster suite's late-joiner test.
-    async fn union(&self, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<(Vec<Message>, i64)> {
+    async fn union(&self, room_id: &RoomId, cursor: Cursor, probe: u32) -> ApiResult<(Vec<Message>, i64)> {
         let (stored, store_head) =
             tokio::join!(store_part(&*self.store, room_id, cursor, probe), self.store.head_seq(room_id));
         let store_head = store_head?.ok_or_else(ApiError::room_not_found)?;
@@ -136,7 +136,7 @@ impl RedisHistory {
     }
 
     /// Recent messages from the room's stream, in the direction of travel.
-    pub async fn recent(&self, room_id: &str, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
+    pub async fn recent(&self, room_id: &RoomId, cursor: Cursor, probe: u32) -> ApiResult<Vec<Message>> {
         let key = self.keys.history(room_id);
         let mut conn = self.redis.conn().await;
         let reply: Result<StreamRangeReply, _> = match cursor {
@@ -156,13 +156,13 @@ impl RedisHistory {
     }
 
     /// Messages with from <= seq <= to (used to fill a gap seen on the fan-out).
-    pub async fn range(&self, room_id: &str, from: i64, to: i64) -> ApiResult<Vec<Message>> {
+    pub async fn range(&self, room_id: &RoomId, from: i64, to: i64) -> ApiResult<Vec<Message>> {
         let count = (to - from + 1).clamp(0, 10_000) as u32;
         let page = self.page(room_id, Cursor::After(from - 1), count).await?;
         Ok(page.messages.into_iter().filter(|m| m.seq <= to).collect())
     }
 
-    async fn redis_head(&self, room_id: &str) -> ApiResult<Option<i64>> {
+    async fn redis_head(&self, room_id: &RoomId) -> ApiResult<Option<i64>> {
         let mut conn = self.redis.conn().await;
         conn.get::<_, Option<i64>>(self.keys.seq(room_id))
             .await
@@ -172,7 +172,7 @@ impl RedisHistory {
 
 #[async_trait]
 impl History for RedisHistory {
-    async fn page(&self, room_id: &str, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
+    async fn page(&self, room_id: &RoomId, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
         let probe = limit + 1;
         let mut attempt = 1;
         loop {
@@ -182,7 +182,12 @@ impl History for RedisHistory {
             // rest of the page is still worth serving.
             if is_contiguous(&msgs, cursor) || attempt == UNION_ATTEMPTS {
                 if attempt > 1 {
-                    tracing::warn!(room_id, attempt, contiguous = is_contiguous(&msgs, cursor), "history read again");
+                    tracing::warn!(
+                        room_id = room_id.as_str(),
+                        attempt,
+                        contiguous = is_contiguous(&msgs, cursor),
+                        "history read again"
+                    );
                 }
                 return Ok(into_page(msgs, cursor, limit, head));
             }

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chatmesh::domain::{Message, Timestamp, Visibility};
+use chatmesh::domain::{Message, RoomId, Timestamp, UserId, Visibility};
 use chatmesh::store::mongodb::MongoStore;
 use chatmesh::store::postgres::PostgresStore;
 use chatmesh::store::sqlite::SqliteStore;
@@ -194,6 +194,14 @@ impl IntoFresh for Option<Fresh> {
     }
 }
 
+fn as_user(id: &str) -> UserId {
+    UserId::from(id)
+}
+
+fn as_room(id: &str) -> RoomId {
+    RoomId::from(id)
+}
+
 fn id(prefix: &str, n: usize) -> String {
     format!("{prefix}{n:020}")
 }
@@ -249,12 +257,12 @@ fn accepted(o: &AppendOutcome) -> &Message {
 
 pub async fn users_round_trip(s: Arc<dyn Store>) {
     let uid = user(&*s, 1).await;
-    let got = s.user(&uid).await.unwrap().unwrap();
+    let got = s.user(&as_user(&uid)).await.unwrap().unwrap();
     assert_eq!((got.username.as_str(), got.status_text.as_str(), got.created_at), ("user_1", "", Timestamp(1_001)));
     let (cred_user, hash) = s.credentials("user_1").await.unwrap().unwrap();
     assert_eq!((cred_user.id, hash.as_str()), (uid.clone(), "$argon2id$fake"));
     assert!(s.credentials("nobody").await.unwrap().is_none());
-    assert!(s.user("missing").await.unwrap().is_none());
+    assert!(s.user(&as_user("missing")).await.unwrap().is_none());
 
     let dup = s
         .create_user(NewUser {
@@ -268,11 +276,11 @@ pub async fn users_round_trip(s: Arc<dyn Store>) {
     assert_eq!(dup.unwrap_err(), StoreError::UsernameTaken);
 
     let patch = UserPatch { status_text: Some("busy".into()), ..Default::default() };
-    let updated = s.update_user(&uid, patch, Timestamp(9_999)).await.unwrap();
+    let updated = s.update_user(&as_user(&uid), patch, Timestamp(9_999)).await.unwrap();
     assert_eq!((updated.status_text.as_str(), updated.display_name.as_str()), ("busy", "User 1"));
     assert_eq!(updated.updated_at, Timestamp(9_999));
-    assert_eq!(s.user(&uid).await.unwrap().unwrap(), updated);
-    let missing = s.update_user("missing", UserPatch::default(), Timestamp(1)).await;
+    assert_eq!(s.user(&as_user(&uid)).await.unwrap().unwrap(), updated);
+    let missing = s.update_user(&as_user("missing"), UserPatch::default(), Timestamp(1)).await;
     assert_eq!(missing.unwrap_err(), StoreError::NotFound("user"));
 }
 
@@ -283,26 +291,26 @@ pub async fn rooms_and_listing(s: Arc<dyn Store>) {
     let r2 = room(&*s, 2, &a, Visibility::Private).await;
     let r3 = room(&*s, 3, &b, Visibility::Public).await;
 
-    let got = s.room(&r1).await.unwrap().unwrap();
+    let got = s.room(&as_room(&r1)).await.unwrap().unwrap();
     assert_eq!((got.head_seq, got.member_count, got.owner_id.as_str()), (0, 1, a.as_str()));
-    assert!(s.is_member(&r1, &a).await.unwrap(), "the owner is the first member");
+    assert!(s.is_member(&as_room(&r1), &as_user(&a)).await.unwrap(), "the owner is the first member");
 
     let public: Vec<_> = s.public_rooms(10).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(public, vec![r3.clone(), r1.clone()], "public only, newest first");
     assert_eq!(s.public_rooms(1).await.unwrap().len(), 1);
-    let mine: Vec<_> = s.rooms_of_user(&a).await.unwrap().into_iter().map(|r| r.id).collect();
+    let mine: Vec<_> = s.rooms_of_user(&as_user(&a)).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(mine, vec![r2.clone(), r1.clone()]);
 
     let patched = s
-        .update_room(&r1, RoomPatch { topic: Some("t".into()), ..Default::default() }, Timestamp(7_000))
+        .update_room(&as_room(&r1), RoomPatch { topic: Some("t".into()), ..Default::default() }, Timestamp(7_000))
         .await
         .unwrap();
     assert_eq!((patched.name.as_str(), patched.topic.as_str(), patched.updated_at), ("room 1", "t", Timestamp(7_000)));
     assert_eq!(
-        s.update_room("nope", RoomPatch::default(), Timestamp(1)).await.unwrap_err(),
+        s.update_room(&as_room("nope"), RoomPatch::default(), Timestamp(1)).await.unwrap_err(),
         StoreError::NotFound("room")
     );
-    assert!(s.room("nope").await.unwrap().is_none());
+    assert!(s.room(&as_room("nope")).await.unwrap().is_none());
 }
 
 pub async fn membership(s: Arc<dyn Store>) {
@@ -310,19 +318,22 @@ pub async fn membership(s: Arc<dyn Store>) {
     let b = user(&*s, 2).await;
     let c = user(&*s, 3).await;
     let r = room(&*s, 1, &a, Visibility::Public).await;
-    assert!(s.add_member(&r, &b, Timestamp(3_010)).await.unwrap());
-    assert!(!s.add_member(&r, &b, Timestamp(3_011)).await.unwrap(), "adding twice is a no-op");
-    assert!(s.add_member(&r, &c, Timestamp(3_012)).await.unwrap());
-    assert_eq!(s.room(&r).await.unwrap().unwrap().member_count, 3);
-    let members: Vec<_> = s.members(&r).await.unwrap().into_iter().map(|u| u.id).collect();
+    assert!(s.add_member(&as_room(&r), &as_user(&b), Timestamp(3_010)).await.unwrap());
+    assert!(!s.add_member(&as_room(&r), &as_user(&b), Timestamp(3_011)).await.unwrap(), "adding twice is a no-op");
+    assert!(s.add_member(&as_room(&r), &as_user(&c), Timestamp(3_012)).await.unwrap());
+    assert_eq!(s.room(&as_room(&r)).await.unwrap().unwrap().member_count, 3);
+    let members: Vec<_> = s.members(&as_room(&r)).await.unwrap().into_iter().map(|u| u.id).collect();
     assert_eq!(members, vec![a.clone(), b.clone(), c.clone()], "in join order");
-    assert_eq!(s.room_ids_of_user(&b).await.unwrap(), vec![r.clone()]);
+    assert_eq!(s.room_ids_of_user(&as_user(&b)).await.unwrap(), vec![r.clone()]);
 
-    assert!(s.remove_member(&r, &b).await.unwrap());
-    assert!(!s.remove_member(&r, &b).await.unwrap());
-    assert!(!s.is_member(&r, &b).await.unwrap());
-    assert_eq!(s.room(&r).await.unwrap().unwrap().member_count, 2);
-    assert_eq!(s.add_member("nope", &b, Timestamp(1)).await.unwrap_err(), StoreError::NotFound("room"));
+    assert!(s.remove_member(&as_room(&r), &as_user(&b)).await.unwrap());
+    assert!(!s.remove_member(&as_room(&r), &as_user(&b)).await.unwrap());
+    assert!(!s.is_member(&as_room(&r), &as_user(&b)).await.unwrap());
+    assert_eq!(s.room(&as_room(&r)).await.unwrap().unwrap().member_count, 2);
+    assert_eq!(
+        s.add_member(&as_room("nope"), &as_user(&b), Timestamp(1)).await.unwrap_err(),
+        StoreError::NotFound("room")
+    );
 }
 
 pub async fn append_assigns_gap_free_seqs_and_dedupes(s: Arc<dyn Store>) {
@@ -355,12 +366,12 @@ pub async fn append_assigns_gap_free_seqs_and_dedupes(s: Arc<dyn Store>) {
     let again = s.append_messages(&[req(&r1, &a, "c2", "two"), req(&r1, &a, "c3", "three")]).await.unwrap();
     assert_eq!(again[0], AppendOutcome::Duplicate(accepted(&out[2]).clone()));
     assert_eq!(accepted(&again[1]).seq, 4);
-    assert_eq!(s.head_seq(&r1).await.unwrap(), Some(4));
-    assert_eq!(s.head_seq(&r2).await.unwrap(), Some(1));
-    assert_eq!(s.head_seq("missing").await.unwrap(), None);
-    assert_eq!(s.room(&r1).await.unwrap().unwrap().head_seq, 4);
+    assert_eq!(s.head_seq(&as_room(&r1)).await.unwrap(), Some(4));
+    assert_eq!(s.head_seq(&as_room(&r2)).await.unwrap(), Some(1));
+    assert_eq!(s.head_seq(&as_room("missing")).await.unwrap(), None);
+    assert_eq!(s.room(&as_room(&r1)).await.unwrap().unwrap().head_seq, 4);
 
-    let stored = s.messages_after(&r1, 0, 100).await.unwrap();
+    let stored = s.messages_after(&as_room(&r1), 0, 100).await.unwrap();
     assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     assert_eq!(stored[0], *accepted(&out[0]), "stored exactly as acknowledged");
 }
@@ -405,12 +416,12 @@ pub async fn upsert_is_idempotent(s: Arc<dyn Store>) {
     s.upsert_messages(&[msg(1), msg(2), msg(3)]).await.unwrap();
     s.upsert_messages(&[msg(2), msg(3), msg(4)]).await.unwrap();
     s.upsert_messages(&[msg(4)]).await.unwrap();
-    let stored = s.messages_after(&r, 0, 100).await.unwrap();
+    let stored = s.messages_after(&as_room(&r), 0, 100).await.unwrap();
     assert_eq!(stored, vec![msg(1), msg(2), msg(3), msg(4)], "each exactly once");
-    assert_eq!(s.head_seq(&r).await.unwrap(), Some(4));
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(4));
     // An older batch arriving late never lowers the head.
     s.upsert_messages(&[msg(1)]).await.unwrap();
-    assert_eq!(s.head_seq(&r).await.unwrap(), Some(4));
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(4));
     // A sequenced message and a retry of its client_msg_id dedupe as one.
     let out = s.append_messages(&[req(&r, &a, "c2", "body 2")]).await.unwrap();
     assert_eq!(out[0], AppendOutcome::Duplicate(msg(2)));
@@ -422,14 +433,14 @@ pub async fn paging(s: Arc<dyn Store>) {
     let batch: Vec<_> = (1..=30).map(|i| req(&r, &a, &format!("c{i}"), &format!("{i}"))).collect();
     s.append_messages(&batch).await.unwrap();
     let seqs = |v: Vec<Message>| v.into_iter().map(|m| m.seq).collect::<Vec<_>>();
-    assert_eq!(seqs(s.messages_after(&r, 10, 5).await.unwrap()), vec![11, 12, 13, 14, 15]);
-    assert_eq!(seqs(s.messages_after(&r, 28, 5).await.unwrap()), vec![29, 30]);
-    assert_eq!(seqs(s.messages_after(&r, 30, 5).await.unwrap()), Vec::<i64>::new());
-    assert_eq!(seqs(s.messages_before(&r, 11, 3).await.unwrap()), vec![8, 9, 10], "ascending");
-    assert_eq!(seqs(s.messages_before(&r, 3, 10).await.unwrap()), vec![1, 2]);
-    assert_eq!(seqs(s.messages_before(&r, i64::MAX, 2).await.unwrap()), vec![29, 30]);
-    assert!(s.messages_after("nope", 0, 5).await.unwrap().is_empty());
-    let ids: HashSet<_> = s.messages_after(&r, 0, 100).await.unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(seqs(s.messages_after(&as_room(&r), 10, 5).await.unwrap()), vec![11, 12, 13, 14, 15]);
+    assert_eq!(seqs(s.messages_after(&as_room(&r), 28, 5).await.unwrap()), vec![29, 30]);
+    assert_eq!(seqs(s.messages_after(&as_room(&r), 30, 5).await.unwrap()), Vec::<i64>::new());
+    assert_eq!(seqs(s.messages_before(&as_room(&r), 11, 3).await.unwrap()), vec![8, 9, 10], "ascending");
+    assert_eq!(seqs(s.messages_before(&as_room(&r), 3, 10).await.unwrap()), vec![1, 2]);
+    assert_eq!(seqs(s.messages_before(&as_room(&r), i64::MAX, 2).await.unwrap()), vec![29, 30]);
+    assert!(s.messages_after(&as_room("nope"), 0, 5).await.unwrap().is_empty());
+    let ids: HashSet<_> = s.messages_after(&as_room(&r), 0, 100).await.unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(ids.len(), 30);
     s.ping().await.unwrap();
 }
@@ -488,7 +499,7 @@ async fn populate(s: &dyn Store) -> (Vec<String>, Vec<String>, Vec<(String, Stri
     members.push((rooms[2].clone(), users[0].clone()));
     for (i, u) in users.iter().enumerate().skip(2) {
         let r = &rooms[i % 3];
-        assert!(s.add_member(r, u, Timestamp(3_000 + i as i64)).await.unwrap());
+        assert!(s.add_member(&as_room(r), &as_user(u), Timestamp(3_000 + i as i64)).await.unwrap());
         members.push((r.clone(), u.clone()));
     }
     members.sort();
@@ -508,7 +519,7 @@ pub async fn export_pages_respect_limit_and_resume(s: Arc<dyn Store>) {
     let mut sorted_rooms = rooms.clone();
     sorted_rooms.sort();
     for r in &sorted_rooms {
-        expected_messages.extend(s.messages_after(r, 0, 100).await.unwrap());
+        expected_messages.extend(s.messages_after(&as_room(r), 0, 100).await.unwrap());
     }
     assert_eq!(expected_messages.len(), 25);
 
@@ -517,13 +528,13 @@ pub async fn export_pages_respect_limit_and_resume(s: Arc<dyn Store>) {
         let got_users = drain_pages!(snap, users_page, limit, user_key);
         assert_eq!(got_users.iter().map(|r| r.user.id.clone()).collect::<Vec<_>>(), users, "limit {limit}");
         for r in &got_users {
-            assert_eq!(r.user, s.user(&r.user.id).await.unwrap().unwrap());
+            assert_eq!(r.user, s.user(&as_user(&r.user.id)).await.unwrap().unwrap());
             assert_eq!(r.password_hash, "$argon2id$fake");
         }
         let got_rooms = drain_pages!(snap, rooms_page, limit, room_key);
         assert_eq!(got_rooms.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), sorted_rooms, "limit {limit}");
         for r in &got_rooms {
-            assert_eq!(*r, s.room(&r.id).await.unwrap().unwrap(), "rooms carry head_seq and member_count");
+            assert_eq!(*r, s.room(&as_room(&r.id)).await.unwrap().unwrap(), "rooms carry head_seq and member_count");
         }
         let got_members = drain_pages!(snap, memberships_page, limit, membership_key);
         assert_eq!(
@@ -561,12 +572,12 @@ pub async fn export_is_a_snapshot(s: Arc<dyn Store>) {
     let r = room(&*s, 1, &a, Visibility::Public).await;
     let batch: Vec<_> = (1..=3).map(|i| req(&r, &a, &format!("c{i}"), "x")).collect();
     s.append_messages(&batch).await.unwrap();
-    let before = s.room(&r).await.unwrap().unwrap();
+    let before = s.room(&as_room(&r)).await.unwrap().unwrap();
 
     let mut snap = s.export().await.unwrap();
     // Writes after the export started, committed before its pages are read.
     let b = user(&*s, 2).await;
-    assert!(s.add_member(&r, &b, Timestamp(5_000)).await.unwrap());
+    assert!(s.add_member(&as_room(&r), &as_user(&b), Timestamp(5_000)).await.unwrap());
     s.append_messages(&[req(&r, &b, "late", "y")]).await.unwrap();
     room(&*s, 2, &b, Visibility::Public).await;
     if snap.consistency() != ExportConsistency::Snapshot {
@@ -603,7 +614,7 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     s.import_users(&users).await.unwrap();
     s.import_users(&users).await.unwrap();
     for u in &users {
-        assert_eq!(s.user(&u.user.id).await.unwrap().unwrap(), u.user);
+        assert_eq!(s.user(&as_user(&u.user.id)).await.unwrap().unwrap(), u.user);
         let (cu, hash) = s.credentials(&u.user.username).await.unwrap().unwrap();
         assert_eq!((cu, hash), (u.user.clone(), u.password_hash.clone()));
     }
@@ -611,11 +622,11 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     let mut changed = rec(1);
     changed.user.display_name = "Someone else".into();
     s.import_users(&[changed]).await.unwrap();
-    assert_eq!(s.user(&id("u", 1)).await.unwrap().unwrap(), users[0].user);
+    assert_eq!(s.user(&as_user(&id("u", 1))).await.unwrap().unwrap(), users[0].user);
     let mut thief = rec(4);
     thief.user.username = "user_2".into();
     assert_eq!(s.import_users(&[thief]).await.unwrap_err(), StoreError::UsernameTaken);
-    assert!(s.user(&id("u", 4)).await.unwrap().is_none());
+    assert!(s.user(&as_user(&id("u", 4))).await.unwrap().is_none());
 
     let room_rec = |n: usize, owner: usize, head: i64, count: i64| chatmesh::domain::Room {
         id: id("r", n),
@@ -633,35 +644,38 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     s.import_rooms(&rooms).await.unwrap();
     s.import_rooms(&rooms).await.unwrap();
     for r in &rooms {
-        assert_eq!(s.room(&r.id).await.unwrap().unwrap(), *r, "stored exactly, counters included");
+        assert_eq!(s.room(&as_room(&r.id)).await.unwrap().unwrap(), *r, "stored exactly, counters included");
     }
-    assert!(s.members(&rooms[0].id).await.unwrap().is_empty(), "rooms come without memberships");
+    assert!(s.members(&as_room(&rooms[0].id)).await.unwrap().is_empty(), "rooms come without memberships");
     // head_seq is raised, never lowered; nothing else of a stored room changes.
     s.import_rooms(&[room_rec(1, 1, 1, 2)]).await.unwrap();
-    assert_eq!(s.head_seq(&rooms[0].id).await.unwrap(), Some(3));
+    assert_eq!(s.head_seq(&as_room(&rooms[0].id)).await.unwrap(), Some(3));
     s.import_rooms(&[room_rec(2, 2, 6, 9)]).await.unwrap();
-    assert_eq!(s.room(&rooms[1].id).await.unwrap().unwrap(), room_rec(2, 2, 6, 1));
+    assert_eq!(s.room(&as_room(&rooms[1].id)).await.unwrap().unwrap(), room_rec(2, 2, 6, 1));
     assert!(matches!(s.import_rooms(&[room_rec(3, 99, 0, 1)]).await.unwrap_err(), StoreError::NotFound(_)));
-    assert!(s.room(&id("r", 3)).await.unwrap().is_none());
+    assert!(s.room(&as_room(&id("r", 3))).await.unwrap().is_none());
 
     let m =
         |r: usize, u: usize, at: i64| Membership { room_id: id("r", r), user_id: id("u", u), joined_at: Timestamp(at) };
     let members = vec![m(1, 1, 2_001), m(1, 3, 2_500), m(2, 2, 2_002)];
     s.import_memberships(&members).await.unwrap();
     s.import_memberships(&members).await.unwrap();
-    let in_r1: Vec<_> = s.members(&id("r", 1)).await.unwrap().into_iter().map(|u| u.id).collect();
+    let in_r1: Vec<_> = s.members(&as_room(&id("r", 1))).await.unwrap().into_iter().map(|u| u.id).collect();
     assert_eq!(in_r1, vec![id("u", 1), id("u", 3)], "in joined_at order");
-    assert_eq!(s.room(&id("r", 1)).await.unwrap().unwrap().member_count, 2);
-    assert_eq!(s.room(&id("r", 2)).await.unwrap().unwrap().member_count, 1);
+    assert_eq!(s.room(&as_room(&id("r", 1))).await.unwrap().unwrap().member_count, 2);
+    assert_eq!(s.room(&as_room(&id("r", 2))).await.unwrap().unwrap().member_count, 1);
     // member_count follows the stored memberships, whatever the file said.
     s.import_memberships(&[m(2, 3, 2_600)]).await.unwrap();
-    assert_eq!(s.room(&id("r", 2)).await.unwrap().unwrap().member_count, 2);
-    assert!(s.is_member(&id("r", 2), &id("u", 3)).await.unwrap());
+    assert_eq!(s.room(&as_room(&id("r", 2))).await.unwrap().unwrap().member_count, 2);
+    assert!(s.is_member(&as_room(&id("r", 2)), &as_user(&id("u", 3))).await.unwrap());
     let missing_room = s.import_memberships(&[m(9, 1, 1), m(1, 2, 1)]).await.unwrap_err();
     assert!(matches!(missing_room, StoreError::NotFound(_)), "{missing_room:?}");
     let missing_user = s.import_memberships(&[m(1, 9, 1)]).await.unwrap_err();
     assert!(matches!(missing_user, StoreError::NotFound(_)), "{missing_user:?}");
-    assert!(!s.is_member(&id("r", 1), &id("u", 2)).await.unwrap(), "nothing of a refused batch is stored");
+    assert!(
+        !s.is_member(&as_room(&id("r", 1)), &as_user(&id("u", 2))).await.unwrap(),
+        "nothing of a refused batch is stored"
+    );
 
     let msg = |seq: i64| Message {
         id: format!("m{seq:010}"),
@@ -675,7 +689,7 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     let msgs = vec![msg(1), msg(2), msg(3)];
     s.upsert_messages(&msgs).await.unwrap();
     s.upsert_messages(&msgs).await.unwrap();
-    assert_eq!(s.messages_after(&id("r", 1), 0, 10).await.unwrap(), msgs);
+    assert_eq!(s.messages_after(&as_room(&id("r", 1)), 0, 10).await.unwrap(), msgs);
     // A send continues after the imported head.
     let out = s.append_messages(&[req(&id("r", 1), &id("u", 1), "next", "next")]).await.unwrap();
     assert_eq!(accepted(&out[0]).seq, 4);

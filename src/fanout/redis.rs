@@ -287,7 +287,7 @@ impl Receiver {
 
     async fn fill_gap(&mut self, room: &str, from: i64, to: i64) {
         tracing::warn!(room, from, to, "fan-out gap: filling from history");
-        match self.history.range(room, from, to).await {
+        match self.history.range(&crate::domain::RoomId::from(room), from, to).await {
             Ok(msgs) => {
                 for m in msgs {
                     if let Ok(raw) = serde_json::value::to_raw_value(&m) {

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Receipt, SendOutcome, Sequencer};
 use crate::breaker::Breakers;
-use crate::domain::Message;
+use crate::domain::{Message, RoomId};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::redis_io::keys::shard_of;
@@ -202,7 +202,7 @@ impl Worker {
             // store's head so no seq that already reached the store is ever handed out again.
             let mut gone = Vec::new();
             for room in missing_rooms {
-                match self.store.head_seq(&room).await {
+                match self.store.head_seq(&RoomId::from(room.as_str())).await {
                     Ok(Some(head)) => {
                         heads.insert(room, head);
                     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::config::StoreUrl;
-use crate::domain::{Message, Room, Timestamp, User, Visibility};
+use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId, Visibility};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -202,31 +202,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a user. `UsernameTaken` if the (lower-case) username exists.
     async fn create_user(&self, user: NewUser) -> StoreResult<User>;
-    async fn user(&self, id: &str) -> StoreResult<Option<User>>;
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>>;
     /// The user and its password hash, by lower-case username.
     async fn credentials(&self, username: &str) -> StoreResult<Option<(User, String)>>;
     /// Applies the fields that are `Some`; bumps `updated_at`. `NotFound` for an unknown user.
-    async fn update_user(&self, id: &str, patch: UserPatch, now: Timestamp) -> StoreResult<User>;
+    async fn update_user(&self, id: &UserId, patch: UserPatch, now: Timestamp) -> StoreResult<User>;
 
     /// Creates a room with its owner as first member (member_count 1, head_seq 0), atomically.
     async fn create_room(&self, room: NewRoom) -> StoreResult<Room>;
-    async fn room(&self, id: &str) -> StoreResult<Option<Room>>;
-    async fn update_room(&self, id: &str, patch: RoomPatch, now: Timestamp) -> StoreResult<Room>;
+    async fn room(&self, id: &RoomId) -> StoreResult<Option<Room>>;
+    async fn update_room(&self, id: &RoomId, patch: RoomPatch, now: Timestamp) -> StoreResult<Room>;
     /// Rooms the user is a member of, newest first.
-    async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>>;
+    async fn rooms_of_user(&self, user_id: &UserId) -> StoreResult<Vec<Room>>;
     /// Public rooms, newest first, at most `limit`.
     async fn public_rooms(&self, limit: u32) -> StoreResult<Vec<Room>>;
 
     /// Adds a member; `Ok(true)` if newly added, `Ok(false)` if already one (idempotent).
     /// member_count stays equal to the number of members. `NotFound` for an unknown room.
-    async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool>;
+    async fn add_member(&self, room_id: &RoomId, user_id: &UserId, now: Timestamp) -> StoreResult<bool>;
     /// Removes a member; `Ok(false)` if it was not one.
-    async fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool>;
-    async fn is_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool>;
+    async fn remove_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool>;
+    async fn is_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool>;
     /// Members, in the order they joined.
-    async fn members(&self, room_id: &str) -> StoreResult<Vec<User>>;
+    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<User>>;
     /// Ids of the rooms the user is a member of, ascending (bytewise).
-    async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>>;
+    async fn room_ids_of_user(&self, user_id: &UserId) -> StoreResult<Vec<String>>;
 
     /// The embedded sequencer: in ONE transaction, for each request in order, dedupe on
     /// (room, sender, client_msg_id), else assign `seq = head_seq + 1` and store it. Either every
@@ -239,11 +239,11 @@ pub trait Store: Send + Sync + 'static {
     async fn upsert_messages(&self, batch: &[Message]) -> StoreResult<()>;
 
     /// Messages with seq > after_seq, ascending, at most `limit`.
-    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
+    async fn messages_after(&self, room_id: &RoomId, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
     /// The `limit` messages just below `before_seq`, ascending.
-    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
+    async fn messages_before(&self, room_id: &RoomId, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
     /// The room's head seq (0 when empty); `None` for an unknown room.
-    async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>>;
+    async fn head_seq(&self, room_id: &RoomId) -> StoreResult<Option<i64>>;
 
     /// Opens a read-only view of the whole store for a backup. SQLite and PostgreSQL always give
     /// [`ExportConsistency::Snapshot`] (one read transaction; REPEATABLE READ on PostgreSQL);

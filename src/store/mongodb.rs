@@ -59,7 +59,7 @@ use super::{
     AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
     StoreError, StoreResult, UserPatch, UserRecord,
 };
-use crate::domain::{Message, Room, Timestamp, User, Visibility};
+use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId, Visibility};
 
 /// The database when the URL names none.
 const DEFAULT_DATABASE: &str = "chatmesh";
@@ -573,7 +573,8 @@ impl Store for MongoStore {
         }
     }
 
-    async fn user(&self, id: &str) -> StoreResult<Option<User>> {
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>> {
+        let id = id.as_str();
         let d = self.users.find_one(doc! { "_id": id }).await.map_err(unavailable)?;
         Ok(d.map(User::from))
     }
@@ -586,7 +587,8 @@ impl Store for MongoStore {
         }))
     }
 
-    async fn update_user(&self, id: &str, p: UserPatch, now: Timestamp) -> StoreResult<User> {
+    async fn update_user(&self, id: &UserId, p: UserPatch, now: Timestamp) -> StoreResult<User> {
+        let id = id.as_str();
         let mut set = doc! { "updated_at": now.0 };
         if let Some(v) = p.display_name {
             set.insert("display_name", v);
@@ -612,12 +614,14 @@ impl Store for MongoStore {
         Ok(Room::from(d))
     }
 
-    async fn room(&self, id: &str) -> StoreResult<Option<Room>> {
+    async fn room(&self, id: &RoomId) -> StoreResult<Option<Room>> {
+        let id = id.as_str();
         let d = self.rooms.find_one(doc! { "_id": id }).await.map_err(unavailable)?;
         Ok(d.map(Room::from))
     }
 
-    async fn update_room(&self, id: &str, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
+    async fn update_room(&self, id: &RoomId, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
+        let id = id.as_str();
         let mut set = doc! { "updated_at": now.0 };
         if let Some(v) = p.name {
             set.insert("name", v);
@@ -634,7 +638,7 @@ impl Store for MongoStore {
         d.map(Room::from).ok_or(StoreError::NotFound("room"))
     }
 
-    async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>> {
+    async fn rooms_of_user(&self, user_id: &UserId) -> StoreResult<Vec<Room>> {
         let ids = self.room_ids_of_user(user_id).await?;
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -664,7 +668,9 @@ impl Store for MongoStore {
         Ok(docs.into_iter().map(Room::from).collect())
     }
 
-    async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool> {
+    async fn add_member(&self, room_id: &RoomId, user_id: &UserId, now: Timestamp) -> StoreResult<bool> {
+        let room_id = room_id.as_str();
+        let user_id = user_id.as_str();
         self.atomically((self, room_id, user_id, now), |s, (this, room_id, user_id, now)| {
             this.add_member_in(s, room_id, user_id, *now).boxed()
         })
@@ -672,7 +678,9 @@ impl Store for MongoStore {
         .map_err(unavailable)?
     }
 
-    async fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+    async fn remove_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool> {
+        let room_id = room_id.as_str();
+        let user_id = user_id.as_str();
         self.atomically((self, room_id, user_id), |s, (this, room_id, user_id)| {
             this.remove_member_in(s, room_id, user_id).boxed()
         })
@@ -680,13 +688,16 @@ impl Store for MongoStore {
         .map_err(unavailable)
     }
 
-    async fn is_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+    async fn is_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool> {
+        let room_id = room_id.as_str();
+        let user_id = user_id.as_str();
         let found =
             self.memberships.find_one(doc! { "room_id": room_id, "user_id": user_id }).await.map_err(unavailable)?;
         Ok(found.is_some())
     }
 
-    async fn members(&self, room_id: &str) -> StoreResult<Vec<User>> {
+    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<User>> {
+        let room_id = room_id.as_str();
         let cursor = self
             .memberships
             .find(doc! { "room_id": room_id })
@@ -705,7 +716,8 @@ impl Store for MongoStore {
         Ok(ids.into_iter().filter_map(|id| by_id.remove(id)).collect())
     }
 
-    async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>> {
+    async fn room_ids_of_user(&self, user_id: &UserId) -> StoreResult<Vec<String>> {
+        let user_id = user_id.as_str();
         let cursor = self
             .memberships
             .find(doc! { "user_id": user_id })
@@ -770,11 +782,13 @@ impl Store for MongoStore {
         Ok(())
     }
 
-    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+    async fn messages_after(&self, room_id: &RoomId, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let room_id = room_id.as_str();
         self.find_messages(doc! { "room_id": room_id, "seq": { "$gt": after_seq } }, doc! { "seq": 1 }, limit).await
     }
 
-    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+    async fn messages_before(&self, room_id: &RoomId, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let room_id = room_id.as_str();
         let mut msgs = self
             .find_messages(doc! { "room_id": room_id, "seq": { "$lt": before_seq } }, doc! { "seq": -1 }, limit)
             .await?;
@@ -785,7 +799,8 @@ impl Store for MongoStore {
     /// Always read from the primary, whatever the URL's read preference: the cluster sequencer
     /// seeds a room's counter from this, and a head read from a lagging secondary would hand out
     /// a seq twice.
-    async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>> {
+    async fn head_seq(&self, room_id: &RoomId) -> StoreResult<Option<i64>> {
+        let room_id = room_id.as_str();
         let d = self
             .rooms
             .clone_with_type::<HeadDoc>()

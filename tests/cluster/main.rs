@@ -123,6 +123,14 @@ pub async fn seed(store: &dyn Store) -> (String, String) {
     (uid, rid)
 }
 
+pub fn as_user(id: &str) -> chatmesh::domain::UserId {
+    chatmesh::domain::UserId::from(id)
+}
+
+pub fn as_room(id: &str) -> chatmesh::domain::RoomId {
+    chatmesh::domain::RoomId::from(id)
+}
+
 pub fn request(room: &str, sender: &str, cmid: &str) -> SendRequest {
     SendRequest {
         message_id: ulid::Ulid::generate().to_string(),

@@ -30,7 +30,7 @@ async fn a_consumer_killed_mid_batch_has_its_entries_reclaimed_and_stored_exactl
     a.ensure_groups().await.unwrap();
     let taken = a.read_batch(Duration::ZERO).await.unwrap();
     assert_eq!(taken.len(), 50);
-    assert!(p.store.messages_after(&room, 0, 100).await.unwrap().is_empty(), "nothing stored yet");
+    assert!(p.store.messages_after(&as_room(&room), 0, 100).await.unwrap().is_empty(), "nothing stored yet");
 
     // Consumer B finds nothing new; once A's entries are idle past the timeout it takes them over.
     let b = worker(&p, "b", Duration::from_millis(300));
@@ -42,7 +42,7 @@ async fn a_consumer_killed_mid_batch_has_its_entries_reclaimed_and_stored_exactl
 
     // A comes back and commits its stale copy: the upsert is idempotent.
     a.commit_batch(taken).await;
-    let stored = p.store.messages_after(&room, 0, 100).await.unwrap();
+    let stored = p.store.messages_after(&as_room(&room), 0, 100).await.unwrap();
     assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
     let ids: std::collections::HashSet<_> = stored.iter().map(|m| m.id.clone()).collect();
     assert_eq!(ids.len(), 50, "each message stored exactly once");
@@ -58,7 +58,7 @@ async fn redis_restart_without_persistence_reinitialises_counters_from_the_store
     let w = worker(&p, "w", Duration::from_secs(5));
     w.ensure_groups().await.unwrap();
     assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 10, dead: 0 });
-    assert_eq!(p.store.head_seq(&room).await.unwrap(), Some(10));
+    assert_eq!(p.store.head_seq(&as_room(&room)).await.unwrap(), Some(10));
 
     redis.restart(); // no persistence: counters, streams and dedupe keys are gone
     assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
@@ -80,7 +80,7 @@ async fn redis_restart_without_persistence_reinitialises_counters_from_the_store
     assert_eq!(after, vec![11, 12, 13], "no seq that reached the store is handed out again");
     w.ensure_groups().await.unwrap();
     assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 3, dead: 0 });
-    let stored = p.store.messages_after(&room, 0, 100).await.unwrap();
+    let stored = p.store.messages_after(&as_room(&room), 0, 100).await.unwrap();
     assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=13).collect::<Vec<_>>());
 }
 

@@ -30,7 +30,7 @@ use super::{
     AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
     StoreError, StoreResult, UserPatch, UserRecord,
 };
-use crate::domain::{Message, Room, Timestamp, User};
+use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId};
 
 const USER_COLS: &str = "id, username, display_name, status_text, avatar_url, created_at, updated_at";
 const ROOM_COLS: &str =
@@ -284,7 +284,8 @@ where
         Ok(record.user)
     }
 
-    async fn user(&self, id: &str) -> StoreResult<Option<User>> {
+    async fn user(&self, id: &UserId) -> StoreResult<Option<User>> {
+        let id = id.as_str();
         self.fetch_optional(Self::by(format!("SELECT {USER_COLS} FROM users WHERE id = "), id)).await
     }
 
@@ -294,7 +295,8 @@ where
         Ok(record.map(|r| (r.user, r.password_hash)))
     }
 
-    async fn update_user(&self, id: &str, p: UserPatch, now: Timestamp) -> StoreResult<User> {
+    async fn update_user(&self, id: &UserId, p: UserPatch, now: Timestamp) -> StoreResult<User> {
+        let id = id.as_str();
         let mut q = QueryBuilder::new("UPDATE users SET display_name = COALESCE(");
         q.push_bind(p.display_name).push(", display_name), status_text = COALESCE(");
         q.push_bind(p.status_text).push(", status_text), avatar_url = COALESCE(");
@@ -313,11 +315,13 @@ where
         Ok(room)
     }
 
-    async fn room(&self, id: &str) -> StoreResult<Option<Room>> {
+    async fn room(&self, id: &RoomId) -> StoreResult<Option<Room>> {
+        let id = id.as_str();
         self.fetch_optional(Self::by(format!("SELECT {ROOM_COLS} FROM rooms WHERE id = "), id)).await
     }
 
-    async fn update_room(&self, id: &str, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
+    async fn update_room(&self, id: &RoomId, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
+        let id = id.as_str();
         let mut q = QueryBuilder::new("UPDATE rooms SET name = COALESCE(");
         q.push_bind(p.name).push(", name), topic = COALESCE(").push_bind(p.topic);
         q.push(", topic), updated_at = ").push_bind(now.0);
@@ -325,7 +329,8 @@ where
         self.fetch_optional(q).await?.ok_or(StoreError::NotFound("room"))
     }
 
-    async fn rooms_of_user(&self, user_id: &str) -> StoreResult<Vec<Room>> {
+    async fn rooms_of_user(&self, user_id: &UserId) -> StoreResult<Vec<Room>> {
+        let user_id = user_id.as_str();
         let sql = format!(
             "SELECT {} FROM rooms r JOIN memberships m ON m.room_id = r.id WHERE m.user_id = ",
             qualified(ROOM_COLS, "r")
@@ -343,7 +348,9 @@ where
         self.fetch_all(q).await
     }
 
-    async fn add_member(&self, room_id: &str, user_id: &str, now: Timestamp) -> StoreResult<bool> {
+    async fn add_member(&self, room_id: &RoomId, user_id: &UserId, now: Timestamp) -> StoreResult<bool> {
+        let room_id = room_id.as_str();
+        let user_id = user_id.as_str();
         let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
         let mut q = Self::by("SELECT id FROM rooms WHERE id = ".into(), room_id);
         let room: Option<(String,)> = q.build_query_as().fetch_optional(&mut *tx).await.map_err(unavailable)?;
@@ -364,7 +371,9 @@ where
         Ok(added)
     }
 
-    async fn remove_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+    async fn remove_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool> {
+        let room_id = room_id.as_str();
+        let user_id = user_id.as_str();
         let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
         let mut q = Self::by("DELETE FROM memberships WHERE room_id = ".into(), room_id);
         q.push(" AND user_id = ").push_bind(user_id);
@@ -377,14 +386,17 @@ where
         Ok(removed)
     }
 
-    async fn is_member(&self, room_id: &str, user_id: &str) -> StoreResult<bool> {
+    async fn is_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool> {
+        let room_id = room_id.as_str();
+        let user_id = user_id.as_str();
         let mut q = Self::by("SELECT room_id FROM memberships WHERE room_id = ".into(), room_id);
         q.push(" AND user_id = ").push_bind(user_id);
         let found: Option<(String,)> = self.fetch_optional(q).await?;
         Ok(found.is_some())
     }
 
-    async fn members(&self, room_id: &str) -> StoreResult<Vec<User>> {
+    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<User>> {
+        let room_id = room_id.as_str();
         let sql = format!(
             "SELECT {} FROM users u JOIN memberships m ON m.user_id = u.id WHERE m.room_id = ",
             qualified(USER_COLS, "u")
@@ -394,7 +406,8 @@ where
         self.fetch_all(q).await
     }
 
-    async fn room_ids_of_user(&self, user_id: &str) -> StoreResult<Vec<String>> {
+    async fn room_ids_of_user(&self, user_id: &UserId) -> StoreResult<Vec<String>> {
+        let user_id = user_id.as_str();
         let mut q = Self::by("SELECT room_id FROM memberships WHERE user_id = ".into(), user_id);
         q.push(" ORDER BY room_id");
         let ids: Vec<(String,)> = self.fetch_all(q).await?;
@@ -457,17 +470,20 @@ where
         Ok(())
     }
 
-    async fn messages_after(&self, room_id: &str, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+    async fn messages_after(&self, room_id: &RoomId, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let room_id = room_id.as_str();
         self.messages(room_id, ">", after_seq, "", limit).await
     }
 
-    async fn messages_before(&self, room_id: &str, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+    async fn messages_before(&self, room_id: &RoomId, before_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
+        let room_id = room_id.as_str();
         let mut msgs = self.messages(room_id, "<", before_seq, "DESC", limit).await?;
         msgs.reverse();
         Ok(msgs)
     }
 
-    async fn head_seq(&self, room_id: &str) -> StoreResult<Option<i64>> {
+    async fn head_seq(&self, room_id: &RoomId) -> StoreResult<Option<i64>> {
+        let room_id = room_id.as_str();
         let head: Option<(i64,)> =
             self.fetch_optional(Self::by("SELECT head_seq FROM rooms WHERE id = ".into(), room_id)).await?;
         Ok(head.map(|(h,)| h))
