@@ -19,13 +19,11 @@ use crate::config::{AckLevel, ClusterConfig, Config};
 use crate::domain::Timestamp;
 use crate::fanout::local::LocalFanout;
 use crate::fanout::redis::RedisFanout;
-use crate::fanout::{Delivery, Evictions, Notices};
-use crate::history::{History, LocalHistory, RedisHistory};
+use crate::history::{LocalHistory, RedisHistory};
 use crate::ops::{LocalOps, Ops, RedisOps};
 use crate::presence::LocalPresence;
 use crate::redis_io::{Keys, Redis};
-use crate::revocation::{LocalRevocations, RedisRevocations, Revocations};
-use crate::sequencer::Sequencer;
+use crate::revocation::{LocalRevocations, RedisRevocations};
 use crate::sequencer::embedded::LocalSequencer;
 use crate::sequencer::redis::{RedisSequencer, RedisSequencerConfig};
 use crate::service::{Backends, ChatService, Limits};
@@ -35,14 +33,10 @@ use crate::sync::SyncStats;
 use crate::sync::redis::{SyncConfig, SyncWorker};
 use crate::{api, metrics, realtime};
 
-/// The implementations of one mode.
+/// The implementations of one mode: what the service runs on, and what the instance needs
+/// besides.
 struct Mode {
-    sequencer: Arc<dyn Sequencer>,
-    revocations: Arc<dyn Revocations>,
-    delivery: Arc<dyn Delivery>,
-    notices: Arc<dyn Notices>,
-    evictions: Arc<dyn Evictions>,
-    history: Arc<dyn History>,
+    backends: Backends,
     ops: Arc<dyn Ops>,
     heartbeat: Option<(Redis, Keys)>,
 }
@@ -50,12 +44,16 @@ struct Mode {
 fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>) -> Mode {
     let fanout = Arc::new(LocalFanout::new(io));
     Mode {
-        sequencer: Arc::new(LocalSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
-        revocations: Arc::new(LocalRevocations),
-        delivery: fanout.clone(),
-        notices: fanout.clone(),
-        evictions: fanout,
-        history: Arc::new(LocalHistory { store: store.clone() }),
+        backends: Backends {
+            store: store.clone(),
+            sequencer: Arc::new(LocalSequencer::start(store.clone(), fanout.clone(), breakers.clone())),
+            revocations: Arc::new(LocalRevocations),
+            delivery: fanout.clone(),
+            notices: fanout.clone(),
+            evictions: fanout,
+            history: Arc::new(LocalHistory { store: store.clone() }),
+            caches: Arc::new(Caches::default()),
+        },
         ops: Arc::new(LocalOps { store, breakers }),
         heartbeat: None,
     }
@@ -74,7 +72,8 @@ async fn cluster_mode(
     let keys = Keys::new(&c.prefix, c.shards);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let fanout =
-        RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), caches, instance_id.to_string()).await?;
+        RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), caches.clone(), instance_id.to_string())
+            .await?;
     let sequencer = RedisSequencer::start_with(
         redis.clone(),
         keys.clone(),
@@ -107,16 +106,20 @@ async fn cluster_mode(
         tokio::spawn(worker.run(stats.clone()));
     }
     Ok(Mode {
-        sequencer: Arc::new(sequencer),
-        revocations: Arc::new(RedisRevocations {
-            redis: redis.clone(),
-            keys: keys.clone(),
-            wait_replica: matches!(c.ack_level, AckLevel::Replica).then_some(Duration::from_secs(1)),
-        }),
-        delivery: fanout.clone(),
-        notices: fanout.clone(),
-        evictions: fanout.clone(),
-        history,
+        backends: Backends {
+            store: store.clone(),
+            sequencer: Arc::new(sequencer),
+            revocations: Arc::new(RedisRevocations {
+                redis: redis.clone(),
+                keys: keys.clone(),
+                wait_replica: matches!(c.ack_level, AckLevel::Replica).then_some(Duration::from_secs(1)),
+            }),
+            delivery: fanout.clone(),
+            notices: fanout.clone(),
+            evictions: fanout.clone(),
+            history,
+            caches,
+        },
         ops: Arc::new(RedisOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
     })
@@ -156,39 +159,17 @@ impl Application {
         let io = realtime::build_io(&config);
 
         let breakers = Arc::new(Breakers::default());
-        let (caches, mode) = match &config.cluster {
-            None => {
-                let caches = Arc::new(Caches::default());
-                (caches, embedded_mode(store.clone(), io.clone(), breakers.clone()))
-            }
+        let mode = match &config.cluster {
+            None => embedded_mode(store, io.clone(), breakers.clone()),
             Some(cluster) => {
                 let redis = Redis::connect(cluster.redis.clone()).await?;
                 let l2 = RedisSharedCache { redis: redis.clone(), prefix: cluster.prefix.clone() };
                 let caches = Arc::new(Caches::new(Arc::new(l2)));
-                let mode = cluster_mode(
-                    cluster,
-                    redis,
-                    store.clone(),
-                    io.clone(),
-                    caches.clone(),
-                    breakers.clone(),
-                    &instance_id,
-                )
-                .await?;
-                (caches, mode)
+                cluster_mode(cluster, redis, store, io.clone(), caches, breakers.clone(), &instance_id).await?
             }
         };
         let svc = ChatService::new(
-            Backends {
-                store,
-                sequencer: mode.sequencer,
-                revocations: mode.revocations,
-                delivery: mode.delivery,
-                notices: mode.notices,
-                evictions: mode.evictions,
-                history: mode.history,
-                caches,
-            },
+            mode.backends,
             Tokens::new(&secret, config.token_ttl),
             config.region.clone(),
             Limits {

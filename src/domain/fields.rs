@@ -2,8 +2,6 @@
 //!
 //! Lengths count Unicode scalar values (`chars()`), as API.md §2 says.
 
-use std::fmt;
-
 /// Why a field was rejected: the message goes into the `validation_failed` error verbatim.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -20,31 +18,6 @@ fn char_len_within(field: &str, s: &str, min: usize, max: usize) -> Result<(), F
         return err(format!("{field} must be {min}..={max} characters"));
     }
     Ok(())
-}
-
-macro_rules! string_newtype {
-    ($name:ident) => {
-        #[derive(Debug, Clone, PartialEq, Eq)]
-        pub struct $name(String);
-        impl $name {
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-            pub fn into_inner(self) -> String {
-                self.0
-            }
-        }
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-        impl AsRef<str> for $name {
-            fn as_ref(&self) -> &str {
-                &self.0
-            }
-        }
-    };
 }
 
 string_newtype!(Username);

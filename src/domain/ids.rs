@@ -4,35 +4,21 @@
 //! Ids are opaque strings (ULIDs when chatmesh makes them); an id that names nothing is
 //! answered `not_found` by whoever looks it up, so parsing accepts any string.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        string_newtype!(
+            $(#[$doc])*
+            #[derive(Hash, PartialOrd, Ord, Serialize, Deserialize)]
+            #[serde(transparent)]
+            $name
+        );
 
         impl $name {
             /// A new, unique id (a ULID: ids made later sort later).
             pub fn generate() -> Self {
                 Self(ulid::Ulid::generate().to_string())
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-
-            pub fn into_inner(self) -> String {
-                self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
             }
         }
 
