@@ -174,6 +174,8 @@ impl Application {
             config.region.clone(),
             Limits {
                 send_rate_per_sec: config.send_rate_per_sec,
+                read_rate_per_sec: config.read_rate_per_sec,
+                typing_rate_per_sec: config.typing_rate_per_sec,
                 auth_rate_per_min: config.auth_rate_per_min,
                 password_hash_queue: config.password_hash_queue,
             },

@@ -110,6 +110,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_SEND_RATE_PER_SEC", value_name = "CHATMESH_SEND_RATE_PER_SEC", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub send_rate_per_sec: u32,
+    /// History reads (REST pages, room:sync) and joins (REST, room:join) per user per second,
+    /// sustained (bursts up to 10x).
+    #[arg(long, env = "CHATMESH_READ_RATE_PER_SEC", value_name = "CHATMESH_READ_RATE_PER_SEC", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub read_rate_per_sec: u32,
+    /// `typing` events per user per second, sustained (bursts up to 10x).
+    #[arg(long, env = "CHATMESH_TYPING_RATE_PER_SEC", value_name = "CHATMESH_TYPING_RATE_PER_SEC", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub typing_rate_per_sec: u32,
     /// Request body limit for REST and Socket.IO packets.
     #[arg(long, env = "CHATMESH_MAX_BODY_BYTES", value_name = "CHATMESH_MAX_BODY_BYTES", default_value_t = 65536,
           value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
@@ -262,6 +271,8 @@ pub struct Config {
     pub auth_rate_per_min: u32,
     pub password_hash_queue: usize,
     pub send_rate_per_sec: u32,
+    pub read_rate_per_sec: u32,
+    pub typing_rate_per_sec: u32,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
     pub drain_delay: Duration,
@@ -363,6 +374,8 @@ impl Config {
             auth_rate_per_min: args.auth_rate_per_min,
             password_hash_queue: args.password_hash_queue as usize,
             send_rate_per_sec: args.send_rate_per_sec,
+            read_rate_per_sec: args.read_rate_per_sec,
+            typing_rate_per_sec: args.typing_rate_per_sec,
             max_body_bytes: args.max_body_bytes as usize,
             token_ttl: Duration::from_secs(args.token_ttl_secs),
             drain_delay: Duration::from_millis(args.drain_delay_ms),

@@ -67,6 +67,8 @@ pub struct ChatService {
     hashing: Hashing,
     region: String,
     send_limiter: RateLimiter,
+    read_limiter: RateLimiter,
+    typing_limiter: RateLimiter,
     auth_limiter: RateLimiter,
     /// L1 caches; evicted here and on every instance through `evictions`.
     caches: Arc<Caches>,
@@ -87,9 +89,18 @@ pub struct Backends {
 /// Rate limits from the configuration.
 pub struct Limits {
     pub send_rate_per_sec: u32,
+    /// History pages and joins per user.
+    pub read_rate_per_sec: u32,
+    pub typing_rate_per_sec: u32,
     pub auth_rate_per_min: u32,
     /// Logins and registrations that may wait for a password-hashing slot.
     pub password_hash_queue: usize,
+}
+
+/// A per-user bucket of `rate` a second that allows bursts of ten times that.
+fn per_second(rate: u32) -> RateLimiter {
+    let rate = f64::from(rate);
+    RateLimiter::new(rate, rate * 10.0)
 }
 
 pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
@@ -117,6 +128,8 @@ impl ChatService {
             hashing: Hashing::new(limits.password_hash_queue),
             region,
             send_limiter: RateLimiter::new(send, send * 10.0),
+            read_limiter: per_second(limits.read_rate_per_sec),
+            typing_limiter: per_second(limits.typing_rate_per_sec),
             auth_limiter: RateLimiter::new(auth / 60.0, auth),
             caches,
         }
@@ -209,8 +222,15 @@ impl ChatService {
     }
 
     /// `typing` from a socket to the room's other sockets (the caller checked it joined the room).
-    pub async fn typing(&self, room_id: &RoomId, user_id: &UserId, socket_id: &str) {
+    pub async fn typing(&self, room_id: &RoomId, user_id: &UserId, socket_id: &str) -> ApiResult<()> {
+        self.typing_limiter.check(user_id).map_err(|wait| Self::limited("typing", wait))?;
         self.notices.typing(room_id, user_id, socket_id).await;
+        Ok(())
+    }
+
+    /// One history page or join for the user, within `CHATMESH_READ_RATE_PER_SEC`.
+    fn check_read_rate(&self, user_id: &UserId) -> ApiResult<()> {
+        self.read_limiter.check(user_id).map_err(|wait| Self::limited("read", wait))
     }
 
     /// Makes sure every message accepted in the room from now on reaches this instance; call it
@@ -375,6 +395,7 @@ impl ChatService {
 
     /// Joins a public room (idempotent); a private room only for existing members.
     pub async fn join_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
+        self.check_read_rate(user_id)?;
         let room = self.room_meta(room_id).await?;
         if self.is_member(room_id, user_id).await? {
             return self.room_or_404(room_id).await;
@@ -474,6 +495,7 @@ impl ChatService {
         cursor: Cursor,
         limit: u32,
     ) -> ApiResult<HistoryPage> {
+        self.check_read_rate(user_id)?;
         self.visible_room(user_id, room_id).await?;
         self.page(room_id, cursor, limit).await
     }

@@ -64,6 +64,6 @@ async fn typing(state: &AppState, s: &Socket, data: Result<Value, String>) -> Ap
     if !s.in_room(&room_id) {
         return Err(ApiError::Forbidden("join the room before sending typing".into()));
     }
-    state.svc.typing(&room_id, &me.user_id, &s.id).await;
+    state.svc.typing(&room_id, &me.user_id, &s.id).await?;
     Ok(json!({}))
 }

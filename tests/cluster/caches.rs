@@ -77,7 +77,13 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
         },
         Tokens::new(&Secret::new(crate::SECRET.to_string()), Duration::from_secs(3600)),
         "local".into(),
-        Limits { send_rate_per_sec: 1_000, auth_rate_per_min: 1_000, password_hash_queue: 64 },
+        Limits {
+            send_rate_per_sec: 1_000,
+            read_rate_per_sec: 1_000,
+            typing_rate_per_sec: 1_000,
+            auth_rate_per_min: 1_000,
+            password_hash_queue: 64,
+        },
     );
     (svc, store)
 }

@@ -722,6 +722,48 @@ for (const ts of TRANSPORT_SETS) {
   });
 }
 
+describe('read and typing rate limits', () => {
+  let limited;
+  before(async () => {
+    limited = await startServer({ env: { CHATMESH_READ_RATE_PER_SEC: '1', CHATMESH_TYPING_RATE_PER_SEC: '1' } });
+  });
+  after(async () => {
+    await limited?.close();
+  });
+
+  test('room:sync, room:join, history pages and typing beyond 10x the per-second rate get rate_limited', async () => {
+    const a = await registerUser(limited.url);
+    const b = await registerUser(limited.url);
+    const room = await createRoom(limited.url, a.token, 'reads');
+    const s = await connect(limited.url, a.token, ['websocket']);
+    allSockets.add(s);
+    // The join is the first read of the burst of 10.
+    await joinRoom(s, room.id);
+    const t0 = Date.now();
+    const acks = [];
+    for (let i = 0; i < 14; i++) acks.push(await emitAck(s, 'room:sync', { room_id: room.id, after_seq: 0 }));
+    const elapsedSec = (Date.now() - t0) / 1000;
+    const ok = acks.filter((x) => x.ok === true).length;
+    for (const x of acks.filter((y) => y.ok !== true)) assertAckError(x, 'rate_limited', 'room:sync over the rate');
+    assert.ok(ok >= 9, `the burst (10, the join included) must pass, got ${ok} of 14 syncs`);
+    assert.ok(ok <= 9 + Math.ceil(elapsedSec) + 1, `at most the burst and the refill within ${elapsedSec}s, got ${ok}`);
+    assertAckError(await emitAck(s, 'room:join', { room_id: room.id }), 'rate_limited', 'room:join over the rate');
+    const page = await api(limited.url, 'GET', `/api/v1/rooms/${room.id}/messages`, undefined, a.token);
+    assert.equal(page.status, 429, JSON.stringify(page.body));
+    assert.ok(page.headers.get('retry-after'), 'Retry-After on the REST history page');
+    // Another user's budget is their own.
+    const other = await api(limited.url, 'GET', `/api/v1/rooms/${room.id}/messages`, undefined, b.token);
+    assert.equal(other.status, 200, JSON.stringify(other.body));
+
+    const typing = [];
+    for (let i = 0; i < 14; i++) typing.push(await emitAck(s, 'typing', { room_id: room.id }));
+    const typed = typing.filter((x) => x.ok === true).length;
+    for (const x of typing.filter((y) => y.ok !== true)) assertAckError(x, 'rate_limited', 'typing over the rate');
+    assert.ok(typed >= 10 && typed <= 12, `typing: the burst of 10 (and what refilled) passes, got ${typed} of 14`);
+    s.close();
+  });
+});
+
 describe('send rate limit', () => {
   let limited;
   before(async () => {

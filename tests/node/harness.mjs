@@ -37,6 +37,8 @@ export async function startServer({ env = {}, dataDir } = {}) {
     // Tests open many sockets from one IP and burst sends: limits are raised unless a test sets them.
     CHATMESH_AUTH_RATE_PER_MIN: '100000',
     CHATMESH_SEND_RATE_PER_SEC: '100000',
+    CHATMESH_READ_RATE_PER_SEC: '100000',
+    CHATMESH_TYPING_RATE_PER_SEC: '100000',
     CHATMESH_DRAIN_DELAY_MS: '0',
     ...env,
   };
