@@ -115,6 +115,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_READ_RATE_PER_SEC", value_name = "CHATMESH_READ_RATE_PER_SEC", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub read_rate_per_sec: u32,
+    /// Sockets one user may have connected to this instance at once (each further CONNECT is
+    /// refused with connect_error "too many connections for this user").
+    #[arg(long, env = "CHATMESH_MAX_SOCKETS_PER_USER", value_name = "CHATMESH_MAX_SOCKETS_PER_USER",
+          default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_sockets_per_user: u32,
+    /// Rooms one socket may be in at once (room:join beyond it answers validation_failed).
+    #[arg(long, env = "CHATMESH_MAX_ROOMS_PER_SOCKET", value_name = "CHATMESH_MAX_ROOMS_PER_SOCKET",
+          default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_rooms_per_socket: u32,
     /// `typing` events per user per second, sustained (bursts up to 10x).
     #[arg(long, env = "CHATMESH_TYPING_RATE_PER_SEC", value_name = "CHATMESH_TYPING_RATE_PER_SEC", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -273,6 +282,8 @@ pub struct Config {
     pub send_rate_per_sec: u32,
     pub read_rate_per_sec: u32,
     pub typing_rate_per_sec: u32,
+    pub max_sockets_per_user: usize,
+    pub max_rooms_per_socket: usize,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
     pub drain_delay: Duration,
@@ -376,6 +387,8 @@ impl Config {
             send_rate_per_sec: args.send_rate_per_sec,
             read_rate_per_sec: args.read_rate_per_sec,
             typing_rate_per_sec: args.typing_rate_per_sec,
+            max_sockets_per_user: args.max_sockets_per_user as usize,
+            max_rooms_per_socket: args.max_rooms_per_socket as usize,
             max_body_bytes: args.max_body_bytes as usize,
             token_ttl: Duration::from_secs(args.token_ttl_secs),
             drain_delay: Duration::from_millis(args.drain_delay_ms),

@@ -69,12 +69,16 @@ impl Handler for Realtime {
         async move {
             // The exact `connect_error` message API.md §5 promises.
             let user_id = authenticate(&state, auth).await.ok_or_else(|| "unauthorized".to_string())?;
+            let Ok(first) = state.presence.connect(&user_id, state.config.max_sockets_per_user) else {
+                metrics::counter!(m::RATE_LIMITED, "kind" => "sockets_per_user").increment(1);
+                return Err("too many connections for this user".to_string());
+            };
             s.join(&user_channel(&user_id));
             s.set_ext(Conn { user_id: user_id.clone(), order: Arc::default() });
             CONNECTIONS.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
             tracing::info!(socket = %s.id, user = %user_id, transport = ?s.transport(), "socket connected");
-            if state.presence.connect(&user_id) {
+            if first {
                 tokio::spawn(async move { state.svc.announce_presence(&user_id, true).await });
             }
             Ok(())

@@ -35,6 +35,13 @@ async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) ->
     let input = payload(state, data)?;
     let room_id = room_arg(&input)?;
     let after = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
+    // Its own user channel is one of the socket's rooms, not counted against the cap.
+    if !s.in_room(&room_id) && s.room_count() > state.config.max_rooms_per_socket {
+        return Err(crate::error::ApiError::validation(format!(
+            "a socket may be in at most {} rooms; leave one first",
+            state.config.max_rooms_per_socket
+        )));
+    }
     let room = state.svc.join_room(&me.user_id, &room_id).await?;
     // Join the delivery group before reading history: a message accepted in between is then
     // delivered live or found in the read (or both; clients dedupe by seq), never neither.

@@ -168,6 +168,11 @@ impl Socket {
         lock(&self.rooms).iter().any(|r| &**r == room)
     }
 
+    /// How many rooms the socket is in (its own user channel included).
+    pub fn room_count(&self) -> usize {
+        lock(&self.rooms).len()
+    }
+
     pub(super) fn rooms(&self) -> MutexGuard<'_, Vec<Arc<str>>> {
         lock(&self.rooms)
     }

@@ -764,6 +764,52 @@ describe('read and typing rate limits', () => {
   });
 });
 
+describe('sockets per user and rooms per socket', () => {
+  let capped;
+  before(async () => {
+    capped = await startServer({ env: { CHATMESH_MAX_SOCKETS_PER_USER: '2', CHATMESH_MAX_ROOMS_PER_SOCKET: '2' } });
+  });
+  after(async () => {
+    await capped?.close();
+  });
+
+  test('a user past the socket cap gets connect_error; a socket past the room cap cannot join', async () => {
+    const a = await registerUser(capped.url);
+    const b = await registerUser(capped.url);
+    const s1 = await connect(capped.url, a.token, ['websocket']);
+    const s2 = await connect(capped.url, a.token, ['polling']);
+    allSockets.add(s1);
+    allSockets.add(s2);
+    await assert.rejects(connect(capped.url, a.token, ['websocket']), /too many connections for this user/, 'a third socket of the same user');
+    const sb = await connect(capped.url, b.token, ['websocket']);
+    allSockets.add(sb);
+    s2.close();
+    // The freed slot is counted back once the server has seen the disconnect.
+    await waitFor(async () => {
+      try {
+        const again = await connect(capped.url, a.token, ['websocket']);
+        allSockets.add(again);
+        return true;
+      } catch {
+        return false;
+      }
+    }, 5000, 'a new socket once one of the two closed');
+
+    const rooms = [];
+    for (const name of ['c1', 'c2', 'c3']) rooms.push(await createRoom(capped.url, a.token, name));
+    await joinRoom(s1, rooms[0].id);
+    await joinRoom(s1, rooms[1].id);
+    const third = await emitAck(s1, 'room:join', { room_id: rooms[2].id });
+    assertAckError(third, 'validation_failed', 'room:join past the room cap');
+    assert.match(third.error.message, /at most 2 rooms/);
+    await joinRoom(s1, rooms[1].id); // rejoining a room the socket is in is not a new room
+    assert.equal((await emitAck(s1, 'room:leave', { room_id: rooms[0].id })).ok, true);
+    await joinRoom(s1, rooms[2].id);
+    const m = await sendMessage(s1, rooms[2].id, 'in the third room');
+    assert.equal(m.seq, 1);
+  });
+});
+
 describe('send rate limit', () => {
   let limited;
   before(async () => {
