@@ -115,6 +115,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_READ_RATE_PER_SEC", value_name = "CHATMESH_READ_RATE_PER_SEC", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub read_rate_per_sec: u32,
+    /// How long an Engine.IO session may stay open without a Socket.IO CONNECT.
+    #[arg(long, env = "CHATMESH_CONNECT_TIMEOUT_MS", value_name = "CHATMESH_CONNECT_TIMEOUT_MS",
+          default_value_t = 45_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub connect_timeout_ms: u64,
     /// Sockets one user may have connected to this instance at once (each further CONNECT is
     /// refused with connect_error "too many connections for this user").
     #[arg(long, env = "CHATMESH_MAX_SOCKETS_PER_USER", value_name = "CHATMESH_MAX_SOCKETS_PER_USER",
@@ -284,6 +288,7 @@ pub struct Config {
     pub typing_rate_per_sec: u32,
     pub max_sockets_per_user: usize,
     pub max_rooms_per_socket: usize,
+    pub connect_timeout: Duration,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
     pub drain_delay: Duration,
@@ -388,6 +393,7 @@ impl Config {
             read_rate_per_sec: args.read_rate_per_sec,
             typing_rate_per_sec: args.typing_rate_per_sec,
             max_sockets_per_user: args.max_sockets_per_user as usize,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             max_rooms_per_socket: args.max_rooms_per_socket as usize,
             max_body_bytes: args.max_body_bytes as usize,
             token_ttl: Duration::from_secs(args.token_ttl_secs),

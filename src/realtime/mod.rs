@@ -51,6 +51,7 @@ pub fn build_io(config: &Config) -> Io {
         ws_read_buffer: WS_READ_BUFFER,
         ping_interval: config.ping_interval,
         ping_timeout: config.ping_timeout,
+        connect_timeout: config.connect_timeout,
         ..crate::sio::Config::default()
     })
 }

@@ -345,11 +345,17 @@ enum Beat {
 }
 
 /// Engine.IO v4's heartbeat: the server pings every interval; no pong within the timeout closes.
+/// It also closes a session that has not sent a Socket.IO CONNECT within the connect timeout.
 struct Heartbeat {
     interval: Duration,
     timeout: Duration,
+    /// When to wake up next: the ping schedule or the CONNECT deadline, whichever comes first.
     next: Instant,
+    /// When the next ping (or the check of the last one's pong) is due.
+    due: Instant,
     pinged_at: Option<Instant>,
+    /// Until the socket has connected: when it must have.
+    connect_by: Option<Instant>,
 }
 
 impl Heartbeat {
@@ -358,24 +364,46 @@ impl Heartbeat {
     }
 
     fn starting_at(c: &super::io::Config, now: Instant) -> Self {
-        Self { interval: c.ping_interval, timeout: c.ping_timeout, next: now + c.ping_interval, pinged_at: None }
+        let due = now + c.ping_interval;
+        let connect_by = now + c.connect_timeout;
+        Self {
+            interval: c.ping_interval,
+            timeout: c.ping_timeout,
+            next: due.min(connect_by),
+            due,
+            pinged_at: None,
+            connect_by: Some(connect_by),
+        }
     }
 
     /// Called once `next` is reached.
     fn beat(&mut self, s: &Socket, now: Instant) -> Beat {
-        match self.pinged_at.take() {
-            Some(at) if s.pong.swap(false, Ordering::AcqRel) => {
-                self.next = (at + self.interval).max(now);
-                Beat::Wait
-            }
-            Some(_) => Beat::Dead,
-            None => {
-                s.pong.store(false, Ordering::Release);
-                self.pinged_at = Some(now);
-                self.next = now + self.timeout.min(self.interval);
-                Beat::Ping
+        if let Some(by) = self.connect_by {
+            if s.connected() {
+                self.connect_by = None;
+            } else if now >= by {
+                return Beat::Dead;
             }
         }
+        let beat = if now < self.due {
+            Beat::Wait
+        } else {
+            match self.pinged_at.take() {
+                Some(at) if s.pong.swap(false, Ordering::AcqRel) => {
+                    self.due = (at + self.interval).max(now);
+                    Beat::Wait
+                }
+                Some(_) => Beat::Dead,
+                None => {
+                    s.pong.store(false, Ordering::Release);
+                    self.pinged_at = Some(now);
+                    self.due = now + self.timeout.min(self.interval);
+                    Beat::Ping
+                }
+            }
+        };
+        self.next = self.connect_by.map_or(self.due, |by| self.due.min(by));
+        beat
     }
 }
 
@@ -417,6 +445,7 @@ mod tests {
         let config = super::super::io::Config {
             ping_interval: Duration::from_secs(25),
             ping_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(1_000),
             ..Default::default()
         };
         let s = Socket::detached("s", 8);
@@ -431,5 +460,23 @@ mod tests {
         assert_eq!(hb.next, at(50), "the next ping is one interval after the last");
         assert!(matches!(hb.beat(&s, at(50)), Beat::Ping));
         assert!(matches!(hb.beat(&s, at(70)), Beat::Dead), "no pong within the timeout");
+    }
+
+    #[test]
+    fn a_session_without_connect_dies_at_the_connect_timeout() {
+        let config = super::super::io::Config {
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let s = Socket::detached("s", 8);
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut hb = Heartbeat::starting_at(&config, start);
+        assert_eq!(hb.next, at(3), "woken at the CONNECT deadline, before the first ping");
+        assert!(matches!(hb.beat(&s, at(2)), Beat::Wait));
+        assert_eq!(hb.next, at(3));
+        assert!(matches!(hb.beat(&s, at(3)), Beat::Dead), "no CONNECT within the timeout");
     }
 }

@@ -49,6 +49,9 @@ pub struct Config {
     pub socket_buffer: usize,
     pub ws_read_buffer: usize,
     pub upgrade_timeout: Duration,
+    /// How long an Engine.IO session may stay without a Socket.IO CONNECT before it is closed
+    /// (an open session costs memory and a task; Socket.IO's own server gives 45 s).
+    pub connect_timeout: Duration,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             socket_buffer: 8192,
             ws_read_buffer: 1024,
             upgrade_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(45),
         }
     }
 }

@@ -126,6 +126,44 @@ describe('raw Engine.IO requests', () => {
   });
 });
 
+describe('Socket.IO CONNECT timeout', () => {
+  const CONNECT_TIMEOUT_MS = 600;
+  let quick;
+  before(async () => {
+    // Pings far apart: only the CONNECT deadline can close these sessions within the test.
+    quick = await startServer({ env: { CHATMESH_CONNECT_TIMEOUT_MS: String(CONNECT_TIMEOUT_MS) } });
+  });
+  after(async () => {
+    await quick?.close();
+  });
+
+  const handshake = async () => {
+    const open = await fetch(`${quick.url}/socket.io/?EIO=4&transport=polling`);
+    assert.equal(open.status, 200);
+    const text = await open.text();
+    return JSON.parse(text.slice(1));
+  };
+
+  test('an Engine.IO session that sends no CONNECT is closed after the timeout; one that connected stays', async () => {
+    const u = await registerUser(quick.url, 'ct');
+    const idle = await handshake();
+    const connected = await handshake();
+    assert.ok(idle.pingInterval >= 20000, `pings ${idle.pingInterval} ms apart`);
+    const post = await fetch(`${quick.url}/socket.io/?EIO=4&transport=polling&sid=${connected.sid}`, {
+      method: 'POST',
+      body: `40${JSON.stringify({ token: u.token })}`,
+    });
+    assert.equal(post.status, 200);
+    await sleep(CONNECT_TIMEOUT_MS + 700);
+    const gone = await fetch(`${quick.url}/socket.io/?EIO=4&transport=polling&sid=${idle.sid}`);
+    assert.equal(gone.status, 400, 'the session without CONNECT is closed');
+    assert.deepEqual(await gone.json(), { code: 1, message: 'Session ID unknown' });
+    const alive = await fetch(`${quick.url}/socket.io/?EIO=4&transport=polling&sid=${connected.sid}`);
+    assert.equal(alive.status, 200, 'the connected session is still open');
+    assert.match(await alive.text(), /^40\{"sid":/, 'its CONNECT was answered');
+  });
+});
+
 describe('one socket under a burst', () => {
   for (const transports of [['websocket'], ['polling']]) {
     test(`${transports[0]}: 300 sends without waiting get seqs 1..300 in send order, and every message:new in that order`, async () => {
