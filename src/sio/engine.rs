@@ -5,7 +5,7 @@
 //! socket in one flush (many events, one `sendto`), and sends the pings.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -105,7 +105,7 @@ async fn poll(io: &Arc<IoInner>, sid: &str) -> Response {
     if s.transport() != Transport::Polling {
         return error(3, "Bad request");
     }
-    let Some(_guard) = PollGuard::acquire(&s) else {
+    let Some(_guard) = OneAtATime::acquire(&s, |s| &s.polling) else {
         // Two polls at once is a protocol violation (Engine.IO closes the session too).
         s.close();
         return error(3, "Bad request");
@@ -133,22 +133,31 @@ async fn poll(io: &Arc<IoInner>, sid: &str) -> Response {
     }
 }
 
-struct PollGuard<'a>(&'a Socket);
+/// Holds one of a socket's one-at-a-time flags (a long-poll, a POST, an upgrade) until dropped.
+struct OneAtATime {
+    socket: Arc<Socket>,
+    flag: fn(&Socket) -> &AtomicBool,
+}
 
-impl<'a> PollGuard<'a> {
-    fn acquire(s: &'a Socket) -> Option<Self> {
-        (!s.polling.swap(true, Ordering::AcqRel)).then_some(Self(s))
+impl OneAtATime {
+    fn acquire(socket: &Arc<Socket>, flag: fn(&Socket) -> &AtomicBool) -> Option<Self> {
+        (!flag(socket).swap(true, Ordering::AcqRel)).then(|| Self { socket: socket.clone(), flag })
     }
 }
 
-impl Drop for PollGuard<'_> {
+impl Drop for OneAtATime {
     fn drop(&mut self) {
-        self.0.polling.store(false, Ordering::Release);
+        (self.flag)(&self.socket).store(false, Ordering::Release);
     }
 }
 
 async fn post(io: &Arc<IoInner>, sid: &str, body: Body) -> Response {
     let Some(s) = io.session(sid) else { return error(1, "Session ID unknown") };
+    let Some(_guard) = OneAtATime::acquire(&s, |s| &s.posting) else {
+        // Overlapping POSTs could reorder one client's packets (Engine.IO closes the session too).
+        s.close();
+        return error(3, "Bad request");
+    };
     let Ok(bytes) = axum::body::to_bytes(body, io.config.max_payload).await else {
         s.close();
         return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
@@ -169,7 +178,11 @@ fn websocket(io: Arc<IoInner>, mut req: Request, sid: Option<String>) -> Respons
     }
     let existing = match sid {
         Some(sid) => match io.session(&sid) {
-            Some(s) if s.transport() == Transport::Polling => Some(s),
+            Some(s) if s.transport() == Transport::Polling => match OneAtATime::acquire(&s, |s| &s.upgrading) {
+                Some(guard) => Some((s, guard)),
+                // A second upgrade while one is under way.
+                None => return error(3, "Bad request"),
+            },
             _ => return error(1, "Session ID unknown"),
         },
         None => None,
@@ -183,7 +196,7 @@ fn websocket(io: Arc<IoInner>, mut req: Request, sid: Option<String>) -> Respons
             .max_frame_size(Some(io.config.max_payload));
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
         match existing {
-            Some(s) => upgrade_from_polling(io, s, ws).await,
+            Some((s, _upgrading)) => upgrade_from_polling(io, s, ws).await,
             None => {
                 let s = io.open_session(new_sid(), Transport::WebSocket);
                 let _ = s.send(open_frame(&io, &s.id, false));

@@ -40,6 +40,10 @@ pub struct Socket {
     pub(super) connecting: AtomicBool,
     closed: AtomicBool,
     pub(super) pong: AtomicBool,
+    /// A polling POST is being read and handled (only one may be at once).
+    pub(super) posting: AtomicBool,
+    /// A WebSocket upgrade of this polling session is under way (only one may be).
+    pub(super) upgrading: AtomicBool,
     /// A long-poll is waiting on this socket (only one may).
     pub(super) polling: AtomicBool,
     rooms: Mutex<Vec<Arc<str>>>,
@@ -70,6 +74,8 @@ impl Socket {
             closed: AtomicBool::new(false),
             pong: AtomicBool::new(false),
             polling: AtomicBool::new(false),
+            posting: AtomicBool::new(false),
+            upgrading: AtomicBool::new(false),
             rooms: Mutex::default(),
             ext: OnceLock::new(),
             capacity,

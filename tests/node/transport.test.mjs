@@ -3,6 +3,8 @@
 // answers, and one socket's events arriving in order under a burst.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import WebSocket from 'ws';
 import { startServer, api, registerUser, createRoom, connect, emitAck, sleep, waitFor, joinRoom, sendMessage, collect, newCmid } from './harness.mjs';
 
 const PING_INTERVAL_MS = 300;
@@ -161,6 +163,68 @@ describe('Socket.IO CONNECT timeout', () => {
     const alive = await fetch(`${quick.url}/socket.io/?EIO=4&transport=polling&sid=${connected.sid}`);
     assert.equal(alive.status, 200, 'the connected session is still open');
     assert.match(await alive.text(), /^40\{"sid":/, 'its CONNECT was answered');
+  });
+});
+
+describe('one request at a time per Engine.IO session', () => {
+  let srv;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(async () => {
+    await srv?.close();
+  });
+
+  const handshake = async () => {
+    const open = await fetch(`${srv.url}/socket.io/?EIO=4&transport=polling`);
+    assert.equal(open.status, 200);
+    return JSON.parse((await open.text()).slice(1));
+  };
+
+  test('a POST overlapping another on the same session is refused with 400 and the session closed', async () => {
+    const { sid } = await handshake();
+    const at = `${srv.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`;
+    let release;
+    const gate = new Promise((r) => (release = r));
+    const enc = new TextEncoder();
+    // The first POST's body arrives in two parts; the second POST comes while it is being read.
+    const slow = new ReadableStream({
+      async start(c) {
+        c.enqueue(enc.encode('4'));
+        await gate;
+        c.enqueue(enc.encode('0'));
+        c.close();
+      },
+    });
+    const first = fetch(at, { method: 'POST', body: slow, duplex: 'half' });
+    await sleep(300);
+    const second = await fetch(at, { method: 'POST', body: '40' });
+    assert.equal(second.status, 400, 'the overlapping POST');
+    assert.deepEqual(await second.json(), { code: 3, message: 'Bad request' });
+    release();
+    await first;
+    const poll = await fetch(at);
+    const text = poll.status === 200 ? await poll.text() : String(poll.status);
+    assert.ok(text === '1' || text.endsWith('\x1e1') || text === '400', `the session is closed after the overlap: ${text}`);
+  });
+
+  test('a second WebSocket upgrade of a session while one is under way is refused with 400; the first completes', async () => {
+    const { sid } = await handshake();
+    const wsUrl = `${srv.url.replace('http', 'ws')}/socket.io/?EIO=4&transport=websocket&sid=${sid}`;
+    const first = new WebSocket(wsUrl);
+    await once(first, 'open');
+    const second = new WebSocket(wsUrl);
+    second.on('error', () => {});
+    const outcome = await new Promise((resolve) => {
+      second.on('unexpected-response', (_req, res) => resolve(res.statusCode));
+      second.on('open', () => resolve('opened'));
+    });
+    assert.equal(outcome, 400, 'the concurrent upgrade');
+    first.send('2probe');
+    const [probe] = await once(first, 'message');
+    assert.equal(String(probe), '3probe', 'the first upgrade goes on');
+    first.send('5');
+    first.close();
   });
 });
 
