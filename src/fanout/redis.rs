@@ -231,7 +231,9 @@ impl Receiver {
                     // The confirmation comes in order with the channel's messages: nothing of the
                     // room arrives after it until a new subscription, whose first message must not
                     // look like a jump from what was delivered before the room went idle here.
-                    if let Some(room) = push.data.first().and_then(bulk).as_deref().and_then(|c| self.keys.room_of_channel(c)) {
+                    if let Some(room) =
+                        push.data.first().and_then(bulk).as_deref().and_then(|c| self.keys.room_of_channel(c))
+                    {
                         self.last_seq.remove(room);
                     }
                 }

@@ -43,7 +43,9 @@ async fn head_seq_covers_every_acknowledged_send_on_every_instance() {
         let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/join"), None, Some(&alice)).await;
         assert_eq!(r.body["head_seq"], 3, "POST /rooms/{{id}}/join on {name}: {:?}", r.body);
 
-        let r = app.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=1&limit=1"), None, Some(&alice)).await;
+        let r = app
+            .call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=1&limit=1"), None, Some(&alice))
+            .await;
         assert_eq!(r.body["head_seq"], 3, "history page on {name}: {:?}", r.body);
     }
 
