@@ -63,7 +63,8 @@ if [ "$want_test" = 1 ]; then
   fi
   need cargo-nextest || cargo install --locked cargo-nextest
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
-  if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ]; then
+  if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ] \
+    || [ ! -d tests/node/node_modules/mongodb ]; then
     (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   fi
 fi
