@@ -412,10 +412,10 @@ describe(`cluster of 3 instances (store: ${STORE})`, () => {
     ).catch((e) => {
       throw new Error(`${e.message}; it holds ${count} (sync.pending was 0 ${Date.now() - t1} ms ago)`);
     });
-    t.diagnostic(`write-back drained ${Date.now() - t1} ms after the history check`);
+    t.diagnostic(`write-back into ${store} drained ${Date.now() - t1} ms after the history check`);
     const rows = await cluster.db.messages(room.id);
-    const seqs = rows.map((r) => r.seq);
-    const row = [rows.length, Math.min(...seqs), Math.max(...seqs), new Set(seqs).size].map(String);
+    const stored = rows.map((r) => r.seq);
+    const row = [rows.length, Math.min(...stored), Math.max(...stored), new Set(stored).size].map(String);
     assert.deepEqual(row, [String(TOTAL), '1', String(TOTAL), String(TOTAL)], 'count, min(seq), max(seq), count(distinct seq)');
     assert.equal(rows.length, TOTAL);
     for (const { seq, id, sender_id: sender, client_msg_id: cmid } of rows) {
