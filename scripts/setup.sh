@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what chatmesh needs on a fresh machine of this kind. Idempotent: every step checks first.
 #   scripts/setup.sh          what running the server needs (Rust toolchain, Node for the web assets)
-#   scripts/setup.sh --test   plus what the test suite needs (Chromium, test clients from npm)
+#   scripts/setup.sh --test   plus what the test suite needs (Chromium, test clients from npm,
+#                             SecantusDB in .tools/venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,9 +47,24 @@ if [ "$want_test" = 1 ]; then
   if ! pg_isready -h 127.0.0.1 -q; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
   fi
+  # The MongoDB tests (store contract, backup round trip, the Node cluster suite on MongoDB) start
+  # private SecantusDB servers: a MongoDB-wire server from PyPI that advertises a one-member replica
+  # set. It lives in a virtualenv in .tools/ (git-ignored); the tests look for
+  # .tools/venv/bin/secantusd-py when secantusd-py is not on PATH.
+  secantus=0.7.0b3
+  if [ "$(.tools/venv/bin/python -c 'import importlib.metadata as m; print(m.version("secantusdb"))' 2>/dev/null)" != "$secantus" ]; then
+    need python3 || apt_install python3
+    # Debian's python3 has no venv/ensurepip without python3-venv.
+    python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+    rm -rf .tools/venv
+    python3 -m venv .tools/venv
+    echo "setup: pip install secantusdb==$secantus into .tools/venv" >&2
+    .tools/venv/bin/pip install --quiet --disable-pip-version-check "secantusdb==$secantus"
+  fi
   need cargo-nextest || cargo install --locked cargo-nextest
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
-  if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ]; then
+  if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ] \
+    || [ ! -d tests/node/node_modules/mongodb ]; then
     (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
   fi
 fi

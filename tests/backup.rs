@@ -1,14 +1,17 @@
 //! `chatmesh backup` / `chatmesh restore` against real stores, through the real binary: a SQLite
-//! store filled through the REST API is backed up, restored into a fresh PostgreSQL database, and
-//! an instance on that database answers exactly as the original did.
+//! store filled through the REST API is backed up, restored into a fresh PostgreSQL database and
+//! into a fresh MongoDB database, and an instance on each answers exactly as the original did.
 //!
-//! The PostgreSQL server is the machine's (`CHATMESH_TEST_POSTGRES_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/postgres`); each test creates its own database with psql
-//! and drops it when done.
+//! PostgreSQL is the machine's server and MongoDB a private SecantusDB server (or the deployment
+//! `CHATMESH_TEST_MONGODB_URL` names); each test gets databases of its own, dropped when done
+//! (`tests/support`).
 
 #[allow(dead_code)]
 #[path = "api/helpers.rs"]
 mod helpers;
+#[allow(dead_code)]
+#[path = "support/mod.rs"]
+mod support;
 
 use std::io::Write;
 use std::path::Path;
@@ -18,55 +21,49 @@ use std::time::Duration;
 use helpers::{Spawn, TestApp, binary, spawn_with};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use support::mongo::TestMongoDatabase;
+use support::pg::TestDatabase;
 
 /// One signing key for both instances: a token issued before the backup still works after it.
 const JWT_SECRET: &str = "backup-test-secret-0123456789abcdef";
 const PASSWORD: &str = "password123";
 
-fn admin_url() -> String {
-    std::env::var("CHATMESH_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+/// The store a backup is restored into: a database of its own, dropped at the end.
+enum Target {
+    Postgres(TestDatabase),
+    MongoDb(TestMongoDatabase),
 }
 
-/// `url` with its database name replaced by `db` (query parameters kept).
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let base = base[authority..].find('/').map_or(base, |i| &base[..authority + i]);
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
+impl Target {
+    fn url(&self) -> String {
+        match self {
+            Target::Postgres(db) => db.url(),
+            Target::MongoDb(db) => db.url(),
+        }
     }
-}
 
-/// Runs `sql` with psql on the database `url` names.
-fn psql(url: &str, sql: &str) -> String {
-    let out = Command::new("psql").arg(url).args(["-v", "ON_ERROR_STOP=1", "-Atc", sql]).output().expect("run psql");
-    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// A database created with psql for one test, dropped (with its connections) on drop.
-struct PgDatabase {
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    fn create() -> Self {
-        let name = format!("chatmesh_test_backup_{}", ulid::Ulid::generate().to_string().to_lowercase());
-        psql(&admin_url(), &format!(r#"CREATE DATABASE "{name}""#));
-        let url = with_database(&admin_url(), &name);
-        Self { name, url }
+    fn kind(&self) -> &'static str {
+        match self {
+            Target::Postgres(_) => "PostgreSQL",
+            Target::MongoDb(_) => "MongoDB",
+        }
     }
-}
 
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .arg(admin_url())
-            .args(["-Atc", &format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.name)])
-            .output();
+    /// "users rooms memberships messages", counted in the database itself (not through chatmesh).
+    async fn counts(&self) -> String {
+        match self {
+            Target::Postgres(db) => db.psql(
+                "SELECT (SELECT count(*) FROM users) || ' ' || (SELECT count(*) FROM rooms) || ' ' ||
+                        (SELECT count(*) FROM memberships) || ' ' || (SELECT count(*) FROM messages)",
+            ),
+            Target::MongoDb(db) => {
+                let mut counts = Vec::new();
+                for collection in ["users", "rooms", "memberships", "messages"] {
+                    counts.push(db.count(collection).await.to_string());
+                }
+                counts.join(" ")
+            }
+        }
     }
 }
 
@@ -223,6 +220,17 @@ async fn answers(app: &TestApp, world: &World, tokens: &[String]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_backup_restores_into_postgres_with_identical_answers() {
+    sqlite_backup_restores_into(Target::Postgres(TestDatabase::create())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_backup_restores_into_mongodb_with_identical_answers() {
+    let db = tokio::task::spawn_blocking(TestMongoDatabase::create).await.unwrap();
+    sqlite_backup_restores_into(Target::MongoDb(db)).await;
+}
+
+async fn sqlite_backup_restores_into(db: Target) {
+    let kind = db.kind();
     let dir = tempfile::tempdir().unwrap();
     let app = spawn_on(sqlite_url(dir.path()), Some(dir.path())).await;
     let world = populate(&app).await;
@@ -253,25 +261,20 @@ async fn sqlite_backup_restores_into_postgres_with_identical_answers() {
             .any(|e| { e.unwrap().file_name().to_string_lossy().contains(".partial") })
     );
 
-    // Restore into a fresh PostgreSQL database, twice: the second run changes nothing.
-    let db = PgDatabase::create();
-    chatmesh_ok(&["restore", "--in", file_s, "--store-url", &db.url]);
+    // Restore into the fresh database, twice: the second run changes nothing.
+    let db_url = db.url();
+    chatmesh_ok(&["restore", "--in", file_s, "--store-url", &db_url]);
     let again = dir.path().join("again.jsonl");
-    chatmesh_ok(&["backup", "--out", again.to_str().unwrap(), "--store-url", &db.url]);
-    let from_pg = std::fs::read_to_string(&again).unwrap();
-    assert_eq!(records(&from_pg), records(&backup), "PostgreSQL holds exactly what SQLite held");
-    chatmesh_ok(&["restore", "--in", file_s, "--store-url", &db.url]);
-    chatmesh_ok(&["backup", "--out", again.to_str().unwrap(), "--store-url", &db.url]);
+    chatmesh_ok(&["backup", "--out", again.to_str().unwrap(), "--store-url", &db_url]);
+    let from_target = std::fs::read_to_string(&again).unwrap();
+    assert_eq!(records(&from_target), records(&backup), "{kind} holds exactly what SQLite held");
+    chatmesh_ok(&["restore", "--in", file_s, "--store-url", &db_url]);
+    chatmesh_ok(&["backup", "--out", again.to_str().unwrap(), "--store-url", &db_url]);
     assert_eq!(records(&std::fs::read_to_string(&again).unwrap()), records(&backup), "restore is idempotent");
-    let counts = psql(
-        &db.url,
-        "SELECT (SELECT count(*) FROM users) || ' ' || (SELECT count(*) FROM rooms) || ' ' ||
-                (SELECT count(*) FROM memberships) || ' ' || (SELECT count(*) FROM messages)",
-    );
-    assert_eq!(counts.trim(), "4 4 9 310");
+    assert_eq!(db.counts().await.trim(), "4 4 9 310");
 
-    // An embedded instance on PostgreSQL answers exactly as the SQLite one did.
-    let app = spawn_on(db.url.clone(), None).await;
+    // An embedded instance on the restored store answers exactly as the SQLite one did.
+    let app = spawn_on(db_url.clone(), None).await;
     let mut tokens = Vec::new();
     for (name, id, _) in &world.users {
         let r = app
@@ -286,7 +289,7 @@ async fn sqlite_backup_restores_into_postgres_with_identical_answers() {
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     let after = answers(&app, &world, &tokens).await;
-    assert_eq!(after, before, "identical API answers after SQLite -> PostgreSQL");
+    assert_eq!(after, before, "identical API answers after SQLite -> {kind}");
     // Tokens issued before the backup (same signing key) still work.
     assert_eq!(answers(&app, &world, &original_tokens).await, before);
 

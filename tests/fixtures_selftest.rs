@@ -221,6 +221,51 @@ fn redis_cluster_forms_and_routes_writes() {
     assert_cleaned_up(&dir, &[]);
 }
 
+#[test]
+fn secantus_answers_as_a_one_member_replica_set_and_leaves_nothing() {
+    let server = SecantusServer::start();
+    let (port, dir, pid) = (server.port(), server.dir().to_path_buf(), server.pid().unwrap());
+    assert_eq!(server.url("app"), format!("mongodb://127.0.0.1:{port}/app?replicaSet=secantus"));
+    let url = server.url("app");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = mongodb::Client::with_uri_str(&url).await.unwrap();
+        let hello = client.database("admin").run_command(mongodb::bson::doc! { "hello": 1 }).await.unwrap();
+        assert_eq!(hello.get_str("setName"), Ok("secantus"), "{hello}");
+        assert_eq!(hello.get_bool("isWritablePrimary"), Ok(true), "{hello}");
+        // A transaction commits (the MongoDB store's multi-document writes need them).
+        let coll = client.database("app").collection::<mongodb::bson::Document>("t");
+        let mut session = client.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        coll.insert_one(mongodb::bson::doc! { "_id": 1 }).session(&mut session).await.unwrap();
+        session.commit_transaction().await.unwrap();
+        // `shutdown` waits for every session of the client to be dropped.
+        drop(session);
+        assert_eq!(coll.count_documents(mongodb::bson::doc! {}).await.unwrap(), 1);
+        client.shutdown().await;
+    });
+    drop(server);
+    assert_cleaned_up(&dir, &[pid]);
+}
+
+#[test]
+fn mongo_test_databases_share_one_server_that_stops_with_the_last() {
+    let (a, b) = (support::mongo::TestMongoDatabase::create(), support::mongo::TestMongoDatabase::create());
+    assert_ne!(a.name(), b.name());
+    let Some(over) = support::mongo::override_url() else {
+        assert!(a.on_secantus() && b.on_secantus());
+        let host = |url: &str| url.split('/').nth(2).unwrap().to_string();
+        assert_eq!(host(&a.url()), host(&b.url()), "one server for the databases that exist together");
+        let port: u16 = host(&a.url()).rsplit(':').next().unwrap().parse().unwrap();
+        drop(a);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "still serving b");
+        drop(b);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "stopped with the last database");
+        return;
+    };
+    assert!(!a.on_secantus() && a.url().starts_with(over.split('?').next().unwrap().trim_end_matches('/')));
+}
+
 /// Run by `fixtures_die_with_the_test_process` in a child test process, which it then SIGKILLs.
 #[test]
 #[ignore = "helper: started and killed by fixtures_die_with_the_test_process"]

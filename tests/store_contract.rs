@@ -3,9 +3,16 @@
 //! `contract_suite!(module, factory)` instantiates every case for one backend; the factory returns
 //! a fresh, empty store (its own file or database) and a guard that cleans it up on drop.
 //!
-//! The MongoDB cases run when `CHATMESH_TEST_MONGODB_URL` is set (MongoDB is not installed on the
-//! development machines); without it each of them returns at once and says loudly that it did
-//! NOT RUN. SQLite and PostgreSQL always run.
+//! Every case runs for every backend, each on a database of its own: SQLite in a temp dir,
+//! PostgreSQL on the machine's server (`support::pg`), MongoDB on a private SecantusDB server, or
+//! on the real deployment `CHATMESH_TEST_MONGODB_URL` names (`support::mongo`). One exception:
+//! `mongodb::export_is_a_snapshot` runs only against a real `mongod`, because SecantusDB does not
+//! pin snapshot reads (see [`mongo_store_with_snapshot_reads`]); without the variable it says on
+//! stderr that it did NOT RUN and why.
+
+#[allow(dead_code)]
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,7 +22,9 @@ use chatmesh::store::mongodb::MongoStore;
 use chatmesh::store::postgres::PostgresStore;
 use chatmesh::store::sqlite::SqliteStore;
 use chatmesh::store::*;
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use support::mongo::{self, TestMongoDatabase};
+use support::pg::TestDatabase;
+use support::procs::SECANTUS_VERSION;
 
 type Fresh = (Arc<dyn Store>, Box<dyn std::any::Any + Send>);
 
@@ -25,159 +34,50 @@ async fn sqlite_store() -> Fresh {
     (Arc::new(store), Box::new(dir))
 }
 
-/// The PostgreSQL server the postgres cases run against; they need one and fail without it.
-const DEFAULT_POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
-fn postgres_admin_url() -> String {
-    std::env::var("CHATMESH_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_ADMIN_URL.to_string())
-}
-
-/// `url` with its database name replaced by `db` (query parameters kept).
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let base = match base[authority..].find('/') {
-        Some(i) => &base[..authority + i],
-        None => base,
-    };
-    match query {
-        Some(query) => format!("{base}/{db}?{query}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
-/// A database created for one case; dropped (with its connections) when the case ends.
-struct PgDatabase {
-    admin_url: String,
-    name: String,
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop runs on a runtime worker: do the async cleanup on a thread with its own runtime.
-        let res = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                let mut conn = PgConnection::connect(&url).await?;
-                let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
-                sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
-                conn.close().await?;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
-            Err(_) => eprintln!("could not drop test database {}: cleanup panicked", self.name),
-        }
-    }
-}
-
 async fn postgres_store() -> Fresh {
-    let admin = postgres_admin_url();
-    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL is not reachable at {admin}: {e}\n\
-             The postgres store contract cases need a real server (they are never skipped). \
-             Start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-             or set CHATMESH_TEST_POSTGRES_URL to an admin URL that may CREATE DATABASE."
-        )
-    });
-    let name = format!("chatmesh_test_{}", ulid::Ulid::generate().to_string().to_lowercase());
-    sqlx::query(AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
-        .execute(&mut conn)
+    let db = TestDatabase::create();
+    let store = PostgresStore::connect(&db.url())
         .await
-        .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on {admin}: {e}"));
-    conn.close().await.ok();
-    let guard = PgDatabase { admin_url: admin.clone(), name: name.clone() };
-    let store = PostgresStore::connect(&with_database(&admin, &name))
-        .await
-        .unwrap_or_else(|e| panic!("PostgresStore::connect to database {name}: {e:#}"));
-    (Arc::new(store), Box::new(guard))
+        .unwrap_or_else(|e| panic!("PostgresStore::connect to database {}: {e:#}", db.name()));
+    (Arc::new(store), Box::new(db))
 }
 
-/// The MongoDB deployment the mongodb cases run against, e.g.
-/// `mongodb://127.0.0.1:27017/?replicaSet=rs0`. It must be a replica set (one node is enough):
-/// `append_messages` needs transactions, and answers `Unavailable` on a standalone server.
-const MONGODB_URL_VAR: &str = "CHATMESH_TEST_MONGODB_URL";
-
-/// The database named by a MongoDB URL's path, if any.
-fn url_database(url: &str) -> Option<&str> {
-    let base = url.split_once('?').map_or(url, |(base, _)| base);
-    let authority = base.find("://").map_or(0, |i| i + 3);
-    let path = &base[authority..];
-    path.find('/').map(|i| &path[i + 1..]).filter(|db| !db.is_empty())
-}
-
-/// `url` pointed at database `db`. With credentials and no `authSource`, the driver would
-/// authenticate against the database in the path: keep authenticating where the URL said.
-fn mongo_url_for(url: &str, db: &str) -> String {
-    let has_credentials = url.split_once("://").is_some_and(|(_, rest)| {
-        let authority = rest.split(['/', '?']).next().unwrap_or("");
-        authority.contains('@')
-    });
-    let mut out = with_database(url, db);
-    if has_credentials && !url.contains("authSource=") {
-        let auth_db = url_database(url).unwrap_or("admin");
-        out.push(if out.contains('?') { '&' } else { '?' });
-        out.push_str(&format!("authSource={auth_db}"));
-    }
-    out
-}
-
-/// A database created for one case; dropped when the case ends.
-struct MongoDatabase {
-    url: String,
-    name: String,
-}
-
-impl Drop for MongoDatabase {
-    fn drop(&mut self) {
-        let (url, name) = (self.url.clone(), self.name.clone());
-        // Drop runs on a runtime worker: do the async cleanup on a thread with its own runtime.
-        let res = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async move {
-                let mut opts = ::mongodb::options::ClientOptions::parse(&url).await?;
-                opts.server_selection_timeout.get_or_insert(std::time::Duration::from_secs(5));
-                let client = ::mongodb::Client::with_options(opts)?;
-                client.database(&name).drop().await?;
-                client.shutdown().await;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("could not drop test database {}: {e:#}", self.name),
-            Err(_) => eprintln!("could not drop test database {}: cleanup panicked", self.name),
-        }
-    }
-}
-
-/// `None` (after saying so on stderr) when `CHATMESH_TEST_MONGODB_URL` is not set: the one
-/// backend whose cases may not run, because no MongoDB server can be installed here.
-async fn mongo_store() -> Option<Fresh> {
-    let Some(url) = std::env::var(MONGODB_URL_VAR).ok().filter(|u| !u.trim().is_empty()) else {
-        eprintln!("MongoDB contract case NOT RUN: set {MONGODB_URL_VAR}");
-        return None;
-    };
-    let name = format!("chatmesh_test_{}", ulid::Ulid::generate().to_string().to_lowercase());
-    let url = mongo_url_for(&url, &name);
+/// A fresh database on SecantusDB, or on the deployment `CHATMESH_TEST_MONGODB_URL` names (it must
+/// be a replica set, one member is enough: `append_messages` needs transactions).
+async fn mongo_store() -> Fresh {
     // The guard exists before the store: a connect that fails half-way still cleans up.
-    let guard = MongoDatabase { url: url.clone(), name: name.clone() };
-    let store =
-        MongoStore::connect(&url).await.unwrap_or_else(|e| panic!("MongoStore::connect to database {name}: {e:#}"));
-    Some((Arc::new(store), Box::new(guard)))
+    let db = tokio::task::spawn_blocking(TestMongoDatabase::create).await.unwrap();
+    let store = MongoStore::connect(&db.url())
+        .await
+        .unwrap_or_else(|e| panic!("MongoStore::connect to database {}: {e:#}", db.name()));
+    (Arc::new(store), Box::new(db))
 }
 
-/// What a factory gives: a fresh store, or `None` when its backend is not configured here (only
-/// `mongo_store` answers that, and it says so).
+/// [`mongo_store`] for `export_is_a_snapshot`: only on a real MongoDB deployment
+/// (`CHATMESH_TEST_MONGODB_URL`), `None` (after saying so) on SecantusDB.
+///
+/// SecantusDB advertises a replica set and accepts `readConcern: {level: "snapshot"}` on `find`
+/// outside transactions, answering with an `atClusterTime`, but it does not read at that time: a
+/// later read in the same snapshot session that sends `atClusterTime` back sees documents
+/// committed after it (its `secantus/commands.py` says so: "accept-and-record ... reads are NOT
+/// actually pinned"). Our export does what a snapshot session needs (the driver pins the time
+/// from the first read and sends it on every page); the server does not honour it. The case's
+/// assertions stay as they are; it runs where snapshot reads exist.
+async fn mongo_store_with_snapshot_reads() -> Option<Fresh> {
+    if mongo::override_url().is_none() {
+        eprintln!(
+            "mongodb::export_is_a_snapshot NOT RUN: SecantusDB {SECANTUS_VERSION} does not pin snapshot reads to \
+             their atClusterTime (a snapshot session sees later commits), so this case runs only against a real \
+             mongod replica set: set {} (e.g. mongodb://127.0.0.1:27017/?replicaSet=rs0)",
+            mongo::URL_VAR
+        );
+        return None;
+    }
+    Some(mongo_store().await)
+}
+
+/// What a factory gives: a fresh store, or `None` when its backend cannot run the case here (only
+/// `mongo_store_with_snapshot_reads` answers that, and it says so).
 trait IntoFresh {
     fn into_fresh(self) -> Option<Fresh>;
 }
@@ -702,13 +602,18 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
 
 macro_rules! contract_suite {
     ($backend:ident, $factory:path) => {
+        contract_suite!($backend, $factory, snapshot: $factory);
+    };
+    // `$snapshot` makes the store for `export_is_a_snapshot`.
+    ($backend:ident, $factory:path, snapshot: $snapshot:path) => {
         mod $backend {
             use super::*;
             contract_suite!(@cases $factory;
                 users_round_trip, rooms_and_listing, membership,
                 append_assigns_gap_free_seqs_and_dedupes, concurrent_appends_never_share_a_seq,
-                upsert_is_idempotent, paging, export_pages_respect_limit_and_resume, export_is_a_snapshot,
+                upsert_is_idempotent, paging, export_pages_respect_limit_and_resume,
                 import_keeps_everything_and_is_idempotent);
+            contract_suite!(@cases $snapshot; export_is_a_snapshot);
         }
     };
     (@cases $factory:path; $($case:ident),*) => {
@@ -724,16 +629,19 @@ macro_rules! contract_suite {
 
 contract_suite!(sqlite, sqlite_store);
 contract_suite!(postgres, postgres_store);
-contract_suite!(mongodb, mongo_store);
+contract_suite!(mongodb, mongo_store, snapshot: mongo_store_with_snapshot_reads);
 
 #[test]
 fn mongo_urls_keep_options_and_auth_source() {
     assert_eq!(
-        mongo_url_for("mongodb://127.0.0.1:27017/?replicaSet=rs0", "t1"),
+        mongo::url_for("mongodb://127.0.0.1:27017/?replicaSet=rs0", "t1"),
         "mongodb://127.0.0.1:27017/t1?replicaSet=rs0"
     );
-    assert_eq!(mongo_url_for("mongodb://h1,h2:27018", "t1"), "mongodb://h1,h2:27018/t1");
-    assert_eq!(mongo_url_for("mongodb://u:p@h1/app?w=majority", "t1"), "mongodb://u:p@h1/t1?w=majority&authSource=app");
-    assert_eq!(mongo_url_for("mongodb://u:p@h1", "t1"), "mongodb://u:p@h1/t1?authSource=admin");
-    assert_eq!(mongo_url_for("mongodb://u:p@h1/?authSource=x", "t1"), "mongodb://u:p@h1/t1?authSource=x");
+    assert_eq!(mongo::url_for("mongodb://h1,h2:27018", "t1"), "mongodb://h1,h2:27018/t1");
+    assert_eq!(
+        mongo::url_for("mongodb://u:p@h1/app?w=majority", "t1"),
+        "mongodb://u:p@h1/t1?w=majority&authSource=app"
+    );
+    assert_eq!(mongo::url_for("mongodb://u:p@h1", "t1"), "mongodb://u:p@h1/t1?authSource=admin");
+    assert_eq!(mongo::url_for("mongodb://u:p@h1/?authSource=x", "t1"), "mongodb://u:p@h1/t1?authSource=x");
 }

@@ -16,13 +16,13 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::support::procs::RedisServer;
-use crate::{TestDb, cluster_instance};
+use crate::{TestDatabase, cluster_instance};
 
 /// Changes on one instance evict the other instances' caches within a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_on_one_instance_are_seen_on_another_within_a_second() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let n1 = cluster_instance(redis.url(), db.url(), "c1", vec![]).await;
     let n2 = cluster_instance(redis.url(), db.url(), "c2", vec![]).await;
     let (alice_id, alice) = n1.register("alice").await;
@@ -102,7 +102,7 @@ async fn send(svc: &ChatService, user: &UserId, room: &RoomId, cmid: &str) -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_holds_on_other_instances_without_their_cache_evictions() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let prefix = format!("t{}", ulid::Ulid::generate());
     let (n1, store) = service_without_evictions(&redis.url(), &db.url(), &prefix).await;
     let (n2, _) = service_without_evictions(&redis.url(), &db.url(), &prefix).await;

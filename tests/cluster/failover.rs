@@ -4,7 +4,7 @@ use reqwest::{Method, StatusCode};
 
 use crate::helpers::TestApp;
 use crate::support::procs::{RedisReplicaSet, ReplicaSetOptions};
-use crate::{TestDb, cluster_instance, wait_metric};
+use crate::{TestDatabase, cluster_instance, wait_metric};
 
 async fn wait_ready(app: &TestApp, within: Duration) -> Duration {
     let started = Instant::now();
@@ -33,7 +33,7 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
     })
     .await
     .unwrap();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let app =
         cluster_instance(set.sentinel_url(), db.url(), "f1", vec![("CHATMESH_ACK_LEVEL", "replica".into())]).await;
     wait_ready(&app, Duration::from_secs(20)).await;
@@ -100,7 +100,7 @@ async fn sentinel_failover_keeps_every_acknowledged_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_fanout_path() {
     let mut redis = crate::support::procs::RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let app = cluster_instance(redis.url(), db.url(), "r1", vec![]).await;
     wait_ready(&app, Duration::from_secs(20)).await;
     tokio::task::block_in_place(|| redis.kill());

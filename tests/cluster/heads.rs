@@ -5,14 +5,14 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::support::procs::RedisServer;
-use crate::{TestDb, cluster_instance};
+use crate::{TestDatabase, cluster_instance};
 
 /// Two instances without write-back workers: the store's head stays at 0 however many sends are
 /// acknowledged, so any answer built from the store alone shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_seq_covers_every_acknowledged_send_on_every_instance() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let no_sync = || vec![("CHATMESH_SYNC_WORKER", "false".to_string())];
     let n1 = cluster_instance(redis.url(), db.url(), "h1", no_sync()).await;
     let n2 = cluster_instance(redis.url(), db.url(), "h2", no_sync()).await;

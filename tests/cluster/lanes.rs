@@ -10,7 +10,7 @@ use crate::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interleaved_sends_to_many_rooms_keep_each_rooms_queue_order() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let p = parts(&redis.url(), &db.url()).await;
     let mut rooms = Vec::new();
     let mut sender = String::new();

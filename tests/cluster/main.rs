@@ -19,7 +19,6 @@ mod persistence;
 mod sync;
 mod traces;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use chatmesh::sequencer::Sequencer;
 use chatmesh::sequencer::redis::{AckLevel, RedisSequencer, RedisSequencerConfig};
 use chatmesh::store::postgres::PostgresStore;
 use chatmesh::store::{NewRoom, NewUser, SendRequest, Store};
+pub use support::pg::TestDatabase;
 
 const SECRET: &str = "cluster-test-secret-0123456789abcdef";
 
@@ -48,50 +48,6 @@ pub async fn cluster_instance(
     ];
     env.extend(extra);
     helpers::spawn_with(helpers::Spawn { env, ..Default::default() }).await
-}
-
-/// A database of its own on the machine's PostgreSQL, dropped at the end.
-pub struct TestDb {
-    pub name: String,
-}
-
-impl TestDb {
-    pub fn create() -> Self {
-        let name = format!("chatmesh_cl_{}", ulid::Ulid::generate().to_string().to_lowercase());
-        psql(&format!("CREATE DATABASE {name}"));
-        Self { name }
-    }
-    pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:5432/{}", self.name)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-qAtc",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
-pub fn psql(sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-qAtc", sql])
-        .output()
-        .expect("psql must be installed (postgresql-client)");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {} (is PostgreSQL running on 127.0.0.1:5432?)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A user and a room in `store`; returns (user id, room id).

@@ -3,7 +3,7 @@
 //! and all along (`chatmesh_redis_aof_enabled`, which the ChatmeshRedisWithoutAof alert watches).
 
 use crate::support::procs::RedisServer;
-use crate::{TestDb, cluster_instance, wait_metric};
+use crate::{TestDatabase, cluster_instance, wait_metric};
 
 const WARNING: &str = "keeps no append-only file";
 
@@ -15,7 +15,7 @@ fn warned(logs: &[String]) -> bool {
 async fn an_instance_says_when_redis_keeps_no_append_only_file() {
     let bare = RedisServer::start();
     let durable = RedisServer::start_with(&["--appendonly", "yes"]);
-    let (db1, db2) = (TestDb::create(), TestDb::create());
+    let (db1, db2) = (TestDatabase::create(), TestDatabase::create());
     let without = cluster_instance(bare.url(), db1.url(), "aof-off", vec![]).await;
     let with = cluster_instance(durable.url(), db2.url(), "aof-on", vec![]).await;
 

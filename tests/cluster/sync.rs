@@ -19,7 +19,7 @@ fn worker(p: &Parts, consumer: &str, claim_idle: Duration) -> SyncWorker {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_killed_mid_batch_has_its_entries_reclaimed_and_stored_exactly_once() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let p = parts(&redis.url(), &db.url()).await;
     let (uid, room) = seed(&*p.store).await;
     let seqs = send_n(&p.sequencer, &room, &uid, "m", 50).await;
@@ -51,7 +51,7 @@ async fn a_consumer_killed_mid_batch_has_its_entries_reclaimed_and_stored_exactl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_without_persistence_reinitialises_counters_from_the_store() {
     let mut redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let p = parts(&redis.url(), &db.url()).await;
     let (uid, room) = seed(&*p.store).await;
     assert_eq!(send_n(&p.sequencer, &room, &uid, "before", 10).await, (1..=10).collect::<Vec<_>>());
@@ -87,7 +87,7 @@ async fn redis_restart_without_persistence_reinitialises_counters_from_the_store
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_entries_go_to_the_dead_letter_stream() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let p = parts(&redis.url(), &db.url()).await;
     let w = worker(&p, "w", Duration::from_secs(5));
     w.ensure_groups().await.unwrap();
@@ -152,7 +152,7 @@ fn the_send_script_runs_on_a_redis_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backlog_refuses_sends_with_unavailable() {
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let mut p = parts(&redis.url(), &db.url()).await;
     p.sequencer = chatmesh::sequencer::redis::RedisSequencer::start(
         p.redis.clone(),

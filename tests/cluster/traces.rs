@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::procs::RedisServer;
-use crate::{TestDb, cluster_instance};
+use crate::{TestDatabase, cluster_instance};
 
 /// One exported span: (instance id, trace id, span id, parent span id, name).
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ async fn otlp_receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
 async fn one_trace_follows_a_message_from_send_on_one_instance_to_durable_on_another() {
     let (otlp, spans) = otlp_receiver().await;
     let redis = RedisServer::start();
-    let db = TestDb::create();
+    let db = TestDatabase::create();
     let otel = |extra: Vec<(&'static str, String)>| {
         let mut env = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()), ("OTEL_BSP_SCHEDULE_DELAY", "200".into())];
         env.extend(extra);

@@ -1,6 +1,9 @@
 // Cluster mode (CHATMESH_REDIS_URL set) against API.md with the stock socket.io-client: three
-// instances on one private redis-server and one fresh PostgreSQL database, sockets spread over the
-// instances. The contract must be the same as in embedded mode whichever instance a client talks to.
+// instances on one private redis-server and one fresh database, sockets spread over the instances.
+// The contract must be the same as in embedded mode whichever instance a client talks to, and
+// whichever durable store the cluster writes back to: CHATMESH_CLUSTER_STORE picks it, 'postgres'
+// (the default; the machine's PostgreSQL) or 'mongodb' (a private SecantusDB, or the mongod that
+// CHATMESH_TEST_MONGODB_URL names); cluster-mongodb.test.mjs runs this file with 'mongodb'.
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
@@ -21,6 +24,8 @@ import {
   fetchAllMessages,
 } from './harness.mjs';
 
+const STORE = process.env.CHATMESH_CLUSTER_STORE || 'postgres';
+
 // How long we watch for an event that must NOT arrive. Longer than in embedded mode: cross-instance
 // events go through Redis pub/sub.
 const QUIET_MS = 800;
@@ -37,7 +42,7 @@ const IDLE_MS = 32000;
 let idle;
 
 before(async () => {
-  cluster = await startCluster(3);
+  cluster = await startCluster(3, {}, { store: STORE });
   n = cluster.servers;
   const owner = await registerUser(n[0].url, 'io');
   const room = await createRoom(n[0].url, owner.token, 'idle');
@@ -92,7 +97,7 @@ async function clusterView(srv) {
   return r.body;
 }
 
-describe('cluster of 3 instances', () => {
+describe(`cluster of 3 instances (store: ${STORE})`, () => {
   test('conformance with sockets spread over the instances, websocket and polling mixed', async () => {
     // A registers on n1 and logs in on n2 and n3: one JWT secret for the whole cluster.
     const a = await registerUser(n[0].url, 'ca');
@@ -298,7 +303,7 @@ describe('cluster of 3 instances', () => {
     );
   });
 
-  test('30 senders over 3 instances x 50 concurrent sends: seqs 1..1500, in-order delivery everywhere, history and PostgreSQL agree', async (t) => {
+  test('30 senders over 3 instances x 50 concurrent sends: seqs 1..1500, in-order delivery everywhere, history and the store agree', async (t) => {
     const SENDERS = 30;
     const EACH = 50;
     const TOTAL = SENDERS * EACH;
@@ -381,7 +386,8 @@ describe('cluster of 3 instances', () => {
       });
     }
 
-    // Write-back: once every instance reports sync.pending == 0, PostgreSQL holds exactly the 1500.
+    // Write-back: once every instance reports sync.pending == 0, the store holds exactly the 1500
+    // (read from the store itself: psql, or the mongodb driver).
     const t1 = Date.now();
     let views = [];
     await waitFor(
@@ -394,28 +400,30 @@ describe('cluster of 3 instances', () => {
     ).catch((e) => {
       throw new Error(`${e.message}; sync: ${views.map((v) => `${v.instance_id}=${JSON.stringify(v.sync)}`).join(' ')}`);
     });
-    const q = `select count(*), min(seq), max(seq), count(distinct seq) from messages where room_id='${room.id}'`;
-    let row = [];
+    const store = cluster.db.label;
+    let count = 0;
     await waitFor(
       async () => {
-        [row] = await cluster.db.query(q);
-        return row[0] === String(TOTAL);
+        count = await cluster.db.countMessages(room.id);
+        return count === TOTAL;
       },
       15000,
-      'PostgreSQL holds 1500 rows for the room',
+      `${store} holds 1500 rows for the room`,
     ).catch((e) => {
-      throw new Error(`${e.message}; ${q} -> ${row.join('|')} (sync.pending was 0 ${Date.now() - t1} ms ago)`);
+      throw new Error(`${e.message}; it holds ${count} (sync.pending was 0 ${Date.now() - t1} ms ago)`);
     });
-    t.diagnostic(`write-back drained ${Date.now() - t1} ms after the history check`);
+    t.diagnostic(`write-back into ${store} drained ${Date.now() - t1} ms after the history check`);
+    const rows = await cluster.db.messages(room.id);
+    const stored = rows.map((r) => r.seq);
+    const row = [rows.length, Math.min(...stored), Math.max(...stored), new Set(stored).size].map(String);
     assert.deepEqual(row, [String(TOTAL), '1', String(TOTAL), String(TOTAL)], 'count, min(seq), max(seq), count(distinct seq)');
-    const rows = await cluster.db.query(`select seq, id, sender_id, client_msg_id, body from messages where room_id='${room.id}' order by seq`);
     assert.equal(rows.length, TOTAL);
-    for (const [seq, id, sender, cmid] of rows) {
+    for (const { seq, id, sender_id: sender, client_msg_id: cmid } of rows) {
       const m = bySeq.get(Number(seq));
       assert.ok(m, `row seq ${seq} was acked`);
-      assert.equal(id, m.id, `PostgreSQL row seq ${seq}: id`);
-      assert.equal(sender, m.sender_id, `PostgreSQL row seq ${seq}: sender_id`);
-      assert.equal(cmid, m.client_msg_id, `PostgreSQL row seq ${seq}: client_msg_id`);
+      assert.equal(id, m.id, `${store} row seq ${seq}: id`);
+      assert.equal(sender, m.sender_id, `${store} row seq ${seq}: sender_id`);
+      assert.equal(cmid, m.client_msg_id, `${store} row seq ${seq}: client_msg_id`);
     }
     for (const s of all) s.close();
   });

@@ -244,11 +244,13 @@ export async function sendMessage(socket, roomId, body, clientMsgId = newCmid(),
   return ack.message;
 }
 
-// ---- cluster mode: a private redis-server, a fresh PostgreSQL database, N instances ----
+// ---- cluster mode: a private redis-server, a fresh PostgreSQL or MongoDB database, N instances ----
 
 import { execFile, execFileSync } from 'node:child_process';
 import { createServer as createNetServer } from 'node:net';
 import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { MongoClient } from 'mongodb';
 
 const PG_HOST = process.env.CHATMESH_TEST_PG_HOST || '127.0.0.1';
 const PG_PORT = process.env.CHATMESH_TEST_PG_PORT || '5432';
@@ -368,8 +370,138 @@ export async function createPgDatabase(prefix = 'chatmesh_node_') {
     execFileSync('psql', psqlArgs('postgres', `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`), { stdio: 'ignore', timeout: 10000 });
   };
   orphanGuards.add(guard);
-  return { name, url: `postgres://${PG_USER}@${PG_HOST}:${PG_PORT}/${name}`, query: (sql) => pgQuery(name, sql), drop };
+  return {
+    kind: 'postgres',
+    label: 'PostgreSQL',
+    name,
+    url: `postgres://${PG_USER}@${PG_HOST}:${PG_PORT}/${name}`,
+    query: (sql) => pgQuery(name, sql),
+    /** How many messages of the room are stored. */
+    async countMessages(roomId) {
+      const [[count]] = await pgQuery(name, `select count(*) from messages where room_id='${roomId}'`);
+      return Number(count);
+    },
+    /** The room's stored messages in seq order: [{seq, id, sender_id, client_msg_id, body}]. */
+    async messages(roomId) {
+      const rows = await pgQuery(name, `select seq, id, sender_id, client_msg_id, body from messages where room_id='${roomId}' order by seq`);
+      return rows.map(([seq, id, sender_id, client_msg_id, body]) => ({ seq: Number(seq), id, sender_id, client_msg_id, body }));
+    },
+    drop,
+  };
 }
+
+/** `secantusd-py` (SecantusDB, PyPI `secantusdb`): on PATH, else in .tools/venv; throws how to install it. */
+export function secantusBinary() {
+  const onPath = (process.env.PATH || '').split(path.delimiter).map((d) => path.join(d, 'secantusd-py')).find((p) => existsSync(p));
+  const venv = path.join(repoRoot, '.tools', 'venv', 'bin', 'secantusd-py');
+  const bin = onPath || (existsSync(venv) ? venv : null);
+  if (!bin) {
+    // Fail loudly: the MongoDB parameterisation must never pass without its store.
+    throw new Error(
+      `secantusd-py (SecantusDB ${SECANTUS_VERSION}) is not installed: not on PATH and not at ${venv}. ` +
+        'Install it with `scripts/setup.sh --test`, or set CHATMESH_TEST_MONGODB_URL to a real mongod replica set',
+    );
+  }
+  return bin;
+}
+const SECANTUS_VERSION = '0.7.0b3';
+
+/**
+ * Start a private SecantusDB server (a MongoDB-wire server that answers as the primary of a
+ * one-member replica set `secantus`) on a free port in its own temp dir. Resolves {port, url(db),
+ * stop()} once it logged that it listens; stop() kills it and removes the dir.
+ */
+export async function startSecantus() {
+  const bin = secantusBinary();
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const dir = mkdtempSync(path.join(tmpdir(), 'chatmesh-secantus-'));
+    // An empty config of our own: no ./secantusd.toml or ~/.secantus of the machine is read.
+    writeFileSync(path.join(dir, 'secantusd.toml'), '');
+    const args = ['--config', path.join(dir, 'secantusd.toml'), '--host', '127.0.0.1', '--port', String(port)];
+    args.push('--storage-path', path.join(dir, 'data'), '--cache-size', '128M');
+    const proc = spawn(bin, args, { cwd: dir, env: { ...process.env, PYTHONUNBUFFERED: '1', PYTHONDONTWRITEBYTECODE: '1' }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out = [];
+    proc.stdout.on('data', (d) => out.push(d.toString()));
+    proc.stderr.on('data', (d) => out.push(d.toString()));
+    const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
+    const guard = () => {
+      proc.kill('SIGKILL');
+      rmSync(dir, { recursive: true, force: true });
+    };
+    guardSignals();
+    orphanGuards.add(guard);
+    const stop = async () => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      await exited;
+      rmSync(dir, { recursive: true, force: true });
+      orphanGuards.delete(guard);
+    };
+    const deadline = Date.now() + 30000;
+    const listening = `listening on 127.0.0.1:${port}`;
+    while (Date.now() < deadline && proc.exitCode === null && proc.signalCode === null && !out.join('').includes(listening)) {
+      await sleep(50);
+    }
+    if (out.join('').includes(listening)) {
+      return { port, url: (db) => `mongodb://127.0.0.1:${port}/${db}?replicaSet=secantus`, stop };
+    }
+    await stop();
+    if (!out.join('').includes('Address already in use') || attempt === 4) {
+      throw new Error(`secantusd-py did not start on port ${port}: ${out.join('').slice(-3000)}`);
+    }
+  }
+  throw new Error('unreachable');
+}
+
+/**
+ * A fresh MongoDB database: on the deployment CHATMESH_TEST_MONGODB_URL names (a real mongod replica
+ * set), else on a private SecantusDB server started for it. Resolves {kind, label, name, url,
+ * messages(roomId), drop()}; drop() drops the database and stops the private server.
+ */
+export async function createMongoDatabase(prefix = 'chatmesh_node_') {
+  const name = `${prefix}${randomBytes(6).toString('hex')}`;
+  const override = process.env.CHATMESH_TEST_MONGODB_URL?.trim();
+  const server = override ? null : await startSecantus();
+  // The override's path replaced by our database (options kept; credentials keep their authSource).
+  const withDb = (u) => {
+    const [base, query] = u.split('?');
+    const at = base.indexOf('://') + 3;
+    const slash = base.indexOf('/', at);
+    const creds = base.slice(at, slash < 0 ? undefined : slash).includes('@');
+    const path = slash < 0 ? '' : base.slice(slash + 1);
+    const params = new URLSearchParams(query || '');
+    if (creds && !params.has('authSource')) params.set('authSource', path || 'admin');
+    const q = params.toString();
+    return `${slash < 0 ? base : base.slice(0, slash)}/${name}${q ? `?${q}` : ''}`;
+  };
+  const url = override ? withDb(override) : server.url(name);
+  const client = new MongoClient(url, { serverSelectionTimeoutMS: 5000 });
+  const drop = async () => {
+    try {
+      await client.db(name).dropDatabase();
+      await client.close();
+    } finally {
+      await server?.stop();
+    }
+  };
+  return {
+    kind: 'mongodb',
+    label: override ? 'MongoDB' : 'MongoDB (SecantusDB)',
+    name,
+    url,
+    /** How many messages of the room are stored. */
+    async countMessages(roomId) {
+      return client.db(name).collection('messages').countDocuments({ room_id: roomId });
+    },
+    /** The room's stored messages in seq order: [{seq, id, sender_id, client_msg_id, body}]. */
+    async messages(roomId) {
+      const docs = await client.db(name).collection('messages').find({ room_id: roomId }).sort({ seq: 1 }).toArray();
+      return docs.map((d) => ({ seq: Number(d.seq), id: d._id, sender_id: d.sender_id, client_msg_id: d.client_msg_id, body: d.body }));
+    },
+    drop,
+  };
+}
+
 
 /** Resolve once GET /health/ready answers 200 on every server. */
 export async function waitReady(servers, timeoutMs = 30000) {
@@ -392,16 +524,19 @@ export async function waitReady(servers, timeoutMs = 30000) {
 }
 
 /**
- * Start a cluster of `n` instances (ids n1..nN) on a private Redis and a fresh PostgreSQL database,
- * sharing one JWT secret, one cluster secret and one Redis key prefix. Resolves once every instance
- * is ready. Returns {servers, redis, db, prefix, env, close()}; each server also has `instanceId`.
+ * Start a cluster of `n` instances (ids n1..nN) on a private Redis and a fresh database of `store`
+ * ('postgres': the machine's PostgreSQL; 'mongodb': see createMongoDatabase), sharing one JWT
+ * secret, one cluster secret and one Redis key prefix. Resolves once every instance is ready.
+ * Returns {servers, redis, db, prefix, env, close()}; each server also has `instanceId`; `db` has
+ * `kind`, `label`, `url` and `messages(roomId)` whatever the store.
  */
-export async function startCluster(n = 3, extraEnv = {}) {
+export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres' } = {}) {
+  if (!['postgres', 'mongodb'].includes(store)) throw new Error(`startCluster: unknown store ${store}`);
   const redis = await startRedis();
   let db;
   const servers = [];
   try {
-    db = await createPgDatabase();
+    db = store === 'mongodb' ? await createMongoDatabase() : await createPgDatabase();
     const env = {
       CHATMESH_REDIS_URL: redis.url,
       CHATMESH_STORE_URL: db.url,

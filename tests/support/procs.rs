@@ -1,6 +1,6 @@
 //! Real dependency processes for integration tests: Redis (single, replica set with Sentinels,
-//! Cluster) and a private PostgreSQL server, each on its own free ports and in its own temp dir,
-//! started and killed by the test that owns it.
+//! Cluster), a private PostgreSQL server and a private SecantusDB (MongoDB-wire) server, each on its
+//! own free ports and in its own temp dir, started and killed by the test that owns it.
 //!
 //! Everything here is blocking (`std::process`): call it directly from a sync test, or through
 //! `tokio::task::spawn_blocking` from an async one (and drop the fixture there too, or accept a
@@ -1326,4 +1326,172 @@ fn postgres_user() -> (u32, u32) {
                  (it comes with `apt-get install -y postgresql`)"
             )
         })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SecantusServer: a MongoDB-wire server for the MongoDB store tests
+// ---------------------------------------------------------------------------------------------
+
+/// The SecantusDB release `scripts/setup.sh --test` installs (PyPI `secantusdb`).
+pub const SECANTUS_VERSION: &str = "0.7.0b3";
+/// The replica set a SecantusDB server says it is the one member of.
+pub const SECANTUS_REPLICA_SET: &str = "secantus";
+/// A Python server: slower to start than redis-server, more so on a busy machine.
+const SECANTUS_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `secantusd-py`: on PATH, else in the virtualenv `scripts/setup.sh --test` makes
+/// (`.tools/venv`), else a panic saying how to install it.
+pub fn secantusd_bin() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/secantusd-py");
+    find_on_path("secantusd-py").or_else(|| venv.is_file().then(|| venv.clone())).unwrap_or_else(|| {
+        panic!(
+            "`secantusd-py` (SecantusDB {SECANTUS_VERSION}, the MongoDB-wire server the MongoDB tests run) is \
+             not installed: not on PATH and not at {}. Install it with `scripts/setup.sh --test` (a virtualenv \
+             in .tools/venv with `pip install secantusdb=={SECANTUS_VERSION}`), or set \
+             CHATMESH_TEST_MONGODB_URL to a real mongod replica set",
+            venv.display()
+        )
+    })
+}
+
+/// A private SecantusDB server (PyPI `secantusdb`: MongoDB wire protocol on WiredTiger) in its own
+/// temp dir, on a free port. It answers `hello` as the primary of a one-member replica set named
+/// `secantus`, so the official drivers run sessions and transactions against it. It is one node:
+/// no elections, no rollback, no secondaries; and its snapshot reads outside transactions are
+/// not pinned to their `atClusterTime` (see `tests/store_contract.rs`).
+pub struct SecantusServer {
+    port: u16,
+    bin: PathBuf,
+    config: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    dir_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl SecantusServer {
+    pub fn start() -> Self {
+        let bin = secantusd_bin();
+        let (dir, dir_path) = fixture_dir("secantus");
+        // An empty config file of our own: no `./secantusd.toml` or `~/.secantus/` of the machine
+        // is discovered and read.
+        let config = dir_path.join("secantusd.toml");
+        fs::write(&config, "").unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        let data = dir_path.join("data");
+        let log = dir_path.join("secantusd.log");
+        let mut server = SecantusServer { port: 0, bin, config, data, log, child: None, dir_path, _dir: dir };
+        let mut tried = Vec::new();
+        for _ in 0..8 {
+            server.port = free_port();
+            match server.try_start() {
+                Ok(()) => return server,
+                Err(StartError::AddrInUse) => tried.push(server.port),
+                Err(StartError::Failed(msg)) => panic!("{msg}"),
+            }
+        }
+        panic!("secantusd-py: every port tried was taken before it could bind: {tried:?}")
+    }
+
+    fn try_start(&mut self) -> Result<(), StartError> {
+        assert!(self.child.is_none(), "secantusd-py on port {} is already running", self.port);
+        let offset = log_len(&self.log);
+        let log = open_log(&self.log);
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(["--host", HOST, "--port", &self.port.to_string()])
+            .arg("--storage-path")
+            .arg(&self.data)
+            // WiredTiger's cache defaults to 1 GB; test databases are tiny.
+            .args(["--cache-size", "128M", "--log-level", "INFO"])
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .current_dir(&self.dir_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log);
+        let child = spawn_tied(cmd).map_err(|e| StartError::Failed(format!("spawn secantusd-py: {e}")))?;
+        self.child = Some(child);
+        // Our child's own log line names the port, so the server answering there is ours.
+        let listening = format!("listening on {HOST}:{}", self.port);
+        let deadline = Instant::now() + SECANTUS_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                let text = read_log_from(&self.log, offset);
+                if text.contains("Address already in use") {
+                    return Err(StartError::AddrInUse);
+                }
+                return Err(StartError::Failed(format!(
+                    "secantusd-py on port {} exited ({status}) before it listened; {}:\n{}",
+                    self.port,
+                    self.log.display(),
+                    tail(&text, 40)
+                )));
+            }
+            if read_log_from(&self.log, offset).contains(&listening) && TcpStream::connect((HOST, self.port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return Err(StartError::Failed(format!(
+                    "secantusd-py on port {} did not listen within {SECANTUS_START_TIMEOUT:?}; {}:\n{}",
+                    self.port,
+                    self.log.display(),
+                    tail(&read_log_from(&self.log, offset), 40)
+                )));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mongodb://127.0.0.1:<port>/<db>?replicaSet=secantus`
+    pub fn url(&self, db: &str) -> String {
+        format!("mongodb://{HOST}:{}/{db}?replicaSet={SECANTUS_REPLICA_SET}", self.port)
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                self.child = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// SIGKILL, then wait for it. No-op if it is not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The temp dir (config, `--storage-path`, log), removed on drop.
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        read_log_from(&self.log, 0)
+    }
+}
+
+impl Drop for SecantusServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
