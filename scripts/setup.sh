@@ -63,8 +63,10 @@ if [ "$want_test" = 1 ]; then
   fi
   need cargo-nextest || cargo install --locked cargo-nextest
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
-  if [ ! -d tests/node/node_modules/socket.io-client ] || [ ! -d tests/node/node_modules/playwright-core ] \
-    || [ ! -d tests/node/node_modules/mongodb ]; then
+  # Installed exactly as the lock file says: reinstalled whenever the lock file changes.
+  lock_sum="$(sha256sum tests/node/package-lock.json | cut -d' ' -f1)"
+  if [ "$(cat tests/node/node_modules/.chatmesh-lock 2>/dev/null)" != "$lock_sum" ]; then
     (cd tests/node && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$lock_sum" > tests/node/node_modules/.chatmesh-lock
   fi
 fi
