@@ -39,10 +39,11 @@ for i in $(seq 1 "$n"); do
   port=$((5000 + i))
   CHATMESH_BIND="127.0.0.1:$port" CHATMESH_INSTANCE_ID="local-$i" \
     CHATMESH_REDIS_URL="redis://127.0.0.1:$redis_port" CHATMESH_STORE_URL="$pg_base/$db" \
-    CHATMESH_JWT_SECRET="$secret" CHATMESH_CLUSTER_SECRET="$secret" CHATMESH_LOG_FORMAT=json \
+    CHATMESH_JWT_SECRET="$secret" CHATMESH_CLUSTER_SECRET="$secret" CHATMESH_ADMIN_TOKEN="$secret" \
+    CHATMESH_LOG_FORMAT=json \
     target/release/chatmesh serve >"$dir/instance-$i.log" 2>&1 &
   pids+=("$!")
   echo "instance local-$i: http://127.0.0.1:$port (log $dir/instance-$i.log)"
 done
-echo "redis: 127.0.0.1:$redis_port   store: $pg_base/$db   Ctrl-C stops the cluster"
+echo "redis: 127.0.0.1:$redis_port   store: $pg_base/$db   admin token: $secret_file   Ctrl-C stops the cluster"
 wait

@@ -327,6 +327,7 @@ start_instance() { # index
     CHATMESH_STORE_URL="$store_url" \
     CHATMESH_JWT_SECRET="$jwt_secret" \
     CHATMESH_CLUSTER_SECRET="$cluster_secret" \
+    CHATMESH_ADMIN_TOKEN="$admin_token" \
     CHATMESH_ACK_LEVEL=replica \
     CHATMESH_TRUST_PROXY=true \
     CHATMESH_LOG_FORMAT=json \
@@ -362,6 +363,7 @@ instances:                  $(for i in $(seq 1 "$instances"); do printf 'http://
 Redis:                      $sentinel_url (data nodes 127.0.0.1:${redis_ports[0]}, 127.0.0.1:${redis_ports[1]})
 store:                      $store_url
 state dir:                  $dir
+admin token (/admin, /api/v1/cluster): $dir/secrets/admin_token
 EOF
 }
 
@@ -383,6 +385,7 @@ cmd_up() {
   start_redis
   jwt_secret=$(secret jwt_secret)
   cluster_secret=$(secret cluster_secret)
+  admin_token=$(secret admin_token)
   # The first instance applies the migrations to an empty database; the others start together.
   local i
   if [ -z "$(pid_of chatmesh-1)" ]; then

@@ -19,6 +19,16 @@ use crate::presence::LocalPresence;
 use crate::service::ChatService;
 use crate::{metrics, realtime};
 
+/// Equal bytes, in a time that depends on the lengths only (a token compared byte by byte with an
+/// early exit tells an attacker how many leading bytes were right).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
 /// Everything a handler may need; shared as `Arc<AppState>`.
 pub struct AppState {
     pub svc: ChatService,
@@ -60,6 +70,20 @@ impl AppState {
         (ready, checks)
     }
 
+    /// Whether a request may see the operations views (`/api/v1/cluster`, `/admin`): with
+    /// `CHATMESH_ADMIN_TOKEN` set, only with it as bearer token (compared in constant time); without
+    /// one, in embedded mode only (a cluster's view lists addresses and recent errors).
+    pub fn admin_allowed(&self, bearer: Option<&str>) -> ApiResult<()> {
+        match &self.config.admin_token {
+            Some(token) if bearer.is_some_and(|b| constant_time_eq(b.as_bytes(), token.expose().as_bytes())) => Ok(()),
+            Some(_) => Err(ApiError::Unauthorized("admin token required".into())),
+            None if self.config.cluster.is_some() => {
+                Err(ApiError::Forbidden("set CHATMESH_ADMIN_TOKEN to use the operations views in cluster mode".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// This instance as `/api/v1/cluster` and the heartbeat describe it.
     pub async fn instance_record(&self) -> InstanceRecord {
         let (ready, _) = self.check_ready().await;
@@ -77,5 +101,18 @@ impl AppState {
             circuits: self.ops.circuits(),
             recent_errors: crate::telemetry::recent_errors(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"admin-token", b"admin-token"));
+        assert!(!constant_time_eq(b"admin-token", b"admin-tokem"));
+        assert!(!constant_time_eq(b"admin-token", b"admin-toke"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 }

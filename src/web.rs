@@ -4,10 +4,12 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 const INDEX: &str = include_str!("../web/index.html");
@@ -41,7 +43,17 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/assets/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
         .route("/assets/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
         // The operations page; its data (/api/v1/cluster) is guarded by CHATMESH_ADMIN_TOKEN.
-        .route("/admin", get(|| async { asset("text/html; charset=utf-8", ADMIN) }))
+        // The operations page asks for the admin token itself; in cluster mode without one configured
+        // there is nothing it could show.
+        .route(
+            "/admin",
+            get(|State(state): State<Arc<AppState>>| async move {
+                match state.admin_allowed(None) {
+                    Err(ApiError::Forbidden(why)) => Err(ApiError::Forbidden(why)),
+                    _ => Ok(asset("text/html; charset=utf-8", ADMIN)),
+                }
+            }),
+        )
         .route("/assets/admin.js", get(|| async { asset("text/javascript; charset=utf-8", ADMIN_JS) }))
         .route("/assets/admin.css", get(|| async { asset("text/css; charset=utf-8", ADMIN_CSS) }))
         .route("/assets/socket.io.min.js", get(|| async { asset("text/javascript; charset=utf-8", SOCKET_IO) }))

@@ -10,7 +10,7 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use super::extract::bearer;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::state::AppState;
 
 pub async fn live() -> Json<Value> {
@@ -36,11 +36,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 }
 
 pub async fn cluster(State(state): State<Arc<AppState>>, parts: Parts) -> ApiResult<Json<Value>> {
-    if let Some(admin) = &state.config.admin_token
-        && bearer(&parts) != Some(admin.expose())
-    {
-        return Err(ApiError::Unauthorized("admin token required".into()));
-    }
+    state.admin_allowed(bearer(&parts))?;
     let me = state.instance_record().await;
     let mut view = state.ops.cluster(me).await;
     view["instance_id"] = json!(state.instance_id);

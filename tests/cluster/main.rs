@@ -10,6 +10,7 @@ mod support;
 #[path = "../api/helpers.rs"]
 mod helpers;
 
+mod admin;
 mod caches;
 mod failover;
 mod heads;

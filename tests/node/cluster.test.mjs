@@ -92,7 +92,7 @@ function assertSeqRun(list, from, to, what) {
 }
 
 async function clusterView(srv) {
-  const r = await api(srv.url, 'GET', '/api/v1/cluster');
+  const r = await api(srv.url, 'GET', '/api/v1/cluster', undefined, cluster.env.CHATMESH_ADMIN_TOKEN);
   assert.equal(r.status, 200, `GET /api/v1/cluster on ${srv.instanceId}: ${r.status} ${JSON.stringify(r.body)}`);
   return r.body;
 }

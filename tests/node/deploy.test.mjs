@@ -249,7 +249,9 @@ test(`HAProxy stats show ${INSTANCES} chatmesh backends UP with a passing health
     assert.equal(s.status, 'UP', `${s.name}: ${JSON.stringify(s)}`);
     assert.equal(s.check, 'L7OK', `${s.name}: last /health/ready check: ${JSON.stringify(s)}`);
   }
-  const cluster = await api(lb, 'GET', '/api/v1/cluster');
+  const adminToken = readFileSync(path.join(stateDir, 'secrets', 'admin_token'), 'utf8').trim();
+  assert.equal((await api(lb, 'GET', '/api/v1/cluster')).status, 401, 'the cluster view without the admin token');
+  const cluster = await api(lb, 'GET', '/api/v1/cluster', undefined, adminToken);
   assert.equal(cluster.status, 200, JSON.stringify(cluster.body));
   assert.equal(cluster.body.instances.length, INSTANCES, `live instances: ${JSON.stringify(cluster.body.instances)}`);
 });

@@ -543,6 +543,8 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres' } 
       CHATMESH_JWT_SECRET: `jwt-${randomBytes(24).toString('hex')}`,
       CHATMESH_CLUSTER_SECRET: `cluster-${randomBytes(24).toString('hex')}`,
       CHATMESH_REDIS_PREFIX: `t${randomBytes(5).toString('hex')}`,
+      // In cluster mode the operations views need it.
+      CHATMESH_ADMIN_TOKEN: `admin-${randomBytes(12).toString('hex')}`,
       ...extraEnv,
     };
     const boot = async (i) => {
