@@ -31,6 +31,7 @@ use crate::state::AppState;
 use crate::store::Store;
 use crate::sync::SyncStats;
 use crate::sync::redis::{SyncConfig, SyncWorker};
+use crate::throttle::{Budgets, LocalThrottle, RedisThrottle};
 use crate::{api, metrics, realtime};
 
 /// The implementations of one mode: what the service runs on, and what the instance needs
@@ -41,7 +42,7 @@ struct Mode {
     heartbeat: Option<(Redis, Keys)>,
 }
 
-fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>) -> Mode {
+fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>, budgets: Budgets) -> Mode {
     let fanout = Arc::new(LocalFanout::new(io));
     Mode {
         backends: Backends {
@@ -53,6 +54,7 @@ fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>) -> Mode
             evictions: fanout,
             history: Arc::new(LocalHistory { store: store.clone() }),
             caches: Arc::new(Caches::default()),
+            throttle: Arc::new(LocalThrottle::new(budgets)),
         },
         ops: Arc::new(LocalOps { store, breakers }),
         heartbeat: None,
@@ -64,10 +66,12 @@ async fn cluster_mode(
     redis: Redis,
     store: Arc<dyn Store>,
     io: Io,
-    caches: Arc<Caches>,
     breakers: Arc<Breakers>,
     instance_id: &str,
+    budgets: Budgets,
 ) -> anyhow::Result<Mode> {
+    let l2 = RedisSharedCache { redis: redis.clone(), prefix: c.prefix.clone() };
+    let caches = Arc::new(Caches::new(Arc::new(l2)));
     crate::ops::warn_without_persistence(&redis).await;
     let keys = Keys::new(&c.prefix, c.shards);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
@@ -119,6 +123,7 @@ async fn cluster_mode(
             evictions: fanout.clone(),
             history,
             caches,
+            throttle: Arc::new(RedisThrottle::new(redis.clone(), keys.clone(), budgets)),
         },
         ops: Arc::new(RedisOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
@@ -159,13 +164,15 @@ impl Application {
         let io = realtime::build_io(&config);
 
         let breakers = Arc::new(Breakers::default());
+        let budgets = Budgets {
+            auth_per_ip_per_min: config.auth_rate_per_min,
+            login_failures_per_account_per_min: config.login_failures_per_min,
+        };
         let mode = match &config.cluster {
-            None => embedded_mode(store, io.clone(), breakers.clone()),
+            None => embedded_mode(store, io.clone(), breakers.clone(), budgets),
             Some(cluster) => {
                 let redis = Redis::connect(cluster.redis.clone()).await?;
-                let l2 = RedisSharedCache { redis: redis.clone(), prefix: cluster.prefix.clone() };
-                let caches = Arc::new(Caches::new(Arc::new(l2)));
-                cluster_mode(cluster, redis, store, io.clone(), caches, breakers.clone(), &instance_id).await?
+                cluster_mode(cluster, redis, store, io.clone(), breakers.clone(), &instance_id, budgets).await?
             }
         };
         let svc = ChatService::new(
@@ -176,7 +183,6 @@ impl Application {
                 send_rate_per_sec: config.send_rate_per_sec,
                 read_rate_per_sec: config.read_rate_per_sec,
                 typing_rate_per_sec: config.typing_rate_per_sec,
-                auth_rate_per_min: config.auth_rate_per_min,
                 password_hash_queue: config.password_hash_queue,
             },
         );

@@ -101,6 +101,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_AUTH_RATE_PER_MIN", value_name = "CHATMESH_AUTH_RATE_PER_MIN", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub auth_rate_per_min: u32,
+    /// Failed logins per account per minute, from anywhere (the whole cluster shares the budget);
+    /// past it even a right password is answered 429 rate_limited until the bucket refills.
+    #[arg(long, env = "CHATMESH_LOGIN_FAILURES_PER_MIN", value_name = "CHATMESH_LOGIN_FAILURES_PER_MIN",
+          default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub login_failures_per_min: u32,
     /// Logins and registrations that may wait for a password-hashing slot (one per core); past
     /// it they answer 429 rate_limited at once.
     #[arg(long, env = "CHATMESH_PASSWORD_HASH_QUEUE", value_name = "CHATMESH_PASSWORD_HASH_QUEUE",
@@ -282,6 +287,7 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
     pub auth_rate_per_min: u32,
+    pub login_failures_per_min: u32,
     pub password_hash_queue: usize,
     pub send_rate_per_sec: u32,
     pub read_rate_per_sec: u32,
@@ -388,6 +394,7 @@ impl Config {
             admin_token: non_empty("CHATMESH_ADMIN_TOKEN", args.admin_token, 16)?,
             log_format: args.log_format.unwrap_or(if stdout_is_terminal { LogFormat::Pretty } else { LogFormat::Json }),
             auth_rate_per_min: args.auth_rate_per_min,
+            login_failures_per_min: args.login_failures_per_min,
             password_hash_queue: args.password_hash_queue as usize,
             send_rate_per_sec: args.send_rate_per_sec,
             read_rate_per_sec: args.read_rate_per_sec,

@@ -17,7 +17,8 @@
 //! - [`ops`]: readiness and the cluster view per mode.
 //! - [`service`]: the operations both REST and Socket.IO call (never branching on the mode).
 //! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
-//! - [`auth`], [`ratelimit`], [`metrics`], [`telemetry`]: cross-cutting pieces.
+//! - [`auth`], [`ratelimit`], [`throttle`] (budgets shared by a deployment), [`metrics`],
+//!   [`telemetry`]: cross-cutting pieces.
 //! - [`state`]: what every handler shares ([`state::AppState`]).
 //! - [`app`]: `Application::build` wires one mode and `run_until_stopped` serves it.
 //! - [`backup`]: `chatmesh backup` / `chatmesh restore` (streamed JSON Lines, any backend).
@@ -48,4 +49,5 @@ pub mod state;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod throttle;
 pub mod web;

@@ -34,7 +34,20 @@ impl RateLimiter {
         self.check_at(key, Instant::now())
     }
 
+    /// Whether `key` has a token, without taking it; `Err(wait)` as [`check`](Self::check).
+    pub fn peek(&self, key: &str) -> Result<(), Duration> {
+        self.peek_at(key, Instant::now())
+    }
+
     fn check_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        self.at(key, now, true)
+    }
+
+    fn peek_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        self.at(key, now, false)
+    }
+
+    fn at(&self, key: &str, now: Instant, take: bool) -> Result<(), Duration> {
         self.maybe_sweep(now);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let b = buckets.entry(key.to_string()).or_insert(Bucket { tokens: self.burst, last: now });
@@ -42,7 +55,9 @@ impl RateLimiter {
         b.tokens = (b.tokens + elapsed * self.rate).min(self.burst);
         b.last = now;
         if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+            if take {
+                b.tokens -= 1.0;
+            }
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
@@ -78,5 +93,17 @@ mod tests {
         assert!(l.check_at("b", t0).is_ok(), "keys are independent");
         assert!(l.check_at("a", t0 + Duration::from_millis(500)).is_ok());
         assert!(l.check_at("a", t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn peeking_takes_nothing() {
+        let l = RateLimiter::new(1.0, 2.0);
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(l.peek_at("a", t0).is_ok());
+        }
+        assert!(l.check_at("a", t0).is_ok());
+        assert!(l.check_at("a", t0).is_ok());
+        assert!(l.peek_at("a", t0).is_err(), "both tokens taken");
     }
 }

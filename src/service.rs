@@ -18,6 +18,7 @@ use crate::revocation::Revocations;
 use crate::sequencer::{SendOutcome, Sequencer};
 use crate::store::{NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
 use crate::telemetry;
+use crate::throttle::{Budget, Throttle};
 use tracing::Instrument;
 
 /// Page size of history reads when the client gives none, and the most it may ask for.
@@ -69,7 +70,7 @@ pub struct ChatService {
     send_limiter: RateLimiter,
     read_limiter: RateLimiter,
     typing_limiter: RateLimiter,
-    auth_limiter: RateLimiter,
+    throttle: Arc<dyn Throttle>,
     /// L1 caches; evicted here and on every instance through `evictions`.
     caches: Arc<Caches>,
 }
@@ -84,6 +85,8 @@ pub struct Backends {
     pub evictions: Arc<dyn Evictions>,
     pub history: Arc<dyn History>,
     pub caches: Arc<Caches>,
+    /// Budgets against password guessing, shared by the deployment.
+    pub throttle: Arc<dyn Throttle>,
 }
 
 /// Rate limits from the configuration.
@@ -92,7 +95,6 @@ pub struct Limits {
     /// History pages and joins per user.
     pub read_rate_per_sec: u32,
     pub typing_rate_per_sec: u32,
-    pub auth_rate_per_min: u32,
     /// Logins and registrations that may wait for a password-hashing slot.
     pub password_hash_queue: usize,
 }
@@ -113,9 +115,9 @@ pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
 
 impl ChatService {
     pub fn new(backends: Backends, tokens: Tokens, region: String, limits: Limits) -> Self {
-        let Backends { store, sequencer, revocations, delivery, notices, evictions, history, caches } = backends;
+        let Backends { store, sequencer, revocations, delivery, notices, evictions, history, caches, throttle } =
+            backends;
         let send = f64::from(limits.send_rate_per_sec);
-        let auth = f64::from(limits.auth_rate_per_min);
         Self {
             store,
             sequencer,
@@ -130,7 +132,7 @@ impl ChatService {
             send_limiter: RateLimiter::new(send, send * 10.0),
             read_limiter: per_second(limits.read_rate_per_sec),
             typing_limiter: per_second(limits.typing_rate_per_sec),
-            auth_limiter: RateLimiter::new(auth / 60.0, auth),
+            throttle,
             caches,
         }
     }
@@ -140,8 +142,9 @@ impl ChatService {
         ApiError::RateLimited { retry_after }
     }
 
-    pub fn check_auth_rate(&self, client_ip: &str) -> ApiResult<()> {
-        self.auth_limiter.check(client_ip).map_err(|wait| Self::limited("auth", wait))
+    /// One registration or login attempt from `client_ip`, within the deployment's per-IP budget.
+    pub async fn check_auth_rate(&self, client_ip: &str) -> ApiResult<()> {
+        self.throttle.take(Budget::AuthPerIp, client_ip).await
     }
 
     // ---- users ----
@@ -169,6 +172,10 @@ impl ChatService {
     }
 
     pub async fn login(&self, username: &str, password: String) -> ApiResult<(User, String)> {
+        // The account's budget of failures, counted whether or not the account exists (the answer
+        // must not tell), under the name as it is looked up.
+        let account: String = username.to_ascii_lowercase().chars().take(64).collect();
+        self.throttle.peek(Budget::LoginFailuresPerAccount, &account).await?;
         // An impossible username is a wrong username: same answer, no hint.
         let found = match Username::parse(username) {
             Ok(u) => self.store.credentials(u.as_str()).await?,
@@ -179,6 +186,8 @@ impl ChatService {
             None => (None, None),
         };
         if !self.hashing.verify_password(password, hash).await? {
+            // This failure may be the last the budget had: the next attempt is refused.
+            let _ = self.throttle.take(Budget::LoginFailuresPerAccount, &account).await;
             return Err(ApiError::InvalidCredentials);
         }
         let user = user.ok_or(ApiError::InvalidCredentials)?;

@@ -17,7 +17,7 @@ pub async fn register(
     ClientIp(ip): ClientIp,
     JsonBody(input): JsonBody,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    state.svc.check_auth_rate(&ip)?;
+    state.svc.check_auth_rate(&ip).await?;
     let username = Username::parse(input.req_str("username")?)?;
     let password = Password::parse(input.req_str("password")?)?;
     let display_name = input.opt_str("display_name")?.map(DisplayName::parse).transpose()?;
@@ -30,7 +30,7 @@ pub async fn login(
     ClientIp(ip): ClientIp,
     JsonBody(input): JsonBody,
 ) -> ApiResult<Json<Value>> {
-    state.svc.check_auth_rate(&ip)?;
+    state.svc.check_auth_rate(&ip).await?;
     let username = input.req_str("username")?;
     let password = input.req_str("password")?;
     let (user, token) = state.svc.login(username, password.to_string()).await?;

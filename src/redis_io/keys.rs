@@ -43,6 +43,11 @@ impl Keys {
         format!("{}:room:{room_id}:left:{user_id}", self.tag(room_id))
     }
     /// The room's fan-out channel.
+    /// A throttle bucket (`budget` names which budget, `key` whose).
+    pub fn throttle(&self, budget: &str, key: &str) -> String {
+        format!("{}:throttle:{budget}:{key}", self.prefix)
+    }
+
     pub fn channel(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}", self.tag(room_id))
     }

@@ -17,6 +17,7 @@ pub use keys::Keys;
 
 pub const SEND_SCRIPT: &str = include_str!("send.lua");
 pub const PRESENCE_SCRIPT: &str = include_str!("presence.lua");
+pub const THROTTLE_SCRIPT: &str = include_str!("throttle.lua");
 
 /// Where Redis is, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]

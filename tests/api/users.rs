@@ -187,6 +187,43 @@ async fn profile_updates_and_limits() {
 }
 
 #[tokio::test]
+async fn failed_logins_are_limited_per_account_from_any_address() {
+    let app = spawn_with(Spawn {
+        env: vec![("CHATMESH_LOGIN_FAILURES_PER_MIN", "2".into()), ("CHATMESH_TRUST_PROXY", "true".into())],
+        ..Default::default()
+    })
+    .await;
+    app.register("erin").await;
+    let login = |ip: &'static str, password: &'static str| {
+        app.http
+            .post(format!("{}/api/v1/auth/login", app.url))
+            .header("x-forwarded-for", ip)
+            .json(&json!({"username": "Erin", "password": password}))
+            .send()
+    };
+    // Right passwords cost nothing.
+    for _ in 0..3 {
+        assert_eq!(login("10.1.0.1", "password123").await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(login("10.1.0.2", "wrong-password").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(login("10.1.0.3", "wrong-password").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let res = login("10.1.0.4", "password123").await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "past two failures even the right password waits");
+    assert!(res.headers().contains_key("retry-after"));
+    // Unknown accounts have budgets too, and answer the same way.
+    for _ in 0..2 {
+        let r = app
+            .call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "nobody_here", "password": "x"})), None)
+            .await;
+        assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+    }
+    let r = app
+        .call(Method::POST, "/api/v1/auth/login", Some(json!({"username": "nobody_here", "password": "x"})), None)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+}
+
+#[tokio::test]
 async fn auth_attempts_are_rate_limited_per_ip() {
     let app = spawn_with(Spawn { env: vec![("CHATMESH_AUTH_RATE_PER_MIN", "3".into())], ..Default::default() }).await;
     app.register("dave").await;

@@ -12,6 +12,7 @@ use chatmesh::redis_io::{Keys, Redis, RedisUrl};
 use chatmesh::revocation::RedisRevocations;
 use chatmesh::service::{Backends, ChatService, Limits};
 use chatmesh::store::Store;
+use chatmesh::throttle::{Budgets, LocalThrottle};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -74,6 +75,10 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
             evictions: fanout,
             history: Arc::new(RedisHistory { store: store.clone(), redis, keys }),
             caches: Arc::new(Caches::new(Arc::new(l2))),
+            throttle: Arc::new(LocalThrottle::new(Budgets {
+                auth_per_ip_per_min: 1_000,
+                login_failures_per_account_per_min: 1_000,
+            })),
         },
         Tokens::new(&Secret::new(crate::SECRET.to_string()), Duration::from_secs(3600)),
         "local".into(),
@@ -81,7 +86,6 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
             send_rate_per_sec: 1_000,
             read_rate_per_sec: 1_000,
             typing_rate_per_sec: 1_000,
-            auth_rate_per_min: 1_000,
             password_hash_queue: 64,
         },
     );

@@ -18,6 +18,7 @@ mod lanes;
 mod outage;
 mod persistence;
 mod sync;
+mod throttle;
 mod traces;
 
 use std::sync::Arc;

@@ -36,6 +36,7 @@ export async function startServer({ env = {}, dataDir } = {}) {
     CHATMESH_LOG_FORMAT: 'json',
     // Tests open many sockets from one IP and burst sends: limits are raised unless a test sets them.
     CHATMESH_AUTH_RATE_PER_MIN: '100000',
+    CHATMESH_LOGIN_FAILURES_PER_MIN: '100000',
     CHATMESH_SEND_RATE_PER_SEC: '100000',
     CHATMESH_READ_RATE_PER_SEC: '100000',
     CHATMESH_TYPING_RATE_PER_SEC: '100000',
