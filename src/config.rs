@@ -120,6 +120,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_READ_RATE_PER_SEC", value_name = "CHATMESH_READ_RATE_PER_SEC", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub read_rate_per_sec: u32,
+    /// Bytes queued for one socket before it counts as a slow consumer and is disconnected (besides
+    /// the 8192-packet bound); one packet alone always fits.
+    #[arg(long, env = "CHATMESH_SOCKET_BUFFER_BYTES", value_name = "CHATMESH_SOCKET_BUFFER_BYTES",
+          default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
+    pub socket_buffer_bytes: u64,
+    /// How long one write to a WebSocket client may take before the connection is dropped.
+    #[arg(long, env = "CHATMESH_WRITE_TIMEOUT_MS", value_name = "CHATMESH_WRITE_TIMEOUT_MS",
+          default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub write_timeout_ms: u64,
     /// How long an Engine.IO session may stay open without a Socket.IO CONNECT.
     #[arg(long, env = "CHATMESH_CONNECT_TIMEOUT_MS", value_name = "CHATMESH_CONNECT_TIMEOUT_MS",
           default_value_t = 45_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
@@ -295,6 +304,8 @@ pub struct Config {
     pub max_sockets_per_user: usize,
     pub max_rooms_per_socket: usize,
     pub connect_timeout: Duration,
+    pub socket_buffer_bytes: usize,
+    pub write_timeout: Duration,
     pub max_body_bytes: usize,
     pub token_ttl: Duration,
     pub drain_delay: Duration,
@@ -401,6 +412,8 @@ impl Config {
             typing_rate_per_sec: args.typing_rate_per_sec,
             max_sockets_per_user: args.max_sockets_per_user as usize,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            socket_buffer_bytes: args.socket_buffer_bytes as usize,
+            write_timeout: Duration::from_millis(args.write_timeout_ms),
             max_rooms_per_socket: args.max_rooms_per_socket as usize,
             max_body_bytes: args.max_body_bytes as usize,
             token_ttl: Duration::from_secs(args.token_ttl_secs),

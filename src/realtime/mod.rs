@@ -47,7 +47,8 @@ pub struct Conn {
 pub fn build_io(config: &Config) -> Io {
     Io::new(crate::sio::Config {
         max_payload: (config.max_body_bytes * TRANSPORT_SLACK).max(256 * 1024),
-        socket_buffer: SOCKET_BUFFER,
+        socket_buffer: crate::sio::Capacity { frames: SOCKET_BUFFER, bytes: config.socket_buffer_bytes },
+        write_timeout: config.write_timeout,
         ws_read_buffer: WS_READ_BUFFER,
         ping_interval: config.ping_interval,
         ping_timeout: config.ping_timeout,

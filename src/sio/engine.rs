@@ -24,9 +24,6 @@ use super::io::{Ack, Io, IoInner};
 use super::packet::{self, Frame, Incoming};
 use super::socket::{Socket, Transport};
 
-/// How long a flush may wait on a client that does not read before the connection is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves `/socket.io/` (GET and POST). Errors use Engine.IO's own codes and messages.
 pub async fn serve(io: Io, req: Request) -> Response {
     let query = Query::parse(req.uri().query().unwrap_or_default());
@@ -262,13 +259,17 @@ async fn run(io: Arc<IoInner>, s: Arc<Socket>, mut ws: Ws) {
     'conn: loop {
         let closed = s.take(&mut frames);
         if !frames.is_empty() {
-            for f in frames.drain(..) {
-                if ws.feed(Message::Text(f)).await.is_err() {
-                    break 'conn;
+            // One deadline for the whole write: feeding can block too once tungstenite's buffer
+            // is past its limit and the client does not read.
+            let write = async {
+                for f in frames.drain(..) {
+                    ws.feed(Message::Text(f)).await?;
                 }
-            }
-            if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ws.flush()).await, Ok(Ok(()))) {
-                break;
+                ws.flush().await
+            };
+            if !matches!(tokio::time::timeout(io.config.write_timeout, write).await, Ok(Ok(()))) {
+                tracing::warn!(socket = %s.id, "websocket write failed or timed out; closing");
+                break 'conn;
             }
             if frames.capacity() > 64 {
                 frames = Vec::new();

@@ -45,8 +45,11 @@ pub struct Config {
     pub ping_timeout: Duration,
     /// Largest packet (WebSocket message or polling body) the transport accepts.
     pub max_payload: usize,
-    /// Frames queued per socket before it counts as a slow consumer.
-    pub socket_buffer: usize,
+    /// Frames and bytes queued per socket before it counts as a slow consumer.
+    pub socket_buffer: super::socket::Capacity,
+    /// How long writing to a WebSocket client may take before the connection is dropped (a
+    /// client that stops reading fills the kernel's buffers, then every write waits).
+    pub write_timeout: Duration,
     pub ws_read_buffer: usize,
     pub upgrade_timeout: Duration,
     /// How long an Engine.IO session may stay without a Socket.IO CONNECT before it is closed
@@ -60,7 +63,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             ping_timeout: Duration::from_secs(20),
             max_payload: 1_000_000,
-            socket_buffer: 8192,
+            socket_buffer: super::socket::Capacity { frames: 8192, bytes: 8 << 20 },
+            write_timeout: Duration::from_secs(30),
             ws_read_buffer: 1024,
             upgrade_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(45),
@@ -263,7 +267,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_is_closed_by_broadcast() {
-        let io = Io::new(Config { socket_buffer: 1, ..Config::default() });
+        let io = Io::new(Config {
+            socket_buffer: super::super::socket::Capacity { frames: 1, bytes: usize::MAX },
+            ..Config::default()
+        });
         let a = io.test_socket("a");
         a.join("r");
         assert_eq!(io.broadcast(&["r".into()], "e", &1), 1);

@@ -12,7 +12,7 @@ mod socket;
 
 pub use engine::serve;
 pub use io::{Ack, Config, Handler, Io};
-pub use socket::{SendError, Socket, Transport};
+pub use socket::{Capacity, SendError, Socket, Transport};
 
 /// The routes Socket.IO clients use (`/socket.io/`, with or without the trailing slash).
 pub fn router(io: Io) -> axum::Router {

@@ -48,12 +48,21 @@ pub struct Socket {
     pub(super) polling: AtomicBool,
     rooms: Mutex<Vec<Arc<str>>>,
     ext: OnceLock<Box<dyn Any + Send + Sync>>,
-    capacity: usize,
+    capacity: Capacity,
+}
+
+/// How much a socket may have queued before it counts as a slow consumer: frames, and bytes
+/// (a few long frames can weigh more than thousands of short ones).
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    pub frames: usize,
+    pub bytes: usize,
 }
 
 #[derive(Default)]
 struct Outbox {
     frames: VecDeque<Frame>,
+    bytes: usize,
     closed: bool,
 }
 
@@ -62,7 +71,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Socket {
-    pub(super) fn new(id: Arc<str>, io: Weak<IoInner>, transport: Transport, capacity: usize) -> Self {
+    pub(super) fn new(id: Arc<str>, io: Weak<IoInner>, transport: Transport, capacity: Capacity) -> Self {
         Self {
             id,
             io,
@@ -84,7 +93,8 @@ impl Socket {
 
     /// A socket built by hand, for tests of code that delivers to sockets.
     #[cfg(test)]
-    pub fn detached(id: &str, capacity: usize) -> Arc<Self> {
+    pub fn detached(id: &str, frames: usize) -> Arc<Self> {
+        let capacity = Capacity { frames, bytes: usize::MAX };
         Arc::new(Self::new(id.into(), Weak::new(), Transport::WebSocket, capacity))
     }
 
@@ -107,9 +117,12 @@ impl Socket {
             if out.closed {
                 return Err(SendError::Closed);
             }
-            if out.frames.len() >= self.capacity {
+            // One frame, however large, always fits an empty queue (a history page can be big).
+            let too_heavy = !out.frames.is_empty() && out.bytes.saturating_add(frame.len()) > self.capacity.bytes;
+            if out.frames.len() >= self.capacity.frames || too_heavy {
                 return Err(SendError::Full);
             }
+            out.bytes += frame.len();
             out.frames.push_back(frame);
         }
         self.ready.notify_one();
@@ -120,6 +133,7 @@ impl Socket {
     pub(super) fn take(&self, into: &mut Vec<Frame>) -> bool {
         let mut out = lock(&self.outbox);
         into.extend(out.frames.drain(..));
+        out.bytes = 0;
         if out.frames.capacity() > 64 {
             // A burst grew the queue: give the memory back rather than keep it per idle socket.
             out.frames.shrink_to(16);
@@ -226,5 +240,19 @@ mod tests {
         s.close();
         assert!(!s.mark_connected(), "closed before connected: the connect must be undone");
         assert!(!s.connected());
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too_but_takes_one_frame_of_any_size() {
+        let s =
+            Arc::new(Socket::new("s".into(), Weak::new(), Transport::WebSocket, Capacity { frames: 100, bytes: 10 }));
+        s.send(Frame::from_static("12345678")).unwrap();
+        assert_eq!(s.send(Frame::from_static("abc")), Err(SendError::Full), "8 + 3 bytes past a bound of 10");
+        s.send(Frame::from_static("ab")).unwrap();
+        let mut out = Vec::new();
+        s.take(&mut out);
+        assert_eq!(out.len(), 2);
+        s.send(Frame::from_static("a frame longer than the whole bound")).unwrap();
+        assert_eq!(s.send(Frame::from_static("x")), Err(SendError::Full));
     }
 }

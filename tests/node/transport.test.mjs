@@ -228,6 +228,71 @@ describe('one request at a time per Engine.IO session', () => {
   });
 });
 
+describe('a client that stops reading', () => {
+  let srv;
+  before(async () => {
+    srv = await startServer({ env: { CHATMESH_SOCKET_BUFFER_BYTES: String(1 << 20), CHATMESH_WRITE_TIMEOUT_MS: '1000' } });
+  });
+  after(async () => {
+    await srv?.close();
+  });
+
+  const gauge = async (name) => {
+    const text = await (await fetch(`${srv.url}/metrics`)).text();
+    const line = text.split('\n').find((l) => l.startsWith(`${name} `));
+    return line === undefined ? undefined : Number(line.split(' ')[1]);
+  };
+
+  test('is disconnected once its queue passes the byte bound or a write passes the deadline; the rest is served', async () => {
+    const a = await registerUser(srv.url, 'rd');
+    const room = await createRoom(srv.url, a.token, 'flood');
+    // A raw Socket.IO client over WebSocket that joins the room and then stops reading its TCP socket.
+    const ws = new WebSocket(`${srv.url.replace('http', 'ws')}/socket.io/?EIO=4&transport=websocket`);
+    const inbox = [];
+    let waiting = null;
+    ws.on('message', (m) => {
+      inbox.push(String(m));
+      waiting?.();
+    });
+    const next = async (pred) => {
+      for (;;) {
+        const i = inbox.findIndex(pred);
+        if (i >= 0) return inbox.splice(i, 1)[0];
+        await new Promise((r) => (waiting = r));
+      }
+    };
+    await next((m) => m.startsWith('0{'));
+    ws.send(`40${JSON.stringify({ token: a.token })}`);
+    await next((m) => m.startsWith('40{'));
+    ws.send(`421${JSON.stringify(['room:join', { room_id: room.id }])}`);
+    assert.match(await next((m) => m.startsWith('431')), /"ok":true/);
+    const reader = await connect(srv.url, a.token, ['websocket']);
+    await joinRoom(reader, room.id);
+    assert.equal(await gauge('chatmesh_connections'), 2);
+    ws._socket.pause();
+
+    // About 12 MB of messages: past what the kernel's buffers hold, so the server's queue grows.
+    const body = 'x'.repeat(4000);
+    let sent = 0;
+    while ((await gauge('chatmesh_connections')) === 2 && sent < 3000) {
+      const batch = await Promise.all(
+        Array.from({ length: 50 }, () => api(srv.url, 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: newCmid(), body }, a.token)),
+      );
+      for (const r of batch) assert.equal(r.status, 201, JSON.stringify(r.body));
+      sent += batch.length;
+    }
+    await waitFor(async () => (await gauge('chatmesh_connections')) === 1, 10000, 'the paused client disconnected by the server');
+    const slow = await gauge('chatmesh_slow_consumers_disconnected_total');
+    // The reading client got everything, in order, and is still connected.
+    const m = await sendMessage(reader, room.id, 'after the flood');
+    assert.equal(m.seq, sent + 1, `seqs after ${sent} flood messages`);
+    assert.equal(reader.connected, true);
+    reader.close();
+    ws.terminate();
+    console.log(`disconnected after ${sent} messages of 4000 bytes (slow-consumer disconnects: ${slow})`);
+  });
+});
+
 describe('one socket under a burst', () => {
   for (const transports of [['websocket'], ['polling']]) {
     test(`${transports[0]}: 300 sends without waiting get seqs 1..300 in send order, and every message:new in that order`, async () => {
