@@ -212,7 +212,9 @@ impl Application {
         }
         spawn_gauges(state.clone());
         realtime::register(&io, state.clone());
-        let router = api::router(state.clone()).merge(crate::sio::router(io.clone()));
+        let router = api::router(state.clone())
+            .merge(crate::sio::router(io.clone()))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), api::cors::cors));
         Ok(Self { listener, router, io, state })
     }
 

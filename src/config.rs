@@ -129,6 +129,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_WRITE_TIMEOUT_MS", value_name = "CHATMESH_WRITE_TIMEOUT_MS",
           default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub write_timeout_ms: u64,
+    /// Web origins (`https://app.example.com`, comma-separated) whose pages may call the API and
+    /// Socket.IO long-polling from a browser; none by default (same origin only).
+    #[arg(long, env = "CHATMESH_CORS_ORIGINS", value_name = "CHATMESH_CORS_ORIGINS", default_value = "")]
+    pub cors_origins: String,
     /// How long an Engine.IO session may stay open without a Socket.IO CONNECT.
     #[arg(long, env = "CHATMESH_CONNECT_TIMEOUT_MS", value_name = "CHATMESH_CONNECT_TIMEOUT_MS",
           default_value_t = 45_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
@@ -288,6 +292,8 @@ impl StoreUrl {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub bind: SocketAddr,
+    /// Origins allowed cross-origin (exact `scheme://host[:port]`, lower-case).
+    pub cors_origins: Vec<String>,
     pub instance_id: Option<String>,
     pub region: String,
     pub store: StoreUrl,
@@ -336,6 +342,24 @@ pub struct ClusterConfig {
 pub struct ConfigError {
     pub name: String,
     pub reason: String,
+}
+
+/// `https://a.example, http://localhost:3000` as origins browsers send them: a scheme, a host,
+/// perhaps a port, nothing else.
+fn parse_origins(list: &str) -> Result<Vec<String>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            let rest = o.strip_prefix("https://").or_else(|| o.strip_prefix("http://"));
+            match rest {
+                Some(host) if !host.is_empty() && !host.contains(['/', '?', '#', '@', ' ']) && o != "*" => {
+                    Ok(o.to_ascii_lowercase())
+                }
+                _ => Err(format!("{o:?} is not an origin (scheme://host[:port], no path, no wildcard)")),
+            }
+        })
+        .collect()
 }
 
 fn invalid(name: &str, reason: impl Into<String>) -> ConfigError {
@@ -422,6 +446,7 @@ impl Config {
             ping_interval: Duration::from_millis(args.ping_interval_ms),
             ping_timeout: Duration::from_millis(args.ping_timeout_ms),
             trust_proxy: args.trust_proxy,
+            cors_origins: parse_origins(&args.cors_origins).map_err(|r| invalid("CHATMESH_CORS_ORIGINS", r))?,
             cluster,
         })
     }
@@ -476,6 +501,18 @@ mod tests {
             assert!(known.contains(&name.to_string()), "{name} missing from {known:?}");
         }
         assert!(known.iter().all(|n| n.starts_with("CHATMESH_")), "{known:?}");
+    }
+
+    #[test]
+    fn origins_are_exact() {
+        assert_eq!(
+            parse_origins(" https://App.example.com, http://localhost:3000 ,").unwrap(),
+            vec!["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_eq!(parse_origins("").unwrap(), Vec::<String>::new());
+        for bad in ["*", "app.example.com", "https://a.example/path", "ftp://x", "https://"] {
+            assert!(parse_origins(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The REST API (API.md §4) and operations endpoints (§6), one file per resource.
 
 mod auth;
+pub mod cors;
 pub mod extract;
 mod messages;
 mod ops;

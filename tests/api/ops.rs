@@ -257,3 +257,72 @@ async fn the_cluster_view_describes_this_instance_for_the_operations_page() {
     assert!(me["recent_errors"].is_array());
     assert!(me["delivered_total"].is_u64());
 }
+
+#[tokio::test]
+async fn cross_origin_requests_are_refused_unless_the_origin_is_listed() {
+    let preflight = |app: &TestApp, origin: &'static str, path: &'static str| {
+        app.http
+            .request(Method::OPTIONS, format!("{}{path}", app.url))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type, authorization")
+            .send()
+    };
+    let acao = |res: &reqwest::Response| {
+        res.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string())
+    };
+
+    // Closed by default: no preflight passes, no answer is readable cross-origin.
+    let closed = spawn_app().await;
+    let res = preflight(&closed, "https://app.example", "/api/v1/auth/login").await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(acao(&res), None);
+    let res = closed
+        .http
+        .get(format!("{}/health/live", closed.url))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(acao(&res), None, "no Access-Control-Allow-Origin by default");
+
+    let open = spawn_with(Spawn {
+        env: vec![("CHATMESH_CORS_ORIGINS", "https://app.example, http://localhost:3000".into())],
+        ..Default::default()
+    })
+    .await;
+    for path in ["/api/v1/auth/login", "/socket.io/?EIO=4&transport=polling"] {
+        let res = preflight(&open, "https://App.Example", path).await.unwrap();
+        assert_eq!(res.status(), StatusCode::NO_CONTENT, "{path}");
+        assert_eq!(acao(&res).as_deref(), Some("https://app.example"), "{path}: its own origin, never *");
+        let headers = res.headers()["access-control-allow-headers"].to_str().unwrap().to_string();
+        assert!(headers.contains("authorization") && headers.contains("content-type"), "{headers}");
+        assert!(res.headers().get("access-control-allow-credentials").is_none(), "tokens are not cookies");
+    }
+    let res = preflight(&open, "https://evil.example", "/api/v1/auth/login").await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN, "an origin not on the list");
+    let res = open
+        .http
+        .post(format!("{}/api/v1/auth/register", open.url))
+        .header("origin", "http://localhost:3000")
+        .json(&serde_json::json!({"username": "cors_user", "password": "correct horse battery"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(acao(&res).as_deref(), Some("http://localhost:3000"));
+    assert!(res.headers().get_all("vary").iter().any(|v| v.to_str().unwrap().contains("origin")));
+    let res = open
+        .http
+        .get(format!("{}/health/live", open.url))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acao(&res), None, "a listed origin opens nothing to the others");
+
+    let (code, stderr) = run_to_exit(&[("CHATMESH_CORS_ORIGINS", "*")], &["serve"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("CHATMESH_CORS_ORIGINS"), "{stderr}");
+}
