@@ -119,6 +119,8 @@ class Stack:
                     "RUST_LOG": "warn", "CHATMESH_LOG_FORMAT": "json",
                     "CHATMESH_BIND": f"127.0.0.1:{port}", "CHATMESH_INSTANCE_ID": f"bench-{i}",
                     "CHATMESH_AUTH_RATE_PER_MIN": "1000000", "CHATMESH_SEND_RATE_PER_SEC": "1000000",
+                    "CHATMESH_READ_RATE_PER_SEC": "1000000", "CHATMESH_ROOM_CHANGE_RATE_PER_MIN": "1000000",
+                    "CHATMESH_LOGIN_FAILURES_PER_MIN": "1000000",
                     "CHATMESH_JWT_SECRET": SECRET,
                 }
                 if self.mode == "cluster":

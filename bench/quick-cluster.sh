@@ -28,7 +28,8 @@ for i in $(seq 1 "$n"); do
   CHATMESH_BIND="127.0.0.1:$port" CHATMESH_INSTANCE_ID="bench-$i" CHATMESH_REDIS_URL="redis://127.0.0.1:$redis_port" \
     CHATMESH_STORE_URL="postgres://postgres@127.0.0.1:5432/$db" CHATMESH_JWT_SECRET=bench-secret-0123456789abcdef0123 \
     CHATMESH_CLUSTER_SECRET=bench-secret-0123456789abcdef0123 CHATMESH_LOG_FORMAT=json RUST_LOG=warn \
-    CHATMESH_AUTH_RATE_PER_MIN=100000 CHATMESH_SEND_RATE_PER_SEC=100000 \
+    CHATMESH_AUTH_RATE_PER_MIN=100000 CHATMESH_SEND_RATE_PER_SEC=100000 CHATMESH_READ_RATE_PER_SEC=100000 \
+    CHATMESH_ROOM_CHANGE_RATE_PER_MIN=100000 \
     target/release/chatmesh serve >"$dir/i$i.log" 2>&1 &
   pids+=("$!")
   urls+=("http://127.0.0.1:$port")

@@ -9,7 +9,8 @@ cargo build --release --quiet -p chatmesh -p chatmesh-loadgen
 dir=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 CHATMESH_BIND="127.0.0.1:$port" CHATMESH_STORE_URL="sqlite://$dir/chatmesh.db" CHATMESH_LOG_FORMAT=json \
-  CHATMESH_AUTH_RATE_PER_MIN=100000 CHATMESH_SEND_RATE_PER_SEC=100000 RUST_LOG=warn \
+  CHATMESH_AUTH_RATE_PER_MIN=100000 CHATMESH_SEND_RATE_PER_SEC=100000 CHATMESH_READ_RATE_PER_SEC=100000 \
+    CHATMESH_ROOM_CHANGE_RATE_PER_MIN=100000 RUST_LOG=warn \
   target/release/chatmesh serve >"$dir/server.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT

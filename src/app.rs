@@ -183,6 +183,7 @@ impl Application {
                 send_rate_per_sec: config.send_rate_per_sec,
                 read_rate_per_sec: config.read_rate_per_sec,
                 typing_rate_per_sec: config.typing_rate_per_sec,
+                room_change_rate_per_min: config.room_change_rate_per_min,
                 password_hash_queue: config.password_hash_queue,
             },
         );

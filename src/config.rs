@@ -146,6 +146,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_MAX_ROOMS_PER_SOCKET", value_name = "CHATMESH_MAX_ROOMS_PER_SOCKET",
           default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_rooms_per_socket: u32,
+    /// Room creations, room changes, invitations and leaves per user per minute (burst the same).
+    #[arg(long, env = "CHATMESH_ROOM_CHANGE_RATE_PER_MIN", value_name = "CHATMESH_ROOM_CHANGE_RATE_PER_MIN",
+          default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    pub room_change_rate_per_min: u32,
     /// `typing` events per user per second, sustained (bursts up to 10x).
     #[arg(long, env = "CHATMESH_TYPING_RATE_PER_SEC", value_name = "CHATMESH_TYPING_RATE_PER_SEC", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -307,6 +311,7 @@ pub struct Config {
     pub send_rate_per_sec: u32,
     pub read_rate_per_sec: u32,
     pub typing_rate_per_sec: u32,
+    pub room_change_rate_per_min: u32,
     pub max_sockets_per_user: usize,
     pub max_rooms_per_socket: usize,
     pub connect_timeout: Duration,
@@ -434,6 +439,7 @@ impl Config {
             send_rate_per_sec: args.send_rate_per_sec,
             read_rate_per_sec: args.read_rate_per_sec,
             typing_rate_per_sec: args.typing_rate_per_sec,
+            room_change_rate_per_min: args.room_change_rate_per_min,
             max_sockets_per_user: args.max_sockets_per_user as usize,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             socket_buffer_bytes: args.socket_buffer_bytes as usize,

@@ -70,6 +70,7 @@ pub struct ChatService {
     send_limiter: RateLimiter,
     read_limiter: RateLimiter,
     typing_limiter: RateLimiter,
+    change_limiter: RateLimiter,
     throttle: Arc<dyn Throttle>,
     /// L1 caches; evicted here and on every instance through `evictions`.
     caches: Arc<Caches>,
@@ -95,6 +96,8 @@ pub struct Limits {
     /// History pages and joins per user.
     pub read_rate_per_sec: u32,
     pub typing_rate_per_sec: u32,
+    /// Room creations, changes, invitations and leaves per user per minute (burst the same).
+    pub room_change_rate_per_min: u32,
     /// Logins and registrations that may wait for a password-hashing slot.
     pub password_hash_queue: usize,
 }
@@ -132,6 +135,10 @@ impl ChatService {
             send_limiter: RateLimiter::new(send, send * 10.0),
             read_limiter: per_second(limits.read_rate_per_sec),
             typing_limiter: per_second(limits.typing_rate_per_sec),
+            change_limiter: {
+                let per_min = f64::from(limits.room_change_rate_per_min);
+                RateLimiter::new(per_min / 60.0, per_min)
+            },
             throttle,
             caches,
         }
@@ -237,6 +244,12 @@ impl ChatService {
         Ok(())
     }
 
+    /// One room creation, change, invitation or leave by the user, within
+    /// `CHATMESH_ROOM_CHANGE_RATE_PER_MIN` (each writes the store and reaches every instance).
+    fn check_change_rate(&self, user_id: &UserId) -> ApiResult<()> {
+        self.change_limiter.check(user_id).map_err(|wait| Self::limited("room_change", wait))
+    }
+
     /// One history page or join for the user, within `CHATMESH_READ_RATE_PER_SEC`.
     fn check_read_rate(&self, user_id: &UserId) -> ApiResult<()> {
         self.read_limiter.check(user_id).map_err(|wait| Self::limited("read", wait))
@@ -265,6 +278,7 @@ impl ChatService {
         topic: Option<Topic>,
         visibility: Visibility,
     ) -> ApiResult<Room> {
+        self.check_change_rate(owner_id)?;
         Ok(self
             .store
             .create_room(NewRoom {
@@ -392,6 +406,7 @@ impl ChatService {
     }
 
     pub async fn update_room(&self, user_id: &UserId, room_id: &RoomId, patch: RoomPatch) -> ApiResult<Room> {
+        self.check_change_rate(user_id)?;
         let room = self.room_meta(room_id).await?;
         if room.owner_id != user_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may change the room".into()));
@@ -418,6 +433,7 @@ impl ChatService {
     }
 
     pub async fn leave_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<()> {
+        self.check_change_rate(user_id)?;
         self.room_meta(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
         // Even when the store had no membership: a leave retried after the bump failed must bump.
@@ -427,6 +443,7 @@ impl ChatService {
     }
 
     pub async fn add_member(&self, owner_id: &UserId, room_id: &RoomId, new_member: &UserId) -> ApiResult<()> {
+        self.check_change_rate(owner_id)?;
         let room = self.room_meta(room_id).await?;
         if room.owner_id != owner_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may add members".into()));

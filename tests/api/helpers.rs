@@ -63,6 +63,7 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
         .env("CHATMESH_LOG_FORMAT", "json")
         .env("CHATMESH_AUTH_RATE_PER_MIN", "100000")
         .env("CHATMESH_SEND_RATE_PER_SEC", "100000")
+        .env("CHATMESH_ROOM_CHANGE_RATE_PER_MIN", "100000")
         .env("CHATMESH_DRAIN_DELAY_MS", "0");
     for (k, v) in &opts.env {
         cmd.env(k, v);

@@ -140,3 +140,26 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
     let r = app.call(Method::DELETE, "/api/v1/rooms", None, None).await;
     assert_eq!(r.code(), "not_found");
 }
+
+#[tokio::test]
+async fn room_creations_and_changes_are_rate_limited_per_user() {
+    let app =
+        spawn_with(Spawn { env: vec![("CHATMESH_ROOM_CHANGE_RATE_PER_MIN", "3".into())], ..Default::default() }).await;
+    let (_, alice) = app.register("rc_alice").await;
+    let (bob_id, bob) = app.register("rc_bob").await;
+    let room = app.create_room(&alice, "one", "public").await;
+    let r = app.call(Method::PATCH, &format!("/api/v1/rooms/{room}"), Some(json!({"topic": "t"})), Some(&alice)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app
+        .call(Method::POST, &format!("/api/v1/rooms/{room}/members"), Some(json!({"user_id": bob_id})), Some(&alice))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "the third change of the minute");
+    let r = app.call(Method::POST, "/api/v1/rooms", Some(json!({"name": "four"})), Some(&alice)).await;
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"), "the fourth");
+    assert!(r.headers.contains_key("retry-after"));
+    // Bob's budget is his own; his leave is a change too.
+    let r = app.call(Method::POST, "/api/v1/rooms", Some(json!({"name": "bob's"})), Some(&bob)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/leave"), None, Some(&bob)).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+}

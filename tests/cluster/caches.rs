@@ -86,6 +86,7 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
             send_rate_per_sec: 1_000,
             read_rate_per_sec: 1_000,
             typing_rate_per_sec: 1_000,
+            room_change_rate_per_min: 1_000,
             password_hash_queue: 64,
         },
     );

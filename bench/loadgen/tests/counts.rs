@@ -34,6 +34,8 @@ fn ingest_totals_match_the_servers_counters() {
         .env("CHATMESH_LOG_FORMAT", "json")
         .env("CHATMESH_AUTH_RATE_PER_MIN", "100000")
         .env("CHATMESH_SEND_RATE_PER_SEC", "100000")
+        .env("CHATMESH_READ_RATE_PER_SEC", "100000")
+        .env("CHATMESH_ROOM_CHANGE_RATE_PER_MIN", "100000")
         .env("RUST_LOG", "info,chatmesh::send=warn")
         .stdout(Stdio::piped())
         .spawn()
