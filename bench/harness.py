@@ -121,6 +121,7 @@ class Stack:
                     "CHATMESH_AUTH_RATE_PER_MIN": "1000000", "CHATMESH_SEND_RATE_PER_SEC": "1000000",
                     "CHATMESH_READ_RATE_PER_SEC": "1000000", "CHATMESH_ROOM_CHANGE_RATE_PER_MIN": "1000000",
                     "CHATMESH_LOGIN_FAILURES_PER_MIN": "1000000",
+                    "CHATMESH_MAX_SESSIONS": "1000000", "CHATMESH_MAX_SESSIONS_PER_IP": "1000000",
                     "CHATMESH_JWT_SECRET": SECRET,
                 }
                 if self.mode == "cluster":

@@ -137,6 +137,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_CONNECT_TIMEOUT_MS", value_name = "CHATMESH_CONNECT_TIMEOUT_MS",
           default_value_t = 45_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub connect_timeout_ms: u64,
+    /// Engine.IO sessions open at once on this instance (a further handshake answers 403).
+    #[arg(long, env = "CHATMESH_MAX_SESSIONS", value_name = "CHATMESH_MAX_SESSIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions: u32,
+    /// Engine.IO sessions open at once from one client address (behind a balancer, set
+    /// CHATMESH_TRUST_PROXY so that the address is the client's, not the balancer's).
+    #[arg(long, env = "CHATMESH_MAX_SESSIONS_PER_IP", value_name = "CHATMESH_MAX_SESSIONS_PER_IP",
+          default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sessions_per_ip: u32,
     /// Sockets one user may have connected to this instance at once (each further CONNECT is
     /// refused with connect_error "too many connections for this user").
     #[arg(long, env = "CHATMESH_MAX_SOCKETS_PER_USER", value_name = "CHATMESH_MAX_SOCKETS_PER_USER",
@@ -314,6 +323,8 @@ pub struct Config {
     pub room_change_rate_per_min: u32,
     pub max_sockets_per_user: usize,
     pub max_rooms_per_socket: usize,
+    pub max_sessions: usize,
+    pub max_sessions_per_ip: usize,
     pub connect_timeout: Duration,
     pub socket_buffer_bytes: usize,
     pub write_timeout: Duration,
@@ -441,6 +452,8 @@ impl Config {
             typing_rate_per_sec: args.typing_rate_per_sec,
             room_change_rate_per_min: args.room_change_rate_per_min,
             max_sockets_per_user: args.max_sockets_per_user as usize,
+            max_sessions: args.max_sessions as usize,
+            max_sessions_per_ip: args.max_sessions_per_ip as usize,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             socket_buffer_bytes: args.socket_buffer_bytes as usize,
             write_timeout: Duration::from_millis(args.write_timeout_ms),

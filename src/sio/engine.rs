@@ -39,7 +39,7 @@ pub async fn serve(io: Io, req: Request) -> Response {
     let inner = io.0.clone();
     match (transport, req.method().clone(), sid) {
         (Transport::WebSocket, Method::GET, sid) => websocket(inner, req, sid),
-        (Transport::Polling, Method::GET, None) => handshake(&inner),
+        (Transport::Polling, Method::GET, None) => handshake(&inner, &req),
         (Transport::Polling, Method::GET, Some(sid)) => poll(&inner, &sid).await,
         (Transport::Polling, Method::POST, Some(sid)) => post(&inner, &sid, req.into_body()).await,
         (Transport::Polling, Method::POST, None) => error(2, "Bad handshake method"),
@@ -89,8 +89,39 @@ fn open_frame(io: &IoInner, sid: &str, upgrades: bool) -> Frame {
     packet::open(sid, upgrades, c.ping_interval.as_millis() as u64, c.ping_timeout.as_millis() as u64, c.max_payload)
 }
 
-fn handshake(io: &Arc<IoInner>) -> Response {
-    let s = io.open_session(new_sid(), Transport::Polling);
+/// The client's address: the peer's, or the first `X-Forwarded-For` hop behind a trusted balancer.
+fn peer_of(io: &IoInner, req: &Request) -> String {
+    if io.config.trust_forwarded
+        && let Some(first) = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    {
+        return first.to_string();
+    }
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string())
+}
+
+/// A new session within the caps on sessions (in all, and per client address), or the answer
+/// Engine.IO's reference server gives a refused request.
+fn admit(io: &Arc<IoInner>, req: &Request) -> Result<super::io::Admission, Response> {
+    io.admit(&peer_of(io, req)).ok_or_else(|| {
+        metrics::counter!(crate::metrics::RATE_LIMITED, "kind" => "engineio_sessions").increment(1);
+        (StatusCode::FORBIDDEN, axum::Json(serde_json::json!({"code": 4, "message": "Forbidden"}))).into_response()
+    })
+}
+
+fn handshake(io: &Arc<IoInner>, req: &Request) -> Response {
+    let admission = match admit(io, req) {
+        Ok(a) => a,
+        Err(refused) => return refused,
+    };
+    let s = io.open_session(new_sid(), Transport::Polling, Some(admission));
     tokio::spawn(polling_heartbeat(s.clone(), Heartbeat::new(&io.config)));
     text(open_frame(io, &s.id, true).as_str().to_string())
 }
@@ -184,6 +215,14 @@ fn websocket(io: Arc<IoInner>, mut req: Request, sid: Option<String>) -> Respons
         },
         None => None,
     };
+    // A new session (not an upgrade) takes its place in the caps before the 101 goes out.
+    let admission = match existing {
+        Some(_) => None,
+        None => match admit(&io, &req) {
+            Ok(a) => Some(a),
+            Err(refused) => return refused,
+        },
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
@@ -195,7 +234,7 @@ fn websocket(io: Arc<IoInner>, mut req: Request, sid: Option<String>) -> Respons
         match existing {
             Some((s, _upgrading)) => upgrade_from_polling(io, s, ws).await,
             None => {
-                let s = io.open_session(new_sid(), Transport::WebSocket);
+                let s = io.open_session(new_sid(), Transport::WebSocket, admission);
                 let _ = s.send(open_frame(&io, &s.id, false));
                 run(io, s, ws).await;
             }

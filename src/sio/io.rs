@@ -47,6 +47,11 @@ pub struct Config {
     pub max_payload: usize,
     /// Frames and bytes queued per socket before it counts as a slow consumer.
     pub socket_buffer: super::socket::Capacity,
+    /// Engine.IO sessions open at once, in all and from one client address.
+    pub max_sessions: usize,
+    pub max_sessions_per_peer: usize,
+    /// Take the client address from `X-Forwarded-For` (behind a trusted balancer).
+    pub trust_forwarded: bool,
     /// How long writing to a WebSocket client may take before the connection is dropped (a
     /// client that stops reading fills the kernel's buffers, then every write waits).
     pub write_timeout: Duration,
@@ -65,6 +70,9 @@ impl Default for Config {
             max_payload: 1_000_000,
             socket_buffer: super::socket::Capacity { frames: 8192, bytes: 8 << 20 },
             write_timeout: Duration::from_secs(30),
+            max_sessions: 1_000_000,
+            max_sessions_per_peer: 1_000_000,
+            trust_forwarded: false,
             ws_read_buffer: 1024,
             upgrade_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(45),
@@ -83,6 +91,34 @@ pub(super) struct IoInner {
     handler: OnceLock<Arc<dyn Handler>>,
     /// WebSocket tasks still running (shutdown waits for their close frames to go out).
     pub(super) live_tasks: AtomicUsize,
+    /// Engine.IO sessions admitted and not yet dropped, in all and per client address.
+    admitted: Mutex<Admitted>,
+}
+
+#[derive(Default)]
+struct Admitted {
+    total: usize,
+    per_peer: HashMap<Arc<str>, usize>,
+}
+
+/// One admitted session's place in the counts; given back when its socket is dropped.
+pub(super) struct Admission {
+    io: std::sync::Weak<IoInner>,
+    peer: Arc<str>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let Some(io) = self.io.upgrade() else { return };
+        let mut a = lock(&io.admitted);
+        a.total = a.total.saturating_sub(1);
+        if let Some(n) = a.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                a.per_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -97,6 +133,7 @@ impl Io {
             rooms: RwLock::default(),
             handler: OnceLock::new(),
             live_tasks: AtomicUsize::new(0),
+            admitted: Mutex::default(),
         }))
     }
 
@@ -166,7 +203,7 @@ impl Io {
     /// A socket not attached to any client: for tests of code that delivers to rooms.
     #[cfg(test)]
     pub fn test_socket(&self, id: &str) -> Arc<Socket> {
-        self.0.open_session(id.into(), Transport::WebSocket)
+        self.0.open_session(id.into(), Transport::WebSocket, None)
     }
 }
 
@@ -175,8 +212,27 @@ impl IoInner {
         self.handler.get()
     }
 
-    pub(super) fn open_session(self: &Arc<Self>, id: Arc<str>, transport: Transport) -> Arc<Socket> {
-        let s = Arc::new(Socket::new(id.clone(), Arc::downgrade(self), transport, self.config.socket_buffer));
+    /// A place for one more session from `peer`, if the caps allow it.
+    pub(super) fn admit(self: &Arc<Self>, peer: &str) -> Option<Admission> {
+        let mut a = lock(&self.admitted);
+        let from_peer = a.per_peer.get(peer).copied().unwrap_or(0);
+        if a.total >= self.config.max_sessions || from_peer >= self.config.max_sessions_per_peer {
+            return None;
+        }
+        a.total += 1;
+        let peer: Arc<str> = peer.into();
+        a.per_peer.insert(peer.clone(), from_peer + 1);
+        Some(Admission { io: Arc::downgrade(self), peer })
+    }
+
+    pub(super) fn open_session(
+        self: &Arc<Self>,
+        id: Arc<str>,
+        transport: Transport,
+        admission: Option<Admission>,
+    ) -> Arc<Socket> {
+        let s =
+            Arc::new(Socket::new(id.clone(), Arc::downgrade(self), transport, self.config.socket_buffer, admission));
         lock(&self.sessions).insert(id, s.clone());
         s
     }
@@ -224,6 +280,8 @@ impl IoInner {
             }
         }
         lock(&self.sessions).remove(&s.id);
+        // Tasks may hold the socket a while longer; its place in the caps is free now.
+        drop(lock(&s.admission).take());
         if was_connected && let Some(h) = self.handler.get() {
             tokio::spawn(h.disconnect(s.clone()));
         }

@@ -49,6 +49,8 @@ pub struct Socket {
     rooms: Mutex<Vec<Arc<str>>>,
     ext: OnceLock<Box<dyn Any + Send + Sync>>,
     capacity: Capacity,
+    /// Its place in the session caps, given back when the session closes.
+    pub(super) admission: Mutex<Option<super::io::Admission>>,
 }
 
 /// How much a socket may have queued before it counts as a slow consumer: frames, and bytes
@@ -71,7 +73,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Socket {
-    pub(super) fn new(id: Arc<str>, io: Weak<IoInner>, transport: Transport, capacity: Capacity) -> Self {
+    pub(super) fn new(
+        id: Arc<str>,
+        io: Weak<IoInner>,
+        transport: Transport,
+        capacity: Capacity,
+        admission: Option<super::io::Admission>,
+    ) -> Self {
         Self {
             id,
             io,
@@ -88,6 +96,7 @@ impl Socket {
             rooms: Mutex::default(),
             ext: OnceLock::new(),
             capacity,
+            admission: Mutex::new(admission),
         }
     }
 
@@ -95,7 +104,7 @@ impl Socket {
     #[cfg(test)]
     pub fn detached(id: &str, frames: usize) -> Arc<Self> {
         let capacity = Capacity { frames, bytes: usize::MAX };
-        Arc::new(Self::new(id.into(), Weak::new(), Transport::WebSocket, capacity))
+        Arc::new(Self::new(id.into(), Weak::new(), Transport::WebSocket, capacity, None))
     }
 
     pub fn transport(&self) -> Transport {
@@ -244,8 +253,8 @@ mod tests {
 
     #[test]
     fn the_queue_is_bounded_in_bytes_too_but_takes_one_frame_of_any_size() {
-        let s =
-            Arc::new(Socket::new("s".into(), Weak::new(), Transport::WebSocket, Capacity { frames: 100, bytes: 10 }));
+        let capacity = Capacity { frames: 100, bytes: 10 };
+        let s = Arc::new(Socket::new("s".into(), Weak::new(), Transport::WebSocket, capacity, None));
         s.send(Frame::from_static("12345678")).unwrap();
         assert_eq!(s.send(Frame::from_static("abc")), Err(SendError::Full), "8 + 3 bytes past a bound of 10");
         s.send(Frame::from_static("ab")).unwrap();

@@ -293,6 +293,48 @@ describe('a client that stops reading', () => {
   });
 });
 
+describe('Engine.IO session caps', () => {
+  let srv;
+  before(async () => {
+    srv = await startServer({ env: { CHATMESH_MAX_SESSIONS: '3', CHATMESH_MAX_SESSIONS_PER_IP: '2', CHATMESH_TRUST_PROXY: 'true' } });
+  });
+  after(async () => {
+    await srv?.close();
+  });
+
+  const open = (from) => fetch(`${srv.url}/socket.io/?EIO=4&transport=polling`, { headers: { 'x-forwarded-for': from } });
+
+  test('past the per-address and the total cap a handshake gets 403; a closed session gives its place back', async () => {
+    const a1 = await open('10.7.0.1');
+    const a2 = await open('10.7.0.1');
+    assert.equal(a1.status, 200);
+    assert.equal(a2.status, 200);
+    const a3 = await open('10.7.0.1');
+    assert.equal(a3.status, 403, 'a third session from one address');
+    assert.deepEqual(await a3.json(), { code: 4, message: 'Forbidden' });
+    assert.equal((await open('10.7.0.2')).status, 200, 'another address, the third session in all');
+    assert.equal((await open('10.7.0.3')).status, 403, 'a fourth session in all');
+    // A new WebSocket session counts the same way, refused before the upgrade.
+    const ws = new WebSocket(`${srv.url.replace('http', 'ws')}/socket.io/?EIO=4&transport=websocket`, { headers: { 'x-forwarded-for': '10.7.0.4' } });
+    ws.on('error', () => {});
+    const outcome = await new Promise((resolve) => {
+      ws.on('unexpected-response', (_req, res) => resolve(res.statusCode));
+      ws.on('open', () => resolve('opened'));
+    });
+    assert.equal(outcome, 403);
+    // Closing one of 10.7.0.1's sessions (an Engine.IO close packet) frees a place at once.
+    const { sid } = JSON.parse((await a1.text()).slice(1));
+    await a2.text();
+    const close = await fetch(`${srv.url}/socket.io/?EIO=4&transport=polling&sid=${sid}`, { method: 'POST', body: '1' });
+    assert.equal(close.status, 200);
+    await waitFor(async () => {
+      const again = await open('10.7.0.1');
+      await again.text();
+      return again.status === 200;
+    }, 3000, 'a new session from 10.7.0.1 once one of its two closed');
+  });
+});
+
 describe('one socket under a burst', () => {
   for (const transports of [['websocket'], ['polling']]) {
     test(`${transports[0]}: 300 sends without waiting get seqs 1..300 in send order, and every message:new in that order`, async () => {
