@@ -107,20 +107,22 @@ fn peer_of(io: &IoInner, req: &Request) -> String {
         .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string())
 }
 
-/// A new session within the caps on sessions (in all, and per client address), or the answer
-/// Engine.IO's reference server gives a refused request.
-fn admit(io: &Arc<IoInner>, req: &Request) -> Result<super::io::Admission, Response> {
-    io.admit(&peer_of(io, req)).ok_or_else(|| {
+/// A new session within the caps on sessions (in all, and per client address).
+fn admit(io: &Arc<IoInner>, req: &Request) -> Option<super::io::Admission> {
+    let admission = io.admit(&peer_of(io, req));
+    if admission.is_none() {
         metrics::counter!(crate::metrics::RATE_LIMITED, "kind" => "engineio_sessions").increment(1);
-        (StatusCode::FORBIDDEN, axum::Json(serde_json::json!({"code": 4, "message": "Forbidden"}))).into_response()
-    })
+    }
+    admission
+}
+
+/// The answer Engine.IO's reference server gives a refused request.
+fn forbidden() -> Response {
+    (StatusCode::FORBIDDEN, axum::Json(serde_json::json!({"code": 4, "message": "Forbidden"}))).into_response()
 }
 
 fn handshake(io: &Arc<IoInner>, req: &Request) -> Response {
-    let admission = match admit(io, req) {
-        Ok(a) => a,
-        Err(refused) => return refused,
-    };
+    let Some(admission) = admit(io, req) else { return forbidden() };
     let s = io.open_session(new_sid(), Transport::Polling, Some(admission));
     tokio::spawn(polling_heartbeat(s.clone(), Heartbeat::new(&io.config)));
     text(open_frame(io, &s.id, true).as_str().to_string())
@@ -219,8 +221,8 @@ fn websocket(io: Arc<IoInner>, mut req: Request, sid: Option<String>) -> Respons
     let admission = match existing {
         Some(_) => None,
         None => match admit(&io, &req) {
-            Ok(a) => Some(a),
-            Err(refused) => return refused,
+            Some(a) => Some(a),
+            None => return forbidden(),
         },
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
