@@ -23,7 +23,7 @@ struct SendAck<'a> {
 
 /// Called in arrival order: the ticket drawn here keeps this socket's sends in that order even
 /// though each runs on its own task.
-pub fn on_send(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, ack: Ack) {
+pub fn on_send(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, ack: Ack, slot: super::Slot) {
     let inflight = match st.admit_send() {
         Ok(token) => token,
         Err(e) => return reply(ack, "message:send", Err(e)),
@@ -31,6 +31,7 @@ pub fn on_send(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, a
     let ticket = s.ext::<super::Conn>().map(|c| c.order.ticket()).unwrap_or_default();
     tokio::spawn(async move {
         let _inflight = inflight;
+        let _slot = slot;
         match send(&st, &s, data, ticket).instrument(telemetry::event_span("message:send")).await {
             Ok(message) => reply_ok(ack, "message:send", &SendAck { ok: true, message: &message }),
             Err(e) => reply(ack, "message:send", Err(e)),
@@ -38,8 +39,9 @@ pub fn on_send(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, a
     });
 }
 
-pub fn on_typing(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, ack: Ack) {
+pub fn on_typing(st: Arc<AppState>, s: Arc<Socket>, data: Result<Value, String>, ack: Ack, slot: super::Slot) {
     tokio::spawn(async move {
+        let _slot = slot;
         reply(ack, "typing", typing(&st, &s, data).instrument(telemetry::event_span("typing")).await)
     });
 }

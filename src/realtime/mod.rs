@@ -6,7 +6,7 @@ mod order;
 mod rooms;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -42,6 +42,41 @@ pub fn connection_count() -> i64 {
 pub struct Conn {
     pub user_id: UserId,
     order: Arc<SocketOrder>,
+    busy: Arc<Busy>,
+}
+
+/// A socket's events being handled now, and those refused in a row for it.
+#[derive(Default)]
+struct Busy {
+    now: AtomicUsize,
+    refused_in_a_row: AtomicUsize,
+}
+
+/// One event being handled for a socket; the socket's count drops when this does (the task that
+/// handles the event owns it).
+pub struct Slot(Arc<Busy>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A socket that keeps sending past its cap this many times over is disconnected.
+const REFUSALS_BEFORE_DISCONNECT: usize = 8;
+
+impl Busy {
+    /// A slot when fewer than `cap` events are being handled; `Err(true)` when the socket has been
+    /// refused so often in a row that it should be cut off.
+    fn enter(self: &Arc<Self>, cap: usize) -> Result<Slot, bool> {
+        if self.now.fetch_add(1, Ordering::AcqRel) >= cap {
+            self.now.fetch_sub(1, Ordering::AcqRel);
+            let refused = self.refused_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+            return Err(refused > cap.saturating_mul(REFUSALS_BEFORE_DISCONNECT));
+        }
+        self.refused_in_a_row.store(0, Ordering::Release);
+        Ok(Slot(self.clone()))
+    }
 }
 
 pub fn build_io(config: &Config) -> Io {
@@ -79,7 +114,7 @@ impl Handler for Realtime {
                 return Err("too many connections for this user".to_string());
             };
             s.join(&user_channel(&user_id));
-            s.set_ext(Conn { user_id: user_id.clone(), order: Arc::default() });
+            s.set_ext(Conn { user_id: user_id.clone(), order: Arc::default(), busy: Arc::default() });
             CONNECTIONS.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
             tracing::info!(socket = %s.id, user = %user_id, transport = ?s.transport(), "socket connected");
@@ -93,10 +128,25 @@ impl Handler for Realtime {
 
     fn event(&self, s: &Arc<Socket>, name: String, data: Result<Value, String>, ack: Ack) {
         let state = self.state.clone();
+        // Each event runs on a task of its own: without a cap, one packet of thousands of events
+        // (one polling POST can carry them) would start thousands of history reads at once.
+        let slot = match s.ext::<Conn>().map(|c| c.busy.enter(state.config.max_events_in_flight)) {
+            Some(Ok(slot)) => slot,
+            Some(Err(persistent)) => {
+                metrics::counter!(m::RATE_LIMITED, "kind" => "events_in_flight").increment(1);
+                if persistent {
+                    tracing::warn!(socket = %s.id, "events past the in-flight cap, again and again: disconnecting");
+                    s.close();
+                }
+                let err = ApiError::RateLimited { retry_after: std::time::Duration::from_secs(1) };
+                return reply(ack, "in_flight", Err(err));
+            }
+            None => return reply(ack, "unknown", Err(ApiError::Unauthorized("socket is not authenticated".into()))),
+        };
         match name.as_str() {
-            "message:send" => messages::on_send(state, s.clone(), data, ack),
-            "typing" => messages::on_typing(state, s.clone(), data, ack),
-            "room:join" | "room:leave" | "room:sync" => rooms::on_event(state, s.clone(), &name, data, ack),
+            "message:send" => messages::on_send(state, s.clone(), data, ack, slot),
+            "typing" => messages::on_typing(state, s.clone(), data, ack, slot),
+            "room:join" | "room:leave" | "room:sync" => rooms::on_event(state, s.clone(), &name, data, ack, slot),
             _ => reply(ack, "unknown", Err(ApiError::validation(format!("unknown event {name:?}")))),
         }
     }

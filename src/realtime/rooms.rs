@@ -13,13 +13,21 @@ use crate::state::AppState;
 use crate::telemetry;
 use tracing::Instrument;
 
-pub fn on_event(st: Arc<AppState>, s: Arc<Socket>, name: &str, data: Result<Value, String>, ack: Ack) {
+pub fn on_event(
+    st: Arc<AppState>,
+    s: Arc<Socket>,
+    name: &str,
+    data: Result<Value, String>,
+    ack: Ack,
+    slot: super::Slot,
+) {
     let name: &'static str = match name {
         "room:join" => "room:join",
         "room:leave" => "room:leave",
         _ => "room:sync",
     };
     tokio::spawn(async move {
+        let _slot = slot;
         let span = telemetry::event_span(name);
         let result = match name {
             "room:join" => join(&st, &s, data).instrument(span).await,

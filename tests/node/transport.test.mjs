@@ -4,6 +4,7 @@
 import { describe, test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import WebSocket from 'ws';
 import { startServer, api, registerUser, createRoom, connect, emitAck, sleep, waitFor, joinRoom, sendMessage, collect, newCmid } from './harness.mjs';
 
@@ -332,6 +333,55 @@ describe('Engine.IO session caps', () => {
       await again.text();
       return again.status === 200;
     }, 3000, 'a new session from 10.7.0.1 once one of its two closed');
+  });
+});
+
+describe('events in flight per socket', () => {
+  let srv;
+  before(async () => {
+    srv = await startServer();
+  });
+  after(async () => {
+    await srv?.close();
+  });
+
+  const rssKiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${srv.proc.pid}/status`, 'utf8'))[1]);
+
+  test('one polling POST of 3,000 room:sync against a room of 500 long messages: refused past the cap, cut off, memory bounded', async (t) => {
+    const a = await registerUser(srv.url, 'fl');
+    const room = await createRoom(srv.url, a.token, 'flood');
+    const body = 'y'.repeat(4000);
+    for (let i = 0; i < 500; i += 50) {
+      const batch = await Promise.all(
+        Array.from({ length: 50 }, () => api(srv.url, 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: newCmid(), body }, a.token)),
+      );
+      for (const r of batch) assert.equal(r.status, 201);
+    }
+    const at = (sid) => `${srv.url}/socket.io/?EIO=4&transport=polling${sid ? `&sid=${sid}` : ''}`;
+    const { sid } = JSON.parse((await (await fetch(at())).text()).slice(1));
+    assert.equal((await fetch(at(sid), { method: 'POST', body: `40${JSON.stringify({ token: a.token })}` })).status, 200);
+    assert.match(await (await fetch(at(sid))).text(), /^40\{/);
+    const before = rssKiB();
+    const packets = Array.from({ length: 3000 }, (_, i) => `42${i}${JSON.stringify(['room:sync', { room_id: room.id, after_seq: 0, limit: 500 }])}`);
+    const post = await fetch(at(sid), { method: 'POST', body: packets.join('\x1e') });
+    assert.equal(post.status, 200);
+    // The session is cut off: polling it finds it closed (or gone).
+    await waitFor(async () => {
+      const r = await fetch(at(sid));
+      const text = r.status === 200 ? await r.text() : '';
+      return r.status === 400 || text.endsWith('1');
+    }, 20000, 'the flooding session closed by the server');
+    await sleep(500);
+    const grown = rssKiB() - before;
+    t.diagnostic(`RSS before ${before} KiB, after ${before + grown} KiB: grew ${grown} KiB`);
+    console.log(`room:sync flood: RSS grew ${grown} KiB (before ${before} KiB)`);
+    // 32 reads at once of a 2 MB page, and what the socket may queue (8 MiB), not 3,000 pages (6 GB).
+    assert.ok(grown < 256 * 1024, `RSS grew ${grown} KiB`);
+    // The instance still serves.
+    const s = await connect(srv.url, a.token, ['websocket']);
+    const j = await joinRoom(s, room.id, { after_seq: 499 });
+    assert.equal(j.messages.length, 1);
+    s.close();
   });
 });
 
