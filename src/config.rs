@@ -151,11 +151,15 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_MAX_SOCKETS_PER_USER", value_name = "CHATMESH_MAX_SOCKETS_PER_USER",
           default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_sockets_per_user: u32,
-    /// Events of one socket handled at once; past it the event is answered rate_limited at once,
-    /// and a socket that keeps going (8 times the cap in a row) is disconnected.
+    /// Events of one socket handled at once (clients pipeline sends); past it the event is answered
+    /// rate_limited at once, and a socket refused 1024 times in a row is disconnected.
     #[arg(long, env = "CHATMESH_MAX_EVENTS_IN_FLIGHT", value_name = "CHATMESH_MAX_EVENTS_IN_FLIGHT",
-          default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+          default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_events_in_flight: u32,
+    /// History reads (room:join, room:sync) of one socket handled at once; past it rate_limited.
+    #[arg(long, env = "CHATMESH_MAX_READS_IN_FLIGHT", value_name = "CHATMESH_MAX_READS_IN_FLIGHT",
+          default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_reads_in_flight: u32,
     /// Rooms one socket may be in at once (room:join beyond it answers validation_failed).
     #[arg(long, env = "CHATMESH_MAX_ROOMS_PER_SOCKET", value_name = "CHATMESH_MAX_ROOMS_PER_SOCKET",
           default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -331,6 +335,7 @@ pub struct Config {
     pub max_sessions: usize,
     pub max_sessions_per_ip: usize,
     pub max_events_in_flight: usize,
+    pub max_reads_in_flight: usize,
     pub connect_timeout: Duration,
     pub socket_buffer_bytes: usize,
     pub write_timeout: Duration,
@@ -460,6 +465,7 @@ impl Config {
             max_sockets_per_user: args.max_sockets_per_user as usize,
             max_sessions: args.max_sessions as usize,
             max_events_in_flight: args.max_events_in_flight as usize,
+            max_reads_in_flight: args.max_reads_in_flight as usize,
             max_sessions_per_ip: args.max_sessions_per_ip as usize,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             socket_buffer_bytes: args.socket_buffer_bytes as usize,

@@ -45,37 +45,63 @@ pub struct Conn {
     busy: Arc<Busy>,
 }
 
-/// A socket's events being handled now, and those refused in a row for it.
+/// A socket's events being handled now (all of them, and the history reads among them), and
+/// those refused in a row for it.
 #[derive(Default)]
 struct Busy {
     now: AtomicUsize,
+    reads: AtomicUsize,
     refused_in_a_row: AtomicUsize,
 }
 
-/// One event being handled for a socket; the socket's count drops when this does (the task that
+/// One event being handled for a socket; the socket's counts drop when this does (the task that
 /// handles the event owns it).
-pub struct Slot(Arc<Busy>);
+pub struct Slot {
+    busy: Arc<Busy>,
+    read: bool,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.now.fetch_sub(1, Ordering::AcqRel);
+        self.busy.now.fetch_sub(1, Ordering::AcqRel);
+        if self.read {
+            self.busy.reads.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
-/// A socket that keeps sending past its cap this many times over is disconnected.
-const REFUSALS_BEFORE_DISCONNECT: usize = 8;
+/// The per-socket caps on events being handled at once.
+#[derive(Clone, Copy)]
+struct InFlightCaps {
+    /// Any event (clients pipeline their sends).
+    events: usize,
+    /// History reads (`room:join`, `room:sync`): each may hold a page of 500 long messages.
+    reads: usize,
+}
+
+/// A socket whose events are refused this many times in a row is disconnected: it keeps sending
+/// past its caps instead of waiting for answers.
+const REFUSALS_BEFORE_DISCONNECT: usize = 1024;
 
 impl Busy {
-    /// A slot when fewer than `cap` events are being handled; `Err(true)` when the socket has been
-    /// refused so often in a row that it should be cut off.
-    fn enter(self: &Arc<Self>, cap: usize) -> Result<Slot, bool> {
-        if self.now.fetch_add(1, Ordering::AcqRel) >= cap {
+    /// A slot when the caps allow one more event (a history read when `read`); `Err(true)` when
+    /// the socket has been refused so often in a row that it should be cut off.
+    fn enter(self: &Arc<Self>, caps: InFlightCaps, read: bool) -> Result<Slot, bool> {
+        let refuse = |busy: &Self| {
+            let refused = busy.refused_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
+            Err(refused > REFUSALS_BEFORE_DISCONNECT)
+        };
+        if self.now.fetch_add(1, Ordering::AcqRel) >= caps.events {
             self.now.fetch_sub(1, Ordering::AcqRel);
-            let refused = self.refused_in_a_row.fetch_add(1, Ordering::AcqRel) + 1;
-            return Err(refused > cap.saturating_mul(REFUSALS_BEFORE_DISCONNECT));
+            return refuse(self);
+        }
+        if read && self.reads.fetch_add(1, Ordering::AcqRel) >= caps.reads {
+            self.reads.fetch_sub(1, Ordering::AcqRel);
+            self.now.fetch_sub(1, Ordering::AcqRel);
+            return refuse(self);
         }
         self.refused_in_a_row.store(0, Ordering::Release);
-        Ok(Slot(self.clone()))
+        Ok(Slot { busy: self.clone(), read })
     }
 }
 
@@ -130,7 +156,9 @@ impl Handler for Realtime {
         let state = self.state.clone();
         // Each event runs on a task of its own: without a cap, one packet of thousands of events
         // (one polling POST can carry them) would start thousands of history reads at once.
-        let slot = match s.ext::<Conn>().map(|c| c.busy.enter(state.config.max_events_in_flight)) {
+        let caps = InFlightCaps { events: state.config.max_events_in_flight, reads: state.config.max_reads_in_flight };
+        let read = matches!(name.as_str(), "room:join" | "room:sync");
+        let slot = match s.ext::<Conn>().map(|c| c.busy.enter(caps, read)) {
             Some(Ok(slot)) => slot,
             Some(Err(persistent)) => {
                 metrics::counter!(m::RATE_LIMITED, "kind" => "events_in_flight").increment(1);

@@ -375,7 +375,7 @@ describe('events in flight per socket', () => {
     const grown = rssKiB() - before;
     t.diagnostic(`RSS before ${before} KiB, after ${before + grown} KiB: grew ${grown} KiB`);
     console.log(`room:sync flood: RSS grew ${grown} KiB (before ${before} KiB)`);
-    // 32 reads at once of a 2 MB page, and what the socket may queue (8 MiB), not 3,000 pages (6 GB).
+    // 8 reads at once of a 2 MB page, and what the socket may queue (8 MiB), not 3,000 pages (6 GB).
     assert.ok(grown < 256 * 1024, `RSS grew ${grown} KiB`);
     // The instance still serves.
     const s = await connect(srv.url, a.token, ['websocket']);
