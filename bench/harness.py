@@ -122,6 +122,8 @@ class Stack:
                     "CHATMESH_READ_RATE_PER_SEC": "1000000", "CHATMESH_ROOM_CHANGE_RATE_PER_MIN": "1000000",
                     "CHATMESH_LOGIN_FAILURES_PER_MIN": "1000000",
                     "CHATMESH_MAX_SESSIONS": "1000000", "CHATMESH_MAX_SESSIONS_PER_IP": "1000000",
+                    # The load generator opens every connection from 127.0.0.1.
+                    "CHATMESH_MAX_CONNECTIONS": "2000000", "CHATMESH_MAX_CONNECTIONS_PER_IP": "2000000",
                     "CHATMESH_JWT_SECRET": SECRET,
                 }
                 if self.mode == "cluster":

@@ -35,6 +35,8 @@ if [ "$want_test" = 1 ]; then
   need redis-server && need redis-cli || apt_install redis-server redis-tools
   # The deployment test runs scripts/local-cluster.sh: HAProxy in front of the instances.
   need haproxy || apt_install haproxy
+  # The TLS tests make their own CA and server certificates with the openssl CLI.
+  need openssl || apt_install openssl
   # The fault suite cuts one instance off Redis with a firewall rule inside its own namespace.
   need iptables || apt_install iptables
   # scripts/check-monitoring.sh runs promtool on deploy/prometheus (Debian's prometheus ships it).

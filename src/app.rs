@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::listener::Tls;
 use crate::sio::Io;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
@@ -148,11 +148,18 @@ pub struct Application {
     router: axum::Router,
     io: Io,
     state: Arc<AppState>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let metrics = metrics::install();
+        // First: a certificate that cannot be used stops the start, naming its file, before
+        // anything else is opened.
+        let tls = config.tls.as_ref().map(Tls::load).transpose()?.map(Arc::new);
+        if let Some(tls) = &tls {
+            tls.clone().reload_on_sighup()?;
+        }
         let store = crate::store::open(&config.store).await?;
         let secret = match &config.jwt_secret {
             Some(s) => s.clone(),
@@ -213,10 +220,13 @@ impl Application {
         }
         spawn_gauges(state.clone());
         realtime::register(&io, state.clone());
-        let router = api::router(state.clone())
+        let mut router = api::router(state.clone())
             .merge(crate::sio::router(io.clone()))
             .layer(axum::middleware::from_fn_with_state(state.clone(), api::cors::cors));
-        Ok(Self { listener, router, io, state })
+        if tls.is_some() {
+            router = router.layer(axum::middleware::map_response(api::hsts));
+        }
+        Ok(Self { listener, router, io, state, tls })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -224,9 +234,10 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { listener, router, io, state } = self;
+        let Self { listener, router, io, state, tls } = self;
         let mode = if state.config.cluster.is_some() { "cluster" } else { "embedded" };
-        tracing::info!(addr = %listener.local_addr()?, instance_id = %state.instance_id, mode, "listening");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(addr = %listener.local_addr()?, scheme, instance_id = %state.instance_id, mode, "listening");
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         let drain_state = state.clone();
         let drain_io = io.clone();
@@ -241,16 +252,11 @@ impl Application {
             drain_io.close().await;
             let _ = closed_tx.send(());
         };
-        // Chat packets are small and latency-bound: Nagle's algorithm would hold acks back ~40 ms.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown);
+        let server = crate::listener::serve(listener, router, tls, state.config.listener.clone(), shutdown);
         // Long-polling requests can hold the server open: bound the wait after sockets are closed.
         let timeout = state.config.shutdown_timeout;
         tokio::select! {
-            res = server => res?,
+            () = server => {},
             _ = async { let _ = closed_rx.await; tokio::time::sleep(timeout).await } => {
                 tracing::warn!("connections still open after the shutdown timeout; exiting");
             }

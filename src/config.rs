@@ -199,6 +199,35 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_PING_TIMEOUT_MS", value_name = "CHATMESH_PING_TIMEOUT_MS", default_value_t = 20_000,
           value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub ping_timeout_ms: u64,
+    /// PEM certificate chain for TLS on the client listener (with CHATMESH_TLS_KEY_FILE; both or
+    /// neither). Re-read on SIGHUP.
+    #[arg(long, env = "CHATMESH_TLS_CERT_FILE", value_name = "CHATMESH_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of CHATMESH_TLS_CERT_FILE. Re-read on SIGHUP.
+    #[arg(long, env = "CHATMESH_TLS_KEY_FILE", value_name = "CHATMESH_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// How long a client may take over the TLS handshake before the connection is closed.
+    #[arg(long, env = "CHATMESH_TLS_HANDSHAKE_TIMEOUT_MS", value_name = "CHATMESH_TLS_HANDSHAKE_TIMEOUT_MS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub tls_handshake_timeout_ms: u64,
+    /// How long a client may take to send a request line and headers; also how long an idle
+    /// keep-alive connection stays open waiting for its next request.
+    #[arg(long, env = "CHATMESH_HTTP_HEADER_TIMEOUT_MS", value_name = "CHATMESH_HTTP_HEADER_TIMEOUT_MS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub http_header_timeout_ms: u64,
+    /// How long a client may take to send a request body, counted from the end of its headers.
+    #[arg(long, env = "CHATMESH_HTTP_BODY_TIMEOUT_MS", value_name = "CHATMESH_HTTP_BODY_TIMEOUT_MS",
+          default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub http_body_timeout_ms: u64,
+    /// TCP connections open at once on the client listener; past it a new one is closed at once.
+    #[arg(long, env = "CHATMESH_MAX_CONNECTIONS", value_name = "CHATMESH_MAX_CONNECTIONS",
+          default_value_t = 200_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: u32,
+    /// TCP connections open at once from one peer address; past it a new one is closed at once.
+    /// Not applied with CHATMESH_TRUST_PROXY=true (every peer is then a balancer).
+    #[arg(long, env = "CHATMESH_MAX_CONNECTIONS_PER_IP", value_name = "CHATMESH_MAX_CONNECTIONS_PER_IP",
+          default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections_per_ip: u32,
     /// Take the client IP for rate limits from the first X-Forwarded-For address (behind HAProxy).
     #[arg(long, env = "CHATMESH_TRUST_PROXY", value_name = "CHATMESH_TRUST_PROXY", default_value_t = false,
           action = clap::ArgAction::Set)]
@@ -346,8 +375,29 @@ pub struct Config {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
     pub trust_proxy: bool,
+    /// TLS on the client listener, when both files are set.
+    pub tls: Option<TlsFiles>,
+    pub listener: ListenerLimits,
     /// Present in cluster mode (CHATMESH_REDIS_URL set).
     pub cluster: Option<ClusterConfig>,
+}
+
+/// The certificate chain and key the client listener serves (read at start and on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What one client may hold of the client listener (see [`crate::listener`]).
+#[derive(Debug, Clone)]
+pub struct ListenerLimits {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_connections: usize,
+    /// None behind a trusted balancer: every peer is then a balancer, not a client.
+    pub max_connections_per_ip: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -439,6 +489,16 @@ impl Config {
         {
             return Err(invalid("CHATMESH_INSTANCE_ID", "must be 1..=128 characters"));
         }
+        let tls = match (args.tls_cert_file, args.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("CHATMESH_TLS_KEY_FILE", "required when CHATMESH_TLS_CERT_FILE is set"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("CHATMESH_TLS_CERT_FILE", "required when CHATMESH_TLS_KEY_FILE is set"));
+            }
+        };
         let non_empty = |name: &str, v: Option<String>, min: usize| -> Result<Option<Secret>, ConfigError> {
             match v {
                 Some(s) if s.len() < min => Err(invalid(name, format!("must be at least {min} bytes"))),
@@ -478,6 +538,14 @@ impl Config {
             ping_interval: Duration::from_millis(args.ping_interval_ms),
             ping_timeout: Duration::from_millis(args.ping_timeout_ms),
             trust_proxy: args.trust_proxy,
+            tls,
+            listener: ListenerLimits {
+                header_timeout: Duration::from_millis(args.http_header_timeout_ms),
+                body_timeout: Duration::from_millis(args.http_body_timeout_ms),
+                tls_handshake_timeout: Duration::from_millis(args.tls_handshake_timeout_ms),
+                max_connections: args.max_connections as usize,
+                max_connections_per_ip: (!args.trust_proxy).then_some(args.max_connections_per_ip as usize),
+            },
             cors_origins: parse_origins(&args.cors_origins).map_err(|r| invalid("CHATMESH_CORS_ORIGINS", r))?,
             cluster,
         })

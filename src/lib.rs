@@ -21,6 +21,8 @@
 //!   [`telemetry`]: cross-cutting pieces.
 //! - [`state`]: what every handler shares ([`state::AppState`]).
 //! - [`app`]: `Application::build` wires one mode and `run_until_stopped` serves it.
+//! - [`listener`]: the accept loop in front of the router: TLS (reloaded on SIGHUP), connection
+//!   caps and the slow-client timeouts.
 //! - [`backup`]: `chatmesh backup` / `chatmesh restore` (streamed JSON Lines, any backend).
 
 pub mod api;
@@ -35,6 +37,7 @@ pub mod domain;
 pub mod error;
 pub mod fanout;
 pub mod history;
+pub mod listener;
 pub mod metrics;
 pub mod ops;
 pub mod presence;

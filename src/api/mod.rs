@@ -60,6 +60,18 @@ async fn security_headers(mut res: Response) -> Response {
     res
 }
 
+/// `Strict-Transport-Security` when the listener serves TLS: browsers that saw it once refuse
+/// plain HTTP to this host for two years (the value browsers' preload lists ask for), so a network
+/// attacker cannot strip TLS from a later visit. Not `includeSubDomains`: other hosts under the
+/// same domain are not ours to pin.
+pub const HSTS: &str = "max-age=63072000";
+
+/// Adds [`HSTS`] to an answer; layered over the whole router (Socket.IO included) when TLS is on.
+pub async fn hsts(mut res: Response) -> Response {
+    res.headers_mut().insert(axum::http::header::STRICT_TRANSPORT_SECURITY, axum::http::HeaderValue::from_static(HSTS));
+    res
+}
+
 async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {method} {}", uri.path()))
 }

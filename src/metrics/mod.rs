@@ -35,6 +35,8 @@ pub const REDIS_AOF_ENABLED: &str = "chatmesh_redis_aof_enabled";
 /// Multi-region replication lag per peer region (exported once regions replicate).
 pub const REPLICATION_LAG: &str = "chatmesh_replication_lag_seconds";
 pub const BUILD_INFO: &str = "chatmesh_build_info";
+pub const TLS_RELOADS: &str = "chatmesh_tls_reloads_total";
+pub const HTTP_TIMEOUTS: &str = "chatmesh_http_timeouts_total";
 
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
@@ -71,6 +73,8 @@ pub const ALL: &[&str] = &[
     REDIS_AOF_ENABLED,
     REPLICATION_LAG,
     BUILD_INFO,
+    TLS_RELOADS,
+    HTTP_TIMEOUTS,
     PROCESS_CPU,
     PROCESS_RSS,
     PROCESS_VSZ,
@@ -188,6 +192,8 @@ fn describe() {
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
     describe_gauge!(DEPENDENCY_UP, "1 when the dependency answered its last check");
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by kind");
+    describe_counter!(TLS_RELOADS, "Certificate reloads on SIGHUP, by outcome (ok, error: the old one kept)");
+    describe_counter!(HTTP_TIMEOUTS, "Client connections closed by a listener timeout, by kind");
     describe_gauge!(CIRCUIT_OPEN, "1 while the circuit breaker of a dependency is open or half-open");
     describe_gauge!(SYNC_PENDING, "Write-back entries not yet in the durable store (cluster mode)");
     describe_gauge!(SYNC_LAG, Unit::Seconds, "Age of the oldest write-back entry not yet in the store");

@@ -82,17 +82,18 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
                 && let Ok(v) = serde_json::from_str::<Value>(&line)
                 && v["message"] == "listening"
             {
-                let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                let scheme = v["scheme"].as_str().unwrap_or("http").to_string();
+                let _ = tx.send(format!("{scheme}://{}", v["addr"].as_str().unwrap_or_default()));
                 sent = true;
             }
         }
     });
-    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+    let url = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
         .await
         .unwrap()
         .unwrap_or_else(|_| panic!("chatmesh did not log `listening` within 30 s"));
     TestApp {
-        url: format!("http://{addr}"),
+        url,
         child,
         logs,
         _own_dir: own_dir,

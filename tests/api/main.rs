@@ -3,6 +3,7 @@
 mod config;
 mod helpers;
 mod lifecycle;
+mod listener;
 mod logs;
 mod messages;
 mod ops;

@@ -50,7 +50,7 @@ export async function startServer({ env = {}, dataDir } = {}) {
   proc.stderr.on('data', (d) => stderr.push(d.toString()));
   const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
 
-  const addr = await new Promise((resolve, reject) => {
+  const url = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`chatmesh did not start in 30s: ${stderr.join('')}`)), 30000);
     const rl = createInterface({ input: proc.stdout });
     rl.on('line', (line) => {
@@ -63,7 +63,7 @@ export async function startServer({ env = {}, dataDir } = {}) {
       logs.push(ev);
       if (ev.message === 'listening' && ev.addr) {
         clearTimeout(timer);
-        resolve(ev.addr);
+        resolve(`${ev.scheme === 'https' ? 'https' : 'http'}://${ev.addr}`);
       }
     });
     exited.then(({ code, signal }) => {
@@ -71,7 +71,6 @@ export async function startServer({ env = {}, dataDir } = {}) {
       reject(new Error(`chatmesh exited early (code ${code}, signal ${signal}): ${stderr.join('')}`));
     });
   });
-  const url = `http://${addr}`;
   return {
     url,
     dataDir: dir,
