@@ -34,8 +34,21 @@ impl Pki {
         openssl(
             dir.path(),
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key",
-                "-out", "ca.pem", "-days", "2", "-subj", "/CN=chatmesh test CA",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=chatmesh test CA",
             ],
         );
         std::fs::write(
@@ -58,15 +71,39 @@ impl Pki {
         openssl(
             d,
             &[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-out", &csr,
-                "-subj", "/CN=localhost",
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=localhost",
             ],
         );
         openssl(
             d,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", &serial.to_string(),
-                "-days", "2", "-out", &cert, "-extfile", "ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &serial.to_string(),
+                "-days",
+                "2",
+                "-out",
+                &cert,
+                "-extfile",
+                "ext.cnf",
             ],
         );
         (d.join(cert), d.join(key))
@@ -243,8 +280,12 @@ async fn tls_settings_are_both_or_neither_and_unusable_files_stop_the_start() {
     let store = format!("sqlite://{}/c.db", data.path().display());
     let garbage = data.path().join("garbage.pem");
     std::fs::write(&garbage, "not a certificate\n").unwrap();
-    let (cert, key, other_key, garbage) =
-        (cert.display().to_string(), key.display().to_string(), other_key.display().to_string(), garbage.display().to_string());
+    let (cert, key, other_key, garbage) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        other_key.display().to_string(),
+        garbage.display().to_string(),
+    );
     let run = |tls: &[(&str, &str)]| {
         let mut env = vec![("CHATMESH_BIND", "127.0.0.1:0"), ("CHATMESH_STORE_URL", store.as_str())];
         env.extend_from_slice(tls);
@@ -252,7 +293,10 @@ async fn tls_settings_are_both_or_neither_and_unusable_files_stop_the_start() {
     };
     let (code, err) = run(&[("CHATMESH_TLS_CERT_FILE", &cert)]);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("invalid setting CHATMESH_TLS_KEY_FILE: required when CHATMESH_TLS_CERT_FILE is set"), "{err}");
+    assert!(
+        err.contains("invalid setting CHATMESH_TLS_KEY_FILE: required when CHATMESH_TLS_CERT_FILE is set"),
+        "{err}"
+    );
     let (code, err) = run(&[("CHATMESH_TLS_KEY_FILE", &key)]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("invalid setting CHATMESH_TLS_CERT_FILE"), "{err}");
@@ -288,7 +332,9 @@ async fn sighup_reloads_the_certificate_keeping_open_connections_and_a_bad_file_
     // A WebSocket opened before the reload, too.
     let (tls, _) = tls_connect(&pki, addr).await;
     let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("wss://{addr}/socket.io/?EIO=4&transport=websocket"), tls).await.unwrap();
+        tokio_tungstenite::client_async(format!("wss://{addr}/socket.io/?EIO=4&transport=websocket"), tls)
+            .await
+            .unwrap();
     assert!(ws.next().await.unwrap().unwrap().to_text().unwrap().starts_with("0{"));
 
     std::fs::copy(&key2, &key).unwrap();
@@ -323,8 +369,8 @@ async fn sighup_reloads_the_certificate_keeping_open_connections_and_a_bad_file_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_headers_are_cut_at_the_header_timeout_while_others_are_served() {
-    let app = spawn_with(Spawn { env: vec![("CHATMESH_HTTP_HEADER_TIMEOUT_MS", "1500".into())], ..Default::default() })
-        .await;
+    let app =
+        spawn_with(Spawn { env: vec![("CHATMESH_HTTP_HEADER_TIMEOUT_MS", "1500".into())], ..Default::default() }).await;
     let addr = addr_of(&app);
     // A header line every 200 ms: never idle, never done.
     let mut slow = TcpStream::connect(addr).await.unwrap();
@@ -341,7 +387,9 @@ async fn slowloris_headers_are_cut_at_the_header_timeout_while_others_are_served
             let mut probe = [0u8; 512];
             match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut probe)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => return (slow, started.elapsed()),
-                Ok(Ok(n)) => assert!(probe[..n].starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&probe[..n])),
+                Ok(Ok(n)) => {
+                    assert!(probe[..n].starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&probe[..n]))
+                }
                 Err(_) => {}
             }
             assert!(i < 50, "the slow client was never cut off");
@@ -366,8 +414,8 @@ async fn slowloris_headers_are_cut_at_the_header_timeout_while_others_are_served
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_is_cut_at_the_body_timeout() {
-    let app = spawn_with(Spawn { env: vec![("CHATMESH_HTTP_BODY_TIMEOUT_MS", "1000".into())], ..Default::default() })
-        .await;
+    let app =
+        spawn_with(Spawn { env: vec![("CHATMESH_HTTP_BODY_TIMEOUT_MS", "1000".into())], ..Default::default() }).await;
     let mut slow = TcpStream::connect(addr_of(&app)).await.unwrap();
     slow.write_all(
         b"POST /api/v1/auth/register HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
@@ -409,8 +457,9 @@ async fn long_polls_and_websockets_outlive_the_header_timeout() {
 
     // WebSocket: held 6 s (two ping rounds), then still answering.
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"), tcp).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/socket.io/?EIO=4&transport=websocket"), tcp)
+        .await
+        .unwrap();
     let opened = Instant::now();
     let mut pings = 0;
     while opened.elapsed() < Duration::from_secs(6) {
@@ -498,15 +547,13 @@ async fn connections_past_the_per_ip_and_total_caps_are_closed_at_once() {
     }
     let mut again = again.expect("a place freed by a close is given again");
     // Counted by kind (read over a connection already admitted: the instance is full).
-    again
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    again.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
     let (text, _) = read_to_close(&mut again, Duration::from_secs(5)).await;
     let text = String::from_utf8_lossy(&text);
     for kind in ["connections_per_ip", "connections_total"] {
         let prefix = format!("chatmesh_rate_limited_total{{kind=\"{kind}\"}} ");
-        let n: f64 = text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{text}")).parse().unwrap();
+        let n: f64 =
+            text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{text}")).parse().unwrap();
         assert!(n >= 1.0, "{kind}: {n}");
     }
 }
