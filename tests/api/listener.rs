@@ -245,6 +245,7 @@ async fn tls_serves_rest_and_socketio_with_hsts_and_nothing_in_plaintext() {
     let mut stalled = TcpStream::connect(addr_of(&app)).await.unwrap();
     stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
     let (_, took) = read_to_close(&mut stalled, Duration::from_secs(5)).await;
+    eprintln!("stalled TLS handshake dropped after {took:?} (timeout 1 s)");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
     assert_eq!(metric(&app, &app.http, "chatmesh_http_timeouts_total{kind=\"tls_handshake\"}").await, 1.0);
 
@@ -312,6 +313,23 @@ async fn tls_settings_are_both_or_neither_and_unusable_files_stop_the_start() {
     let (code, err) = run(&[("CHATMESH_TLS_CERT_FILE", &cert), ("CHATMESH_TLS_KEY_FILE", &other_key)]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("does not fit"), "{err}");
+}
+
+#[test]
+fn listener_settings_outside_their_range_stop_the_start() {
+    for (name, bad) in [
+        ("CHATMESH_HTTP_HEADER_TIMEOUT_MS", "99"),
+        ("CHATMESH_HTTP_HEADER_TIMEOUT_MS", "600001"),
+        ("CHATMESH_HTTP_BODY_TIMEOUT_MS", "99"),
+        ("CHATMESH_TLS_HANDSHAKE_TIMEOUT_MS", "600001"),
+        ("CHATMESH_MAX_CONNECTIONS", "0"),
+        ("CHATMESH_MAX_CONNECTIONS_PER_IP", "0"),
+        ("CHATMESH_MAX_CONNECTIONS_PER_IP", "10000001"),
+    ] {
+        let (code, err) = run_to_exit(&[(name, bad)], &["serve"]);
+        assert_eq!(code, Some(2), "{name}={bad}: {err}");
+        assert!(err.contains(name), "{name}={bad}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,6 +419,7 @@ async fn slowloris_headers_are_cut_at_the_header_timeout_while_others_are_served
     assert_eq!(r.status(), StatusCode::OK);
     assert!(quick.elapsed() < Duration::from_secs(1));
     let (_, cut_after) = trickle.await.unwrap();
+    eprintln!("slowloris client cut after {cut_after:?} (header timeout 1.5 s)");
     assert!(cut_after >= Duration::from_millis(1400), "cut too early: {cut_after:?}");
     assert!(cut_after < Duration::from_millis(3500), "cut too late: {cut_after:?}");
 
@@ -408,6 +427,7 @@ async fn slowloris_headers_are_cut_at_the_header_timeout_while_others_are_served
     let mut idle = TcpStream::connect(addr).await.unwrap();
     assert_eq!(get_on(&mut idle, "/health/live").await.0, 200);
     let (_, idle_for) = read_to_close(&mut idle, Duration::from_secs(5)).await;
+    eprintln!("idle keep-alive connection closed after {idle_for:?}");
     assert!(idle_for >= Duration::from_millis(1400) && idle_for < Duration::from_millis(3000), "{idle_for:?}");
     assert!(metric(&app, &app.http, "chatmesh_http_timeouts_total{kind=\"header\"}").await >= 2.0);
 }
@@ -425,6 +445,7 @@ async fn a_slow_body_is_cut_at_the_body_timeout() {
     .unwrap();
     let (got, took) = read_to_close(&mut slow, Duration::from_secs(5)).await;
     let answer = String::from_utf8_lossy(&got);
+    eprintln!("slow body answered and closed after {took:?} (body timeout 1 s): {:?}", answer.lines().next());
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
     assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
@@ -454,6 +475,7 @@ async fn long_polls_and_websockets_outlive_the_header_timeout() {
     let (status, _) = get_on(&mut poll, &format!("/socket.io/?EIO=4&transport=polling&sid={sid}")).await;
     assert_eq!(status, 200);
     assert!(held.elapsed() >= Duration::from_millis(2000), "the poll was not held: {:?}", held.elapsed());
+    eprintln!("long-poll held {:?} with a 1 s header timeout", held.elapsed());
 
     // WebSocket: held 6 s (two ping rounds), then still answering.
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -470,6 +492,7 @@ async fn long_polls_and_websockets_outlive_the_header_timeout() {
         }
     }
     assert!(pings >= 2, "{pings} pings");
+    eprintln!("WebSocket open {:?}, {pings} pings answered, with a 1 s header timeout", opened.elapsed());
     ws.send(Message::text("40")).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
     // No token: the namespace answers with a connect_error, over the same, still open WebSocket.
@@ -518,6 +541,7 @@ async fn connections_past_the_per_ip_and_total_caps_are_closed_at_once() {
     // The fourth from the same address: closed before it is read.
     let mut fourth = connect_from("127.0.0.1", addr).await;
     let (got, took) = read_to_close(&mut fourth, Duration::from_secs(2)).await;
+    eprintln!("connection past the per-IP cap closed after {took:?}, {} bytes sent to it", got.len());
     assert!(got.is_empty() && took < Duration::from_millis(500), "{got:?} after {took:?}");
     // Another address is not affected by that one's cap...
     let mut from_2 = Vec::new();
