@@ -137,11 +137,12 @@ impl Conn {
             async move {
                 let (mut parts, body) = req.into_parts();
                 parts.extensions.insert(ConnectInfo(peer));
-                let timed_out = Arc::new(AtomicBool::new(false));
-                let body = if hyper::body::Body::is_end_stream(&body) {
-                    Body::new(body)
+                // Requests without a body (polls, most reads) go through untouched.
+                let (body, timed_out) = if hyper::body::Body::is_end_stream(&body) {
+                    (Body::new(body), None)
                 } else {
-                    Body::new(TimedBody::new(body, body_timeout, timed_out.clone()))
+                    let flag = Arc::new(AtomicBool::new(false));
+                    (Body::new(TimedBody::new(body, body_timeout, flag.clone())), Some(flag))
                 };
                 let mut res: Response<Body> = match router.call(Request::from_parts(parts, body)).await {
                     Ok(res) => res,
@@ -149,7 +150,7 @@ impl Conn {
                 };
                 // The rest of a body that timed out is never read: the connection cannot carry
                 // another request, so say so and let hyper close it after this answer.
-                if timed_out.load(Ordering::Relaxed) {
+                if timed_out.is_some_and(|t| t.load(Ordering::Relaxed)) {
                     res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
                 Ok::<_, Infallible>(res)
