@@ -200,8 +200,9 @@ impl Handler for Realtime {
 /// Ends the socket when its token expires, and, if its token could not be checked against the
 /// revocation list at CONNECT (Redis unreachable), checks again until it can.
 async fn watch_session(state: Arc<AppState>, s: Arc<Socket>, session: crate::auth::Session, mut checked: bool) {
-    // Cut when the token stops being taken, so the client's reconnect is refused.
-    let until = session.expires_at + crate::auth::LEEWAY_SECS;
+    // Cut when the token stops being taken (the check compares whole seconds: past `exp` + leeway
+    // means the second after), so the client's reconnect is refused.
+    let until = session.expires_at + crate::auth::LEEWAY_SECS + 1;
     let left = until.saturating_sub(chrono::Utc::now().timestamp().max(0) as u64);
     let expiry = tokio::time::sleep(std::time::Duration::from_secs(left));
     tokio::pin!(expiry);
