@@ -64,6 +64,8 @@ pub fn user_channel(user_id: &str) -> String {
 }
 
 const USER_CHANNEL_PREFIX: &str = "user:";
+/// Every connected socket is in its user channel and its session channel.
+pub const INTERNAL_CHANNELS_PER_SOCKET: usize = 2;
 const SESSION_CHANNEL_PREFIX: &str = "session:";
 
 /// The Socket.IO room of the sockets connected with one token: `session:<issued ms>:<token id>`,
