@@ -19,6 +19,7 @@ use crate::config::{AckLevel, ClusterConfig, Config};
 use crate::domain::Timestamp;
 use crate::fanout::local::LocalFanout;
 use crate::fanout::redis::RedisFanout;
+use crate::fanout::seal::Seal;
 use crate::history::{LocalHistory, RedisHistory};
 use crate::ops::{LocalOps, Ops, RedisOps};
 use crate::presence::LocalPresence;
@@ -27,6 +28,7 @@ use crate::revocation::{LocalRevocations, RedisRevocations};
 use crate::sequencer::embedded::LocalSequencer;
 use crate::sequencer::redis::{RedisSequencer, RedisSequencerConfig};
 use crate::service::{Backends, ChatService, Limits};
+use crate::sessions::{LocalRevokedSessions, RedisRevokedSessions};
 use crate::state::AppState;
 use crate::store::Store;
 use crate::sync::SyncStats;
@@ -42,7 +44,13 @@ struct Mode {
     heartbeat: Option<(Redis, Keys)>,
 }
 
-fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>, budgets: Budgets) -> Mode {
+fn embedded_mode(
+    store: Arc<dyn Store>,
+    io: Io,
+    breakers: Arc<Breakers>,
+    budgets: Budgets,
+    sessions: Arc<LocalRevokedSessions>,
+) -> Mode {
     let fanout = Arc::new(LocalFanout::new(io));
     Mode {
         backends: Backends {
@@ -55,6 +63,7 @@ fn embedded_mode(store: Arc<dyn Store>, io: Io, breakers: Arc<Breakers>, budgets
             history: Arc::new(LocalHistory { store: store.clone() }),
             caches: Arc::new(Caches::default()),
             throttle: Arc::new(LocalThrottle::new(budgets)),
+            sessions,
         },
         ops: Arc::new(LocalOps { store, breakers }),
         heartbeat: None,
@@ -74,10 +83,18 @@ async fn cluster_mode(
     let caches = Arc::new(Caches::new(Arc::new(l2)));
     crate::ops::warn_without_persistence(&redis).await;
     let keys = Keys::new(&c.prefix, c.shards);
+    let seal = Seal::from_secret(&c.secret);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
-    let fanout =
-        RedisFanout::start(io, redis.clone(), keys.clone(), history.clone(), caches.clone(), instance_id.to_string())
-            .await?;
+    let fanout = RedisFanout::start(
+        io,
+        redis.clone(),
+        keys.clone(),
+        history.clone(),
+        caches.clone(),
+        instance_id.to_string(),
+        seal.clone(),
+    )
+    .await?;
     let sequencer = RedisSequencer::start_with(
         redis.clone(),
         keys.clone(),
@@ -87,6 +104,7 @@ async fn cluster_mode(
             wait_timeout: Duration::from_secs(1),
             dedupe_ttl: c.dedupe_ttl,
             backlog_limit: c.backlog_limit,
+            seal,
         },
         breakers.clone(),
     );
@@ -124,6 +142,7 @@ async fn cluster_mode(
             history,
             caches,
             throttle: Arc::new(RedisThrottle::new(redis.clone(), keys.clone(), budgets)),
+            sessions: Arc::new(RedisRevokedSessions { redis: redis.clone(), keys: keys.clone() }),
         },
         ops: Arc::new(RedisOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
@@ -175,8 +194,12 @@ impl Application {
             auth_per_ip_per_min: config.auth_rate_per_min,
             login_failures_per_account_per_min: config.login_failures_per_min,
         };
+        let internal = config.cluster.as_ref().map(|c| crate::internal::InternalTokens::new(&c.secret, &instance_id));
         let mode = match &config.cluster {
-            None => embedded_mode(store, io.clone(), breakers.clone(), budgets),
+            None => {
+                let sessions = Arc::new(LocalRevokedSessions::open(&config.store.data_dir())?);
+                embedded_mode(store, io.clone(), breakers.clone(), budgets, sessions)
+            }
             Some(cluster) => {
                 let redis = Redis::connect(cluster.redis.clone()).await?;
                 cluster_mode(cluster, redis, store, io.clone(), breakers.clone(), &instance_id, budgets).await?
@@ -205,6 +228,7 @@ impl Application {
             draining: AtomicBool::new(false),
             inflight: TaskTracker::new(),
             ops: mode.ops,
+            internal,
         });
         if let Some((redis, keys)) = mode.heartbeat {
             let hb_state = state.clone();

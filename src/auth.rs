@@ -104,7 +104,37 @@ struct Claims {
     aud: String,
     iat: u64,
     exp: u64,
+    /// A ULID: names the token for a logout, and tells its issue time to the millisecond (a
+    /// password change revokes what was issued before it, and a login may follow in the same second).
+    /// Absent from tokens issued before tokens carried one.
+    #[serde(default)]
+    jti: String,
 }
+
+/// A verified user token: whose it is, which one, and its lifetime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub user_id: String,
+    /// The token's id (`jti`); empty for a token issued before tokens carried one.
+    pub token_id: String,
+    /// When it was issued (Unix ms).
+    pub issued_ms: i64,
+    /// When it expires (Unix seconds).
+    pub expires_at: u64,
+}
+
+impl Session {
+    fn of(c: Claims) -> Self {
+        let issued_ms = ulid::Ulid::from_string(&c.jti)
+            .map(|u| u.timestamp_ms() as i64)
+            .unwrap_or((c.iat as i64).saturating_mul(1000) + 999);
+        Self { user_id: c.sub, token_id: c.jti, issued_ms, expires_at: c.exp }
+    }
+}
+
+/// How far past its `exp` a token is still taken (clock skew between the instances that issue
+/// and check it).
+pub const LEEWAY_SECS: u64 = 5;
 
 /// Issues and checks user tokens.
 pub struct Tokens {
@@ -117,7 +147,7 @@ pub struct Tokens {
 impl Tokens {
     pub fn new(secret: &Secret, ttl: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
@@ -129,6 +159,11 @@ impl Tokens {
         }
     }
 
+    /// How long a token lives.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     pub fn issue(&self, user_id: &str) -> Result<String, ApiError> {
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let claims = Claims {
@@ -137,6 +172,7 @@ impl Tokens {
             aud: AUDIENCE.into(),
             iat: now,
             exp: now + self.ttl.as_secs(),
+            jti: ulid::Ulid::generate().to_string(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| ApiError::Unavailable(format!("token signing failed: {e}")))
@@ -144,11 +180,13 @@ impl Tokens {
 
     /// The user id of a valid token. One answer for every reason a token is refused (expired,
     /// forged, malformed, another issuer or audience): telling them apart helps only an attacker.
-    pub fn verify(&self, token: &str) -> Result<String, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|d| d.claims.sub).map_err(|e| {
-            tracing::debug!(reason = %e, "token refused");
-            ApiError::Unauthorized("invalid or expired token".into())
-        })
+    pub fn verify(&self, token: &str) -> Result<Session, ApiError> {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|d| Session::of(d.claims)).map_err(
+            |e| {
+                tracing::debug!(reason = %e, "token refused");
+                ApiError::Unauthorized("invalid or expired token".into())
+            },
+        )
     }
 }
 
@@ -228,7 +266,12 @@ mod tests {
     fn token_round_trip_and_tamper() {
         let t = Tokens::new(&Secret::new("x".repeat(32)), Duration::from_secs(60));
         let tok = t.issue("user1").unwrap();
-        assert_eq!(t.verify(&tok).unwrap(), "user1");
+        let session = t.verify(&tok).unwrap();
+        assert_eq!(session.user_id, "user1");
+        assert_eq!(session.token_id.len(), 26, "a ULID");
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        assert!((now_ms - session.issued_ms).abs() < 5_000, "issued just now, to the ms: {}", session.issued_ms);
+        assert_ne!(t.verify(&t.issue("user1").unwrap()).unwrap().token_id, session.token_id, "each token its own id");
         let other = Tokens::new(&Secret::new("y".repeat(32)), Duration::from_secs(60));
         assert!(other.verify(&tok).is_err());
         assert!(t.verify("garbage").is_err());
@@ -241,10 +284,15 @@ mod tests {
         let key = EncodingKey::from_secret(secret.expose().as_bytes());
         let now = chrono::Utc::now().timestamp() as u64;
         let sign = |iss: &str, aud: &str, exp: u64| {
-            let c = Claims { sub: "u1".into(), iss: iss.into(), aud: aud.into(), iat: now, exp };
+            let c = Claims { sub: "u1".into(), iss: iss.into(), aud: aud.into(), iat: now, exp, jti: String::new() };
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &key).unwrap()
         };
-        assert_eq!(t.verify(&sign(ISSUER, AUDIENCE, now + 60)).unwrap(), "u1");
+        let legacy = t.verify(&sign(ISSUER, AUDIENCE, now + 60)).unwrap();
+        assert_eq!(
+            (legacy.user_id.as_str(), legacy.issued_ms),
+            ("u1", now as i64 * 1000 + 999),
+            "no jti: the end of its iat second"
+        );
         let expired = t.verify(&sign(ISSUER, AUDIENCE, now - 3600)).unwrap_err();
         let other_audience = t.verify(&sign(ISSUER, "internal", now + 60)).unwrap_err();
         let other_issuer = t.verify(&sign("someone-else", AUDIENCE, now + 60)).unwrap_err();

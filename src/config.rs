@@ -91,6 +91,15 @@ pub struct ServeArgs {
     /// Signs instance-to-instance requests (cluster mode).
     #[arg(long, env = "CHATMESH_CLUSTER_SECRET", value_name = "CHATMESH_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Addresses allowed to call /internal/v1 (CIDR list; cluster mode).
+    #[arg(
+        long,
+        env = "CHATMESH_INTERNAL_ALLOW",
+        value_name = "CHATMESH_INTERNAL_ALLOW",
+        default_value = "127.0.0.0/8,::1/128",
+        value_delimiter = ','
+    )]
+    pub internal_allow: Vec<ipnet::IpNet>,
     /// Guards /api/v1/cluster and admin pages.
     #[arg(long, env = "CHATMESH_ADMIN_TOKEN", value_name = "CHATMESH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -349,8 +358,9 @@ pub struct Config {
     pub region: String,
     pub store: StoreUrl,
     pub jwt_secret: Option<Secret>,
-    pub cluster_secret: Option<Secret>,
     pub admin_token: Option<Secret>,
+    /// CHATMESH_INTERNAL_ALLOW: who may call the instance-to-instance endpoints.
+    pub internal_allow: Vec<ipnet::IpNet>,
     pub log_format: LogFormat,
     pub auth_rate_per_min: u32,
     pub login_failures_per_min: u32,
@@ -411,6 +421,8 @@ pub struct ClusterConfig {
     pub claim_idle: Duration,
     pub sync_linger: Duration,
     pub sync_worker: bool,
+    /// CHATMESH_CLUSTER_SECRET: the root of the keys instances trust each other by (pub/sub seals).
+    pub secret: Secret,
 }
 
 /// A setting that cannot be used; `Display` is the one line printed before exiting.
@@ -462,9 +474,13 @@ impl Config {
                         "required in cluster mode (the same on every instance)",
                     ));
                 }
-                if args.cluster_secret.is_none() {
-                    return Err(invalid("CHATMESH_CLUSTER_SECRET", "required in cluster mode"));
-                }
+                let secret = match &args.cluster_secret {
+                    None => return Err(invalid("CHATMESH_CLUSTER_SECRET", "required in cluster mode")),
+                    Some(s) if s.len() < 32 => {
+                        return Err(invalid("CHATMESH_CLUSTER_SECRET", "must be at least 32 bytes"));
+                    }
+                    Some(s) => Secret::new(s.clone()),
+                };
                 if args.redis_prefix.is_empty() || args.redis_prefix.contains(['{', '}', ' ']) {
                     return Err(invalid("CHATMESH_REDIS_PREFIX", "must be non-empty, without braces or spaces"));
                 }
@@ -478,6 +494,7 @@ impl Config {
                     claim_idle: Duration::from_millis(args.sync_claim_idle_ms),
                     sync_linger: Duration::from_millis(args.sync_linger_ms),
                     sync_worker: args.sync_worker,
+                    secret,
                 })
             }
         };
@@ -512,8 +529,8 @@ impl Config {
             region: args.region,
             store,
             jwt_secret: non_empty("CHATMESH_JWT_SECRET", args.jwt_secret, 32)?,
-            cluster_secret: non_empty("CHATMESH_CLUSTER_SECRET", args.cluster_secret, 32)?,
             admin_token: non_empty("CHATMESH_ADMIN_TOKEN", args.admin_token, 16)?,
+            internal_allow: args.internal_allow,
             log_format: args.log_format.unwrap_or(if stdout_is_terminal { LogFormat::Pretty } else { LogFormat::Json }),
             auth_rate_per_min: args.auth_rate_per_min,
             login_failures_per_min: args.login_failures_per_min,

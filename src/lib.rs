@@ -13,10 +13,12 @@
 //! - [`history`]: reading messages (store; in cluster mode merged with Redis recent history).
 //! - [`sync`]: cluster write-back from Redis Streams into the store.
 //! - [`redis_io`]: Redis connections, key names, the send script; [`cluster`]: membership.
-//! - [`revocation`]: leaves that every instance's sends see at once (cached memberships).
+//! - [`revocation`]: leaves that every instance's sends see at once (cached memberships);
+//!   [`sessions`]: revoked user tokens (logout, password change).
 //! - [`ops`]: readiness and the cluster view per mode.
 //! - [`service`]: the operations both REST and Socket.IO call (never branching on the mode).
 //! - [`api`]: axum routes; [`realtime`]: the Socket.IO namespace; [`web`]: the chat page.
+//! - [`internal`]: tokens instances present to each other's `/internal/v1` endpoints.
 //! - [`auth`], [`ratelimit`], [`throttle`] (budgets shared by a deployment), [`metrics`],
 //!   [`telemetry`]: cross-cutting pieces.
 //! - [`state`]: what every handler shares ([`state::AppState`]).
@@ -37,6 +39,7 @@ pub mod domain;
 pub mod error;
 pub mod fanout;
 pub mod history;
+pub mod internal;
 pub mod listener;
 pub mod metrics;
 pub mod ops;
@@ -47,6 +50,7 @@ pub mod redis_io;
 pub mod revocation;
 pub mod sequencer;
 pub mod service;
+pub mod sessions;
 pub mod sio;
 pub mod state;
 pub mod store;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{Hashing, Tokens};
+use crate::auth::{Hashing, Session, Tokens};
 use crate::cache::{Caches, Invalidation};
 use crate::domain::*;
 use crate::error::{ApiError, ApiResult};
@@ -16,7 +16,8 @@ use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
 use crate::revocation::Revocations;
 use crate::sequencer::{SendOutcome, Sequencer};
-use crate::store::{NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
+use crate::sessions::{Ended, RevokedSessions};
+use crate::store::{Member, NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
 use crate::telemetry;
 use crate::throttle::{Budget, Throttle};
 use tracing::Instrument;
@@ -74,6 +75,7 @@ pub struct ChatService {
     throttle: Arc<dyn Throttle>,
     /// L1 caches; evicted here and on every instance through `evictions`.
     caches: Arc<Caches>,
+    sessions: Arc<dyn RevokedSessions>,
 }
 
 /// The mode's implementations the service runs on.
@@ -88,6 +90,8 @@ pub struct Backends {
     pub caches: Arc<Caches>,
     /// Budgets against password guessing, shared by the deployment.
     pub throttle: Arc<dyn Throttle>,
+    /// Tokens revoked by a logout or a password change.
+    pub sessions: Arc<dyn RevokedSessions>,
 }
 
 /// Rate limits from the configuration.
@@ -118,8 +122,18 @@ pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
 
 impl ChatService {
     pub fn new(backends: Backends, tokens: Tokens, region: String, limits: Limits) -> Self {
-        let Backends { store, sequencer, revocations, delivery, notices, evictions, history, caches, throttle } =
-            backends;
+        let Backends {
+            store,
+            sequencer,
+            revocations,
+            delivery,
+            notices,
+            evictions,
+            history,
+            caches,
+            throttle,
+            sessions,
+        } = backends;
         let send = f64::from(limits.send_rate_per_sec);
         Self {
             store,
@@ -141,6 +155,7 @@ impl ChatService {
             },
             throttle,
             caches,
+            sessions,
         }
     }
 
@@ -213,20 +228,71 @@ impl ChatService {
         self.evictions.invalidate(&what).await;
     }
 
-    /// The user a token was issued to (signature and expiry checked).
-    pub async fn authenticate(&self, token: &str) -> ApiResult<UserId> {
-        self.tokens.verify(token).map(UserId::from)
+    /// The session of a token: signature and expiry checked, and not revoked. A revoked token
+    /// gets the same answer as an expired or forged one.
+    pub async fn authenticate(&self, token: &str) -> ApiResult<Session> {
+        let session = self.tokens.verify(token)?;
+        if self.sessions.is_revoked(&session).await? {
+            return Err(ApiError::Unauthorized("invalid or expired token".into()));
+        }
+        Ok(session)
     }
 
-    /// The user a socket's CONNECT token names, if it may connect: a signed token for a user the
-    /// store does not know is refused too. While the store is unreachable the signature alone
-    /// admits the socket (cluster mode keeps serving then).
-    pub async fn authenticate_socket(&self, token: &str) -> Option<UserId> {
-        let user_id = UserId::from(self.tokens.verify(token).ok()?);
-        if let Ok(None) = self.store.user(&user_id).await {
+    /// The session a socket's CONNECT token names, if it may connect: a signed token for a user
+    /// the store does not know is refused too, and so is a revoked one. While the store or the
+    /// revocation list is unreachable the signature alone admits the socket (cluster mode keeps
+    /// serving then); the second value says whether revocation was checked (if not, the caller
+    /// checks again later).
+    pub async fn authenticate_socket(&self, token: &str) -> Option<(Session, bool)> {
+        let session = self.tokens.verify(token).ok()?;
+        if let Ok(None) = self.store.user(&UserId::from(session.user_id.as_str())).await {
             return None;
         }
-        Some(user_id)
+        match self.sessions.is_revoked(&session).await {
+            Ok(true) => None,
+            Ok(false) => Some((session, true)),
+            Err(_) => Some((session, false)),
+        }
+    }
+
+    /// Whether a session was revoked since it was checked (`Err` while that cannot be known).
+    pub async fn session_revoked(&self, session: &Session) -> ApiResult<bool> {
+        self.sessions.is_revoked(session).await
+    }
+
+    /// Revokes the session's token (a token without an id: every token of the user issued up to
+    /// it) and cuts its sockets.
+    pub async fn logout(&self, session: &Session) -> ApiResult<()> {
+        let ended = if session.token_id.is_empty() {
+            Ended::IssuedUpTo(session.issued_ms)
+        } else {
+            Ended::Token(session.token_id.clone())
+        };
+        self.end_sessions(&session.user_id, ended).await
+    }
+
+    async fn end_sessions(&self, user_id: &str, ended: Ended) -> ApiResult<()> {
+        self.sessions.revoke(user_id, &ended, self.tokens.ttl()).await?;
+        self.delivery.end_sessions(user_id, &ended).await;
+        Ok(())
+    }
+
+    /// Checks the current password (within the account's login-failure budget), stores the new
+    /// one, and revokes every token of the user issued until now.
+    pub async fn change_password(&self, session: &Session, current: String, new: Password) -> ApiResult<()> {
+        let user_id = UserId::from(session.user_id.as_str());
+        let user = self.store.user(&user_id).await?.ok_or(ApiError::InvalidCredentials)?;
+        let account: String = user.username.to_ascii_lowercase().chars().take(64).collect();
+        self.throttle.peek(Budget::LoginFailuresPerAccount, &account).await?;
+        let hash = self.store.credentials(&user.username).await?.map(|(_, h)| h);
+        if !self.hashing.verify_password(current, hash).await? {
+            let _ = self.throttle.take(Budget::LoginFailuresPerAccount, &account).await;
+            return Err(ApiError::InvalidCredentials);
+        }
+        let hash = self.hashing.hash_password(new.into_inner()).await?;
+        let patch = UserPatch { password_hash: Some(hash), ..UserPatch::default() };
+        self.store.update_user(&user_id, patch, Timestamp::now()).await?;
+        self.end_sessions(&session.user_id, Ended::IssuedUpTo(Timestamp::now().0)).await
     }
 
     /// `presence` for the user to the rooms they are a member of, on every instance.
@@ -454,9 +520,16 @@ impl ChatService {
         Ok(())
     }
 
-    pub async fn members(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Vec<User>> {
+    /// A page of the room's members (see [`Store::members`]), for a member.
+    pub async fn members(
+        &self,
+        user_id: &UserId,
+        room_id: &RoomId,
+        after: Option<(Timestamp, &str)>,
+        limit: u32,
+    ) -> ApiResult<Vec<Member>> {
         self.ensure_member(user_id, room_id).await?;
-        Ok(self.store.members(room_id).await?)
+        Ok(self.store.members(room_id, after, limit).await?)
     }
 
     // ---- messages ----

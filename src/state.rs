@@ -45,6 +45,8 @@ pub struct AppState {
     pub inflight: TaskTracker,
     /// Readiness and the cluster view of this mode.
     pub ops: Arc<dyn Ops>,
+    /// Internal tokens (cluster mode): issued to call other instances, checked on `/internal/v1`.
+    pub internal: Option<crate::internal::InternalTokens>,
 }
 
 impl AppState {

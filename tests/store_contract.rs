@@ -203,8 +203,23 @@ pub async fn membership(s: Arc<dyn Store>) {
     assert!(!s.add_member(&as_room(&r), &as_user(&b), Timestamp(3_011)).await.unwrap(), "adding twice is a no-op");
     assert!(s.add_member(&as_room(&r), &as_user(&c), Timestamp(3_012)).await.unwrap());
     assert_eq!(s.room(&as_room(&r)).await.unwrap().unwrap().member_count, 3);
-    let members: Vec<_> = s.members(&as_room(&r)).await.unwrap().into_iter().map(|u| u.id).collect();
+    let members: Vec<_> = s.members(&as_room(&r), None, 100).await.unwrap().into_iter().map(|m| m.user.id).collect();
     assert_eq!(members, vec![a.clone(), b.clone(), c.clone()], "in join order");
+    // Pages: each starts after the last member of the one before.
+    let page = |after: Option<(Timestamp, String)>, limit| {
+        let (s, r) = (s.clone(), as_room(&r));
+        async move {
+            let after = after.as_ref().map(|(at, id)| (*at, id.as_str()));
+            s.members(&r, after, limit).await.unwrap()
+        }
+    };
+    let first = page(None, 2).await;
+    assert_eq!(first.iter().map(|m| m.user.id.clone()).collect::<Vec<_>>(), vec![a.clone(), b.clone()]);
+    let last = first.last().unwrap();
+    assert_eq!(last.joined_at, Timestamp(3_010), "each with the time it joined");
+    let rest = page(Some((last.joined_at, last.user.id.clone())), 2).await;
+    assert_eq!(rest.iter().map(|m| m.user.id.clone()).collect::<Vec<_>>(), vec![c.clone()]);
+    assert!(page(Some((Timestamp(3_012), c.clone())), 2).await.is_empty(), "after the last member");
     assert_eq!(s.room_ids_of_user(&as_user(&b)).await.unwrap(), vec![r.clone()]);
 
     assert!(s.remove_member(&as_room(&r), &as_user(&b)).await.unwrap());
@@ -527,7 +542,7 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     for r in &rooms {
         assert_eq!(s.room(&as_room(&r.id)).await.unwrap().unwrap(), *r, "stored exactly, counters included");
     }
-    assert!(s.members(&as_room(&rooms[0].id)).await.unwrap().is_empty(), "rooms come without memberships");
+    assert!(s.members(&as_room(&rooms[0].id), None, 100).await.unwrap().is_empty(), "rooms come without memberships");
     // head_seq is raised, never lowered; nothing else of a stored room changes.
     s.import_rooms(&[room_rec(1, 1, 1, 2)]).await.unwrap();
     assert_eq!(s.head_seq(&as_room(&rooms[0].id)).await.unwrap(), Some(3));
@@ -541,7 +556,8 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     let members = vec![m(1, 1, 2_001), m(1, 3, 2_500), m(2, 2, 2_002)];
     s.import_memberships(&members).await.unwrap();
     s.import_memberships(&members).await.unwrap();
-    let in_r1: Vec<_> = s.members(&as_room(&id("r", 1))).await.unwrap().into_iter().map(|u| u.id).collect();
+    let in_r1: Vec<_> =
+        s.members(&as_room(&id("r", 1)), None, 100).await.unwrap().into_iter().map(|m| m.user.id).collect();
     assert_eq!(in_r1, vec![id("u", 1), id("u", 3)], "in joined_at order");
     assert_eq!(s.room(&as_room(&id("r", 1))).await.unwrap().unwrap().member_count, 2);
     assert_eq!(s.room(&as_room(&id("r", 2))).await.unwrap().unwrap().member_count, 1);

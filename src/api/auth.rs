@@ -1,4 +1,4 @@
-//! `POST /auth/register`, `POST /auth/login`.
+//! `POST /auth/register`, `POST /auth/login`, `POST /auth/logout`.
 
 use std::sync::Arc;
 
@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::extract::{ClientIp, JsonBody};
+use super::extract::{AuthSession, ClientIp, JsonBody};
 use crate::domain::{DisplayName, Password, Username};
 use crate::error::ApiResult;
 use crate::state::AppState;
@@ -35,4 +35,11 @@ pub async fn login(
     let password = input.req_str("password")?;
     let (user, token) = state.svc.login(username, password.to_string()).await?;
     Ok(Json(json!({"user": user, "token": token})))
+}
+
+/// `POST /auth/logout`: 204; the presented token is refused from now on, on every instance, and
+/// the sockets connected with it are cut.
+pub async fn logout(State(state): State<Arc<AppState>>, AuthSession(session): AuthSession) -> ApiResult<StatusCode> {
+    state.svc.logout(&session).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 
+use crate::auth::Session;
 use crate::domain::UserId;
 use crate::domain::input::Input;
 use crate::error::ApiError;
@@ -23,6 +24,18 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 }
 
 impl FromRequestParts<Arc<AppState>> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let AuthSession(session) = AuthSession::from_request_parts(parts, state).await?;
+        Ok(Self(UserId::from(session.user_id)))
+    }
+}
+
+/// The session of a valid, unrevoked `Authorization: Bearer` token (logout, password change).
+pub struct AuthSession(pub Session);
+
+impl FromRequestParts<Arc<AppState>> for AuthSession {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {

@@ -32,7 +32,7 @@ pub async fn send(
     Ok((status, Json(sent.message)))
 }
 
-fn int_param(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<i64>> {
+pub(super) fn int_param(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<i64>> {
     q.get(name)
         .map(|v| v.parse::<i64>().map_err(|_| ApiError::validation(format!("{name} must be an integer"))))
         .transpose()

@@ -3,6 +3,7 @@
 mod auth;
 pub mod cors;
 pub mod extract;
+mod internal;
 mod messages;
 mod ops;
 mod rooms;
@@ -27,7 +28,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
+        .route("/auth/logout", post(auth::logout))
         .route("/users/me", get(users::me).patch(users::update_me))
+        .route("/users/me/password", post(users::change_password))
         .route("/users/{id}", get(users::get))
         .route("/rooms", post(rooms::create).get(rooms::list))
         .route("/rooms/{id}", get(rooms::get).patch(rooms::update))
@@ -37,8 +40,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/rooms/{id}/messages", post(messages::send).get(messages::history))
         .route("/cluster", get(ops::cluster));
 
+    let internal = Router::new()
+        .route("/ping", get(internal::ping))
+        .route_layer(middleware::from_fn_with_state(state.clone(), internal::guard));
+
     Router::new()
         .nest("/api/v1", api)
+        .nest("/internal/v1", internal)
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/metrics", get(ops::metrics))

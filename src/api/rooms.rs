@@ -9,11 +9,11 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 
 use super::extract::{AuthUser, JsonBody};
-use crate::domain::{Room, RoomName, Topic, Visibility};
+use crate::domain::{Room, RoomName, Timestamp, Topic, Visibility};
 use crate::domain::{RoomId, UserId};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::RoomPatch;
+use crate::store::{Member, RoomPatch};
 
 pub async fn create(
     State(state): State<Arc<AppState>>,
@@ -90,11 +90,46 @@ pub async fn add_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /rooms/{id}/members?limit=&after=`: a page of members in join order; `next_after` is the
+/// `after` of the next page (null on the last).
 pub async fn members(
     State(state): State<Arc<AppState>>,
     AuthUser(uid): AuthUser,
     Path(id): Path<RoomId>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let members = state.svc.members(&uid, &id).await?;
-    Ok(Json(json!({ "members": members })))
+    let limit = match super::messages::int_param(&q, "limit")? {
+        None => DEFAULT_MEMBERS_PAGE,
+        Some(l) if (1..=i64::from(MAX_MEMBERS_PAGE)).contains(&l) => l as u32,
+        Some(_) => return Err(ApiError::validation(format!("limit must be 1..={MAX_MEMBERS_PAGE}"))),
+    };
+    let after = q.get("after").map(|c| MemberCursor::parse(c)).transpose()?;
+    let page = state.svc.members(&uid, &id, after.as_ref().map(MemberCursor::key), limit).await?;
+    let next = (page.len() == limit as usize).then(|| page.last().map(MemberCursor::of)).flatten();
+    let members: Vec<_> = page.into_iter().map(|m| m.user).collect();
+    Ok(Json(json!({ "members": members, "next_after": next })))
+}
+
+/// Members per page when the request names no `limit`, and the most it may name.
+const DEFAULT_MEMBERS_PAGE: u32 = 100;
+const MAX_MEMBERS_PAGE: u32 = 1000;
+
+/// Where a page of members starts: `<joined_at ms>.<user id>` of the last member of the page before.
+struct MemberCursor(Timestamp, String);
+
+impl MemberCursor {
+    fn of(m: &Member) -> String {
+        format!("{}.{}", m.joined_at.0, m.user.id)
+    }
+
+    fn parse(s: &str) -> ApiResult<Self> {
+        s.split_once('.')
+            .and_then(|(at, id)| Some(Self(Timestamp(at.parse().ok()?), id.to_string())))
+            .filter(|c| !c.1.is_empty() && c.1.len() <= 64)
+            .ok_or_else(|| ApiError::validation("after must be the next_after of a members page"))
+    }
+
+    fn key(&self) -> (Timestamp, &str) {
+        (self.0, &self.1)
+    }
 }

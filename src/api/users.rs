@@ -1,13 +1,14 @@
-//! `/users/me`, `/users/{id}`.
+//! `/users/me`, `/users/me/password`, `/users/{id}`.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 
-use super::extract::{AuthUser, JsonBody};
+use super::extract::{AuthSession, AuthUser, ClientIp, JsonBody};
 use crate::domain::UserId;
-use crate::domain::{AvatarUrl, DisplayName, StatusText, User};
+use crate::domain::{AvatarUrl, DisplayName, Password, StatusText, User};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::UserPatch;
@@ -29,6 +30,7 @@ pub async fn update_me(
         display_name: input.opt_str("display_name")?.map(DisplayName::parse).transpose()?.map(|v| v.into_inner()),
         status_text: input.opt_str("status_text")?.map(StatusText::parse).transpose()?.map(|v| v.into_inner()),
         avatar_url: input.opt_str("avatar_url")?.map(AvatarUrl::parse).transpose()?.map(|v| v.into_inner()),
+        password_hash: None,
     };
     Ok(Json(state.svc.update_me(&uid, patch).await?))
 }
@@ -39,4 +41,19 @@ pub async fn get(
     Path(id): Path<UserId>,
 ) -> ApiResult<Json<User>> {
     Ok(Json(state.svc.user(&id).await?))
+}
+
+/// `POST /users/me/password` `{current_password, new_password}`: 204, and every token issued
+/// before it (the one presented included) is revoked; sockets connected with them are cut.
+pub async fn change_password(
+    State(state): State<Arc<AppState>>,
+    ClientIp(ip): ClientIp,
+    AuthSession(session): AuthSession,
+    JsonBody(input): JsonBody,
+) -> ApiResult<StatusCode> {
+    state.svc.check_auth_rate(&ip).await?;
+    let current = input.req_str("current_password")?.to_string();
+    let new = Password::parse(input.req_str("new_password")?)?;
+    state.svc.change_password(&session, current, new).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -6,11 +6,12 @@ use async_trait::async_trait;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::{Delivery, Evictions, Notices, user_channel};
+use super::{Delivery, Evictions, Notices, end_local_sessions, user_channel};
 use crate::cache::Invalidation;
 use crate::domain::{Message, Room, User};
 use crate::error::ApiError;
 use crate::metrics as m;
+use crate::sessions::Ended;
 use crate::sio::{Io, SendError, Socket};
 
 pub struct LocalFanout {
@@ -78,6 +79,10 @@ impl Delivery for LocalFanout {
     async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError> {
         stop_delivery(&self.io, room_id, user_id);
         Ok(())
+    }
+
+    async fn end_sessions(&self, user_id: &str, ended: &Ended) {
+        end_local_sessions(&self.io, user_id, ended);
     }
 }
 

@@ -7,12 +7,14 @@
 
 pub mod local;
 pub mod redis;
+pub mod seal;
 
 use async_trait::async_trait;
 
 use crate::cache::Invalidation;
 use crate::domain::{Message, Room, User};
 use crate::error::ApiError;
+use crate::sessions::Ended;
 
 /// Chat messages to the sockets in their room.
 ///
@@ -29,6 +31,10 @@ pub trait Delivery: Send + Sync + 'static {
     /// The user left the room: their sockets, on every instance, stop receiving it (as if each had
     /// sent `room:leave`). Once it returns `Ok`, no message accepted later reaches them.
     async fn member_left(&self, room_id: &str, user_id: &str) -> Result<(), ApiError>;
+    /// The user's sessions that `ended` covers were revoked: their sockets, on every instance,
+    /// are disconnected (their clients' next CONNECT is refused). Best effort: the revocation
+    /// itself is already recorded, so a reconnect is refused whether or not this arrives.
+    async fn end_sessions(&self, user_id: &str, ended: &Ended);
 }
 
 /// Notices to sockets on every instance, best effort and with no ordering promise: a lost one
@@ -58,9 +64,38 @@ pub fn user_channel(user_id: &str) -> String {
 }
 
 const USER_CHANNEL_PREFIX: &str = "user:";
+/// Every connected socket is in its user channel and its session channel.
+pub const INTERNAL_CHANNELS_PER_SOCKET: usize = 2;
+const SESSION_CHANNEL_PREFIX: &str = "session:";
+
+/// The Socket.IO room of the sockets connected with one token: `session:<issued ms>:<token id>`,
+/// so that a revocation finds them by token or by issue time.
+pub fn session_channel(session: &crate::auth::Session) -> String {
+    format!("{SESSION_CHANNEL_PREFIX}{}:{}", session.issued_ms, session.token_id)
+}
+
+/// The (issued ms, token id) of a socket's session channel.
+fn session_of(socket: &crate::sio::Socket) -> Option<(i64, String)> {
+    let room = socket.room_starting_with(SESSION_CHANNEL_PREFIX)?;
+    let (ms, id) = room.strip_prefix(SESSION_CHANNEL_PREFIX)?.split_once(':')?;
+    Some((ms.parse().ok()?, id.to_string()))
+}
+
+/// Disconnects this instance's sockets of `user_id` whose session `ended` covers.
+pub fn end_local_sessions(io: &crate::sio::Io, user_id: &str, ended: &Ended) -> usize {
+    let mut cut = 0;
+    for s in io.sockets_in(&user_channel(user_id)) {
+        if session_of(&s).is_some_and(|(ms, id)| ended.covers(&id, ms)) {
+            tracing::info!(socket = %s.id, user = %user_id, "session revoked: disconnecting");
+            s.close();
+            cut += 1;
+        }
+    }
+    cut
+}
 
 /// Whether a Socket.IO room name is one of chatmesh's own channels, which sockets must not join,
 /// leave or address: leaving its own user channel would let a socket escape a REST leave.
 pub fn is_internal_channel(name: &str) -> bool {
-    name.starts_with(USER_CHANNEL_PREFIX)
+    name.starts_with(USER_CHANNEL_PREFIX) || name.starts_with(SESSION_CHANNEL_PREFIX)
 }

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::sio::Io;
@@ -27,12 +27,14 @@ use serde_json::value::RawValue;
 use tokio::sync::{Mutex, mpsc};
 
 use super::local::{deliver_local, emit_typing, stop_delivery};
-use super::{Delivery, Evictions, Notices, user_channel};
+use super::seal::{Forgery, REPLAY_WINDOW_MS, ReplayGuard, Seal};
+use super::{Delivery, Evictions, Notices, end_local_sessions, user_channel};
 use crate::cache::{Caches, Invalidation};
 use crate::domain::{Message, Room, Timestamp, User};
 use crate::error::ApiError;
 use crate::history::RedisHistory;
 use crate::redis_io::{Keys, Redis};
+use crate::sessions::Ended;
 
 /// How often the canary goes out, and how old the last one back may be for the link to count as up.
 pub const CANARY_EVERY: Duration = Duration::from_secs(2);
@@ -41,6 +43,8 @@ pub const CANARY_STALE_MS: i64 = 7_000;
 const INVALIDATE: &str = "cache:invalidate";
 /// The events-channel name of a leave (not a Socket.IO event): `{room_id, user_id}`.
 const MEMBER_LEFT: &str = "member:left";
+/// The events-channel name of revoked sessions (not a Socket.IO event): `{user_id, ended}`.
+const SESSIONS_ENDED: &str = "sessions:ended";
 
 #[derive(Serialize, Deserialize)]
 struct Event {
@@ -49,6 +53,26 @@ struct Event {
     data: serde_json::Value,
     #[serde(default)]
     except: Option<String>,
+}
+
+/// An event as it goes over the events channel: with its origin (this process run), a counter and
+/// the time, so that receivers take it once (see [`ReplayGuard`]); all of it under the seal.
+#[derive(Serialize)]
+struct StampedOut<'a> {
+    origin: &'a str,
+    n: u64,
+    at: i64,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+#[derive(Deserialize)]
+struct Stamped {
+    origin: String,
+    n: u64,
+    at: i64,
+    #[serde(flatten)]
+    event: Event,
 }
 
 pub struct RedisFanout {
@@ -62,6 +86,11 @@ pub struct RedisFanout {
     presence_script: redis::Script,
     watched: Mutex<HashSet<String>>,
     last_canary_ms: Arc<AtomicI64>,
+    seal: Seal,
+    /// This process run's name on the events channel: a restart starts its counter anew under a
+    /// new origin, which receivers cannot mistake for replays of the last run's events.
+    origin: String,
+    sent: AtomicU64,
 }
 
 impl RedisFanout {
@@ -72,6 +101,7 @@ impl RedisFanout {
         history: Arc<RedisHistory>,
         caches: Arc<Caches>,
         instance_id: String,
+        seal: Seal,
     ) -> anyhow::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut pubsub = redis.pubsub(tx.clone()).await?;
@@ -87,6 +117,9 @@ impl RedisFanout {
             presence_script: redis::Script::new(crate::redis_io::PRESENCE_SCRIPT),
             watched: Mutex::default(),
             last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
+            seal: seal.clone(),
+            origin: format!("{instance_id}/{}", ulid::Ulid::generate()),
+            sent: AtomicU64::new(0),
         });
         let receiver = Receiver {
             caches,
@@ -96,6 +129,8 @@ impl RedisFanout {
             instance_id,
             last_seq: HashMap::new(),
             last_canary_ms: fanout.last_canary_ms.clone(),
+            seal,
+            replays: ReplayGuard::default(),
         };
         tokio::spawn(receiver.run(rx));
         tokio::spawn(canary_loop(fanout.clone()));
@@ -138,8 +173,15 @@ impl RedisFanout {
     }
 
     async fn try_publish_event(&self, ev: &Event) -> redis::RedisResult<()> {
-        let payload = serde_json::to_string(ev).unwrap_or_default();
-        self.redis.conn().await.publish::<_, _, ()>(self.keys.events_channel(), payload).await
+        let stamped = StampedOut {
+            origin: &self.origin,
+            n: self.sent.fetch_add(1, Ordering::Relaxed) + 1,
+            at: Timestamp::now().0,
+            event: ev,
+        };
+        let channel = self.keys.events_channel();
+        let payload = self.seal.seal(&channel, &serde_json::to_string(&stamped).unwrap_or_default());
+        self.redis.conn().await.publish::<_, _, ()>(channel, payload).await
     }
 
     /// Records this instance's change and says whether the cluster-wide state changed with it.
@@ -166,7 +208,9 @@ async fn canary_loop(f: Arc<RedisFanout>) {
     loop {
         tick.tick().await;
         let mut conn = f.redis.conn().await;
-        if let Err(e) = conn.publish::<_, _, ()>(f.keys.canary_channel(&f.instance_id), Timestamp::now().0).await
+        let channel = f.keys.canary_channel(&f.instance_id);
+        let canary = f.seal.seal(&channel, &Timestamp::now().0.to_string());
+        if let Err(e) = conn.publish::<_, _, ()>(channel, canary).await
             && crate::redis_io::is_failover_error(&e)
         {
             f.redis.reresolve().await;
@@ -205,6 +249,8 @@ struct Receiver {
     instance_id: String,
     last_seq: HashMap<String, i64>,
     last_canary_ms: Arc<AtomicI64>,
+    seal: Seal,
+    replays: ReplayGuard,
 }
 
 fn bulk(v: &Value) -> Option<String> {
@@ -245,16 +291,31 @@ impl Receiver {
         }
     }
 
-    async fn on_message(&mut self, channel: &str, payload: String) {
+    async fn on_message(&mut self, channel: &str, mut payload: String) {
+        if let Err(forgery) = self.seal.open(channel, &payload) {
+            forgery.count(channel);
+            return;
+        }
+        // In place: a room's payload is delivered as it is, and may be long.
+        payload.drain(..super::seal::SEAL_LEN);
+        let now = Timestamp::now().0;
         if let Some(room) = self.keys.room_of_channel(channel) {
             let room = room.to_string();
             self.on_room_message(&room, payload).await;
         } else if channel == self.keys.events_channel() {
-            if let Ok(ev) = serde_json::from_str::<Event>(&payload) {
-                self.on_event(ev).await;
+            let Ok(Stamped { origin, n, at, event }) = serde_json::from_str::<Stamped>(&payload) else { return };
+            if !self.replays.take(&origin, n, at, now) {
+                Forgery::Replayed.count(channel);
+                return;
             }
+            self.on_event(event).await;
         } else if channel == self.keys.canary_channel(&self.instance_id) {
-            self.last_canary_ms.store(Timestamp::now().0, Ordering::Relaxed);
+            // The canary's own time, not its arrival: a canary replayed later proves nothing.
+            if let Ok(at) = payload.parse::<i64>()
+                && (now - at).abs() <= REPLAY_WINDOW_MS
+            {
+                self.last_canary_ms.fetch_max(at, Ordering::Relaxed);
+            }
         }
     }
 
@@ -266,6 +327,12 @@ impl Receiver {
         }
         let Ok(SeqOnly { seq, created_at }) = serde_json::from_str::<SeqOnly>(&payload) else { return };
         let last = self.last_seq.get(room).copied();
+        if last.is_none() && created_at.is_some_and(|at| Timestamp::now().0 - at.0 > REPLAY_WINDOW_MS) {
+            // The first message since this instance subscribed to the room is published after
+            // the subscription, so it is new: an old one is a copy of earlier traffic.
+            Forgery::Replayed.count(&self.keys.channel(room));
+            return;
+        }
         if let Some(last) = last {
             if seq <= last {
                 return; // already delivered (a gap fill got there first)
@@ -317,6 +384,13 @@ impl Receiver {
             stop_delivery(&self.io, &field("room_id"), &field("user_id"));
             return;
         }
+        if ev.event == SESSIONS_ENDED {
+            let user = ev.data["user_id"].as_str().unwrap_or_default();
+            if let Ok(ended) = serde_json::from_value::<Ended>(ev.data["ended"].clone()) {
+                end_local_sessions(&self.io, user, &ended);
+            }
+            return;
+        }
         if ev.event == "typing" {
             let room = ev.rooms.first().cloned().unwrap_or_default();
             let user = ev.data["user_id"].as_str().unwrap_or_default();
@@ -360,6 +434,13 @@ impl Delivery for RedisFanout {
             tracing::warn!(error = %e, "could not publish a leave");
             ApiError::Unavailable("Redis is unavailable; retry the leave".into())
         })
+    }
+
+    async fn end_sessions(&self, user_id: &str, ended: &Ended) {
+        // This instance's own sockets at once; the others' when the event reaches them.
+        end_local_sessions(&self.io, user_id, ended);
+        let data = serde_json::json!({"user_id": user_id, "ended": ended});
+        self.publish_event(Event { rooms: Vec::new(), event: SESSIONS_ENDED.into(), data, except: None }).await;
     }
 }
 

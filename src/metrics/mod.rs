@@ -20,6 +20,7 @@ pub const CONNECTIONS: &str = "chatmesh_connections";
 pub const HTTP_REQUESTS: &str = "chatmesh_http_requests_total";
 pub const DEPENDENCY_UP: &str = "chatmesh_dependency_up";
 pub const RATE_LIMITED: &str = "chatmesh_rate_limited_total";
+pub const FORGED_EVENTS: &str = "chatmesh_forged_events_total";
 pub const CIRCUIT_OPEN: &str = "chatmesh_circuit_open";
 pub const SYNC_PENDING: &str = "chatmesh_sync_pending";
 pub const SYNC_LAG: &str = "chatmesh_sync_lag_seconds";
@@ -59,6 +60,7 @@ pub const ALL: &[&str] = &[
     HTTP_REQUESTS,
     DEPENDENCY_UP,
     RATE_LIMITED,
+    FORGED_EVENTS,
     CIRCUIT_OPEN,
     SYNC_PENDING,
     SYNC_LAG,
@@ -192,6 +194,7 @@ fn describe() {
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route template and status");
     describe_gauge!(DEPENDENCY_UP, "1 when the dependency answered its last check");
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by kind");
+    describe_counter!(FORGED_EVENTS, "Pub/sub payloads dropped as unsigned, wrongly sealed or replayed, by reason");
     describe_counter!(TLS_RELOADS, "Certificate reloads on SIGHUP, by outcome (ok, error: the old one kept)");
     describe_counter!(HTTP_TIMEOUTS, "Client connections closed by a listener timeout, by kind");
     describe_gauge!(CIRCUIT_OPEN, "1 while the circuit breaker of a dependency is open or half-open");

@@ -134,12 +134,15 @@ impl Handler for Realtime {
         let state = self.state.clone();
         async move {
             // The exact `connect_error` message API.md §5 promises.
-            let user_id = authenticate(&state, auth).await.ok_or_else(|| "unauthorized".to_string())?;
+            let (session, checked) = authenticate(&state, auth).await.ok_or_else(|| "unauthorized".to_string())?;
+            let user_id = UserId::from(session.user_id.as_str());
             let Ok(first) = state.presence.connect(&user_id, state.config.max_sockets_per_user) else {
                 metrics::counter!(m::RATE_LIMITED, "kind" => "sockets_per_user").increment(1);
                 return Err("too many connections for this user".to_string());
             };
             s.join(&user_channel(&user_id));
+            s.join(&crate::fanout::session_channel(&session));
+            tokio::spawn(watch_session(state.clone(), s.clone(), session, checked));
             s.set_ext(Conn { user_id: user_id.clone(), order: Arc::default(), busy: Arc::default() });
             CONNECTIONS.fetch_add(1, Ordering::Relaxed);
             metrics::gauge!(m::CONNECTIONS).increment(1.0);
@@ -194,7 +197,46 @@ impl Handler for Realtime {
     }
 }
 
-async fn authenticate(state: &AppState, auth: Option<Value>) -> Option<UserId> {
+/// Ends the socket when its token expires, and, if its token could not be checked against the
+/// revocation list at CONNECT (Redis unreachable), checks again until it can.
+async fn watch_session(state: Arc<AppState>, s: Arc<Socket>, session: crate::auth::Session, mut checked: bool) {
+    // Cut when the token stops being taken (the check compares whole seconds: past `exp` + leeway
+    // means the second after), so the client's reconnect is refused.
+    let until = session.expires_at + crate::auth::LEEWAY_SECS + 1;
+    let left = until.saturating_sub(chrono::Utc::now().timestamp().max(0) as u64);
+    let expiry = tokio::time::sleep(std::time::Duration::from_secs(left));
+    tokio::pin!(expiry);
+    loop {
+        let recheck = async {
+            if checked {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(SESSION_RECHECK).await;
+        };
+        tokio::select! {
+            () = s.closed() => return,
+            () = &mut expiry => {
+                tracing::info!(socket = %s.id, "token expired: disconnecting");
+                s.close();
+                return;
+            }
+            () = recheck => match state.svc.session_revoked(&session).await {
+                Ok(true) => {
+                    tracing::info!(socket = %s.id, "token revoked: disconnecting");
+                    s.close();
+                    return;
+                }
+                Ok(false) => checked = true,
+                Err(_) => {}
+            },
+        }
+    }
+}
+
+/// How often a socket admitted without a revocation check is checked again.
+const SESSION_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn authenticate(state: &AppState, auth: Option<Value>) -> Option<(crate::auth::Session, bool)> {
     if state.is_draining() {
         return None;
     }

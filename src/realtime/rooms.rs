@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 use super::{identity, payload, reply, room_arg};
 use crate::domain::input::parse_seq;
 use crate::error::ApiResult;
+use crate::fanout::INTERNAL_CHANNELS_PER_SOCKET;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
 use crate::sio::{Ack, Socket};
 use crate::state::AppState;
@@ -43,8 +44,8 @@ async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) ->
     let input = payload(state, data)?;
     let room_id = room_arg(&input)?;
     let after = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
-    // Its own user channel is one of the socket's rooms, not counted against the cap.
-    if !s.in_room(&room_id) && s.room_count() > state.config.max_rooms_per_socket {
+    // Its own user and session channels are among the socket's rooms, not counted against the cap.
+    if !s.in_room(&room_id) && s.room_count() >= state.config.max_rooms_per_socket + INTERNAL_CHANNELS_PER_SOCKET {
         return Err(crate::error::ApiError::validation(format!(
             "a socket may be in at most {} rooms; leave one first",
             state.config.max_rooms_per_socket

@@ -43,6 +43,14 @@ impl Keys {
         format!("{}:room:{room_id}:left:{user_id}", self.tag(room_id))
     }
     /// The room's fan-out channel.
+    /// A logged-out token (by its `jti`), kept until it would have expired.
+    pub fn revoked_token(&self, token_id: &str) -> String {
+        format!("{}:tok:revoked:{token_id}", self.prefix)
+    }
+    /// The user's tokens issued up to this moment (Unix ms) are revoked (a password change).
+    pub fn tokens_cutoff(&self, user_id: &str) -> String {
+        format!("{}:tok:before:{user_id}", self.prefix)
+    }
     /// A throttle bucket (`budget` names which budget, `key` whose).
     pub fn throttle(&self, budget: &str, key: &str) -> String {
         format!("{}:throttle:{budget}:{key}", self.prefix)

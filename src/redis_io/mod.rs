@@ -15,7 +15,13 @@ use tokio::sync::{RwLock, mpsc};
 
 pub use keys::Keys;
 
+/// The send script's body; run it as [`send_script`], which defines the `seal` it calls.
 pub const SEND_SCRIPT: &str = include_str!("send.lua");
+
+/// The send script for a cluster: its seal function (with the cluster's pub/sub key) and body.
+pub fn send_script(seal: &crate::fanout::seal::Seal) -> String {
+    format!("{}{SEND_SCRIPT}", seal.lua_prelude())
+}
 pub const PRESENCE_SCRIPT: &str = include_str!("presence.lua");
 pub const THROTTLE_SCRIPT: &str = include_str!("throttle.lua");
 

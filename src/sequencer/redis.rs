@@ -23,7 +23,7 @@ use crate::domain::{Message, RoomId};
 use crate::error::ApiError;
 use crate::metrics as m;
 use crate::redis_io::keys::shard_of;
-use crate::redis_io::{Keys, Redis, SEND_SCRIPT, is_failover_error};
+use crate::redis_io::{Keys, Redis, is_failover_error, send_script};
 use crate::store::{SendRequest, Store};
 
 const MAX_BATCH: usize = 256;
@@ -42,6 +42,8 @@ pub struct RedisSequencerConfig {
     pub dedupe_ttl: Duration,
     /// Write-back entries per shard past which sends answer `unavailable`.
     pub backlog_limit: u64,
+    /// Seals each published message (the script computes the MAC, see `fanout::seal`).
+    pub seal: crate::fanout::seal::Seal,
 }
 
 type Reply = oneshot::Sender<Result<SendOutcome, ApiError>>;
@@ -63,7 +65,7 @@ impl RedisSequencer {
         config: RedisSequencerConfig,
         breakers: Arc<Breakers>,
     ) -> Self {
-        let script = redis::Script::new(SEND_SCRIPT);
+        let script = redis::Script::new(&send_script(&config.seal));
         let lanes = (0..LANES)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);

@@ -39,6 +39,8 @@ pub struct Socket {
     /// application's connect twice).
     pub(super) connecting: AtomicBool,
     closed: AtomicBool,
+    /// Wakes those waiting for the socket to close ([`Socket::closed`]).
+    gone: Notify,
     pub(super) pong: AtomicBool,
     /// A polling POST is being read and handled (only one may be at once).
     pub(super) posting: AtomicBool,
@@ -89,6 +91,7 @@ impl Socket {
             connected: AtomicBool::new(false),
             connecting: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            gone: Notify::new(),
             pong: AtomicBool::new(false),
             polling: AtomicBool::new(false),
             posting: AtomicBool::new(false),
@@ -174,9 +177,21 @@ impl Socket {
         }
         lock(&self.outbox).closed = true;
         self.ready.notify_one();
+        self.gone.notify_waiters();
         let was_connected = self.connected.swap(false, Ordering::AcqRel);
         if let Some(io) = self.io.upgrade() {
             io.forget(self, was_connected);
+        }
+    }
+
+    /// Resolves once the socket has closed.
+    pub async fn closed(&self) {
+        let notified = self.gone.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a close in between still wakes us.
+        notified.as_mut().enable();
+        if !self.is_closed() {
+            notified.await;
         }
     }
 
@@ -195,6 +210,11 @@ impl Socket {
 
     pub fn in_room(&self, room: &str) -> bool {
         lock(&self.rooms).iter().any(|r| &**r == room)
+    }
+
+    /// The first of the socket's rooms whose name starts with `prefix`.
+    pub fn room_starting_with(&self, prefix: &str) -> Option<Arc<str>> {
+        lock(&self.rooms).iter().find(|r| r.starts_with(prefix)).cloned()
     }
 
     /// How many rooms the socket is in (its own user channel included).

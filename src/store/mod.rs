@@ -53,6 +53,8 @@ pub struct UserPatch {
     pub display_name: Option<String>,
     pub status_text: Option<String>,
     pub avatar_url: Option<String>,
+    /// A new password's hash (a password change).
+    pub password_hash: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +131,15 @@ pub struct UserRecord {
     #[sqlx(flatten)]
     pub user: User,
     pub password_hash: String,
+}
+
+/// A member of a room, with the time they joined: the place of a page of [`Store::members`].
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Member {
+    #[sqlx(flatten)]
+    pub user: User,
+    #[sqlx(try_from = "i64")]
+    pub joined_at: Timestamp,
 }
 
 /// One membership, with the time the user joined (it orders [`Store::members`]).
@@ -223,8 +234,10 @@ pub trait Store: Send + Sync + 'static {
     /// Removes a member; `Ok(false)` if it was not one.
     async fn remove_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool>;
     async fn is_member(&self, room_id: &RoomId, user_id: &UserId) -> StoreResult<bool>;
-    /// Members, in the order they joined.
-    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<User>>;
+    /// Up to `limit` members in the order they joined (then by user id), after the member that
+    /// joined at `after.0` with id `after.1` if given.
+    async fn members(&self, room_id: &RoomId, after: Option<(Timestamp, &str)>, limit: u32)
+    -> StoreResult<Vec<Member>>;
     /// Ids of the rooms the user is a member of, ascending (bytewise).
     async fn room_ids_of_user(&self, user_id: &UserId) -> StoreResult<Vec<String>>;
 

@@ -56,8 +56,8 @@ use serde::{Deserialize, Serialize};
 
 use super::append::{self, distinct};
 use super::{
-    AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
-    StoreError, StoreResult, UserPatch, UserRecord,
+    AppendOutcome, ExportConsistency, ExportSnapshot, Member, Membership, NewRoom, NewUser, RoomPatch, SendRequest,
+    Store, StoreError, StoreResult, UserPatch, UserRecord,
 };
 use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId, Visibility};
 
@@ -599,6 +599,9 @@ impl Store for MongoStore {
         if let Some(v) = p.avatar_url {
             set.insert("avatar_url", v);
         }
+        if let Some(v) = p.password_hash {
+            set.insert("password_hash", v);
+        }
         let d = self
             .users
             .find_one_and_update(doc! { "_id": id }, doc! { "$set": set })
@@ -696,12 +699,25 @@ impl Store for MongoStore {
         Ok(found.is_some())
     }
 
-    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<User>> {
+    async fn members(
+        &self,
+        room_id: &RoomId,
+        after: Option<(Timestamp, &str)>,
+        limit: u32,
+    ) -> StoreResult<Vec<Member>> {
         let room_id = room_id.as_str();
+        let filter = match after {
+            None => doc! { "room_id": room_id },
+            Some((at, user)) => doc! { "room_id": room_id, "$or": [
+                { "joined_at": { "$gt": at.0 } },
+                { "joined_at": at.0, "user_id": { "$gt": user } },
+            ] },
+        };
         let cursor = self
             .memberships
-            .find(doc! { "room_id": room_id })
+            .find(filter)
             .sort(doc! { "joined_at": 1, "user_id": 1 })
+            .limit(i64::from(limit))
             .await
             .map_err(unavailable)?;
         let joined: Vec<MembershipDoc> = cursor.try_collect().await.map_err(unavailable)?;
@@ -713,7 +729,10 @@ impl Store for MongoStore {
         let docs: Vec<UserDoc> = cursor.try_collect().await.map_err(unavailable)?;
         let mut by_id: HashMap<String, User> = docs.into_iter().map(|d| (d.id.clone(), User::from(d))).collect();
         // In join order; a membership whose user is gone is left out, as the SQL join does.
-        Ok(ids.into_iter().filter_map(|id| by_id.remove(id)).collect())
+        Ok(joined
+            .iter()
+            .filter_map(|m| by_id.remove(&m.user_id).map(|user| Member { user, joined_at: Timestamp(m.joined_at) }))
+            .collect())
     }
 
     async fn room_ids_of_user(&self, user_id: &UserId) -> StoreResult<Vec<String>> {

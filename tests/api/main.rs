@@ -8,4 +8,5 @@ mod logs;
 mod messages;
 mod ops;
 mod rooms;
+mod sessions;
 mod users;

@@ -163,3 +163,50 @@ async fn room_creations_and_changes_are_rate_limited_per_user() {
     let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/leave"), None, Some(&bob)).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn member_lists_come_in_pages() {
+    let app = spawn_app().await;
+    let (_, owner) = app.register("pages_owner").await;
+    let room = app.create_room(&owner, "big", "public").await;
+    let mut expected = vec![];
+    for i in 0..4 {
+        let (id, token) = app.register(&format!("pages_m{i}")).await;
+        let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/join"), None, Some(&token)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        expected.push(id);
+    }
+    let members = format!("/api/v1/rooms/{room}/members");
+    let all = app.call(Method::GET, &members, None, Some(&owner)).await;
+    assert_eq!(all.body["members"].as_array().unwrap().len(), 5, "{}", all.body);
+    assert_eq!(all.body["next_after"], serde_json::Value::Null, "one page holds them all");
+
+    let mut seen = vec![];
+    let mut after: Option<String> = None;
+    for _ in 0..5 {
+        let q = after.as_ref().map(|a| format!("&after={a}")).unwrap_or_default();
+        let r = app.call(Method::GET, &format!("{members}?limit=2{q}"), None, Some(&owner)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let page = r.body["members"].as_array().unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|u| u["id"].as_str().unwrap().to_string()));
+        match r.body["next_after"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "every member once: {seen:?}");
+    assert_eq!(&seen[1..], &expected[..], "in join order, the owner first");
+
+    for (q, why) in [
+        ("limit=0", "zero"),
+        ("limit=1001", "over the cap"),
+        ("limit=x", "not a number"),
+        ("after=nonsense", "bad cursor"),
+    ] {
+        let r = app.call(Method::GET, &format!("{members}?{q}"), None, Some(&owner)).await;
+        assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "validation_failed"), "{why}: {}", r.body);
+    }
+    let r = app.call(Method::GET, &format!("{members}?limit=1000"), None, Some(&owner)).await;
+    assert_eq!(r.status, StatusCode::OK, "the cap itself");
+}

@@ -17,6 +17,7 @@ mod heads;
 mod lanes;
 mod outage;
 mod persistence;
+mod seals;
 mod sync;
 mod throttle;
 mod traces;
@@ -33,6 +34,11 @@ use chatmesh::store::{NewRoom, NewUser, SendRequest, Store};
 pub use support::pg::TestDatabase;
 
 const SECRET: &str = "cluster-test-secret-0123456789abcdef";
+
+/// The pub/sub seal of instances started with [`SECRET`].
+pub fn test_seal() -> chatmesh::fanout::seal::Seal {
+    chatmesh::fanout::seal::Seal::from_secret(&chatmesh::config::Secret::new(SECRET))
+}
 
 /// Spawns one cluster-mode instance of the real binary on `redis_url` and `store_url`.
 pub async fn cluster_instance(
@@ -127,6 +133,7 @@ pub async fn parts_with(redis_url: &str, db_url: &str, keys: Keys) -> Parts {
             wait_timeout: std::time::Duration::from_secs(1),
             dedupe_ttl: std::time::Duration::from_secs(86_400),
             backlog_limit: 1_000_000,
+            seal: test_seal(),
         },
     );
     Parts { redis, keys, store, sequencer }

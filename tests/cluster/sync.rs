@@ -105,7 +105,8 @@ async fn unreadable_entries_go_to_the_dead_letter_stream() {
 fn the_send_script_runs_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let keys = chatmesh::redis_io::Keys::new("cm", 64);
-    let script = chatmesh::redis_io::SEND_SCRIPT;
+    let script = chatmesh::redis_io::send_script(&crate::test_seal());
+    let script = script.as_str();
     let mut slots_seen = std::collections::HashSet::new();
     for r in 0..6 {
         let room = format!("01ROOM{r:020}");
@@ -163,6 +164,7 @@ async fn a_full_backlog_refuses_sends_with_unavailable() {
             wait_timeout: Duration::from_secs(1),
             dedupe_ttl: Duration::from_secs(86_400),
             backlog_limit: 5,
+            seal: crate::test_seal(),
         },
     );
     let (uid, room) = seed(&*p.store).await;

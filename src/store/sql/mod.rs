@@ -27,8 +27,8 @@ use errors::{missing, unavailable, username_taken};
 
 use super::append::{self, distinct};
 use super::{
-    AppendOutcome, ExportConsistency, ExportSnapshot, Membership, NewRoom, NewUser, RoomPatch, SendRequest, Store,
-    StoreError, StoreResult, UserPatch, UserRecord,
+    AppendOutcome, ExportConsistency, ExportSnapshot, Member, Membership, NewRoom, NewUser, RoomPatch, SendRequest,
+    Store, StoreError, StoreResult, UserPatch, UserRecord,
 };
 use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId};
 
@@ -300,7 +300,8 @@ where
         let mut q = QueryBuilder::new("UPDATE users SET display_name = COALESCE(");
         q.push_bind(p.display_name).push(", display_name), status_text = COALESCE(");
         q.push_bind(p.status_text).push(", status_text), avatar_url = COALESCE(");
-        q.push_bind(p.avatar_url).push(", avatar_url), updated_at = ").push_bind(now.0);
+        q.push_bind(p.avatar_url).push(", avatar_url), password_hash = COALESCE(");
+        q.push_bind(p.password_hash).push(", password_hash), updated_at = ").push_bind(now.0);
         q.push(" WHERE id = ").push_bind(id).push(format!(" RETURNING {USER_COLS}"));
         self.fetch_optional(q).await?.ok_or(StoreError::NotFound("user"))
     }
@@ -395,14 +396,23 @@ where
         Ok(found.is_some())
     }
 
-    async fn members(&self, room_id: &RoomId) -> StoreResult<Vec<User>> {
+    async fn members(
+        &self,
+        room_id: &RoomId,
+        after: Option<(Timestamp, &str)>,
+        limit: u32,
+    ) -> StoreResult<Vec<Member>> {
         let room_id = room_id.as_str();
         let sql = format!(
-            "SELECT {} FROM users u JOIN memberships m ON m.user_id = u.id WHERE m.room_id = ",
+            "SELECT {}, m.joined_at FROM users u JOIN memberships m ON m.user_id = u.id WHERE m.room_id = ",
             qualified(USER_COLS, "u")
         );
         let mut q = Self::by(sql, room_id);
-        q.push(" ORDER BY m.joined_at, u.id");
+        if let Some((at, user)) = after {
+            q.push(" AND (m.joined_at > ").push_bind(at.0).push(" OR (m.joined_at = ").push_bind(at.0);
+            q.push(" AND m.user_id > ").push_bind(user).push("))");
+        }
+        q.push(" ORDER BY m.joined_at, m.user_id LIMIT ").push_bind(i64::from(limit));
         self.fetch_all(q).await
     }
 
