@@ -212,6 +212,8 @@ async fn every_documented_metric_is_exported_with_bounded_labels_and_moves_with_
         "chatmesh_replication_lag_seconds",
         "chatmesh_rate_limited_total",
         "chatmesh_socket_events_total",
+        // Only once a forged pub/sub payload arrived (cluster mode).
+        "chatmesh_forged_events_total",
         // Only with TLS on / once a client was slow.
         "chatmesh_tls_reloads_total",
         "chatmesh_http_timeouts_total",
