@@ -19,6 +19,7 @@ mod outage;
 mod persistence;
 mod sync;
 mod throttle;
+mod tls;
 mod traces;
 
 use std::sync::Arc;
