@@ -254,6 +254,30 @@ async fn sentinel_over_tls_reaches_the_primary_with_credentials() {
     assert!(clients.lines().any(|l| l.contains("user=chatmesh")), "no chatmesh connection on the primary:\n{clients}");
     let log = tokio::task::block_in_place(|| set.data_cli(primary, &["ACL", "LOG"])).unwrap();
     assert!(denied_commands(&log).is_empty(), "ACL denials on the primary:\n{log}");
+
+    // After a failover the instance follows the Sentinels to the new primary, again over TLS as
+    // the chatmesh user (the path that used to rebuild a bare redis://host:port).
+    let (_, token) = app.register("afterfailover").await;
+    let room = app.create_room(&token, "tls2", "public").await;
+    let mut set = set;
+    let new = tokio::task::block_in_place(|| set.fail_over(Duration::from_secs(30)));
+    let started = Instant::now();
+    let mut i = 0;
+    loop {
+        let r = app.send(&token, &room, &format!("f{i}"), "after failover").await;
+        if r.status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(r.code(), "unavailable", "{}", r.body);
+        assert!(started.elapsed() < Duration::from_secs(60), "sends never recovered after the failover");
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let clients = tokio::task::block_in_place(|| set.data_cli(new, &["CLIENT", "LIST"])).unwrap();
+    assert!(clients.lines().any(|l| l.contains("user=chatmesh")), "no chatmesh connection on the new primary:\n{clients}");
+    let log = tokio::task::block_in_place(|| set.data_cli(new, &["ACL", "LOG"])).unwrap();
+    assert!(denied_commands(&log).is_empty(), "ACL denials on the new primary:\n{log}");
+
     let text = app.logs.lock().unwrap().join("\n");
     assert!(!text.contains(CHATMESH_PASSWORD) && !text.contains("chatmesh-sentinel-test-pw"), "a password was logged");
     drop(app);

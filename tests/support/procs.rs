@@ -1798,6 +1798,31 @@ impl TlsReplicaSet {
         self.nodes[1].port
     }
 
+    /// SIGKILLs the data node that was the primary at start, then waits until every Sentinel
+    /// names the other one and it says `role:master`; returns the new primary's port.
+    pub fn fail_over(&mut self, timeout: Duration) -> u16 {
+        let old = self.nodes[0].port;
+        self.nodes[0].kill();
+        let new = self.nodes[1].port;
+        wait_until(
+            timeout,
+            || {
+                for s in &self.sentinels {
+                    let reply = self
+                        .options
+                        .sentinel_access
+                        .cli(s.port, &["SENTINEL", "get-master-addr-by-name", TLS_MASTER_NAME])
+                        .ok()?;
+                    (reply.lines().nth(1) == Some(new.to_string().as_str())).then_some(())?;
+                }
+                let role = self.options.data_access.cli(new, &["ROLE"]).ok()?;
+                (role.lines().next() == Some("master")).then_some(())
+            },
+            || format!("no failover from {old} to {new}\n{}", self.logs()),
+        );
+        new
+    }
+
     /// `redis-cli --tls` to a data node as `data_access`.
     pub fn data_cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
         self.options.data_access.cli(port, args)
