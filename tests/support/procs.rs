@@ -1661,6 +1661,11 @@ impl TlsRedisServer {
         self.access.cli(self.node.port, args)
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.node.pid()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir_path
     }
