@@ -101,7 +101,8 @@ impl RedisUrl {
             let sentinels = hosts
                 .split(',')
                 .map(|h| {
-                    let (host, port) = h.rsplit_once(':').ok_or_else(|| format!("sentinel {h:?}: expected host:port"))?;
+                    let (host, port) =
+                        h.rsplit_once(':').ok_or_else(|| format!("sentinel {h:?}: expected host:port"))?;
                     let port = port.parse::<u16>().map_err(|_| format!("sentinel {h:?}: bad port"))?;
                     if host.is_empty() {
                         return Err(format!("sentinel {h:?}: empty host"));
@@ -318,7 +319,8 @@ impl Redis {
     pub async fn connect(config: impl Into<RedisConfig>) -> anyhow::Result<Self> {
         let config = config.into();
         let target = describe(&config.url);
-        let client = primary_client(&config, false).await.with_context(|| format!("connecting to Redis at {target}"))?;
+        let client =
+            primary_client(&config, false).await.with_context(|| format!("connecting to Redis at {target}"))?;
         let conn =
             tokio::time::timeout(Duration::from_secs(10), client.get_connection_manager_with_config(manager_config()))
                 .await
@@ -440,7 +442,10 @@ mod tests {
         );
         let s = sentinel("redis+sentinel://a:1,b:2/mymaster");
         assert_eq!(s.sentinels, vec![("a".to_string(), 1), ("b".to_string(), 2)]);
-        assert_eq!((s.master.as_str(), s.tls, s.username.as_deref(), s.password.as_deref()), ("mymaster", false, None, None));
+        assert_eq!(
+            (s.master.as_str(), s.tls, s.username.as_deref(), s.password.as_deref()),
+            ("mymaster", false, None, None)
+        );
         assert!(RedisUrl::parse("redis+sentinel://a:1").is_err());
         assert!(RedisUrl::parse("redis+sentinel://a/m").is_err());
         assert!(RedisUrl::parse("http://x").is_err());
@@ -473,9 +478,11 @@ mod tests {
     #[test]
     fn no_insecure_tls_and_no_ca_next_to_plaintext() {
         assert!(RedisUrl::parse("rediss://h:1/#insecure").is_err());
-        let plain = RedisConfig { url: RedisUrl::parse("redis://h:1").unwrap(), ca_file: Some("/nonexistent.pem".into()) };
+        let plain =
+            RedisConfig { url: RedisUrl::parse("redis://h:1").unwrap(), ca_file: Some("/nonexistent.pem".into()) };
         assert!(plain.validate().unwrap_err().contains("not TLS"));
-        let missing = RedisConfig { url: RedisUrl::parse("rediss://h:1").unwrap(), ca_file: Some("/nonexistent.pem".into()) };
+        let missing =
+            RedisConfig { url: RedisUrl::parse("rediss://h:1").unwrap(), ca_file: Some("/nonexistent.pem".into()) };
         assert!(missing.validate().unwrap_err().contains("/nonexistent.pem"));
     }
 }

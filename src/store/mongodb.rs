@@ -42,12 +42,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
-use anyhow::Context;
 use mongodb::options::{
     ClientOptions, IndexOptions, ReadConcern, ReadPreference, ReturnDocument, SelectionCriteria, ServerAddress, Tls,
     WriteConcern,

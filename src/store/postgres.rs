@@ -46,7 +46,8 @@ impl SqlStore<Postgres> {
     /// does not vouch for, a `hostnossl ... reject` line) stops the start with the reason.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let options = connect_options(url)?;
-        let target = format!("{}:{} (sslmode={})", options.get_host(), options.get_port(), mode_name(options.get_ssl_mode()));
+        let target =
+            format!("{}:{} (sslmode={})", options.get_host(), options.get_port(), mode_name(options.get_ssl_mode()));
         if matches!(options.get_ssl_mode(), PgSslMode::Disable) && !is_loopback(options.get_host()) {
             tracing::warn!(
                 store = %target,
@@ -77,7 +78,11 @@ pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
     let options: PgConnectOptions = url.parse().context("CHATMESH_STORE_URL is not a valid postgres:// URL")?;
     let query = url.split_once('?').map_or("", |(_, q)| q);
     let param = |names: &[&str]| {
-        query.split('&').filter_map(|pair| pair.split_once('=')).find(|(k, _)| names.contains(k)).map(|(_, v)| v.to_string())
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| names.contains(k))
+            .map(|(_, v)| v.to_string())
     };
     let url_mode = param(&["sslmode", "ssl-mode"]);
     let env_mode = std::env::var("PGSSLMODE").ok().filter(|m| !m.is_empty());

@@ -101,7 +101,8 @@ async fn send_round_trip(app: &TestApp, db: &TestDatabase) {
     let room = app.create_room(&token, "tls", "public").await;
     let r = app.send(&token, &room, "m1", "over TLS").await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-    let h = app.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=0&limit=10"), None, Some(&token)).await;
+    let h =
+        app.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=0&limit=10"), None, Some(&token)).await;
     assert_eq!(h.status, StatusCode::OK, "{}", h.body);
     assert!(h.body.to_string().contains("over TLS"), "{}", h.body);
     let started = Instant::now();
@@ -159,7 +160,8 @@ async fn redis_over_tls_with_the_deploy_acl_serves_and_refuses_plaintext() {
         .args(["--no-auth-warning", "PING"])
         .output()
         .expect("redis-cli");
-    let plain_out = String::from_utf8_lossy(&plain_cli.stdout).to_string() + &String::from_utf8_lossy(&plain_cli.stderr);
+    let plain_out =
+        String::from_utf8_lossy(&plain_cli.stdout).to_string() + &String::from_utf8_lossy(&plain_cli.stderr);
     assert!(!plain_out.contains("PONG"), "redis-cli without --tls got an answer: {plain_out}");
 
     let cluster_env = |redis_url: String, extra: Vec<(&'static str, String)>| {
@@ -213,7 +215,9 @@ fn tls_sentinel_options(ca: &TestCa) -> TlsSetOptions {
     let node = ca.issue_local("redis-node");
     let sentinel_conf: String = deploy_file("sentinel.conf")
         .lines()
-        .filter(|l| l.starts_with("user ") || l.starts_with("sentinel sentinel-user") || l.starts_with("sentinel sentinel-pass"))
+        .filter(|l| {
+            l.starts_with("user ") || l.starts_with("sentinel sentinel-user") || l.starts_with("sentinel sentinel-pass")
+        })
         .map(|l| {
             l.replace("CHANGE-ME-chatmesh-sentinel-password", "chatmesh-sentinel-test-pw")
                 .replace("CHANGE-ME-sentinel-peer-password", "peer-test-pw")
@@ -274,7 +278,10 @@ async fn sentinel_over_tls_reaches_the_primary_with_credentials() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let clients = tokio::task::block_in_place(|| set.data_cli(new, &["CLIENT", "LIST"])).unwrap();
-    assert!(clients.lines().any(|l| l.contains("user=chatmesh")), "no chatmesh connection on the new primary:\n{clients}");
+    assert!(
+        clients.lines().any(|l| l.contains("user=chatmesh")),
+        "no chatmesh connection on the new primary:\n{clients}"
+    );
     let log = tokio::task::block_in_place(|| set.data_cli(new, &["ACL", "LOG"])).unwrap();
     assert!(denied_commands(&log).is_empty(), "ACL denials on the new primary:\n{log}");
 
@@ -419,7 +426,8 @@ async fn mongodb_tls_with_a_ca_file_and_no_plaintext() {
     let wrong = other_ca.ca_file().display().to_string();
     let err = open_store(&format!("{base}&tls=true&tlsCAFile={wrong}")).await.unwrap_err();
     assert!(err.contains("connecting to MongoDB (TLS)"), "{err}");
-    let err = open_store(&format!("{base}&tls=true&tlsCAFile={root}&tlsAllowInvalidCertificates=true")).await.unwrap_err();
+    let err =
+        open_store(&format!("{base}&tls=true&tlsCAFile={root}&tlsAllowInvalidCertificates=true")).await.unwrap_err();
     assert!(err.contains("certificate checks off"), "{err}");
     tokio::task::spawn_blocking(move || drop(server)).await.unwrap();
 

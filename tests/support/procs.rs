@@ -538,9 +538,10 @@ impl RedisNode {
                         && replies[1] == Resp::Simple("PONG".into())
                 }),
                 Some(access) => {
-                    access.cli(self.port, &["INFO", "server"]).is_ok_and(|info| {
-                        info.lines().any(|l| l.trim() == format!("process_id:{pid}"))
-                    }) && access.cli(self.port, &["PING"]).as_deref() == Ok("PONG")
+                    access
+                        .cli(self.port, &["INFO", "server"])
+                        .is_ok_and(|info| info.lines().any(|l| l.trim() == format!("process_id:{pid}")))
+                        && access.cli(self.port, &["PING"]).as_deref() == Ok("PONG")
                 }
             };
             if ready {
@@ -1621,7 +1622,8 @@ pub struct TlsFiles {
 fn tls_args(port: u16, files: &TlsFiles) -> Vec<String> {
     let mut args: Vec<String> = ["--port", "0", "--tls-port"].map(String::from).to_vec();
     args.push(port.to_string());
-    for (flag, path) in [("--tls-cert-file", &files.cert), ("--tls-key-file", &files.key), ("--tls-ca-cert-file", &files.ca)]
+    for (flag, path) in
+        [("--tls-cert-file", &files.cert), ("--tls-key-file", &files.key), ("--tls-ca-cert-file", &files.ca)]
     {
         args.push(flag.to_string());
         args.push(path.display().to_string());
@@ -1717,17 +1719,23 @@ impl TlsReplicaSet {
             args.extend(tls_args(port, &o.files));
             args.extend(["--aclfile".to_string(), o.aclfile.display().to_string()]);
             args.extend(["--tls-replication", "yes", "--repl-diskless-sync-delay", "0"].map(String::from));
-            args.extend(["--masteruser".to_string(), o.replication.0.clone(), "--masterauth".to_string(), o.replication.1.clone()]);
+            args.extend([
+                "--masteruser".to_string(),
+                o.replication.0.clone(),
+                "--masterauth".to_string(),
+                o.replication.1.clone(),
+            ]);
             args.extend(["--appenddirname".to_string(), format!("aof-{port}")]);
             args
         };
         let primary = RedisNode::launch_with("redis-tls-primary", &dir_path, Some(o.data_access.clone()), data_args);
         let primary_port = primary.port;
-        let replica = RedisNode::launch_with("redis-tls-replica", &dir_path, Some(o.data_access.clone()), |port, log| {
-            let mut args = data_args(port, log);
-            args.extend(["--replicaof".to_string(), HOST.to_string(), primary_port.to_string()]);
-            args
-        });
+        let replica =
+            RedisNode::launch_with("redis-tls-replica", &dir_path, Some(o.data_access.clone()), |port, log| {
+                let mut args = data_args(port, log);
+                args.extend(["--replicaof".to_string(), HOST.to_string(), primary_port.to_string()]);
+                args
+            });
         let replica_port = replica.port;
         wait_until(
             START_TIMEOUT,
@@ -1735,15 +1743,24 @@ impl TlsReplicaSet {
                 let info = o.data_access.cli(replica_port, &["INFO", "replication"]).ok()?;
                 info.lines().any(|l| l.trim() == "master_link_status:up").then_some(())
             },
-            || format!("replica {replica_port} never synced over TLS with {primary_port}:\n{}", tail(&replica.log_text(), 30)),
+            || {
+                format!(
+                    "replica {replica_port} never synced over TLS with {primary_port}:\n{}",
+                    tail(&replica.log_text(), 30)
+                )
+            },
         );
         let mut sentinels = Vec::new();
         for _ in 0..3 {
-            sentinels.push(RedisNode::launch_with("sentinel-tls", &dir_path, Some(o.sentinel_access.clone()), |port, log| {
-                let conf = dir_path.join(format!("sentinel-{port}.conf"));
-                let f = &o.files;
-                let text = format!(
-                    "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+            sentinels.push(RedisNode::launch_with(
+                "sentinel-tls",
+                &dir_path,
+                Some(o.sentinel_access.clone()),
+                |port, log| {
+                    let conf = dir_path.join(format!("sentinel-{port}.conf"));
+                    let f = &o.files;
+                    let text = format!(
+                        "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
                      tls-auth-clients no\ntls-replication yes\nbind {HOST}\nprotected-mode yes\ndaemonize no\n\
                      dir {dir}\nlogfile {log}\n{extra}\n\
                      sentinel monitor {TLS_MASTER_NAME} {HOST} {primary_port} 2\n\
@@ -1752,18 +1769,19 @@ impl TlsReplicaSet {
                      sentinel down-after-milliseconds {TLS_MASTER_NAME} 1000\n\
                      sentinel failover-timeout {TLS_MASTER_NAME} 3000\n\
                      sentinel parallel-syncs {TLS_MASTER_NAME} 1\n",
-                    cert = f.cert.display(),
-                    key = f.key.display(),
-                    ca = f.ca.display(),
-                    dir = dir_path.display(),
-                    log = log.display(),
-                    extra = o.sentinel_conf,
-                    auth_user = o.sentinel_auth.0,
-                    auth_pass = o.sentinel_auth.1,
-                );
-                fs::write(&conf, text).expect("write sentinel.conf");
-                vec![conf.display().to_string(), "--sentinel".to_string()]
-            }));
+                        cert = f.cert.display(),
+                        key = f.key.display(),
+                        ca = f.ca.display(),
+                        dir = dir_path.display(),
+                        log = log.display(),
+                        extra = o.sentinel_conf,
+                        auth_user = o.sentinel_auth.0,
+                        auth_pass = o.sentinel_auth.1,
+                    );
+                    fs::write(&conf, text).expect("write sentinel.conf");
+                    vec![conf.display().to_string(), "--sentinel".to_string()]
+                },
+            ));
         }
         let set = TlsReplicaSet { sentinels, nodes: vec![primary, replica], options, dir_path, _dir: dir };
         for sentinel in &set.sentinels {

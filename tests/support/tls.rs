@@ -33,12 +33,7 @@ fn openssl(dir: &Path, args: &[&str]) {
     let mut cmd = Command::new(require_binary("openssl", "openssl"));
     cmd.args(args).current_dir(dir);
     let out = run_bounded(cmd, Duration::from_secs(30)).unwrap_or_else(|e| panic!("openssl {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "openssl {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
 }
 
 impl TestCa {
@@ -48,8 +43,21 @@ impl TestCa {
         openssl(
             dir.path(),
             &[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-                "ca.key", "-out", "ca.crt", "-days", "2", "-subj", &format!("/CN={name}"),
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name}"),
             ],
         );
         TestCa { dir, name: name.to_string() }
@@ -82,15 +90,39 @@ impl TestCa {
         openssl(
             dir,
             &[
-                "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &key,
-                "-out", &csr, "-subj", &format!("/CN={name}"),
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={name}"),
             ],
         );
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &cert,
-                "-days", "2", "-extfile", &ext,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
             ],
         );
         Issued { cert: dir.join(cert), key: dir.join(key) }
