@@ -350,7 +350,7 @@ fn check_tls(opts: &ClientOptions) -> anyhow::Result<()> {
         && tls.allow_invalid_certificates == Some(true)
     {
         anyhow::bail!(
-            "CHATMESH_STORE_URL turns MongoDB certificate checks off (tlsInsecure / tlsAllowInvalid*); \
+            "CHATMESH_STORE_URL turns MongoDB certificate checks off (tlsInsecure / tlsAllowInvalidCertificates); \
              name the CA with tlsCAFile instead"
         );
     }

@@ -326,6 +326,13 @@ async fn open_store(url: &str) -> Result<(), String> {
     store_at(url).await.map(drop)
 }
 
+/// The error opening the store at `url`; panics if it opens.
+async fn refused(url: &str) -> String {
+    let err = open_store(url).await.expect_err("the store opened");
+    eprintln!("refused as expected: {err}");
+    err
+}
+
 /// PostgreSQL with `ssl=on` and only `hostssl` lines: `verify-full` with the test CA connects
 /// (the server's `pg_stat_ssl` shows the session encrypted); plaintext is refused by the server;
 /// a root that did not sign the certificate is refused by chatmesh.
@@ -360,19 +367,19 @@ async fn postgres_verify_full_works_and_plaintext_is_refused() {
     open_store(&format!("{base}?sslmode=verify-ca&sslrootcert={root}")).await.unwrap();
     open_store(&format!("{base}?sslmode=require")).await.unwrap();
 
-    let err = open_store(&format!("{base}?sslmode=disable")).await.unwrap_err();
+    let err = refused(&format!("{base}?sslmode=disable")).await;
     assert!(err.contains("no encryption") || err.contains("rejects connection"), "{err}");
     // No sslmode means plaintext (stated in the docs), which this server refuses: never a quiet
     // connection without TLS.
-    let err = open_store(&base).await.unwrap_err();
+    let err = refused(&base).await;
     assert!(err.contains("no encryption") || err.contains("rejects connection"), "{err}");
-    let err = open_store(&format!("{base}?sslmode=prefer")).await.unwrap_err();
+    let err = refused(&format!("{base}?sslmode=prefer")).await;
     assert!(err.contains("silently fall back"), "{err}");
     let wrong = other_ca.ca_file().display().to_string();
-    let err = open_store(&format!("{base}?sslmode=verify-full&sslrootcert={wrong}")).await.unwrap_err();
+    let err = refused(&format!("{base}?sslmode=verify-full&sslrootcert={wrong}")).await;
     assert!(err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"), "{err}");
     // `require` with a root checks the chain (as libpq does): the wrong root is refused.
-    let err = open_store(&format!("{base}?sslmode=require&sslrootcert={wrong}")).await.unwrap_err();
+    let err = refused(&format!("{base}?sslmode=require&sslrootcert={wrong}")).await;
     assert!(err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"), "{err}");
     // verify-full checks the name: a certificate for another host fails.
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
@@ -386,7 +393,7 @@ async fn postgres_verify_full_works_and_plaintext_is_refused() {
     .await
     .unwrap();
     let base = pg.url("chat");
-    let err = open_store(&format!("{base}?sslmode=verify-full&sslrootcert={root}")).await.unwrap_err();
+    let err = refused(&format!("{base}?sslmode=verify-full&sslrootcert={root}")).await;
     assert!(err.to_lowercase().contains("certificate") || err.contains("NotValidForName"), "{err}");
     open_store(&format!("{base}?sslmode=verify-ca&sslrootcert={root}")).await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
@@ -402,7 +409,7 @@ async fn postgres_require_against_a_server_without_tls_fails() {
     })
     .await
     .unwrap();
-    let err = open_store(&format!("{}?sslmode=require", pg.url("chat"))).await.unwrap_err();
+    let err = refused(&format!("{}?sslmode=require", pg.url("chat"))).await;
     assert!(err.contains("server does not support TLS"), "{err}");
     open_store(&format!("{}?sslmode=disable", pg.url("chat"))).await.unwrap();
     tokio::task::spawn_blocking(move || drop(pg)).await.unwrap();
@@ -421,18 +428,17 @@ async fn mongodb_tls_with_a_ca_file_and_no_plaintext() {
     let root = ca.ca_file().display().to_string();
 
     open_store(&format!("{base}&tls=true&tlsCAFile={root}")).await.unwrap();
-    let err = open_store(&base).await.unwrap_err();
+    let err = refused(&base).await;
     assert!(err.contains("connecting to MongoDB (plaintext)"), "{err}");
     let wrong = other_ca.ca_file().display().to_string();
-    let err = open_store(&format!("{base}&tls=true&tlsCAFile={wrong}")).await.unwrap_err();
+    let err = refused(&format!("{base}&tls=true&tlsCAFile={wrong}")).await;
     assert!(err.contains("connecting to MongoDB (TLS)"), "{err}");
-    let err =
-        open_store(&format!("{base}&tls=true&tlsCAFile={root}&tlsAllowInvalidCertificates=true")).await.unwrap_err();
+    let err = refused(&format!("{base}&tls=true&tlsCAFile={root}&tlsAllowInvalidCertificates=true")).await;
     assert!(err.contains("certificate checks off"), "{err}");
     tokio::task::spawn_blocking(move || drop(server)).await.unwrap();
 
     let plain = tokio::task::spawn_blocking(SecantusServer::start).await.unwrap();
-    let err = open_store(&format!("{}&tls=true&tlsCAFile={root}", plain.url("chat"))).await.unwrap_err();
+    let err = refused(&format!("{}&tls=true&tlsCAFile={root}", plain.url("chat"))).await;
     assert!(err.contains("connecting to MongoDB (TLS)"), "{err}");
     tokio::task::spawn_blocking(move || drop(plain)).await.unwrap();
 }
