@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use super::procs::{require_binary, run_bounded};
+use super::procs::{require_binary, run_bounded, sweep_stale_fixture_dirs};
 
 pub struct TestCa {
     dir: TempDir,
@@ -39,7 +39,13 @@ fn openssl(dir: &Path, args: &[&str]) {
 impl TestCa {
     /// A new self-signed CA (`CN=<name>`), valid for two days.
     pub fn new(name: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix("chatmesh-ca-").tempdir().expect("CA temp dir");
+        // Named like the process fixtures' dirs, so that the sweep of dirs left by a killed test
+        // process removes this one too.
+        sweep_stale_fixture_dirs();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("chatmesh-fx-{}-ca-", std::process::id()))
+            .tempdir()
+            .expect("CA temp dir");
         openssl(
             dir.path(),
             &[
