@@ -132,7 +132,7 @@ mod tests {
     #[test]
     fn sslmode_policy() {
         // PGSSLMODE would change the unset case; the test process does not set it.
-        assert!(std::env::var_os("PGSSLMODE").is_none());
+        assert!(std::env::var_os("PGSSLMODE").is_none(), "unset PGSSLMODE to run this test");
         assert_eq!(mode("postgres://u@h/db"), Ok("disable"));
         assert_eq!(mode("postgres://u@h/db?sslmode=disable"), Ok("disable"));
         assert_eq!(mode("postgres://u@h/db?sslmode=require"), Ok("require"));
