@@ -1,6 +1,8 @@
-//! Redis access for cluster mode: URL forms (`redis://`, `rediss://`, `redis+sentinel://`),
-//! a command connection that reconnects with backoff and follows a Sentinel failover, and a
-//! pub/sub connection whose pushes feed the fan-out.
+//! Redis access for cluster mode: URL forms (`redis://`, `rediss://`, `redis+sentinel://`,
+//! `rediss+sentinel://`), a command connection that reconnects with backoff and follows a
+//! Sentinel failover, and a pub/sub connection whose pushes feed the fan-out. TLS (rustls) and ACL
+//! credentials apply to every connection, the primary a Sentinel names included; a TLS URL never
+//! falls back to plaintext.
 
 pub mod keys;
 
