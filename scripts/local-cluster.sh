@@ -186,7 +186,9 @@ redis_conf() { # node index (0|1) -> writes the node's config once (Sentinel rew
   local i=$1 d="$dir/redis-$(($1 + 1))" src
   mkdir -p "$d"
   [ -f "$d/redis.conf" ] && return 0
-  cp deploy/redis/redis-common.conf "$dir/redis-common.conf"
+  # The local stack is plaintext without ACL users (loopback only, no certificates to make):
+  # deploy/redis's TLS and ACL lines are dropped here; tests/cluster/tls.rs runs them for real.
+  sed -E -e '/^(tls-|aclfile|masteruser|masterauth)/d' deploy/redis/redis-common.conf >"$dir/redis-common.conf"
   src=deploy/redis/redis-primary.conf
   [ "$i" = 1 ] && src=deploy/redis/redis-replica.conf
   sed -E \
@@ -197,6 +199,7 @@ redis_conf() { # node index (0|1) -> writes the node's config once (Sentinel rew
     -e "s|^logfile .*|logfile $d/redis.log|" \
     -e "s|^supervised .*|supervised no|" \
     -e "s|^replicaof .*|replicaof 127.0.0.1 ${redis_ports[0]}|" \
+    -e '/^tls-/d' \
     "$src" >"$d/redis.conf.tmp"
   # The process title names the config file: `ps` shows which state dir a Redis belongs to.
   echo 'proc-title-template "{title} {listen-addr} {server-mode} {config-file}"' >>"$d/redis.conf.tmp"
@@ -213,6 +216,7 @@ sentinel_conf() { # sentinel index (0..2)
     -e "s|^dir .*|dir $d|" \
     -e "s|^logfile .*|logfile $d/sentinel.log|" \
     -e "s|^sentinel monitor $master_name .*|sentinel monitor $master_name 127.0.0.1 ${redis_ports[0]} 2|" \
+    -e '/^(tls-|user |sentinel (auth-user|auth-pass|sentinel-user|sentinel-pass) )/d' \
     deploy/redis/sentinel.conf >"$d/sentinel.conf.tmp"
   echo 'proc-title-template "{title} {listen-addr} {server-mode} {config-file}"' >>"$d/sentinel.conf.tmp"
   unlocalised "$d/sentinel.conf.tmp" deploy/redis/sentinel.conf

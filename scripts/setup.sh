@@ -33,6 +33,8 @@ if [ "$want_test" = 1 ]; then
   need chromium || apt_install chromium
   # Cluster tests start their own Redis servers, Sentinels and Redis Clusters.
   need redis-server && need redis-cli || apt_install redis-server redis-tools
+  # The backend TLS tests make their own CA and certificates with the openssl CLI.
+  need openssl || apt_install openssl
   # The deployment test runs scripts/local-cluster.sh: HAProxy in front of the instances.
   need haproxy || apt_install haproxy
   # The TLS tests make their own CA and server certificates with the openssl CLI.

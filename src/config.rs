@@ -85,6 +85,21 @@ pub struct ServeArgs {
     /// Redis URL; unset means embedded single-node mode.
     #[arg(long, env = "CHATMESH_REDIS_URL", value_name = "CHATMESH_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signs the Redis (and Sentinel) certificates, instead of the OS
+    /// trust store; only with rediss:// or rediss+sentinel://.
+    #[arg(long, env = "CHATMESH_REDIS_CA_FILE", value_name = "CHATMESH_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+    /// ACL user for the Sentinels, when they require AUTH (the URL's userinfo is the data nodes').
+    #[arg(long, env = "CHATMESH_REDIS_SENTINEL_USERNAME", value_name = "CHATMESH_REDIS_SENTINEL_USERNAME")]
+    pub redis_sentinel_username: Option<String>,
+    /// Password for the Sentinels, when they require AUTH.
+    #[arg(
+        long,
+        env = "CHATMESH_REDIS_SENTINEL_PASSWORD",
+        value_name = "CHATMESH_REDIS_SENTINEL_PASSWORD",
+        hide_env_values = true
+    )]
+    pub redis_sentinel_password: Option<String>,
     /// User-token signing key (embedded mode: generated once into the data dir).
     #[arg(long, env = "CHATMESH_JWT_SECRET", value_name = "CHATMESH_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -412,7 +427,7 @@ pub struct ListenerLimits {
 
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    pub redis: crate::redis_io::RedisUrl,
+    pub redis: crate::redis_io::RedisConfig,
     pub prefix: String,
     pub shards: u32,
     pub ack_level: AckLevel,
@@ -451,6 +466,29 @@ fn parse_origins(list: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// The Redis URL with the settings beside it (CA file, Sentinel credentials).
+fn redis_config(args: &ServeArgs, url: &str) -> Result<crate::redis_io::RedisConfig, ConfigError> {
+    use crate::redis_io::{RedisConfig, RedisUrl};
+    let mut url = RedisUrl::parse(url).map_err(|r| invalid("CHATMESH_REDIS_URL", r))?;
+    let sentinel_auth = args.redis_sentinel_username.is_some() || args.redis_sentinel_password.is_some();
+    match &mut url {
+        RedisUrl::Sentinel(s) => {
+            s.sentinel_username = args.redis_sentinel_username.clone();
+            s.sentinel_password = args.redis_sentinel_password.clone();
+        }
+        RedisUrl::Direct(_) if sentinel_auth => {
+            return Err(invalid(
+                "CHATMESH_REDIS_SENTINEL_PASSWORD",
+                "only for a redis+sentinel:// or rediss+sentinel:// CHATMESH_REDIS_URL",
+            ));
+        }
+        RedisUrl::Direct(_) => {}
+    }
+    let config = RedisConfig { url, ca_file: args.redis_ca_file.clone() };
+    config.validate().map_err(|r| invalid("CHATMESH_REDIS_CA_FILE", r))?;
+    Ok(config)
+}
+
 fn invalid(name: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError { name: name.into(), reason: reason.into() }
 }
@@ -461,7 +499,7 @@ impl Config {
         let cluster = match &args.redis_url {
             None => None,
             Some(url) => {
-                let redis = crate::redis_io::RedisUrl::parse(url).map_err(|r| invalid("CHATMESH_REDIS_URL", r))?;
+                let redis = redis_config(&args, url)?;
                 if matches!(store, StoreUrl::Sqlite { .. }) {
                     return Err(invalid(
                         "CHATMESH_STORE_URL",

@@ -76,6 +76,30 @@ fn redis_starts_answers_dies_and_restarts_empty() {
 }
 
 #[test]
+fn tls_redis_speaks_only_tls_with_the_test_ca_and_leaves_nothing() {
+    let ca = support::tls::TestCa::new("fixture selftest CA");
+    let cert = ca.issue_local("redis");
+    let acl = ca.dir().join("users.acl");
+    std::fs::write(&acl, "user default off\nuser fixture on >fixture-pw ~* &* +@all\n").unwrap();
+    let access = TlsAccess { ca: ca.ca_file(), user: "fixture".into(), password: "fixture-pw".into() };
+    let files = TlsFiles { cert: cert.cert, key: cert.key, ca: ca.ca_file() };
+    let redis = TlsRedisServer::start(&files, &acl, access.clone());
+    assert_eq!(redis.cli(&["PING"]).unwrap(), "PONG");
+    assert_eq!(redis.cli(&["CONFIG", "GET", "port"]).unwrap(), "port\n0", "no plaintext port");
+    // Without credentials the default user is off; without TLS the port does not answer.
+    let anonymous = TlsAccess { user: "default".into(), password: "x".into(), ..access };
+    let answer = anonymous.cli(redis.port(), &["PING"]).unwrap_or_else(|e| e);
+    assert!(answer.contains("NOAUTH") || answer.contains("WRONGPASS"), "{answer}");
+    let plain = Command::new("redis-cli").args(["-p", &redis.port().to_string(), "PING"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&plain.stdout).contains("PONG"), "plaintext PING answered");
+    let (pid, dir, ca_dir) = (redis.pid().unwrap(), redis.dir().to_path_buf(), ca.dir().to_path_buf());
+    drop(redis);
+    assert_cleaned_up(&dir, &[pid]);
+    drop(ca);
+    assert!(!ca_dir.exists(), "the CA dir {} is left", ca_dir.display());
+}
+
+#[test]
 fn two_redis_servers_in_one_test_get_their_own_ports_and_data() {
     let a = RedisServer::start();
     let b = RedisServer::start();

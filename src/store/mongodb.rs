@@ -42,13 +42,15 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use futures::{FutureExt, TryStreamExt};
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{
-    ClientOptions, IndexOptions, ReadConcern, ReadPreference, ReturnDocument, SelectionCriteria, WriteConcern,
+    ClientOptions, IndexOptions, ReadConcern, ReadPreference, ReturnDocument, SelectionCriteria, ServerAddress, Tls,
+    WriteConcern,
 };
 use mongodb::{Client, ClientSession, Collection, Database, IndexModel, SessionCursor};
 use serde::de::DeserializeOwned;
@@ -340,11 +342,39 @@ fn index(keys: Document, name: &str, unique: bool) -> IndexModel {
         .build()
 }
 
+/// Refuses the URL options that turn certificate checks off (`tlsInsecure`,
+/// `tlsAllowInvalidCertificates`; the driver's rustls build has no host-name-only switch): a
+/// private CA goes in `tlsCAFile`.
+fn check_tls(opts: &ClientOptions) -> anyhow::Result<()> {
+    if let Some(Tls::Enabled(tls)) = &opts.tls
+        && tls.allow_invalid_certificates == Some(true)
+    {
+        anyhow::bail!(
+            "CHATMESH_STORE_URL turns MongoDB certificate checks off (tlsInsecure / tlsAllowInvalidCertificates); \
+             name the CA with tlsCAFile instead"
+        );
+    }
+    if !matches!(opts.tls, Some(Tls::Enabled(_)))
+        && opts.hosts.iter().any(|h| !matches!(h, ServerAddress::Tcp { host, .. } if host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())))
+    {
+        tracing::warn!("MongoDB connection is not encrypted; add tls=true&tlsCAFile=<ca.pem> to CHATMESH_STORE_URL");
+    }
+    Ok(())
+}
+
+fn describe_tls(tls: &Option<Tls>) -> &'static str {
+    match tls {
+        Some(Tls::Enabled(_)) => "TLS",
+        _ => "plaintext",
+    }
+}
+
 impl MongoStore {
     /// Connects to `url` (see the module docs for what it may say), finds out whether the
     /// deployment has transactions, and creates the indexes.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let mut opts = ClientOptions::parse(url).await?;
+        check_tls(&opts)?;
         if opts.write_concern.as_ref().is_none_or(|wc| wc.w.is_none()) {
             let mut wc = opts.write_concern.take().unwrap_or_default();
             wc.w = WriteConcern::majority().w;
@@ -353,12 +383,19 @@ impl MongoStore {
         opts.server_selection_timeout.get_or_insert(SERVER_SELECTION_TIMEOUT);
         opts.app_name.get_or_insert_with(|| "chatmesh".to_string());
         let db_name = opts.default_database.clone().unwrap_or_else(|| DEFAULT_DATABASE.to_string());
+        let opts_tls = opts.tls.clone();
         let client = Client::with_options(opts)?;
         let db = client.database(&db_name);
 
         // A replica set member reports its set's name, a mongos says "isdbgrid"; both run
         // multi-document transactions. A standalone server reports neither.
-        let hello = client.database("admin").run_command(doc! { "hello": 1 }).await?;
+        // The first round trip: with tls=true a server that does not speak TLS, or whose
+        // certificate tlsCAFile does not vouch for, fails here (the driver never falls back).
+        let hello = client
+            .database("admin")
+            .run_command(doc! { "hello": 1 })
+            .await
+            .with_context(|| format!("connecting to MongoDB ({})", describe_tls(&opts_tls)))?;
         let transactions = hello.get_str("setName").is_ok() || hello.get_str("msg") == Ok("isdbgrid");
         if !transactions {
             tracing::warn!(

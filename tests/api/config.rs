@@ -64,12 +64,14 @@ fn help_never_prints_the_values_of_urls_or_secrets() {
             .env("CHATMESH_JWT_SECRET", "jwt-secret-3-0123456789abcdef0123456789")
             .env("CHATMESH_CLUSTER_SECRET", "cluster-secret-4-0123456789abcdef01234")
             .env("CHATMESH_ADMIN_TOKEN", "admin-token-5-0123456789")
+            .env("CHATMESH_REDIS_SENTINEL_PASSWORD", "sentinel-pw-6")
             .output()
             .unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(help.contains("CHATMESH_STORE_URL"), "{cmd} --help names the store setting");
-        for secret in ["store-pw-1", "redis-pw-2", "jwt-secret-3", "cluster-secret-4", "admin-token-5"] {
+        for secret in ["store-pw-1", "redis-pw-2", "jwt-secret-3", "cluster-secret-4", "admin-token-5", "sentinel-pw-6"]
+        {
             assert!(!help.contains(secret), "{cmd} --help printed {secret}:\n{help}");
         }
     }

@@ -20,6 +20,7 @@ mod persistence;
 mod seals;
 mod sync;
 mod throttle;
+mod tls;
 mod traces;
 
 use std::sync::Arc;

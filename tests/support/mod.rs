@@ -4,3 +4,4 @@
 pub mod mongo;
 pub mod pg;
 pub mod procs;
+pub mod tls;

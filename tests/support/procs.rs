@@ -471,18 +471,31 @@ struct RedisNode {
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
+    /// Set for a TLS-only node: probes go through `redis-cli --tls` with these.
+    tls: Option<TlsAccess>,
 }
 
 impl RedisNode {
     /// Starts a node on a fresh free port; `args_for(port, log)` builds its command line (and may
     /// write a config file). If the port is taken by the time the server binds, tries another.
-    fn launch(role: &'static str, dir: &Path, mut args_for: impl FnMut(u16, &Path) -> Vec<String>) -> RedisNode {
+    fn launch(role: &'static str, dir: &Path, args_for: impl FnMut(u16, &Path) -> Vec<String>) -> RedisNode {
+        Self::launch_with(role, dir, None, args_for)
+    }
+
+    /// As [`launch`](Self::launch); with `tls`, the node's port is its TLS port and the
+    /// readiness probe speaks TLS as that user.
+    fn launch_with(
+        role: &'static str,
+        dir: &Path,
+        tls: Option<TlsAccess>,
+        mut args_for: impl FnMut(u16, &Path) -> Vec<String>,
+    ) -> RedisNode {
         let mut tried = Vec::new();
         for _ in 0..8 {
             let port = free_port();
             let log = dir.join(format!("{role}-{port}.log"));
             let args = args_for(port, &log);
-            let mut node = RedisNode { role, port, args, log, child: None };
+            let mut node = RedisNode { role, port, args, log, child: None, tls: tls.clone() };
             match node.try_start() {
                 Ok(()) => return node,
                 Err(StartError::AddrInUse) => tried.push(port),
@@ -519,10 +532,19 @@ impl RedisNode {
             }
             // INFO proves the server on the port is ours (not one that won the bind race); PING
             // proves it serves commands (a server loading its AOF answers -LOADING).
-            if let Ok(replies) = redis_pipeline(self.port, &[&["INFO", "server"], &["PING"]])
-                && info_field(&replies[0], "process_id") == Some(pid.to_string())
-                && replies[1] == Resp::Simple("PONG".into())
-            {
+            let ready = match &self.tls {
+                None => redis_pipeline(self.port, &[&["INFO", "server"], &["PING"]]).is_ok_and(|replies| {
+                    info_field(&replies[0], "process_id") == Some(pid.to_string())
+                        && replies[1] == Resp::Simple("PONG".into())
+                }),
+                Some(access) => {
+                    access
+                        .cli(self.port, &["INFO", "server"])
+                        .is_ok_and(|info| info.lines().any(|l| l.trim() == format!("process_id:{pid}")))
+                        && access.cli(self.port, &["PING"]).as_deref() == Ok("PONG")
+                }
+            };
+            if ready {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -1071,6 +1093,8 @@ pub struct PgServer {
     log: PathBuf,
     /// (uid, gid) to run the server as, when we are root.
     owner: Option<(u32, u32)>,
+    /// More `-c name=value` settings, on every start.
+    settings: Vec<String>,
     child: Option<Child>,
     dir_path: PathBuf,
     _dir: TempDir,
@@ -1079,6 +1103,35 @@ pub struct PgServer {
 impl PgServer {
     /// `initdb` a new cluster and start it on a free port.
     pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// A server with TLS on (`ssl=on`, this certificate and key) and `hba` as its whole
+    /// `pg_hba.conf` (e.g. `hostssl all all 127.0.0.1/32 trust` + `hostnossl all all 0.0.0.0/0 reject`
+    /// to refuse plaintext).
+    pub fn start_tls(cert: &Path, key: &Path, hba: &str) -> Self {
+        Self::start_with(|server| {
+            // PostgreSQL refuses a key another user could read, and it runs as `postgres` here.
+            for (from, name, mode) in [(cert, "server.crt", 0o644), (key, "server.key", 0o600)] {
+                let to = server.dir_path.join(name);
+                fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+                fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+                if let Some((uid, gid)) = server.owner {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
+                }
+                server.settings.push(format!(
+                    "{}={}",
+                    if name.ends_with(".crt") { "ssl_cert_file" } else { "ssl_key_file" },
+                    to.display()
+                ));
+            }
+            server.settings.push("ssl=on".to_string());
+            fs::write(server.data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        })
+    }
+
+    /// `initdb`, then `setup` (settings, files in the data dir), then start on a free port.
+    fn start_with(setup: impl FnOnce(&mut PgServer)) -> Self {
         let bindir = pg_bindir();
         let (dir, dir_path) = fixture_dir("pg");
         let owner = if sys::geteuid() == 0 { Some(postgres_user()) } else { None };
@@ -1105,7 +1158,9 @@ impl PgServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut server = PgServer { port: 0, bindir, data, log, owner, child: None, dir_path, _dir: dir };
+        let mut server =
+            PgServer { port: 0, bindir, data, log, owner, settings: Vec::new(), child: None, dir_path, _dir: dir };
+        setup(&mut server);
         let mut tried = Vec::new();
         for _ in 0..8 {
             server.port = free_port();
@@ -1130,6 +1185,7 @@ impl PgServer {
             .arg(&self.dir_path)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .current_dir(&self.dir_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
@@ -1361,6 +1417,8 @@ pub fn secantusd_bin() -> PathBuf {
 /// not pinned to their `atClusterTime` (see `tests/store_contract.rs`).
 pub struct SecantusServer {
     port: u16,
+    /// More command-line flags, on every start (TLS).
+    extra_args: Vec<String>,
     bin: PathBuf,
     config: PathBuf,
     data: PathBuf,
@@ -1372,6 +1430,21 @@ pub struct SecantusServer {
 
 impl SecantusServer {
     pub fn start() -> Self {
+        Self::start_with(Vec::new())
+    }
+
+    /// A server that speaks only TLS (`--tls-cert-file`, `--tls-key-file`), no client certificate
+    /// asked for.
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_with(vec![
+            "--tls-cert-file".to_string(),
+            cert.display().to_string(),
+            "--tls-key-file".to_string(),
+            key.display().to_string(),
+        ])
+    }
+
+    fn start_with(extra_args: Vec<String>) -> Self {
         let bin = secantusd_bin();
         let (dir, dir_path) = fixture_dir("secantus");
         // An empty config file of our own: no `./secantusd.toml` or `~/.secantus/` of the machine
@@ -1380,7 +1453,8 @@ impl SecantusServer {
         fs::write(&config, "").unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         let data = dir_path.join("data");
         let log = dir_path.join("secantusd.log");
-        let mut server = SecantusServer { port: 0, bin, config, data, log, child: None, dir_path, _dir: dir };
+        let mut server =
+            SecantusServer { port: 0, extra_args, bin, config, data, log, child: None, dir_path, _dir: dir };
         let mut tried = Vec::new();
         for _ in 0..8 {
             server.port = free_port();
@@ -1405,6 +1479,7 @@ impl SecantusServer {
             .arg(&self.data)
             // WiredTiger's cache defaults to 1 GB; test databases are tiny.
             .args(["--cache-size", "128M", "--log-level", "INFO"])
+            .args(&self.extra_args)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .current_dir(&self.dir_path)
@@ -1493,5 +1568,299 @@ impl SecantusServer {
 impl Drop for SecantusServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS-only Redis: one server, or a replica set with Sentinels, all behind ACL users
+// ---------------------------------------------------------------------------------------------
+
+/// How a fixture (and a test) reaches a TLS-only Redis node: `redis-cli --tls`, trusting `ca`,
+/// logged in as `user`.
+#[derive(Debug, Clone)]
+pub struct TlsAccess {
+    pub ca: PathBuf,
+    pub user: String,
+    pub password: String,
+}
+
+impl TlsAccess {
+    /// `redis-cli --tls --cacert <ca> --user <user> --pass <password> -p <port> <args>`: stdout
+    /// without the trailing newline (reply errors too, as redis-cli prints them), or why it failed.
+    pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
+        let mut cmd = Command::new(redis_cli_bin());
+        cmd.args(["--tls", "--cacert"])
+            .arg(&self.ca)
+            .args(["-h", HOST, "-p", &port.to_string(), "--user", &self.user, "--pass", &self.password])
+            .arg("--no-auth-warning")
+            .args(args);
+        let out = run_bounded(cmd, CLIENT_TIMEOUT).map_err(|e| e.to_string())?;
+        let stdout = String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_string();
+        if out.status.success() && !stdout.starts_with("Could not connect") {
+            Ok(stdout)
+        } else {
+            Err(format!(
+                "redis-cli --tls -p {port} {args:?} failed ({}): {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+/// The certificate files a TLS node serves with (`tls-cert-file`, `tls-key-file`) and the CA it
+/// trusts (`tls-ca-cert-file`, for its replication and Sentinel links).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// `redis-server` arguments that close the plaintext port and open `port` as TLS, clients
+/// authenticating with ACL passwords rather than certificates.
+fn tls_args(port: u16, files: &TlsFiles) -> Vec<String> {
+    let mut args: Vec<String> = ["--port", "0", "--tls-port"].map(String::from).to_vec();
+    args.push(port.to_string());
+    for (flag, path) in
+        [("--tls-cert-file", &files.cert), ("--tls-key-file", &files.key), ("--tls-ca-cert-file", &files.ca)]
+    {
+        args.push(flag.to_string());
+        args.push(path.display().to_string());
+    }
+    args.extend(["--tls-auth-clients", "no", "--protected-mode", "yes"].map(String::from));
+    args
+}
+
+/// One TLS-only `redis-server` (no persistence) on a free port, with the ACL users of `aclfile`.
+pub struct TlsRedisServer {
+    node: RedisNode,
+    access: TlsAccess,
+    dir_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsRedisServer {
+    /// `access` must be a user of `aclfile` allowed `INFO` and `PING` (the readiness probe).
+    pub fn start(files: &TlsFiles, aclfile: &Path, access: TlsAccess) -> Self {
+        let (dir, dir_path) = fixture_dir("redis-tls");
+        let node = RedisNode::launch_with("redis-tls", &dir_path, Some(access.clone()), |port, log| {
+            let mut args = redis_args(port, &dir_path, log, false);
+            args.extend(tls_args(port, files));
+            args.extend(["--aclfile".to_string(), aclfile.display().to_string()]);
+            args
+        });
+        TlsRedisServer { node, access, dir_path, _dir: dir }
+    }
+
+    /// The TLS port (the only one open).
+    pub fn port(&self) -> u16 {
+        self.node.port
+    }
+
+    /// `redis-cli --tls` as the fixture's user.
+    pub fn cli(&self, args: &[&str]) -> Result<String, String> {
+        self.access.cli(self.node.port, args)
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.node.pid()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    pub fn log(&self) -> String {
+        self.node.log_text()
+    }
+}
+
+/// Settings for [`TlsReplicaSet::start`].
+#[derive(Debug, Clone)]
+pub struct TlsSetOptions {
+    pub files: TlsFiles,
+    /// The data nodes' ACL file.
+    pub aclfile: PathBuf,
+    /// A user of `aclfile` the fixture probes the data nodes as (INFO, PING, ROLE).
+    pub data_access: TlsAccess,
+    /// The user the replica logs in to its primary as (`masteruser`/`masterauth`).
+    pub replication: (String, String),
+    /// The user the Sentinels log in to the data nodes as (`sentinel auth-user/auth-pass`).
+    pub sentinel_auth: (String, String),
+    /// Lines for each Sentinel's config besides the monitor: its `user` lines and
+    /// `sentinel sentinel-user/sentinel-pass` for the other Sentinels.
+    pub sentinel_conf: String,
+    /// A Sentinel user the fixture probes the Sentinels as (INFO, PING, SENTINEL MASTER).
+    pub sentinel_access: TlsAccess,
+}
+
+/// As [`RedisReplicaSet`], all TLS-only and behind ACL users: a primary, one replica (replicating
+/// over TLS) and three Sentinels (TLS to clients, to each other and to the data nodes). Master
+/// name `chatmesh`. `start` returns once the replica is in sync and every Sentinel knows the
+/// replica and the two other Sentinels.
+pub struct TlsReplicaSet {
+    sentinels: Vec<RedisNode>,
+    nodes: Vec<RedisNode>,
+    options: TlsSetOptions,
+    dir_path: PathBuf,
+    _dir: TempDir,
+}
+
+pub const TLS_MASTER_NAME: &str = "chatmesh";
+
+impl TlsReplicaSet {
+    pub fn start(options: TlsSetOptions) -> Self {
+        let (dir, dir_path) = fixture_dir("sentinel-tls");
+        let o = &options;
+        let data_args = |port: u16, log: &Path| {
+            let mut args = redis_args(port, &dir_path, log, false);
+            args.extend(tls_args(port, &o.files));
+            args.extend(["--aclfile".to_string(), o.aclfile.display().to_string()]);
+            args.extend(["--tls-replication", "yes", "--repl-diskless-sync-delay", "0"].map(String::from));
+            args.extend([
+                "--masteruser".to_string(),
+                o.replication.0.clone(),
+                "--masterauth".to_string(),
+                o.replication.1.clone(),
+            ]);
+            args.extend(["--appenddirname".to_string(), format!("aof-{port}")]);
+            args
+        };
+        let primary = RedisNode::launch_with("redis-tls-primary", &dir_path, Some(o.data_access.clone()), data_args);
+        let primary_port = primary.port;
+        let replica =
+            RedisNode::launch_with("redis-tls-replica", &dir_path, Some(o.data_access.clone()), |port, log| {
+                let mut args = data_args(port, log);
+                args.extend(["--replicaof".to_string(), HOST.to_string(), primary_port.to_string()]);
+                args
+            });
+        let replica_port = replica.port;
+        wait_until(
+            START_TIMEOUT,
+            || {
+                let info = o.data_access.cli(replica_port, &["INFO", "replication"]).ok()?;
+                info.lines().any(|l| l.trim() == "master_link_status:up").then_some(())
+            },
+            || {
+                format!(
+                    "replica {replica_port} never synced over TLS with {primary_port}:\n{}",
+                    tail(&replica.log_text(), 30)
+                )
+            },
+        );
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(RedisNode::launch_with(
+                "sentinel-tls",
+                &dir_path,
+                Some(o.sentinel_access.clone()),
+                |port, log| {
+                    let conf = dir_path.join(format!("sentinel-{port}.conf"));
+                    let f = &o.files;
+                    let text = format!(
+                        "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {ca}\n\
+                     tls-auth-clients no\ntls-replication yes\nbind {HOST}\nprotected-mode yes\ndaemonize no\n\
+                     dir {dir}\nlogfile {log}\n{extra}\n\
+                     sentinel monitor {TLS_MASTER_NAME} {HOST} {primary_port} 2\n\
+                     sentinel auth-user {TLS_MASTER_NAME} {auth_user}\n\
+                     sentinel auth-pass {TLS_MASTER_NAME} {auth_pass}\n\
+                     sentinel down-after-milliseconds {TLS_MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {TLS_MASTER_NAME} 3000\n\
+                     sentinel parallel-syncs {TLS_MASTER_NAME} 1\n",
+                        cert = f.cert.display(),
+                        key = f.key.display(),
+                        ca = f.ca.display(),
+                        dir = dir_path.display(),
+                        log = log.display(),
+                        extra = o.sentinel_conf,
+                        auth_user = o.sentinel_auth.0,
+                        auth_pass = o.sentinel_auth.1,
+                    );
+                    fs::write(&conf, text).expect("write sentinel.conf");
+                    vec![conf.display().to_string(), "--sentinel".to_string()]
+                },
+            ));
+        }
+        let set = TlsReplicaSet { sentinels, nodes: vec![primary, replica], options, dir_path, _dir: dir };
+        for sentinel in &set.sentinels {
+            let port = sentinel.port;
+            wait_until(
+                Duration::from_secs(20),
+                || {
+                    let text = set.options.sentinel_access.cli(port, &["SENTINEL", "MASTER", TLS_MASTER_NAME]).ok()?;
+                    let lines: Vec<&str> = text.lines().collect();
+                    let field = |name: &str| lines.chunks(2).find(|kv| kv[0] == name).and_then(|kv| kv.get(1).copied());
+                    (field("num-slaves") == Some("1") && field("num-other-sentinels") == Some("2")).then_some(())
+                },
+                || format!("sentinel {port} never saw the replica and both other Sentinels over TLS\n{}", set.logs()),
+            );
+        }
+        set
+    }
+
+    /// `rediss+sentinel://<userinfo>@127.0.0.1:S1,...,127.0.0.1:S3/chatmesh`; `userinfo` empty for
+    /// none.
+    pub fn sentinel_url(&self, userinfo: &str) -> String {
+        let hosts: Vec<String> = self.sentinels.iter().map(|s| format!("{HOST}:{}", s.port)).collect();
+        let at = if userinfo.is_empty() { String::new() } else { format!("{userinfo}@") };
+        format!("rediss+sentinel://{at}{}/{TLS_MASTER_NAME}", hosts.join(","))
+    }
+
+    pub fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    /// The data node that was the primary at start.
+    pub fn primary_port(&self) -> u16 {
+        self.nodes[0].port
+    }
+
+    pub fn replica_port(&self) -> u16 {
+        self.nodes[1].port
+    }
+
+    /// SIGKILLs the data node that was the primary at start, then waits until every Sentinel
+    /// names the other one and it says `role:master`; returns the new primary's port.
+    pub fn fail_over(&mut self, timeout: Duration) -> u16 {
+        let old = self.nodes[0].port;
+        self.nodes[0].kill();
+        let new = self.nodes[1].port;
+        wait_until(
+            timeout,
+            || {
+                for s in &self.sentinels {
+                    let reply = self
+                        .options
+                        .sentinel_access
+                        .cli(s.port, &["SENTINEL", "get-master-addr-by-name", TLS_MASTER_NAME])
+                        .ok()?;
+                    (reply.lines().nth(1) == Some(new.to_string().as_str())).then_some(())?;
+                }
+                let role = self.options.data_access.cli(new, &["ROLE"]).ok()?;
+                (role.lines().next() == Some("master")).then_some(())
+            },
+            || format!("no failover from {old} to {new}\n{}", self.logs()),
+        );
+        new
+    }
+
+    /// `redis-cli --tls` to a data node as `data_access`.
+    pub fn data_cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
+        self.options.data_access.cli(port, args)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir_path
+    }
+
+    /// The tails of every node's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for n in self.nodes.iter().chain(&self.sentinels) {
+            let _ = writeln!(out, "--- {} {} ---\n{}", n.role, n.port, tail(&n.log_text(), 40));
+        }
+        out
     }
 }
