@@ -5,6 +5,7 @@ mod helpers;
 mod lifecycle;
 mod logs;
 mod messages;
+mod netfuzz;
 mod ops;
 mod rooms;
 mod users;
