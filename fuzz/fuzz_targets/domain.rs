@@ -9,8 +9,8 @@
 
 use chatmesh::domain::input::{Input, parse_seq};
 use chatmesh::domain::{
-    AvatarUrl, ClientMsgId, DisplayName, MessageBody, Password, RoomId, RoomName, StatusText, Topic, UserId,
-    Username, Visibility,
+    AvatarUrl, ClientMsgId, DisplayName, MessageBody, Password, RoomId, RoomName, StatusText, Topic, UserId, Username,
+    Visibility,
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -35,7 +35,9 @@ fuzz_target!(|bytes: &[u8]| {
         assert!(!body.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "control in body {body:?}");
         assert_eq!(Some(body), input.opt_str("body").ok().flatten(), "body kept verbatim");
         let id = a.client_msg_id.as_str();
-        assert!((1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        assert!(
+            (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        );
         assert_room(&a.room_id);
     }
     if let Ok(a) = outcome(JoinArgs::parse(&input)) {
