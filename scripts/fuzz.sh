@@ -26,18 +26,37 @@ mkdir -p "$out/logs"
 
 command -v cargo-fuzz >/dev/null 2>&1 || { echo "fuzz: cargo-fuzz is missing (scripts/setup.sh --test installs it)" >&2; exit 1; }
 
-# libFuzzer instrumentation takes compiler flags stable rustc refuses: nightly when rustup has
-# one; otherwise the stable compiler with RUSTC_BOOTSTRAP=1 (a fresh machine may lack nightly
-# and cannot download it).
+# cargo-fuzz's instrumentation (and -Zsanitizer for ASan) wants nightly: a nightly toolchain
+# when rustup has one that works, otherwise the stable compiler with RUSTC_BOOTSTRAP=1 (a fresh
+# machine may lack nightly and cannot download it). Each candidate first compiles an empty
+# library with the same instrumentation (no link: libFuzzer comes with the build), so a toolchain
+# that cannot fails here in a second, not after a long build.
+use_toolchain() {
+  case "$1" in
+    nightly) export RUSTUP_TOOLCHAIN=nightly; unset RUSTC_BOOTSTRAP ;;
+    stable) export RUSTUP_TOOLCHAIN=stable RUSTC_BOOTSTRAP=1 ;;
+    *) echo "fuzz: FUZZ_TOOLCHAIN must be nightly or stable, not $1" >&2; exit 1 ;;
+  esac
+  local probe="$out/probe" extra=()
+  [ "$sanitizer" = none ] || extra=("-Zsanitizer=$sanitizer")
+  mkdir -p "$probe"
+  echo 'pub fn probe(x: u8) -> bool { x > 1 }' >"$probe/lib.rs"
+  rustc --edition 2021 --crate-type lib --emit obj -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+    -Cllvm-args=-sanitizer-coverage-inline-8bit-counters "${extra[@]}" \
+    "$probe/lib.rs" -o "$probe/lib.o" >"$out/logs/probe-$1.log" 2>&1
+}
 toolchain="${FUZZ_TOOLCHAIN:-}"
-if [ -z "$toolchain" ]; then
-  if rustup run nightly rustc --version >/dev/null 2>&1; then toolchain=nightly; else toolchain=stable; fi
+if [ -n "$toolchain" ]; then
+  use_toolchain "$toolchain" || { cat "$out/logs/probe-$toolchain.log" >&2; echo "fuzz: the $toolchain toolchain cannot build instrumented code" >&2; exit 1; }
+elif use_toolchain nightly; then
+  toolchain=nightly
+elif use_toolchain stable; then
+  toolchain=stable
+else
+  cat "$out/logs/probe-nightly.log" "$out/logs/probe-stable.log" >&2
+  echo "fuzz: neither a nightly toolchain nor stable with RUSTC_BOOTSTRAP=1 can build instrumented code" >&2
+  exit 1
 fi
-case "$toolchain" in
-  nightly) export RUSTUP_TOOLCHAIN=nightly ;;
-  stable) export RUSTUP_TOOLCHAIN=stable RUSTC_BOOTSTRAP=1 ;;
-  *) echo "fuzz: FUZZ_TOOLCHAIN must be nightly or stable, not $toolchain" >&2; exit 1 ;;
-esac
 # The fuzz crate is its own workspace with its own target dir; a CARGO_TARGET_DIR meant for the
 # main build would mix the instrumented artifacts into it.
 unset CARGO_TARGET_DIR
@@ -46,7 +65,7 @@ flags=(--sanitizer "$sanitizer" --target-dir "$out")
 started=$SECONDS
 if ! cargo fuzz build "${flags[@]}" >"$out/logs/build.log" 2>&1; then
   tail -n 40 "$out/logs/build.log" >&2
-  echo "fuzz: building the fuzz targets failed with $(rustc --version) ($toolchain$([ "$toolchain" = stable ] && echo ', RUSTC_BOOTSTRAP=1')): no toolchain here can build them" >&2
+  echo "fuzz: building the fuzz targets failed with $(rustc --version) ($toolchain$([ "$toolchain" = stable ] && echo ', RUSTC_BOOTSTRAP=1'))" >&2
   exit 1
 fi
 echo "fuzz: built with $(rustc --version) ($toolchain) in $((SECONDS - started)) s"
