@@ -66,6 +66,11 @@ if [ "$want_test" = 1 ]; then
     .tools/venv/bin/pip install --quiet --disable-pip-version-check "secantusdb==$secantus"
   fi
   need cargo-nextest || cargo install --locked cargo-nextest
+  # scripts/fuzz.sh: cargo-fuzz, and a C++ compiler for libfuzzer-sys (it builds libFuzzer). No
+  # nightly toolchain is installed (a fresh machine may not reach one); fuzz.sh falls back to
+  # stable with RUSTC_BOOTSTRAP=1.
+  need c++ || apt_install g++
+  cargo fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz
   rustup component add clippy rustfmt >/dev/null 2>&1 || true
   # Installed exactly as the lock file says: reinstalled whenever the lock file changes.
   lock_sum="$(sha256sum tests/node/package-lock.json | cut -d' ' -f1)"

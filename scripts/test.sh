@@ -17,10 +17,23 @@ if [ -n "${CHATMESH_TEST_MONGODB_URL:-}" ]; then
   cargo nextest run --test store_contract --run-ignored only
 fi
 
+# The cargo-fuzz targets, 25 s each after their build (scripts/fuzz.sh), run beside the fault
+# suite: its scenarios mostly wait on restarts and failovers, so one core is free for the fuzzer.
+# (The network fuzzer, tests/api/netfuzz.rs, ran with the Rust tests above.)
+mkdir -p target/test-artifacts
+scripts/fuzz.sh >target/test-artifacts/fuzz.log 2>&1 &
+fuzz_pid=$!
+trap 'kill "$fuzz_pid" 2>/dev/null || true' EXIT
+
 # Fault scenarios through HAProxy (kill -9, rolling restart, Redis primary loss, PostgreSQL
 # stopped, one instance cut off Redis), ~7 min.
 scripts/fault-suite.sh
 
-mkdir -p target/test-artifacts
+fuzz_ok=0
+wait "$fuzz_pid" && fuzz_ok=1
+trap - EXIT
+cat target/test-artifacts/fuzz.log
+[ "$fuzz_ok" = 1 ] || { echo "test: fuzzing failed (above)" >&2; exit 1; }
+
 cd tests/node
 CHATMESH_BIN="$(pwd)/../../target/debug/chatmesh" node --test --test-concurrency=2 --test-reporter=spec .

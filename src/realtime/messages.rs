@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use super::order::Ticket;
 use super::{identity, payload, reply, reply_ok, room_arg};
-use crate::domain::{ClientMsgId, Message, MessageBody};
+use crate::domain::input::Input;
+use crate::domain::{ClientMsgId, Message, MessageBody, RoomId};
 use crate::error::{ApiError, ApiResult};
 use crate::sio::{Ack, Socket};
 use crate::state::AppState;
@@ -19,6 +20,23 @@ use tracing::Instrument;
 struct SendAck<'a> {
     ok: bool,
     message: &'a Message,
+}
+
+/// `message:send`'s arguments, validated (pub for the `event_payload` fuzz target).
+pub struct SendArgs {
+    pub room_id: RoomId,
+    pub client_msg_id: ClientMsgId,
+    pub body: MessageBody,
+}
+
+impl SendArgs {
+    pub fn parse(input: &Input) -> ApiResult<Self> {
+        Ok(Self {
+            room_id: room_arg(input)?,
+            client_msg_id: ClientMsgId::parse(input.req_str("client_msg_id")?)?,
+            body: MessageBody::parse(input.req_str("body")?)?,
+        })
+    }
 }
 
 /// Called in arrival order: the ticket drawn here keeps this socket's sends in that order even
@@ -50,10 +68,7 @@ async fn send(state: &AppState, s: &Socket, data: Result<Value, String>, ticket:
     let started = Instant::now();
     let turn = ticket.turn().await;
     let me = identity(s)?;
-    let input = payload(state, data)?;
-    let room_id = room_arg(&input)?;
-    let client_msg_id = ClientMsgId::parse(input.req_str("client_msg_id")?)?;
-    let body = MessageBody::parse(input.req_str("body")?)?;
+    let SendArgs { room_id, client_msg_id, body } = SendArgs::parse(&payload(state, data)?)?;
     let sent = state.svc.send(&me.user_id, &room_id, client_msg_id, body, turn).await?;
     sent.record("socket", started);
     Ok(sent.message)

@@ -20,7 +20,9 @@ use crate::metrics as m;
 use crate::sio::{Ack, Handler, Io, Socket};
 use crate::state::AppState;
 
+pub use messages::SendArgs;
 pub use order::SocketOrder;
+pub use rooms::{JoinArgs, SyncArgs};
 
 /// Packets this much over the body limit still get a clean `payload_too_large` ack; beyond it
 /// the transport itself refuses them and closes the connection.
@@ -249,6 +251,14 @@ fn payload(
     state: &AppState,
     data: Result<Value, impl std::fmt::Display>,
 ) -> Result<crate::domain::input::Input, ApiError> {
+    decode_payload(data, state.config.max_body_bytes)
+}
+
+/// The payload of a client event as a JSON object, refusing one over `max_body_bytes`.
+pub fn decode_payload(
+    data: Result<Value, impl std::fmt::Display>,
+    max_body_bytes: usize,
+) -> Result<crate::domain::input::Input, ApiError> {
     let value = data.map_err(|e| ApiError::validation(format!("payload must be a JSON object: {e}")))?;
     // Re-serialized size is within a few bytes of the packet's own: close enough for a limit.
     // Counted, not written out: no buffer per packet.
@@ -264,8 +274,8 @@ fn payload(
     }
     let mut count = Count(0);
     let size = serde_json::to_writer(&mut count, &value).map(|()| count.0).unwrap_or(usize::MAX);
-    if size > state.config.max_body_bytes {
-        return Err(ApiError::PayloadTooLarge { limit: state.config.max_body_bytes });
+    if size > max_body_bytes {
+        return Err(ApiError::PayloadTooLarge { limit: max_body_bytes });
     }
     crate::domain::input::Input::from_value(value)
 }
@@ -297,7 +307,7 @@ fn reply_ok<T: serde::Serialize>(ack: Ack, event: &'static str, body: &T) {
 
 /// The `room_id` of a client event. chatmesh's internal channels are not rooms: a socket that
 /// could leave its own user channel would keep receiving a room after a REST leave.
-fn room_arg(input: &crate::domain::input::Input) -> Result<RoomId, ApiError> {
+pub fn room_arg(input: &crate::domain::input::Input) -> Result<RoomId, ApiError> {
     let room_id = input.req_str("room_id")?;
     if crate::fanout::is_internal_channel(room_id) {
         return Err(ApiError::validation("room_id must be a room id"));

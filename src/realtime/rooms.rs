@@ -5,7 +5,8 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use super::{identity, payload, reply, room_arg};
-use crate::domain::input::parse_seq;
+use crate::domain::RoomId;
+use crate::domain::input::{Input, parse_seq};
 use crate::error::ApiResult;
 use crate::fanout::INTERNAL_CHANNELS_PER_SOCKET;
 use crate::service::{Cursor, MAX_PAGE, clamp_limit};
@@ -13,6 +14,35 @@ use crate::sio::{Ack, Socket};
 use crate::state::AppState;
 use crate::telemetry;
 use tracing::Instrument;
+
+/// `room:join`'s arguments, validated (pub for the `event_payload` fuzz target).
+pub struct JoinArgs {
+    pub room_id: RoomId,
+    pub after_seq: Option<i64>,
+}
+
+impl JoinArgs {
+    pub fn parse(input: &Input) -> ApiResult<Self> {
+        let room_id = room_arg(input)?;
+        let after_seq = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
+        Ok(Self { room_id, after_seq })
+    }
+}
+
+/// `room:sync`'s arguments, validated.
+pub struct SyncArgs {
+    pub room_id: RoomId,
+    pub after_seq: i64,
+    pub limit: u32,
+}
+
+impl SyncArgs {
+    pub fn parse(input: &Input) -> ApiResult<Self> {
+        let room_id = room_arg(input)?;
+        let after_seq = parse_seq("after_seq", input.req_int("after_seq")?)?;
+        Ok(Self { room_id, after_seq, limit: clamp_limit(input.opt_int("limit")?)? })
+    }
+}
 
 pub fn on_event(
     st: Arc<AppState>,
@@ -41,9 +71,7 @@ pub fn on_event(
 
 async fn join(state: &AppState, s: &Arc<Socket>, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
-    let input = payload(state, data)?;
-    let room_id = room_arg(&input)?;
-    let after = input.opt_int("after_seq")?.map(|v| parse_seq("after_seq", v)).transpose()?;
+    let JoinArgs { room_id, after_seq: after } = JoinArgs::parse(&payload(state, data)?)?;
     // Its own user and session channels are among the socket's rooms, not counted against the cap.
     if !s.in_room(&room_id) && s.room_count() >= state.config.max_rooms_per_socket + INTERNAL_CHANNELS_PER_SOCKET {
         return Err(crate::error::ApiError::validation(format!(
@@ -78,10 +106,7 @@ async fn leave(s: &Arc<Socket>, data: Result<Value, String>, state: &AppState) -
 
 async fn sync(state: &AppState, s: &Socket, data: Result<Value, String>) -> ApiResult<Value> {
     let me = identity(s)?;
-    let input = payload(state, data)?;
-    let room_id = room_arg(&input)?;
-    let after = parse_seq("after_seq", input.req_int("after_seq")?)?;
-    let limit = clamp_limit(input.opt_int("limit")?)?;
+    let SyncArgs { room_id, after_seq: after, limit } = SyncArgs::parse(&payload(state, data)?)?;
     let page = state.svc.history(&me.user_id, &room_id, Cursor::After(after), limit).await?;
     Ok(json!({"messages": page.messages, "head_seq": page.head_seq, "has_more": page.has_more}))
 }

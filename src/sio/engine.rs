@@ -192,8 +192,8 @@ async fn post(io: &Arc<IoInner>, sid: &str, body: Body) -> Response {
         s.close();
         return (StatusCode::PAYLOAD_TOO_LARGE, "payload too large").into_response();
     };
-    let Ok(body) = std::str::from_utf8(&bytes) else { return error(3, "Bad request") };
-    for p in body.split(packet::SEPARATOR) {
+    let Ok(packets) = packet::polling_packets(&bytes) else { return error(3, "Bad request") };
+    for p in packets {
         on_packet(io, &s, p).await;
     }
     ([(header::CONTENT_TYPE, "text/html")], "ok").into_response()

@@ -17,6 +17,12 @@ pub const CLOSE: &str = "1";
 /// Separates packets in one long-polling body.
 pub const SEPARATOR: char = '\x1e';
 
+/// The Engine.IO packets of a long-polling POST body; `Err` when it is not UTF-8 (binary
+/// packets come base64-encoded, so a valid body always is).
+pub fn polling_packets(body: &[u8]) -> Result<std::str::Split<'_, char>, std::str::Utf8Error> {
+    Ok(std::str::from_utf8(body)?.split(SEPARATOR))
+}
+
 /// A Socket.IO packet from a client (the text after the Engine.IO `4`).
 #[derive(Debug, PartialEq)]
 pub enum Incoming<'a> {

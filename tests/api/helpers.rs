@@ -14,6 +14,9 @@ pub struct TestApp {
     pub child: Child,
     /// Every line the instance wrote to stdout (its log), in order.
     pub logs: Arc<Mutex<Vec<String>>>,
+    /// Every line it wrote to stderr (also passed through): where a panic in a task shows, while
+    /// the process goes on.
+    pub stderr: Arc<Mutex<Vec<String>>>,
     _own_dir: Option<tempfile::TempDir>,
     pub http: reqwest::Client,
 }
@@ -68,8 +71,17 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
     for (k, v) in &opts.env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn chatmesh");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn chatmesh");
     let stdout = child.stdout.take().expect("stdout");
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let (pipe, keep) = (child.stderr.take().expect("stderr"), stderr.clone());
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            keep.lock().unwrap().push(line);
+        }
+    });
     let (tx, rx) = mpsc::channel();
     let logs = Arc::new(Mutex::new(Vec::new()));
     let keep = logs.clone();
@@ -96,6 +108,7 @@ pub async fn spawn_with(opts: Spawn<'_>) -> TestApp {
         url,
         child,
         logs,
+        stderr,
         _own_dir: own_dir,
         http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
     }

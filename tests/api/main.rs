@@ -6,6 +6,7 @@ mod lifecycle;
 mod listener;
 mod logs;
 mod messages;
+mod netfuzz;
 mod ops;
 mod rooms;
 mod sessions;
