@@ -1,10 +1,9 @@
-//! The client listener under attack: TLS with a test CA made here (openssl CLI), certificate
+//! The client listener under attack: TLS with a test CA made by the test (openssl CLI), certificate
 //! reload on SIGHUP, slow clients (headers, bodies), and the connection caps. Raw sockets where a
 //! well-behaved HTTP client would hide what the server does.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,96 +16,26 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
+use crate::support::tls::TestCa;
 
-/// A test CA and server certificates it signs, all in one temp dir.
+/// A test CA (tests/support/tls.rs) and the server certificates it signs.
 struct Pki {
-    dir: tempfile::TempDir,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl CLI (scripts/setup.sh)");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    ca: TestCa,
 }
 
 impl Pki {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        openssl(
-            dir.path(),
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=chatmesh test CA",
-            ],
-        );
-        std::fs::write(
-            dir.path().join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
-             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        Self { dir }
+        Self { ca: TestCa::new("chatmesh test CA") }
     }
 
     fn ca_pem(&self) -> Vec<u8> {
-        std::fs::read(self.dir.path().join("ca.pem")).unwrap()
+        std::fs::read(self.ca.ca_file()).unwrap()
     }
 
-    /// A server certificate for 127.0.0.1 with this serial: (cert path, key path).
+    /// A server certificate for 127.0.0.1 (a new key each): (cert path, key path).
     fn leaf(&self, serial: u32) -> (PathBuf, PathBuf) {
-        let d = self.dir.path();
-        let (key, csr, cert) = (format!("leaf{serial}.key"), format!("leaf{serial}.csr"), format!("leaf{serial}.pem"));
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                "/CN=localhost",
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-set_serial",
-                &serial.to_string(),
-                "-days",
-                "2",
-                "-out",
-                &cert,
-                "-extfile",
-                "ext.cnf",
-            ],
-        );
-        (d.join(cert), d.join(key))
+        let issued = self.ca.issue(&format!("leaf{serial}"), "IP:127.0.0.1,DNS:localhost");
+        (issued.cert, issued.key)
     }
 
     /// Client config trusting this CA only.

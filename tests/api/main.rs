@@ -10,4 +10,7 @@ mod netfuzz;
 mod ops;
 mod rooms;
 mod sessions;
+#[allow(dead_code)]
+#[path = "../support/mod.rs"]
+mod support;
 mod users;
