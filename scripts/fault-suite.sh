@@ -16,6 +16,8 @@
 #   FAULT_CLIENTS     soak clients (default 20)     FAULT_RATE  sends/s per client (default 5)
 #   FAULT_KEEP=1      keep the work dir even on success
 #   FAULT_NO_BUILD=1  skip `cargo build --release -p chatmesh -p chatmesh-loadgen`
+#   FAULT_BIN_DIR     where chatmesh and chatmesh-loadgen are (default target/release); with another
+#                     dir nothing is built (scripts/test.sh passes the debug build it already has)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 cd "$repo"
@@ -29,7 +31,7 @@ for s in "${scenarios[@]}"; do
 done
 
 if [ "${FAULT_IN_NETNS:-0}" != 1 ]; then
-  if [ "${FAULT_NO_BUILD:-0}" != 1 ]; then
+  if [ "${FAULT_NO_BUILD:-0}" != 1 ] && [ -z "${FAULT_BIN_DIR:-}" ]; then
     say "cargo build --release -p chatmesh -p chatmesh-loadgen"
     cargo build --release --quiet -p chatmesh -p chatmesh-loadgen
   fi
@@ -51,13 +53,16 @@ export LOCAL_CLUSTER_DIR="$work/cluster"
 export LOCAL_CLUSTER_PORT_BASE="$port_base"
 export LOCAL_CLUSTER_DB="chatmesh_fault_$$"
 export LOCAL_CLUSTER_INSTANCES=3
-export LOCAL_CLUSTER_BIN="$repo/target/release/chatmesh"
+bin_dir="${FAULT_BIN_DIR:-target/release}"
+[[ "$bin_dir" = /* ]] || bin_dir="$repo/$bin_dir"
+[ -x "$bin_dir/chatmesh" ] && [ -x "$bin_dir/chatmesh-loadgen" ] || { say "no chatmesh and chatmesh-loadgen in $bin_dir"; exit 1; }
+export LOCAL_CLUSTER_BIN="$bin_dir/chatmesh"
 # Instance i runs as uid uid_base+i: the redis-link-cut rule matches one instance's packets by uid.
 uid_base=64000
 export LOCAL_CLUSTER_UID_BASE=$uid_base
 pg_port=$((port_base + 40))
 export LOCAL_CLUSTER_PG="postgres://postgres@127.0.0.1:$pg_port"
-loadgen="$repo/target/release/chatmesh-loadgen"
+loadgen="$bin_dir/chatmesh-loadgen"
 url="http://127.0.0.1:$port_base"
 lc() { scripts/local-cluster.sh "$@"; }
 pg_dir="$work/pg"

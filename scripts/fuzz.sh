@@ -60,7 +60,12 @@ fi
 # The fuzz crate is its own workspace with its own target dir; a CARGO_TARGET_DIR meant for the
 # main build would mix the instrumented artifacts into it.
 unset CARGO_TARGET_DIR
-flags=(--sanitizer "$sanitizer" --target-dir "$out")
+# --dev: the instrumented dependency tree (database drivers, TLS, HTTP) builds unoptimized, far
+# quicker than a release build; the targets run slower, which a bounded CI run can
+# afford (FUZZ_PROFILE=release for long local runs).
+profile_flag=--dev
+[ "${FUZZ_PROFILE:-dev}" = release ] && profile_flag=--release
+flags=(--sanitizer "$sanitizer" --target-dir "$out" "$profile_flag")
 
 started=$SECONDS
 if ! cargo fuzz build "${flags[@]}" >"$out/logs/build.log" 2>&1; then
