@@ -28,8 +28,8 @@ trap 'kill "$fuzz_pid" 2>/dev/null || true' EXIT
 # Fault scenarios through HAProxy (kill -9, rolling restart, Redis primary loss, PostgreSQL
 # stopped, one instance cut off Redis), ~7 min. On the debug build (dependencies optimized): what
 # the suite checks is loss, duplication and order at 100 sends/s, which does not need the release
-# build's whole-program optimization (that build took 18 of a 54-minute CI run, beside the fuzz
-# build).
+# build's whole-program optimization (that build took 18 min of a 42-minute CI run, beside the
+# fuzz targets' release build).
 # `scripts/fault-suite.sh` on its own builds and runs the release binaries.
 FAULT_BIN_DIR=target/debug scripts/fault-suite.sh
 
