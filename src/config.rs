@@ -318,6 +318,17 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// A key for one purpose, derived from this secret (HMAC-SHA256 of the purpose's label): the
+    /// secret itself signs nothing, and what one derived key signs passes for nothing signed with
+    /// another.
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(self.0.as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
 }
 
 impl fmt::Debug for Secret {

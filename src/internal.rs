@@ -7,10 +7,8 @@
 
 use std::time::Duration;
 
-use hmac::{Hmac, KeyInit, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::config::Secret;
 use crate::error::ApiError;
@@ -40,10 +38,7 @@ pub struct InternalTokens {
 
 impl InternalTokens {
     pub fn new(cluster_secret: &Secret, instance_id: &str) -> Self {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(cluster_secret.expose().as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(KEY_LABEL);
-        let key = mac.finalize().into_bytes();
+        let key = cluster_secret.derive(KEY_LABEL);
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud"]);
@@ -102,9 +97,7 @@ mod tests {
 
         let now = chrono::Utc::now().timestamp() as u64;
         let claims = |iss: &str, aud: &str, iat: u64, exp: u64| Claims { iss: iss.into(), aud: aud.into(), iat, exp };
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&[b'c'; 32]).unwrap();
-        mac.update(KEY_LABEL);
-        let key = mac.finalize().into_bytes();
+        let key = secret.derive(KEY_LABEL);
         assert_eq!(n2.verify(&sign(&key, &claims("n9", AUDIENCE, now, now + 60))).unwrap(), "n9");
         for (what, c) in [
             ("an hour long", claims("n9", AUDIENCE, now, now + 3600)),

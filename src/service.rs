@@ -245,10 +245,13 @@ impl ChatService {
     /// checks again later).
     pub async fn authenticate_socket(&self, token: &str) -> Option<(Session, bool)> {
         let session = self.tokens.verify(token).ok()?;
-        if let Ok(None) = self.store.user(&UserId::from(session.user_id.as_str())).await {
+        let user_id = UserId::from(session.user_id.as_str());
+        // Independent lookups: one round trip's wait on every CONNECT, not two.
+        let (user, revoked) = tokio::join!(self.store.user(&user_id), self.sessions.is_revoked(&session));
+        if let Ok(None) = user {
             return None;
         }
-        match self.sessions.is_revoked(&session).await {
+        match revoked {
             Ok(true) => None,
             Ok(false) => Some((session, true)),
             Err(_) => Some((session, false)),

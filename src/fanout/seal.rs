@@ -17,7 +17,6 @@ use std::collections::HashMap;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha1::Sha1;
-use sha2::Sha256;
 
 use crate::config::Secret;
 
@@ -66,10 +65,7 @@ impl Seal {
     /// The key derived from the cluster secret (HMAC-SHA256 of a fixed label): the secret itself
     /// never signs anything, so what it signs elsewhere cannot pass for a pub/sub payload.
     pub fn from_secret(secret: &Secret) -> Self {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose().as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(KEY_LABEL);
-        Self { key: mac.finalize().into_bytes().into() }
+        Self { key: secret.derive(KEY_LABEL) }
     }
 
     fn mac(&self, channel: &str, body: &[u8]) -> HmacSha1 {
