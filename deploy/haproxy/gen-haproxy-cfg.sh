@@ -16,6 +16,10 @@
 #   --maxconn N             process-wide connection limit   (default 20000)
 #   --server-maxconn N      connections per instance; more wait in the queue (default 10000)
 #   --name-prefix P         server names and cookie values P1, P2, ... (default chatmesh-)
+#   --internal-bind ADDR:PORT  a second frontend that serves only the instance-to-instance API
+#                           (paths under /internal/, for the peer regions) and refuses the rest;
+#                           implies --deny-internal           (default none)
+#   --deny-internal         the public frontend refuses /internal paths (404) (default off)
 #   --out FILE              write there (default stdout)
 #   --check                 validate the result with `haproxy -c` (needs haproxy installed)
 set -euo pipefail
@@ -24,7 +28,7 @@ template="$here/haproxy.cfg.tmpl"
 
 bind=127.0.0.1:8080 stats=127.0.0.1:8404 socket=/run/haproxy/chatmesh.sock stats_auth=""
 log_target=/dev/log maxconn=20000 server_maxconn=10000 prefix=chatmesh- out="" check=0
-instances="" host=127.0.0.1 first_port=5001
+instances="" host=127.0.0.1 first_port=5001 internal_bind="" deny_internal=0
 addrs=()
 
 die() { echo "gen-haproxy-cfg: $*" >&2; exit 2; }
@@ -38,6 +42,8 @@ while [ $# -gt 0 ]; do
     --maxconn) maxconn="${2:?}"; shift 2 ;;
     --server-maxconn) server_maxconn="${2:?}"; shift 2 ;;
     --name-prefix) prefix="${2:?}"; shift 2 ;;
+    --internal-bind) internal_bind="${2:?}"; deny_internal=1; shift 2 ;;
+    --deny-internal) deny_internal=1; shift ;;
     --instances) instances="${2:?}"; shift 2 ;;
     --host) host="${2:?}"; shift 2 ;;
     --first-port) first_port="${2:?}"; shift 2 ;;
@@ -72,11 +78,31 @@ if [ "$log_target" = stdout ]; then
 fi
 auth_line=""
 [ -n "$stats_auth" ] && auth_line="    stats auth $stats_auth"
+public_deny=""
+if [ "$deny_internal" = 1 ]; then
+  # Decoded, any case, any number of leading slashes: whatever spelling could reach the API.
+  public_deny="    # The instance-to-instance API (/internal/v1) is not public: only the internal frontend
+    # serves it. (chatmesh also checks the caller's address and token; HAProxy connects from an
+    # allowed address, so this line is what keeps the public out.)
+    http-request deny deny_status 404 if { path,url_dec -m reg -i ^/+internal(/|\$) }"
+fi
+internal_frontend=""
+if [ -n "$internal_bind" ]; then
+  [[ "$internal_bind" =~ ^[^[:space:]]+:[0-9]+$ ]] || die "--internal-bind: not ADDR:PORT: $internal_bind"
+  internal_frontend="frontend chatmesh_internal
+    # Peer regions call the instance-to-instance API here (private network only); nothing else.
+    bind $internal_bind
+    http-request del-header X-Forwarded-For
+    http-request deny deny_status 404 unless { path -m beg /internal/ }
+    default_backend chatmesh
+"
+fi
 
 render() {
   # Placeholders are @@NAME@@, values taken literally from the environment (awk -v would
   # interpret backslashes); a line that is only a placeholder with an empty value is dropped.
   SERVERS="${servers%$'\n'}" GLOBAL_EXTRA="$global_extra" STATS_AUTH="$auth_line" \
+    PUBLIC_INTERNAL_DENY="$public_deny" INTERNAL_FRONTEND="$internal_frontend" \
     FRONTEND_BIND="$bind" STATS_BIND="$stats" STATS_SOCKET="$socket" LOG_TARGET="$log_target" \
     MAXCONN="$maxconn" SERVER_MAXCONN="$server_maxconn" \
     awk '{
