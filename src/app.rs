@@ -21,20 +21,26 @@ use crate::fanout::local::LocalFanout;
 use crate::fanout::redis::RedisFanout;
 use crate::fanout::seal::Seal;
 use crate::history::{LocalHistory, RedisHistory};
+use crate::internal::InternalTokens;
 use crate::ops::{LocalOps, Ops, RedisOps};
 use crate::presence::LocalPresence;
-use crate::redis_io::{Keys, Redis};
+use crate::redis_io::{Keys, Redis, apply_script};
+use crate::region::apply::Applier;
+use crate::region::replicator::{OutboxServer, Replicator};
+use crate::region::{HoldElsewhere, NoOutbox, PeerClient, PeersHold, RedisOutbox, Regions};
 use crate::revocation::{LocalRevocations, RedisRevocations};
 use crate::sequencer::embedded::LocalSequencer;
 use crate::sequencer::redis::{RedisSequencer, RedisSequencerConfig};
 use crate::service::{Backends, ChatService, Limits};
 use crate::sessions::{LocalRevokedSessions, RedisRevokedSessions};
 use crate::state::AppState;
+use crate::state::RegionApi;
 use crate::store::Store;
 use crate::sync::SyncStats;
 use crate::sync::redis::{SyncConfig, SyncWorker};
 use crate::throttle::{Budgets, LocalThrottle, RedisThrottle};
 use crate::{api, metrics, realtime};
+use anyhow::Context;
 
 /// The implementations of one mode: what the service runs on, and what the instance needs
 /// besides.
@@ -42,6 +48,34 @@ struct Mode {
     backends: Backends,
     ops: Arc<dyn Ops>,
     heartbeat: Option<(Redis, Keys)>,
+    /// With peer regions: what they may ask of this one, and how this one pulls from them.
+    regions: Option<(RegionApi, Replication)>,
+}
+
+/// What the replicators (one per peer region) run on; started once the state exists.
+struct Replication {
+    peers: Vec<Arc<PeerClient>>,
+    redis: Redis,
+    keys: Keys,
+}
+
+/// Clients for the peer regions' internal APIs (their CA read once, its file named on error).
+fn peer_clients(c: &ClusterConfig, tokens: Arc<InternalTokens>) -> anyhow::Result<Vec<Arc<PeerClient>>> {
+    let ca = match &c.region_ca_file {
+        None => None,
+        Some(path) => {
+            let pem =
+                std::fs::read(path).with_context(|| format!("reading CHATMESH_REGION_CA_FILE {}", path.display()))?;
+            Some(
+                reqwest::Certificate::from_pem(&pem)
+                    .with_context(|| format!("CHATMESH_REGION_CA_FILE {} is not a PEM certificate", path.display()))?,
+            )
+        }
+    };
+    c.peers
+        .iter()
+        .map(|p| Ok(Arc::new(PeerClient::new(&p.name, &p.url, tokens.clone(), c.region_timeout, ca.as_ref())?)))
+        .collect()
 }
 
 fn embedded_mode(
@@ -50,6 +84,7 @@ fn embedded_mode(
     breakers: Arc<Breakers>,
     budgets: Budgets,
     sessions: Arc<LocalRevokedSessions>,
+    region: &str,
 ) -> Mode {
     let fanout = Arc::new(LocalFanout::new(io));
     Mode {
@@ -64,9 +99,12 @@ fn embedded_mode(
             caches: Arc::new(Caches::default()),
             throttle: Arc::new(LocalThrottle::new(budgets)),
             sessions,
+            regions: Arc::new(Regions::single(region)),
+            outbox: Arc::new(NoOutbox),
         },
         ops: Arc::new(LocalOps { store, breakers }),
         heartbeat: None,
+        regions: None,
     }
 }
 
@@ -76,7 +114,7 @@ async fn cluster_mode(
     store: Arc<dyn Store>,
     io: Io,
     breakers: Arc<Breakers>,
-    instance_id: &str,
+    (instance_id, region): (&str, &str),
     budgets: Budgets,
 ) -> anyhow::Result<Mode> {
     let l2 = RedisSharedCache { redis: redis.clone(), prefix: c.prefix.clone() };
@@ -84,6 +122,26 @@ async fn cluster_mode(
     crate::ops::warn_without_persistence(&redis).await;
     let keys = Keys::new(&c.prefix, c.shards);
     let seal = Seal::from_secret(&c.secret);
+    let peers = peer_clients(c, Arc::new(InternalTokens::new(&c.secret, instance_id)))?;
+    let regions = if peers.is_empty() {
+        None
+    } else {
+        let api = RegionApi {
+            outbox: Arc::new(OutboxServer::new(redis.clone(), keys.clone())),
+            applier: Arc::new(Applier {
+                redis: redis.clone(),
+                keys: keys.clone(),
+                store: store.clone(),
+                script: redis::Script::new(&apply_script(&seal)),
+            }),
+            peers: peers.clone(),
+            redis: redis.clone(),
+            keys: keys.clone(),
+        };
+        Some((api, Replication { peers: peers.clone(), redis: redis.clone(), keys: keys.clone() }))
+    };
+    let elsewhere: Option<Arc<dyn HoldElsewhere>> = (c.ack_level == AckLevel::Region)
+        .then(|| Arc::new(PeersHold { peers: peers.clone(), timeout: c.region_timeout }) as Arc<dyn HoldElsewhere>);
     let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let fanout = RedisFanout::start(
         io,
@@ -105,6 +163,8 @@ async fn cluster_mode(
             dedupe_ttl: c.dedupe_ttl,
             backlog_limit: c.backlog_limit,
             seal,
+            outbox_len: regions.is_some().then_some(c.region_outbox_len),
+            elsewhere,
         },
         breakers.clone(),
     );
@@ -118,7 +178,7 @@ async fn cluster_mode(
             SyncConfig {
                 claim_idle: c.claim_idle,
                 linger: c.sync_linger,
-                wait_replicas: u32::from(matches!(c.ack_level, AckLevel::Replica)),
+                wait_replicas: u32::from(c.ack_level.waits_for_replica()),
                 ..SyncConfig::default()
             },
         )
@@ -134,7 +194,7 @@ async fn cluster_mode(
             revocations: Arc::new(RedisRevocations {
                 redis: redis.clone(),
                 keys: keys.clone(),
-                wait_replica: matches!(c.ack_level, AckLevel::Replica).then_some(Duration::from_secs(1)),
+                wait_replica: c.ack_level.waits_for_replica().then_some(Duration::from_secs(1)),
             }),
             delivery: fanout.clone(),
             notices: fanout.clone(),
@@ -143,9 +203,20 @@ async fn cluster_mode(
             caches,
             throttle: Arc::new(RedisThrottle::new(redis.clone(), keys.clone(), budgets)),
             sessions: Arc::new(RedisRevokedSessions { redis: redis.clone(), keys: keys.clone() }),
+            regions: Arc::new(if peers.is_empty() {
+                Regions::single(region)
+            } else {
+                Regions::from_clients(region, peers)
+            }),
+            outbox: if regions.is_some() {
+                Arc::new(RedisOutbox { redis: redis.clone(), keys: keys.clone(), len: c.region_outbox_len })
+            } else {
+                Arc::new(NoOutbox)
+            },
         },
         ops: Arc::new(RedisOps { store, redis: redis.clone(), keys: keys.clone(), fanout, sync: stats, breakers }),
         heartbeat: Some((redis, keys)),
+        regions,
     })
 }
 
@@ -198,11 +269,20 @@ impl Application {
         let mode = match &config.cluster {
             None => {
                 let sessions = Arc::new(LocalRevokedSessions::open(&config.store.data_dir())?);
-                embedded_mode(store, io.clone(), breakers.clone(), budgets, sessions)
+                embedded_mode(store, io.clone(), breakers.clone(), budgets, sessions, &config.region)
             }
             Some(cluster) => {
                 let redis = Redis::connect(cluster.redis.clone()).await?;
-                cluster_mode(cluster, redis, store, io.clone(), breakers.clone(), &instance_id, budgets).await?
+                cluster_mode(
+                    cluster,
+                    redis,
+                    store,
+                    io.clone(),
+                    breakers.clone(),
+                    (&instance_id, &config.region),
+                    budgets,
+                )
+                .await?
             }
         };
         let svc = ChatService::new(
@@ -215,8 +295,18 @@ impl Application {
                 typing_rate_per_sec: config.typing_rate_per_sec,
                 room_change_rate_per_min: config.room_change_rate_per_min,
                 password_hash_queue: config.password_hash_queue,
+                hlc_max_ahead: config
+                    .cluster
+                    .as_ref()
+                    .map(|c| c.hlc_max_ahead)
+                    .unwrap_or(std::time::Duration::from_millis(500)),
             },
         );
+        let (region_api, replication) = match mode.regions {
+            Some((api, replication)) => (Some(api), Some(replication)),
+            None => (None, None),
+        };
+        let applier = region_api.as_ref().map(|a| a.applier.clone());
         let state = Arc::new(AppState {
             svc,
             config,
@@ -229,7 +319,21 @@ impl Application {
             inflight: TaskTracker::new(),
             ops: mode.ops,
             internal,
+            regions: region_api,
         });
+        if let (Some(r), Some(applier)) = (replication, applier) {
+            for peer in r.peers {
+                let replicator = Replicator::new(
+                    peer,
+                    r.redis.clone(),
+                    r.keys.clone(),
+                    applier.clone(),
+                    state.instance_id.clone(),
+                    state.clone(),
+                );
+                Arc::new(replicator).spawn();
+            }
+        }
         if let Some((redis, keys)) = mode.heartbeat {
             let hb_state = state.clone();
             cluster::spawn_heartbeat(

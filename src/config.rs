@@ -257,9 +257,33 @@ pub struct ServeArgs {
           action = clap::ArgAction::Set)]
     pub trust_proxy: bool,
     /// Cluster mode: when a send is acknowledged — `leader` (the Redis primary ran it) or
-    /// `replica` (WAIT 1: a replica has it too; survives losing the primary).
+    /// `replica` (WAIT 1: a replica has it too; survives losing the primary) or `region` (also
+    /// in another region's Redis; survives losing the home region).
     #[arg(long, env = "CHATMESH_ACK_LEVEL", value_name = "CHATMESH_ACK_LEVEL", default_value = "leader")]
     pub ack_level: AckLevel,
+    /// Cluster mode: the other regions and where their internal API answers, as
+    /// `b=https://lb-b.internal:5443,c=...`; unset means a single region.
+    #[arg(long, env = "CHATMESH_PEER_REGIONS", value_name = "CHATMESH_PEER_REGIONS")]
+    pub peer_regions: Option<String>,
+    /// Regions: how long a request forwarded to a room's home region may take before the answer
+    /// is `unavailable` (also the bound on a send at ack level `region`).
+    #[arg(long, env = "CHATMESH_REGION_TIMEOUT_MS", value_name = "CHATMESH_REGION_TIMEOUT_MS",
+          default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub region_timeout_ms: u64,
+    /// Regions: PEM file of the CA that signs the peer regions' internal certificates (https
+    /// peers), instead of the OS trust store.
+    #[arg(long, env = "CHATMESH_REGION_CA_FILE", value_name = "CHATMESH_REGION_CA_FILE")]
+    pub region_ca_file: Option<PathBuf>,
+    /// Regions: outbox entries kept per shard for the peer regions to pull (a peer away longer
+    /// than that fills the rooms' gaps from their home's history instead).
+    #[arg(long, env = "CHATMESH_REGION_OUTBOX_LEN", value_name = "CHATMESH_REGION_OUTBOX_LEN",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+    pub region_outbox_len: u64,
+    /// Regions: how far ahead of this instance's clock a peer's hybrid-logical-clock timestamp
+    /// may be before the change is refused (and counted).
+    #[arg(long, env = "CHATMESH_HLC_MAX_AHEAD_MS", value_name = "CHATMESH_HLC_MAX_AHEAD_MS",
+          default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub hlc_max_ahead_ms: u64,
     /// Cluster mode: prefix of every Redis key and channel (several clusters can share a Redis).
     #[arg(long, env = "CHATMESH_REDIS_PREFIX", value_name = "CHATMESH_REDIS_PREFIX", default_value = "cm")]
     pub redis_prefix: String,
@@ -299,6 +323,15 @@ pub enum AckLevel {
     Leader,
     /// At least one replica has it too (`WAIT 1`): survives the loss of the primary.
     Replica,
+    /// As `replica`, and another region's Redis holds it too: survives the loss of the region.
+    Region,
+}
+
+impl AckLevel {
+    /// Whether a replica of the Redis primary must hold a send before its ack.
+    pub fn waits_for_replica(self) -> bool {
+        matches!(self, Self::Replica | Self::Region)
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,6 +482,51 @@ pub struct ClusterConfig {
     pub sync_worker: bool,
     /// CHATMESH_CLUSTER_SECRET: the root of the keys instances trust each other by (pub/sub seals).
     pub secret: Secret,
+    /// The other regions (empty: a single region).
+    pub peers: Vec<PeerRegion>,
+    pub region_timeout: Duration,
+    pub region_ca_file: Option<PathBuf>,
+    pub region_outbox_len: u64,
+    pub hlc_max_ahead: Duration,
+}
+
+/// Another region: its name and the base URL of its internal API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRegion {
+    pub name: String,
+    pub url: String,
+}
+
+/// A region name: what `CHATMESH_REGION` and `home_region` hold.
+pub fn valid_region_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Parses `CHATMESH_PEER_REGIONS` (`b=https://host:port,c=...`).
+pub fn parse_peers(value: &str, own: &str) -> Result<Vec<PeerRegion>, String> {
+    let mut peers: Vec<PeerRegion> = Vec::new();
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, url) = item.split_once('=').ok_or_else(|| format!("`{item}` is not region=URL"))?;
+        let (name, url) = (name.trim(), url.trim().trim_end_matches('/'));
+        if !valid_region_name(name) {
+            return Err(format!("`{name}` is not a region name (1..=64 of a-z, 0-9, - and _)"));
+        }
+        if name == own {
+            return Err(format!("`{name}` is this instance's own region (CHATMESH_REGION)"));
+        }
+        if peers.iter().any(|p| p.name == name) {
+            return Err(format!("region `{name}` is listed twice"));
+        }
+        let parsed = url::Url::parse(url).map_err(|e| format!("`{url}`: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(format!("`{url}` must be an http:// or https:// URL with a host"));
+        }
+        peers.push(PeerRegion { name: name.to_string(), url: url.to_string() });
+    }
+    if peers.is_empty() {
+        return Err("lists no region".into());
+    }
+    Ok(peers)
 }
 
 /// A setting that cannot be used; `Display` is the one line printed before exiting.
@@ -533,6 +611,13 @@ impl Config {
                 if args.redis_prefix.is_empty() || args.redis_prefix.contains(['{', '}', ' ']) {
                     return Err(invalid("CHATMESH_REDIS_PREFIX", "must be non-empty, without braces or spaces"));
                 }
+                let peers = match &args.peer_regions {
+                    None => Vec::new(),
+                    Some(v) => parse_peers(v, &args.region).map_err(|r| invalid("CHATMESH_PEER_REGIONS", r))?,
+                };
+                if args.ack_level == AckLevel::Region && peers.is_empty() {
+                    return Err(invalid("CHATMESH_ACK_LEVEL", "`region` needs CHATMESH_PEER_REGIONS"));
+                }
                 Some(ClusterConfig {
                     redis,
                     prefix: args.redis_prefix.clone(),
@@ -544,11 +629,19 @@ impl Config {
                     sync_linger: Duration::from_millis(args.sync_linger_ms),
                     sync_worker: args.sync_worker,
                     secret,
+                    peers,
+                    region_timeout: Duration::from_millis(args.region_timeout_ms),
+                    region_ca_file: args.region_ca_file.clone(),
+                    region_outbox_len: args.region_outbox_len,
+                    hlc_max_ahead: Duration::from_millis(args.hlc_max_ahead_ms),
                 })
             }
         };
-        if args.region.is_empty() || args.region.len() > 64 {
-            return Err(invalid("CHATMESH_REGION", "must be 1..=64 characters"));
+        if !valid_region_name(&args.region) {
+            return Err(invalid("CHATMESH_REGION", "must be 1..=64 of a-z, A-Z, 0-9, - and _"));
+        }
+        if args.redis_url.is_none() && args.peer_regions.is_some() {
+            return Err(invalid("CHATMESH_PEER_REGIONS", "needs cluster mode (CHATMESH_REDIS_URL)"));
         }
         if let Some(id) = &args.instance_id
             && (id.is_empty() || id.len() > 128)

@@ -80,6 +80,29 @@ impl ApiError {
         v
     }
 
+    /// The error another instance answered with (`body` as [`Self::body`] makes it), so that a
+    /// forwarded request fails here as it failed there.
+    pub fn from_wire(status: u16, body: &Value) -> Self {
+        let error = &body["error"];
+        let message = error["message"].as_str().unwrap_or("the room's home region refused the request").to_string();
+        match error["code"].as_str().unwrap_or("") {
+            "validation_failed" => Self::Validation(message),
+            "forbidden" => Self::Forbidden(message),
+            "not_found" => Self::NotFound(message),
+            "conflict" => Self::Conflict(message),
+            "payload_too_large" => Self::Validation(message),
+            "rate_limited" => {
+                Self::RateLimited { retry_after: Duration::from_secs(error["retry_after_secs"].as_u64().unwrap_or(1)) }
+            }
+            "unavailable" => Self::Unavailable(message),
+            // Our token or address refused, or an answer we cannot read: not the client's fault.
+            code => {
+                tracing::warn!(status, code, "a peer region refused an internal request");
+                Self::Unavailable("the room's home region refused this instance's request; retry later".into())
+            }
+        }
+    }
+
     pub fn validation(msg: impl Into<String>) -> Self {
         Self::Validation(msg.into())
     }
@@ -141,5 +164,23 @@ mod tests {
         let r = ApiError::RateLimited { retry_after: Duration::from_millis(200) }.into_response();
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[test]
+    fn a_peers_error_comes_back_as_itself() {
+        for e in [
+            ApiError::validation("bad"),
+            ApiError::not_member(),
+            ApiError::room_not_found(),
+            ApiError::Conflict("taken".into()),
+            ApiError::Unavailable("later".into()),
+            ApiError::RateLimited { retry_after: Duration::from_secs(3) },
+        ] {
+            assert_eq!(ApiError::from_wire(e.status().as_u16(), &e.body()), e);
+        }
+        // A refused internal token is this deployment's problem, not the client's.
+        let refused = ApiError::Unauthorized("invalid internal token".into());
+        assert_eq!(ApiError::from_wire(401, &refused.body()).code(), "unavailable");
+        assert_eq!(ApiError::from_wire(502, &json!("garbage")).code(), "unavailable");
     }
 }

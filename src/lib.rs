@@ -25,6 +25,7 @@
 //! - [`app`]: `Application::build` wires one mode and `run_until_stopped` serves it.
 //! - [`listener`]: the accept loop in front of the router: TLS (reloaded on SIGHUP), connection
 //!   caps and the slow-client timeouts.
+//! - [`region`]: several regions active-active: forwarding to a room's home, replication.
 //! - [`backup`]: `chatmesh backup` / `chatmesh restore` (streamed JSON Lines, any backend).
 
 pub mod api;
@@ -47,6 +48,7 @@ pub mod presence;
 pub mod ratelimit;
 pub mod realtime;
 pub mod redis_io;
+pub mod region;
 pub mod revocation;
 pub mod sequencer;
 pub mod service;

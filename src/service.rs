@@ -14,8 +14,10 @@ pub use crate::history::Cursor;
 use crate::history::History;
 use crate::metrics as m;
 use crate::ratelimit::RateLimiter;
+use crate::region::hlc::Hlc;
+use crate::region::{ForwardedSend, Outbox, Peer, Regions, Replicated};
 use crate::revocation::Revocations;
-use crate::sequencer::{SendOutcome, Sequencer};
+use crate::sequencer::{Receipt, SendOutcome, Sequencer};
 use crate::sessions::{Ended, RevokedSessions};
 use crate::store::{Member, NewRoom, NewUser, RoomPatch, SendRequest, Store, UserPatch};
 use crate::telemetry;
@@ -27,6 +29,15 @@ pub const DEFAULT_PAGE: u32 = 50;
 pub const MAX_PAGE: u32 = 500;
 /// Public rooms listed by `GET /rooms?scope=public`.
 const PUBLIC_ROOMS_LIMIT: u32 = 500;
+
+/// A membership change forwarded to the room's home: `by` is the owner for an invitation.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct MemberChange {
+    pub room_id: String,
+    pub user_id: String,
+    #[serde(default)]
+    pub by: Option<String>,
+}
 
 /// The answer to a send.
 pub struct Sent {
@@ -76,6 +87,10 @@ pub struct ChatService {
     /// L1 caches; evicted here and on every instance through `evictions`.
     caches: Arc<Caches>,
     sessions: Arc<dyn RevokedSessions>,
+    regions: Arc<Regions>,
+    outbox: Arc<dyn Outbox>,
+    /// Versions of profile and room changes (per-field last-writer-wins across regions).
+    hlc: Hlc,
 }
 
 /// The mode's implementations the service runs on.
@@ -92,6 +107,10 @@ pub struct Backends {
     pub throttle: Arc<dyn Throttle>,
     /// Tokens revoked by a logout or a password change.
     pub sessions: Arc<dyn RevokedSessions>,
+    /// This region and the others (rooms homed elsewhere are decided there).
+    pub regions: Arc<Regions>,
+    /// What this region decided, for the other regions.
+    pub outbox: Arc<dyn Outbox>,
 }
 
 /// Rate limits from the configuration.
@@ -104,6 +123,8 @@ pub struct Limits {
     pub room_change_rate_per_min: u32,
     /// Logins and registrations that may wait for a password-hashing slot.
     pub password_hash_queue: usize,
+    /// How far ahead of this clock another region's change versions may be.
+    pub hlc_max_ahead: Duration,
 }
 
 /// A per-user bucket of `rate` a second that allows bursts of ten times that.
@@ -122,6 +143,7 @@ pub fn clamp_limit(limit: Option<i64>) -> ApiResult<u32> {
 
 impl ChatService {
     pub fn new(backends: Backends, tokens: Tokens, region: String, limits: Limits) -> Self {
+        let hlc = Hlc::new(&region, limits.hlc_max_ahead);
         let Backends {
             store,
             sequencer,
@@ -133,6 +155,8 @@ impl ChatService {
             caches,
             throttle,
             sessions,
+            regions,
+            outbox,
         } = backends;
         let send = f64::from(limits.send_rate_per_sec);
         Self {
@@ -156,6 +180,9 @@ impl ChatService {
             throttle,
             caches,
             sessions,
+            regions,
+            outbox,
+            hlc,
         }
     }
 
@@ -277,7 +304,8 @@ impl ChatService {
     async fn end_sessions(&self, user_id: &str, ended: Ended) -> ApiResult<()> {
         self.sessions.revoke(user_id, &ended, self.tokens.ttl()).await?;
         self.delivery.end_sessions(user_id, &ended).await;
-        Ok(())
+        // The other regions check tokens against their own Redis: a logout must reach them.
+        self.outbox.record(Replicated::SessionsEnded { user_id: user_id.to_string(), ended }).await
     }
 
     /// Checks the current password (within the account's login-failure budget), stores the new
@@ -330,9 +358,12 @@ impl ChatService {
         self.delivery.watch_room(room_id).await
     }
 
-    pub async fn update_me(&self, user_id: &UserId, patch: UserPatch) -> ApiResult<User> {
+    pub async fn update_me(&self, user_id: &UserId, mut patch: UserPatch) -> ApiResult<User> {
+        patch.version = self.hlc.version();
+        let version = patch.version.clone();
         let user = self.store.update_user(user_id, patch, Timestamp::now()).await?;
         self.changed(Invalidation::User { id: user_id.to_string() }).await;
+        self.tell_regions(Replicated::UserChanged { user_id: user_id.to_string(), version }).await;
         let rooms = self.store.room_ids_of_user(user_id).await?;
         self.notices.user_updated(&user, &rooms).await;
         Ok(user)
@@ -474,14 +505,17 @@ impl ChatService {
         self.room_or_404(room_id).await
     }
 
-    pub async fn update_room(&self, user_id: &UserId, room_id: &RoomId, patch: RoomPatch) -> ApiResult<Room> {
+    pub async fn update_room(&self, user_id: &UserId, room_id: &RoomId, mut patch: RoomPatch) -> ApiResult<Room> {
         self.check_change_rate(user_id)?;
         let room = self.room_meta(room_id).await?;
         if room.owner_id != user_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may change the room".into()));
         }
+        patch.version = self.hlc.version();
+        let version = patch.version.clone();
         let room = self.current_room(self.store.update_room(room_id, patch, Timestamp::now()).await?).await?;
         self.changed(Invalidation::Room { id: room_id.to_string() }).await;
+        self.tell_regions(Replicated::RoomChanged { room_id: room_id.to_string(), version }).await;
         self.notices.room_updated(&room).await;
         Ok(room)
     }
@@ -489,6 +523,17 @@ impl ChatService {
     /// Joins a public room (idempotent); a private room only for existing members.
     pub async fn join_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
         self.check_read_rate(user_id)?;
+        if let Some(peer) = self.remote_home(room_id).await? {
+            let req = MemberChange { room_id: room_id.to_string(), user_id: user_id.to_string(), by: None };
+            let room: Room = peer.client.call("join", "/join", &req).await?;
+            self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
+            return Ok(room);
+        }
+        self.join_at_home(user_id, room_id).await
+    }
+
+    /// A join decided here (the room's home), for this region or forwarded by another.
+    pub async fn join_at_home(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
         let room = self.room_meta(room_id).await?;
         if self.is_member(room_id, user_id).await? {
             return self.room_or_404(room_id).await;
@@ -498,13 +543,33 @@ impl ChatService {
         }
         self.store.add_member(room_id, user_id, Timestamp::now()).await?;
         self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
+        self.tell_regions(Replicated::Joined { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
         self.room_or_404(room_id).await
     }
 
     pub async fn leave_room(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<()> {
         self.check_change_rate(user_id)?;
+        if let Some(peer) = self.remote_home(room_id).await? {
+            let req = MemberChange { room_id: room_id.to_string(), user_id: user_id.to_string(), by: None };
+            peer.client.call::<_, serde_json::Value>("leave", "/leave", &req).await?;
+            // The home stopped its own delivery and refuses the user's sends from now on; this
+            // region's sockets stop here, before the answer (the home's outbox tells the others).
+            return self.left_here(room_id, user_id).await;
+        }
+        self.leave_at_home(user_id, room_id).await
+    }
+
+    /// A leave decided here (the room's home).
+    pub async fn leave_at_home(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<()> {
         self.room_meta(room_id).await?;
         self.store.remove_member(room_id, user_id).await?;
+        self.left_here(room_id, user_id).await?;
+        // Not answered as done until every other region will hear of it.
+        self.outbox.record(Replicated::Left { room_id: room_id.to_string(), user_id: user_id.to_string() }).await
+    }
+
+    /// A leave's effects in this region: cached memberships refused, delivery stopped.
+    async fn left_here(&self, room_id: &RoomId, user_id: &UserId) -> ApiResult<()> {
         // Even when the store had no membership: a leave retried after the bump failed must bump.
         self.revocations.revoke(room_id, user_id).await?;
         self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
@@ -513,6 +578,21 @@ impl ChatService {
 
     pub async fn add_member(&self, owner_id: &UserId, room_id: &RoomId, new_member: &UserId) -> ApiResult<()> {
         self.check_change_rate(owner_id)?;
+        if let Some(peer) = self.remote_home(room_id).await? {
+            let req = MemberChange {
+                room_id: room_id.to_string(),
+                user_id: new_member.to_string(),
+                by: Some(owner_id.to_string()),
+            };
+            peer.client.call::<_, serde_json::Value>("add_member", "/members", &req).await?;
+            self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: new_member.to_string() }).await;
+            return Ok(());
+        }
+        self.add_member_at_home(owner_id, room_id, new_member).await
+    }
+
+    /// An invitation decided here (the room's home).
+    pub async fn add_member_at_home(&self, owner_id: &UserId, room_id: &RoomId, new_member: &UserId) -> ApiResult<()> {
         let room = self.room_meta(room_id).await?;
         if room.owner_id != owner_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may add members".into()));
@@ -520,6 +600,7 @@ impl ChatService {
         self.user(new_member).await?;
         self.store.add_member(room_id, new_member, Timestamp::now()).await?;
         self.changed(Invalidation::Member { room_id: room_id.to_string(), user_id: new_member.to_string() }).await;
+        self.tell_regions(Replicated::Joined { room_id: room_id.to_string(), user_id: new_member.to_string() }).await;
         Ok(())
     }
 
@@ -558,25 +639,66 @@ impl ChatService {
         let receipt = {
             let _turn = turn;
             self.send_limiter.check(sender_id).map_err(|wait| Self::limited("send", wait))?;
-            let Some(membership) = self.membership_for_send(room_id, sender_id).await? else {
-                self.room_meta(room_id).await?;
-                return Err(ApiError::not_member());
-            };
-            self.sequencer
-                .submit(SendRequest {
-                    message_id: new_id(),
+            if let Some(peer) = self.remote_home(room_id).await? {
+                let send = ForwardedSend {
+                    user_id: sender_id.to_string(),
                     room_id: room_id.to_string(),
-                    sender_id: sender_id.to_string(),
                     client_msg_id: client_msg_id.into_inner(),
                     body: body.into_inner(),
-                    created_at: Timestamp::now(),
                     trace: trace.clone(),
-                    membership,
-                })
-                .instrument(span.clone())
-                .await?
+                };
+                let answer = peer.sends.submit(send).await?;
+                drop(_turn);
+                let (message, created) =
+                    answer.await.map_err(|_| ApiError::Unavailable("forwarding stopped".into()))??;
+                if created {
+                    m::TOTALS.accepted(1);
+                }
+                return Ok(Sent { message, created, trace });
+            }
+            self.submit_at_home(sender_id, room_id, client_msg_id, body, &trace).instrument(span.clone()).await?
         };
-        let outcome = match receipt.instrument(span).await {
+        self.settle(receipt, room_id, sender_id, trace).instrument(span).await
+    }
+
+    /// Queues a send to a room homed here, for this region or forwarded by another (whose
+    /// instance applied the sender's rate limit). Sends queued one after another are sequenced
+    /// in that order.
+    pub async fn submit_at_home(
+        &self,
+        sender_id: &UserId,
+        room_id: &RoomId,
+        client_msg_id: ClientMsgId,
+        body: MessageBody,
+        trace: &str,
+    ) -> ApiResult<Receipt> {
+        let Some(membership) = self.membership_for_send(room_id, sender_id).await? else {
+            self.room_meta(room_id).await?;
+            return Err(ApiError::not_member());
+        };
+        self.sequencer
+            .submit(SendRequest {
+                message_id: new_id(),
+                room_id: room_id.to_string(),
+                sender_id: sender_id.to_string(),
+                client_msg_id: client_msg_id.into_inner(),
+                body: body.into_inner(),
+                created_at: Timestamp::now(),
+                trace: trace.to_string(),
+                membership,
+            })
+            .await
+    }
+
+    /// The answer to a send once its receipt completes.
+    pub async fn settle(
+        &self,
+        receipt: Receipt,
+        room_id: &RoomId,
+        sender_id: &UserId,
+        trace: String,
+    ) -> ApiResult<Sent> {
+        let outcome = match receipt.await {
             Err(ApiError::MembershipRevoked) => return Err(self.revoked(room_id, sender_id).await),
             other => other?,
         };
@@ -600,6 +722,68 @@ impl ChatService {
         self.check_read_rate(user_id)?;
         self.visible_room(user_id, room_id).await?;
         self.page(room_id, cursor, limit).await
+    }
+
+    // ---- regions ----
+
+    /// The peer region that decides the room's order and membership, when it is not this one.
+    async fn remote_home(&self, room_id: &RoomId) -> ApiResult<Option<&Peer>> {
+        if !self.regions.has_peers() {
+            return Ok(None);
+        }
+        let room = self.room_meta(room_id).await?;
+        self.regions.home_of(&room.home_region)
+    }
+
+    /// Records a change the other regions only need to hear of eventually (their caches expire).
+    async fn tell_regions(&self, change: Replicated) {
+        if let Err(e) = self.outbox.record(change).await {
+            tracing::warn!(error = %e, "a change was not recorded for the other regions (their caches expire)");
+        }
+    }
+
+    /// Moves this region's clock past another region's change (unless its clock is too far
+    /// ahead: then counted and not merged; the store still holds the change, by its version).
+    fn observe(&self, version: &str) {
+        if let Err(ahead) = self.hlc.observe(version) {
+            let peer = crate::region::hlc::parse_version(version).map(|(_, r)| r.to_string()).unwrap_or_default();
+            metrics::counter!(m::HLC_REFUSED, "peer" => peer.clone()).increment(1);
+            tracing::warn!(peer = %peer, ahead_ms = ahead.ahead_ms, "a region's clock is ahead of ours past CHATMESH_HLC_MAX_AHEAD_MS");
+        }
+    }
+
+    /// Takes a change another region decided into this one.
+    pub async fn apply_replicated(&self, change: Replicated) -> ApiResult<()> {
+        match change {
+            Replicated::Left { room_id, user_id } => {
+                self.left_here(&RoomId::from(room_id.as_str()), &UserId::from(user_id.as_str())).await
+            }
+            Replicated::Joined { room_id, user_id } => {
+                self.changed(Invalidation::Member { room_id, user_id }).await;
+                Ok(())
+            }
+            Replicated::RoomChanged { room_id, version } => {
+                self.observe(&version);
+                self.changed(Invalidation::Room { id: room_id.clone() }).await;
+                let room = self.room_or_404(&RoomId::from(room_id.as_str())).await?;
+                self.notices.room_updated(&room).await;
+                Ok(())
+            }
+            Replicated::UserChanged { user_id, version } => {
+                self.observe(&version);
+                self.changed(Invalidation::User { id: user_id.clone() }).await;
+                let id = UserId::from(user_id.as_str());
+                let user = self.user(&id).await?;
+                let rooms = self.store.room_ids_of_user(&id).await?;
+                self.notices.user_updated(&user, &rooms).await;
+                Ok(())
+            }
+            Replicated::SessionsEnded { user_id, ended } => {
+                self.sessions.revoke(&user_id, &ended, self.tokens.ttl()).await?;
+                self.delivery.end_sessions(&user_id, &ended).await;
+                Ok(())
+            }
+        }
     }
 
     /// A page of history, without permission checks (the caller made them).

@@ -47,6 +47,18 @@ pub struct AppState {
     pub ops: Arc<dyn Ops>,
     /// Internal tokens (cluster mode): issued to call other instances, checked on `/internal/v1`.
     pub internal: Option<crate::internal::InternalTokens>,
+    /// What other regions may ask of this one (only with peer regions).
+    pub regions: Option<RegionApi>,
+}
+
+/// The pieces the `/internal/v1/regions` endpoints serve from.
+pub struct RegionApi {
+    pub outbox: Arc<crate::region::replicator::OutboxServer>,
+    pub applier: Arc<crate::region::apply::Applier>,
+    pub peers: Vec<Arc<crate::region::PeerClient>>,
+    /// Where the replicators note how far they are (for the cluster view).
+    pub redis: crate::redis_io::Redis,
+    pub keys: crate::redis_io::Keys,
 }
 
 impl AppState {

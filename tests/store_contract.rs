@@ -194,6 +194,50 @@ pub async fn rooms_and_listing(s: Arc<dyn Store>) {
     assert!(s.room(&as_room("nope")).await.unwrap().is_none());
 }
 
+/// Per-field last-writer-wins: a versioned change applies to a field only if its version is
+/// greater than that of the field's last write, whatever order the changes arrive in; fields are
+/// versioned independently; an unversioned change applies and keeps the field's version.
+pub async fn versioned_changes_converge(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let (v1, v2, v3) = ("0000000000000001-b", "0000000000000002-a", "0000000000000002-b");
+    let patch = |name: Option<&str>, topic: Option<&str>, version: &str| RoomPatch {
+        name: name.map(str::to_string),
+        topic: topic.map(str::to_string),
+        version: version.to_string(),
+    };
+    let room = &as_room(&r);
+    // The newer name arrives first; the older one, arriving later, loses.
+    let got = s.update_room(room, patch(Some("newer"), None, v2), Timestamp(10)).await.unwrap();
+    assert_eq!(got.name, "newer");
+    let got = s.update_room(room, patch(Some("older"), Some("topic from v1"), v1), Timestamp(11)).await.unwrap();
+    assert_eq!((got.name.as_str(), got.topic.as_str()), ("newer", "topic from v1"), "the topic had no newer write");
+    // Same timestamp, another region: the region id breaks the tie.
+    let got = s.update_room(room, patch(Some("tie, region b"), None, v3), Timestamp(12)).await.unwrap();
+    assert_eq!(got.name, "tie, region b");
+    let got = s.update_room(room, patch(Some("tie, region a"), None, v2), Timestamp(13)).await.unwrap();
+    assert_eq!(got.name, "tie, region b");
+    assert_eq!(s.room(room).await.unwrap().unwrap().name, "tie, region b");
+    // Unversioned (single-region) writes apply, and do not reset the field's version.
+    let got = s.update_room(room, patch(Some("plain"), None, ""), Timestamp(14)).await.unwrap();
+    assert_eq!(got.name, "plain");
+    let got = s.update_room(room, patch(Some("old again"), None, v1), Timestamp(15)).await.unwrap();
+    assert_eq!(got.name, "plain");
+
+    let user = &as_user(&a);
+    let up = |display: &str, version: &str| UserPatch {
+        display_name: Some(display.to_string()),
+        version: version.to_string(),
+        ..Default::default()
+    };
+    s.update_user(user, up("second", v2), Timestamp(20)).await.unwrap();
+    let got = s.update_user(user, up("first", v1), Timestamp(21)).await.unwrap();
+    assert_eq!(got.display_name, "second");
+    let status = UserPatch { status_text: Some("away".into()), version: v1.into(), ..Default::default() };
+    let got = s.update_user(user, status, Timestamp(22)).await.unwrap();
+    assert_eq!((got.display_name.as_str(), got.status_text.as_str()), ("second", "away"));
+}
+
 pub async fn membership(s: Arc<dyn Store>) {
     let a = user(&*s, 1).await;
     let b = user(&*s, 2).await;
@@ -621,7 +665,7 @@ macro_rules! contract_suite {
     };
     (@shared $factory:path) => {
         contract_suite!(@cases $factory;
-            users_round_trip, rooms_and_listing, membership,
+            users_round_trip, rooms_and_listing, versioned_changes_converge, membership,
             append_assigns_gap_free_seqs_and_dedupes, concurrent_appends_never_share_a_seq,
             upsert_is_idempotent, paging, export_pages_respect_limit_and_resume,
             import_keeps_everything_and_is_idempotent);

@@ -32,6 +32,14 @@ pub async fn guard(State(state): State<Arc<AppState>>, mut req: Request, next: N
     let (mut parts, body) = req.into_parts();
     let token = bearer(&parts).ok_or_else(|| ApiError::Unauthorized("invalid internal token".into()))?;
     let caller = tokens.verify(token)?;
+    let deadline = parts.headers.get(crate::region::client::DEADLINE_HEADER);
+    if let Some(deadline) = deadline.and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<i64>().ok())
+        && crate::domain::Timestamp::now().0 > deadline
+    {
+        metrics::counter!(crate::metrics::REGION_FORWARDED, "peer" => caller, "op" => "late", "outcome" => "refused")
+            .increment(1);
+        return Err(ApiError::Unavailable("the request arrived after its caller stopped waiting".into()));
+    }
     parts.extensions.insert(Caller(caller));
     req = Request::from_parts(parts, body);
     Ok(next.run(req).await)

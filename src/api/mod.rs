@@ -6,6 +6,7 @@ pub mod extract;
 mod internal;
 mod messages;
 mod ops;
+mod regions;
 mod rooms;
 mod users;
 
@@ -42,6 +43,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 
     let internal = Router::new()
         .route("/ping", get(internal::ping))
+        .route("/regions/sends", post(regions::sends))
+        .route("/regions/join", post(regions::join))
+        .route("/regions/leave", post(regions::leave))
+        .route("/regions/members", post(regions::add_member))
+        .route("/regions/messages", post(regions::messages))
+        .route("/regions/outbox", post(regions::outbox))
+        .route("/regions/hold", post(regions::hold))
+        .route("/regions/view", post(regions::view))
         .route_layer(middleware::from_fn_with_state(state.clone(), internal::guard));
 
     Router::new()

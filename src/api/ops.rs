@@ -41,5 +41,8 @@ pub async fn cluster(State(state): State<Arc<AppState>>, parts: Parts) -> ApiRes
     let mut view = state.ops.cluster(me).await;
     view["instance_id"] = json!(state.instance_id);
     view["region"] = json!(state.config.region);
+    if let Some(api) = &state.regions {
+        view["regions"] = json!(crate::region::view::peers(api).await);
+    }
     Ok(Json(view))
 }

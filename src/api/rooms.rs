@@ -58,6 +58,7 @@ pub async fn update(
     let patch = RoomPatch {
         name: input.opt_str("name")?.map(RoomName::parse).transpose()?.map(|v| v.into_inner()),
         topic: input.opt_str("topic")?.map(Topic::parse).transpose()?.map(|v| v.into_inner()),
+        version: String::new(),
     };
     Ok(Json(state.svc.update_room(&uid, &id, patch).await?))
 }

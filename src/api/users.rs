@@ -31,6 +31,7 @@ pub async fn update_me(
         status_text: input.opt_str("status_text")?.map(StatusText::parse).transpose()?.map(|v| v.into_inner()),
         avatar_url: input.opt_str("avatar_url")?.map(AvatarUrl::parse).transpose()?.map(|v| v.into_inner()),
         password_hash: None,
+        version: String::new(),
     };
     Ok(Json(state.svc.update_me(&uid, patch).await?))
 }

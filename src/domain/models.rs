@@ -155,7 +155,7 @@ pub struct Message {
 }
 
 /// One page of history, ascending by seq.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryPage {
     pub messages: Vec<Message>,
     pub head_seq: i64,

@@ -33,8 +33,18 @@ pub const SOCKET_EVENTS: &str = "chatmesh_socket_events_total";
 pub const REDIS_REPLICAS: &str = "chatmesh_redis_connected_replicas";
 pub const REDIS_REPLICATION_LAG: &str = "chatmesh_redis_replication_lag_seconds";
 pub const REDIS_AOF_ENABLED: &str = "chatmesh_redis_aof_enabled";
-/// Multi-region replication lag per peer region (exported once regions replicate).
+/// Multi-region: how far behind a peer region's outbox this region's copy is, per peer.
 pub const REPLICATION_LAG: &str = "chatmesh_replication_lag_seconds";
+/// Multi-region: entries of a peer's outbox applied here, by peer and kind (message, event).
+pub const REPLICATION_APPLIED: &str = "chatmesh_replication_applied_total";
+/// Multi-region: replication failures, by peer and reason.
+pub const REPLICATION_ERRORS: &str = "chatmesh_replication_errors_total";
+/// Multi-region: requests forwarded to a room's home region, by peer, operation and outcome.
+pub const REGION_FORWARDED: &str = "chatmesh_region_forwarded_total";
+/// Multi-region: latency of requests forwarded to a room's home region, by peer and operation.
+pub const REGION_FORWARD_LATENCY: &str = "chatmesh_region_forward_latency_seconds";
+/// Multi-region: changes refused because their clock was too far ahead of ours, by peer.
+pub const HLC_REFUSED: &str = "chatmesh_hlc_refused_total";
 pub const BUILD_INFO: &str = "chatmesh_build_info";
 pub const TLS_RELOADS: &str = "chatmesh_tls_reloads_total";
 pub const HTTP_TIMEOUTS: &str = "chatmesh_http_timeouts_total";
@@ -74,6 +84,11 @@ pub const ALL: &[&str] = &[
     REDIS_REPLICATION_LAG,
     REDIS_AOF_ENABLED,
     REPLICATION_LAG,
+    REPLICATION_APPLIED,
+    REPLICATION_ERRORS,
+    REGION_FORWARDED,
+    REGION_FORWARD_LATENCY,
+    HLC_REFUSED,
     BUILD_INFO,
     TLS_RELOADS,
     HTTP_TIMEOUTS,

@@ -56,6 +56,31 @@ impl Keys {
         format!("{}:throttle:{budget}:{key}", self.prefix)
     }
 
+    /// Messages replicated from the room's home region that arrived before the one before them
+    /// (seq -> message JSON), applied once the gap is filled.
+    pub fn replica_pending(&self, room_id: &str) -> String {
+        format!("{}:room:{room_id}:pending", self.tag(room_id))
+    }
+    /// The outbox of a shard: what this region decided, for the other regions to pull.
+    pub fn outbox(&self, shard: u32) -> String {
+        format!("{}:{{s{shard}}}:outbox", self.prefix)
+    }
+    pub fn outbox_of(&self, id: &str) -> String {
+        self.outbox(shard_of(id, self.shards))
+    }
+    /// How far this region applied a peer region's outboxes (hash: shard -> stream id).
+    pub fn replication_cursor(&self, peer: &str) -> String {
+        format!("{}:repl:{peer}:cursor", self.prefix)
+    }
+    /// Up to when (Unix ms) this region holds everything the peer region appended.
+    pub fn replication_caught_up(&self, peer: &str) -> String {
+        format!("{}:repl:{peer}:caught_up", self.prefix)
+    }
+    /// Which instance of this region pulls the peer region's outboxes.
+    pub fn replication_lease(&self, peer: &str) -> String {
+        format!("{}:repl:{peer}:lease", self.prefix)
+    }
+
     pub fn channel(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}", self.tag(room_id))
     }
@@ -107,7 +132,15 @@ mod tests {
         let k = Keys::new("cm", 64);
         let room = "01JROOM";
         let tag = format!("{{s{}}}", shard_of(room, 64));
-        for key in [k.seq(room), k.history(room), k.dedupe(room, "u", "c"), k.channel(room), k.sync_stream_of(room)] {
+        for key in [
+            k.seq(room),
+            k.history(room),
+            k.dedupe(room, "u", "c"),
+            k.channel(room),
+            k.sync_stream_of(room),
+            k.outbox_of(room),
+            k.replica_pending(room),
+        ] {
             assert!(key.contains(&tag), "{key}");
         }
         assert_eq!(k.room_of_channel(&k.channel(room)), Some(room));

@@ -25,6 +25,12 @@ pub const SEND_SCRIPT: &str = include_str!("send.lua");
 pub fn send_script(seal: &crate::fanout::seal::Seal) -> String {
     format!("{}{SEND_SCRIPT}", seal.lua_prelude())
 }
+/// Applies a message replicated from its room's home region; run it as [`apply_script`].
+pub const APPLY_SCRIPT: &str = include_str!("apply.lua");
+
+pub fn apply_script(seal: &crate::fanout::seal::Seal) -> String {
+    format!("{}{APPLY_SCRIPT}", seal.lua_prelude())
+}
 pub const PRESENCE_SCRIPT: &str = include_str!("presence.lua");
 pub const THROTTLE_SCRIPT: &str = include_str!("throttle.lua");
 

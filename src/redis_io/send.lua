@@ -1,10 +1,11 @@
 -- chatmesh send: dedupe, sequence, keep, queue for write-back, fan out. Atomic.
 -- KEYS[1] seq counter   KEYS[2] dedupe key   KEYS[3] room history stream   KEYS[4] shard write-back stream
--- KEYS[5] the sender's revocation count for the room
+-- KEYS[5] the sender's revocation count for the room   KEYS[6] the shard's outbox (regions)
 -- ARGV[1] store head seq ('' when unknown)   ARGV[2] message JSON up to the seq value
 -- ARGV[3] message JSON after the seq value   ARGV[4] dedupe TTL (s)   ARGV[5] fan-out channel
 -- ARGV[6] write-back backlog limit (entries)   ARGV[7] room id   ARGV[8] trace context ('' if none)
 -- ARGV[9] the revocation count the sender's membership was confirmed at
+-- ARGV[10] outbox length bound ('' when there are no peer regions: no outbox)
 -- Returns {'dup', json} | {'revoked'} | {'init'} | {'full'} | {'ok', json}
 local existing = redis.call('GET', KEYS[2])
 if existing then
@@ -35,6 +36,9 @@ local msg = ARGV[2] .. seq .. ARGV[3]
 redis.call('XADD', KEYS[3], seq .. '-0', 'm', msg)
 redis.call('XADD', KEYS[4], '*', 'm', msg, 'r', ARGV[7], 's', seq, 't', ARGV[8])
 redis.call('SET', KEYS[2], msg, 'EX', tonumber(ARGV[4]))
+if ARGV[10] ~= '' then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'r', ARGV[7], 's', seq, 'm', msg)
+end
 -- seal() is defined by the prelude the instance puts before this script (fanout::seal).
 redis.call('PUBLISH', ARGV[5], seal(ARGV[5], msg))
 return {'ok', msg}

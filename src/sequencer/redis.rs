@@ -44,6 +44,11 @@ pub struct RedisSequencerConfig {
     pub backlog_limit: u64,
     /// Seals each published message (the script computes the MAC, see `fanout::seal`).
     pub seal: crate::fanout::seal::Seal,
+    /// With peer regions: each accepted message also goes to its shard's outbox, bounded to
+    /// this many entries.
+    pub outbox_len: Option<u64>,
+    /// Ack level `region`: what gets a batch's messages into another region before the ack.
+    pub elsewhere: Option<Arc<dyn crate::region::HoldElsewhere>>,
 }
 
 type Reply = oneshot::Sender<Result<SendOutcome, ApiError>>;
@@ -247,12 +252,13 @@ impl Worker {
                 let init = heads.get(&req.room_id).map(|h| h.to_string()).unwrap_or_default();
                 pipe.cmd("EVALSHA")
                     .arg(self.script.get_hash())
-                    .arg(5)
+                    .arg(6)
                     .arg(self.keys.seq(&req.room_id))
                     .arg(self.keys.dedupe(&req.room_id, &req.sender_id, &req.client_msg_id))
                     .arg(self.keys.history(&req.room_id))
                     .arg(self.keys.sync_stream_of(&req.room_id))
                     .arg(self.keys.revocations(&req.room_id, &req.sender_id))
+                    .arg(self.keys.outbox_of(&req.room_id))
                     .arg(init)
                     .arg(before)
                     .arg(after)
@@ -261,9 +267,10 @@ impl Worker {
                     .arg(self.config.backlog_limit)
                     .arg(&req.room_id)
                     .arg(&req.trace)
-                    .arg(req.membership);
+                    .arg(req.membership)
+                    .arg(self.config.outbox_len.map(|n| n.to_string()).unwrap_or_default());
             }
-            if self.config.ack_level == AckLevel::Replica {
+            if self.config.ack_level.waits_for_replica() {
                 pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);
             }
             if !self.breakers.redis.allow() {
@@ -276,7 +283,7 @@ impl Worker {
             match result {
                 Ok(mut values) => {
                     self.breakers.redis.success();
-                    if self.config.ack_level == AckLevel::Replica {
+                    if self.config.ack_level.waits_for_replica() {
                         let replicas = match values.pop() {
                             Some(Value::Int(n)) => n,
                             _ => 0,
@@ -287,7 +294,9 @@ impl Worker {
                             return Err(ApiError::Unavailable("no replica confirmed the write in time; retry".into()));
                         }
                     }
-                    return Ok(jobs.iter().zip(values.iter()).map(|((req, _), v)| parse_reply(v, req)).collect());
+                    let steps: Vec<Step> =
+                        jobs.iter().zip(values.iter()).map(|((req, _), v)| parse_reply(v, req)).collect();
+                    return Ok(self.held_elsewhere(steps).await);
                 }
                 Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !loaded_once => {
                     loaded_once = true;
@@ -302,6 +311,34 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+impl Worker {
+    /// Ack level `region`: the batch's messages (retries included: their first answer may have
+    /// been lost before another region had them) must be in another region's Redis before
+    /// they are acknowledged; if none confirms in time, they are answered `unavailable` (a
+    /// retry returns the original, once it is held).
+    async fn held_elsewhere(&self, mut steps: Vec<Step>) -> Vec<Step> {
+        let Some(elsewhere) = &self.config.elsewhere else { return steps };
+        let messages: Vec<Message> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Done(Ok(outcome)) => Some(outcome.message().clone()),
+                _ => None,
+            })
+            .collect();
+        if messages.is_empty() {
+            return steps;
+        }
+        if let Err(e) = elsewhere.hold(&messages).await {
+            for step in &mut steps {
+                if matches!(step, Step::Done(Ok(_))) {
+                    *step = Step::Done(Err(e.clone()));
+                }
+            }
+        }
+        steps
     }
 }
 

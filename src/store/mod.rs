@@ -53,8 +53,10 @@ pub struct UserPatch {
     pub display_name: Option<String>,
     pub status_text: Option<String>,
     pub avatar_url: Option<String>,
-    /// A new password's hash (a password change).
+    /// A new password's hash (a password change; not versioned).
     pub password_hash: Option<String>,
+    /// The version of this change (see [`RoomPatch::version`]).
+    pub version: String,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +74,11 @@ pub struct NewRoom {
 pub struct RoomPatch {
     pub name: Option<String>,
     pub topic: Option<String>,
+    /// The change's version (a hybrid-logical-clock timestamp and region, ordered as text). Each
+    /// field is written only if this is greater than the version of the field's last write, so
+    /// every copy converges on the greatest whatever the order changes arrive in (per-field
+    /// last-writer-wins). Empty: written unconditionally, the field's version kept.
+    pub version: String,
 }
 
 impl NewUser {

@@ -370,6 +370,29 @@ fn describe_tls(tls: &Option<Tls>) -> &'static str {
 }
 
 impl MongoStore {
+    /// Writes one versioned field (see [`RoomPatch::version`](super::RoomPatch)): with a version,
+    /// at once and only where the field's last write is older; without one, into `set` with the
+    /// rest of the update.
+    async fn set_versioned<T: Send + Sync>(
+        &self,
+        coll: &Collection<T>,
+        id: &str,
+        field: &str,
+        value: String,
+        version: &str,
+        set: &mut Document,
+    ) -> StoreResult<()> {
+        if version.is_empty() {
+            set.insert(field, value);
+            return Ok(());
+        }
+        let vfield = format!("{field}_v");
+        let older = doc! { "$or": [ { &vfield: { "$lt": version } }, { &vfield: { "$exists": false } } ] };
+        let filter = doc! { "_id": id, "$and": [older] };
+        coll.update_one(filter, doc! { "$set": { field: value, vfield: version } }).await.map_err(unavailable)?;
+        Ok(())
+    }
+
     /// Connects to `url` (see the module docs for what it may say), finds out whether the
     /// deployment has transactions, and creates the indexes.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
@@ -627,14 +650,12 @@ impl Store for MongoStore {
     async fn update_user(&self, id: &UserId, p: UserPatch, now: Timestamp) -> StoreResult<User> {
         let id = id.as_str();
         let mut set = doc! { "updated_at": now.0 };
-        if let Some(v) = p.display_name {
-            set.insert("display_name", v);
-        }
-        if let Some(v) = p.status_text {
-            set.insert("status_text", v);
-        }
-        if let Some(v) = p.avatar_url {
-            set.insert("avatar_url", v);
+        for (field, value) in
+            [("display_name", p.display_name), ("status_text", p.status_text), ("avatar_url", p.avatar_url)]
+        {
+            if let Some(value) = value {
+                self.set_versioned(&self.users, id, field, value, &p.version, &mut set).await?;
+            }
         }
         if let Some(v) = p.password_hash {
             set.insert("password_hash", v);
@@ -663,11 +684,10 @@ impl Store for MongoStore {
     async fn update_room(&self, id: &RoomId, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
         let id = id.as_str();
         let mut set = doc! { "updated_at": now.0 };
-        if let Some(v) = p.name {
-            set.insert("name", v);
-        }
-        if let Some(v) = p.topic {
-            set.insert("topic", v);
+        for (field, value) in [("name", p.name), ("topic", p.topic)] {
+            if let Some(value) = value {
+                self.set_versioned(&self.rooms, id, field, value, &p.version, &mut set).await?;
+            }
         }
         let d = self
             .rooms

@@ -80,6 +80,8 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
                 auth_per_ip_per_min: 1_000,
                 login_failures_per_account_per_min: 1_000,
             })),
+            regions: Arc::new(chatmesh::region::Regions::single("local")),
+            outbox: Arc::new(chatmesh::region::NoOutbox),
         },
         Tokens::new(&Secret::new(crate::SECRET.to_string()), Duration::from_secs(3600)),
         "local".into(),
@@ -89,6 +91,7 @@ async fn service_without_evictions(redis_url: &str, db_url: &str, prefix: &str) 
             typing_rate_per_sec: 1_000,
             room_change_rate_per_min: 1_000,
             password_hash_queue: 64,
+            hlc_max_ahead: Duration::from_millis(500),
         },
     );
     (svc, store)

@@ -17,6 +17,7 @@ mod heads;
 mod lanes;
 mod outage;
 mod persistence;
+mod regions;
 mod seals;
 mod sync;
 mod throttle;
@@ -135,6 +136,8 @@ pub async fn parts_with(redis_url: &str, db_url: &str, keys: Keys) -> Parts {
             dedupe_ttl: std::time::Duration::from_secs(86_400),
             backlog_limit: 1_000_000,
             seal: test_seal(),
+            outbox_len: None,
+            elsewhere: None,
         },
     );
     Parts { redis, keys, store, sequencer }

@@ -165,6 +165,8 @@ async fn a_full_backlog_refuses_sends_with_unavailable() {
             dedupe_ttl: Duration::from_secs(86_400),
             backlog_limit: 5,
             seal: crate::test_seal(),
+            outbox_len: None,
+            elsewhere: None,
         },
     );
     let (uid, room) = seed(&*p.store).await;

@@ -25,6 +25,9 @@ import {
 } from './harness.mjs';
 
 const STORE = process.env.CHATMESH_CLUSTER_STORE || 'postgres';
+// 2: n1 and n3 in region a, n2 in region b, each region on its own Redis, every request between
+// them through a delaying link (cluster-regions.test.mjs); rooms are homed where they were created.
+const REGIONS = Number(process.env.CHATMESH_CLUSTER_REGIONS || 1);
 
 // How long we watch for an event that must NOT arrive. Longer than in embedded mode: cross-instance
 // events go through Redis pub/sub.
@@ -42,7 +45,7 @@ const IDLE_MS = 32000;
 let idle;
 
 before(async () => {
-  cluster = await startCluster(3, {}, { store: STORE });
+  cluster = await startCluster(3, {}, { store: STORE, regions: REGIONS });
   n = cluster.servers;
   const owner = await registerUser(n[0].url, 'io');
   const room = await createRoom(n[0].url, owner.token, 'idle');
@@ -97,7 +100,7 @@ async function clusterView(srv) {
   return r.body;
 }
 
-describe(`cluster of 3 instances (store: ${STORE})`, () => {
+describe(`cluster of 3 instances (store: ${STORE}, regions: ${REGIONS})`, () => {
   test('conformance with sockets spread over the instances, websocket and polling mixed', async () => {
     // A registers on n1 and logs in on n2 and n3: one JWT secret for the whole cluster.
     const a = await registerUser(n[0].url, 'ca');
@@ -702,12 +705,14 @@ describe(`cluster of 3 instances (store: ${STORE})`, () => {
   });
 
   test('/api/v1/cluster lists every instance as ready; /health/ready has redis, store and sync checks', async () => {
-    const ids = ['n1', 'n2', 'n3'];
+    // Each region's view lists the instances of its region (its Redis), and the other regions'
+    // under `regions`.
+    const idsOf = (srv) => n.filter((x) => x.region === srv.region).map((x) => x.instanceId).sort();
     let views = [];
     await waitFor(
       async () => {
         views = await Promise.all(n.map(clusterView));
-        return views.every((v) => ids.every((id) => v.instances?.some((x) => x.id === id && x.ready === true)));
+        return views.every((v, i) => idsOf(n[i]).every((id) => v.instances?.some((x) => x.id === id && x.ready === true)));
       },
       15000,
       'every instance listing n1, n2, n3 as ready',
@@ -718,7 +723,14 @@ describe(`cluster of 3 instances (store: ${STORE})`, () => {
       const where = `GET /api/v1/cluster on n${i + 1}`;
       assert.equal(v.instance_id, `n${i + 1}`, `${where}: instance_id`);
       assert.equal(typeof v.region, 'string', `${where}: region`);
-      assert.deepEqual(v.instances.map((x) => x.id).sort(), ids, `${where}: exactly the 3 live instances`);
+      assert.deepEqual(v.instances.map((x) => x.id).sort(), idsOf(n[i]), `${where}: exactly the live instances of its region`);
+      if (REGIONS > 1) {
+        const others = n.filter((x) => x.region !== n[i].region);
+        const peer = v.regions?.find((r) => r.region === others[0].region);
+        assert.ok(peer, `${where}: regions lists ${others[0].region}: ${JSON.stringify(v.regions)}`);
+        assert.deepEqual(peer.instances.map((x) => x.id).sort(), others.map((x) => x.instanceId).sort(), `${where}: the other region's instances`);
+        assert.equal(typeof peer.replication_lag_seconds, 'number', `${where}: replication lag from ${peer.region}`);
+      }
       for (const x of v.instances) {
         for (const k of ['id', 'region', 'address', 'started_at', 'last_seen']) assert.equal(typeof x[k], 'string', `${where}: instances[${x.id}].${k}`);
         assert.ok(Number.isInteger(x.connections) && x.connections >= 0, `${where}: instances[${x.id}].connections`);
@@ -747,7 +759,7 @@ describe(`cluster of 3 instances (store: ${STORE})`, () => {
     // DESIGN.md §5: instances heartbeat {id, region, address, ...}; the address is what peers and
     // operators use to reach it, so a bind of 127.0.0.1:0 must be reported as the bound port.
     const v = await clusterView(n[0]);
-    for (const srv of n) {
+    for (const srv of n.filter((x) => x.region === n[0].region)) {
       const rec = v.instances.find((x) => x.id === srv.instanceId);
       assert.equal(rec?.address, new URL(srv.url).host, `GET /api/v1/cluster on n1: instances[${srv.instanceId}].address`);
     }

@@ -1,7 +1,7 @@
 // One helper for every Node test: spawn the real chatmesh binary on a free port with its own
 // data dir, talk to it over REST and with the stock socket.io-client.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -525,18 +525,72 @@ export async function waitReady(servers, timeoutMs = 30000) {
 }
 
 /**
+ * Start the link between regions: scripts/relay.py (a delaying TCP relay that can cut the link
+ * like a partition) with one route per target. Resolves {listen: ['127.0.0.1:p', ...] (one per
+ * target, in order), ctl(command), stop()}.
+ */
+export async function startLink(targets, delayMs = 25) {
+  const dir = mkdtempSync(path.join(tmpdir(), 'chatmesh-link-'));
+  const ready = path.join(dir, 'ready.json');
+  const args = [path.join(repoRoot, 'scripts', 'relay.py')];
+  for (const t of targets) args.push('--route', `127.0.0.1:0=${t}`);
+  args.push('--delay-ms', String(delayMs), '--control', '127.0.0.1:0', '--ready-file', ready);
+  const proc = spawn('python3', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const out = [];
+  proc.stdout.on('data', (d) => out.push(d.toString()));
+  proc.stderr.on('data', (d) => out.push(d.toString()));
+  const exited = new Promise((resolve) => proc.on('exit', resolve));
+  const guard = () => proc.kill('SIGKILL');
+  guardSignals();
+  orphanGuards.add(guard);
+  let info;
+  await waitFor(() => {
+    try {
+      info = JSON.parse(readFileSync(ready, 'utf8'));
+      return true;
+    } catch {
+      return false;
+    }
+  }, 10000, 'scripts/relay.py ready').catch((e) => {
+    throw new Error(`${e.message}: ${out.join('')}`);
+  });
+  return {
+    listen: info.routes.map((r) => r.listen),
+    async ctl(command) {
+      const r = await run('python3', [path.join(repoRoot, 'scripts', 'relay.py'), 'ctl', info.control, ...command.split(' ')]);
+      if (r.code !== 0 || !r.stdout.startsWith('ok')) throw new Error(`relay ${command}: ${r.stdout}${r.stderr}`);
+    },
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+      await exited;
+      orphanGuards.delete(guard);
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/**
  * Start a cluster of `n` instances (ids n1..nN) on a private Redis and a fresh database of `store`
  * ('postgres': the machine's PostgreSQL; 'mongodb': see createMongoDatabase), sharing one JWT
  * secret, one cluster secret and one Redis key prefix. Resolves once every instance is ready.
  * Returns {servers, redis, db, prefix, env, close()}; each server also has `instanceId`; `db` has
  * `kind`, `label`, `url` and `messages(roomId)` whatever the store.
  */
-export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres' } = {}) {
+export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', regions = 1, linkDelayMs = 25 } = {}) {
   if (!['postgres', 'mongodb'].includes(store)) throw new Error(`startCluster: unknown store ${store}`);
-  const redis = await startRedis();
+  if (![1, 2].includes(regions) || n < regions) throw new Error(`startCluster: regions must be 1 or 2 (and at most n)`);
+  // With 2 regions, instance i is in region a (i even) or b (i odd), each region on its own Redis,
+  // and every request between them crosses the delaying link (scripts/relay.py).
+  const names = regions === 2 ? ['a', 'b'] : [null];
+  const redises = [];
+  for (let r = 0; r < regions; r++) redises.push(await startRedis());
+  const redis = redises[0];
+  const ports = regions === 2 ? await Promise.all(Array.from({ length: n }, () => freePort())) : [];
+  let link;
   let db;
   const servers = [];
   try {
+    if (regions === 2) link = await startLink([`127.0.0.1:${ports[1]}`, `127.0.0.1:${ports[0]}`], linkDelayMs);
     db = store === 'mongodb' ? await createMongoDatabase() : await createPgDatabase();
     const env = {
       CHATMESH_REDIS_URL: redis.url,
@@ -548,9 +602,21 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres' } 
       CHATMESH_ADMIN_TOKEN: `admin-${randomBytes(12).toString('hex')}`,
       ...extraEnv,
     };
+    const regionEnv = (i) => {
+      if (regions === 1) return {};
+      const r = i % 2;
+      return {
+        CHATMESH_BIND: `127.0.0.1:${ports[i]}`,
+        CHATMESH_REDIS_URL: redises[r].url,
+        CHATMESH_REGION: names[r],
+        // Region a reaches b's first instance (n2) through route 0, b reaches a's (n1) through 1.
+        CHATMESH_PEER_REGIONS: r === 0 ? `b=http://${link.listen[0]}` : `a=http://${link.listen[1]}`,
+      };
+    };
     const boot = async (i) => {
-      const s = await startServer({ env: { ...env, CHATMESH_INSTANCE_ID: `n${i + 1}` } });
+      const s = await startServer({ env: { ...env, ...regionEnv(i), CHATMESH_INSTANCE_ID: `n${i + 1}` } });
       s.instanceId = `n${i + 1}`;
+      s.region = names[i % regions];
       orphanGuards.add((s.guard = () => s.proc.kill('SIGKILL')));
       servers[i] = s;
     };
@@ -562,6 +628,8 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres' } 
       servers,
       redis,
       db,
+      link,
+      regions,
       prefix: env.CHATMESH_REDIS_PREFIX,
       env,
       async close() {
@@ -570,13 +638,15 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres' } 
           orphanGuards.delete(s.guard);
         }));
         await db.drop();
-        await redis.stop();
+        await link?.stop();
+        for (const r of redises) await r.stop();
       },
     };
   } catch (e) {
     await Promise.all(servers.filter(Boolean).map((s) => s.close().then(() => orphanGuards.delete(s.guard))));
     await db?.drop().catch(() => {});
-    await redis.stop();
+    await link?.stop();
+    for (const r of redises) await r.stop();
     throw e;
   }
 }

@@ -41,6 +41,19 @@ const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, create
 /// PostgreSQL's 65535 bound-value limits.
 const CHUNK: usize = 500;
 
+/// `col = …, col_v = …, `: the field written only if `value` is given and `version` is newer
+/// than the version of its last write (an empty version: written, its version kept).
+fn versioned<DB: Database>(q: &mut QueryBuilder<DB>, col: &str, value: Option<String>, version: &str)
+where
+    for<'a> Option<String>: Encode<'a, DB> + Type<DB>,
+{
+    let v = Some(version.to_string());
+    q.push(format!("{col} = CASE WHEN ")).push_bind(value.clone()).push(" IS NOT NULL AND (").push_bind(v.clone());
+    q.push(" = '' OR ").push_bind(v.clone()).push(format!(" > {col}_v) THEN ")).push_bind(value.clone());
+    q.push(format!(" ELSE {col} END, {col}_v = CASE WHEN ")).push_bind(value).push(" IS NOT NULL AND ");
+    q.push_bind(v.clone()).push(format!(" > {col}_v THEN ")).push_bind(v).push(format!(" ELSE {col}_v END, "));
+}
+
 /// `cols` qualified with a table alias, for joins.
 fn qualified(cols: &str, alias: &str) -> String {
     cols.split(", ").map(|c| format!("{alias}.{c}")).collect::<Vec<_>>().join(", ")
@@ -297,11 +310,12 @@ where
 
     async fn update_user(&self, id: &UserId, p: UserPatch, now: Timestamp) -> StoreResult<User> {
         let id = id.as_str();
-        let mut q = QueryBuilder::new("UPDATE users SET display_name = COALESCE(");
-        q.push_bind(p.display_name).push(", display_name), status_text = COALESCE(");
-        q.push_bind(p.status_text).push(", status_text), avatar_url = COALESCE(");
-        q.push_bind(p.avatar_url).push(", avatar_url), password_hash = COALESCE(");
-        q.push_bind(p.password_hash).push(", password_hash), updated_at = ").push_bind(now.0);
+        let mut q = QueryBuilder::new("UPDATE users SET ");
+        versioned(&mut q, "display_name", p.display_name, &p.version);
+        versioned(&mut q, "status_text", p.status_text, &p.version);
+        versioned(&mut q, "avatar_url", p.avatar_url, &p.version);
+        q.push("password_hash = COALESCE(").push_bind(p.password_hash);
+        q.push(", password_hash), updated_at = ").push_bind(now.0);
         q.push(" WHERE id = ").push_bind(id).push(format!(" RETURNING {USER_COLS}"));
         self.fetch_optional(q).await?.ok_or(StoreError::NotFound("user"))
     }
@@ -323,9 +337,10 @@ where
 
     async fn update_room(&self, id: &RoomId, p: RoomPatch, now: Timestamp) -> StoreResult<Room> {
         let id = id.as_str();
-        let mut q = QueryBuilder::new("UPDATE rooms SET name = COALESCE(");
-        q.push_bind(p.name).push(", name), topic = COALESCE(").push_bind(p.topic);
-        q.push(", topic), updated_at = ").push_bind(now.0);
+        let mut q = QueryBuilder::new("UPDATE rooms SET ");
+        versioned(&mut q, "name", p.name, &p.version);
+        versioned(&mut q, "topic", p.topic, &p.version);
+        q.push("updated_at = ").push_bind(now.0);
         q.push(" WHERE id = ").push_bind(id).push(format!(" RETURNING {ROOM_COLS}"));
         self.fetch_optional(q).await?.ok_or(StoreError::NotFound("room"))
     }

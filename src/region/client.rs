@@ -1,0 +1,139 @@
+//! Calls to another region's internal API (`/internal/v1/regions`): a fresh internal token on
+//! every request, each bounded by `CHATMESH_REGION_TIMEOUT_MS`, and the peer's errors read back
+//! as the errors they were there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Message;
+use crate::error::{ApiError, ApiResult};
+use crate::internal::InternalTokens;
+use crate::metrics as m;
+
+/// `POST /hold`: messages to keep (ack level `region`).
+#[derive(Serialize, Deserialize)]
+pub struct HoldRequest {
+    pub messages: Vec<Message>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct HoldAnswer {
+    pub held: usize,
+}
+
+/// Unix ms after which the caller no longer waits for the answer.
+pub const DEADLINE_HEADER: &str = "x-chatmesh-deadline";
+
+pub struct PeerClient {
+    pub region: String,
+    base: String,
+    http: reqwest::Client,
+    tokens: Arc<InternalTokens>,
+    pub timeout: Duration,
+}
+
+impl PeerClient {
+    pub fn new(
+        region: &str,
+        base: &str,
+        tokens: Arc<InternalTokens>,
+        timeout: Duration,
+        ca: Option<&reqwest::Certificate>,
+    ) -> anyhow::Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .http1_only()
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(ca) = ca {
+            builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca.clone());
+        }
+        Ok(Self { region: region.to_string(), base: base.to_string(), http: builder.build()?, tokens, timeout })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/internal/v1/regions{path}", self.base)
+    }
+
+    /// One request, answered within the region timeout.
+    pub async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        path: &str,
+        body: &B,
+    ) -> ApiResult<T> {
+        self.call_within(op, path, body, self.timeout).await
+    }
+
+    pub async fn call_within<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        path: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> ApiResult<T> {
+        let started = Instant::now();
+        let result = async {
+            // The home does nothing with a request that reaches it after this instance stopped
+            // waiting (a cut link that heals delivers it late): an `unavailable` answered here
+            // must not turn into a message sequenced there (up to the regions' clock skew).
+            let deadline = crate::domain::Timestamp::now().0 + timeout.as_millis() as i64;
+            let res = self
+                .http
+                .post(self.url(path))
+                .bearer_auth(self.tokens.issue())
+                .header(DEADLINE_HEADER, deadline)
+                .json(body)
+                .timeout(timeout)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(op, e))?;
+            let status = res.status();
+            let bytes = res.bytes().await.map_err(|e| self.unreachable(op, e))?;
+            if status.is_success() {
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    tracing::warn!(peer = %self.region, op, error = %e, "unreadable answer from a peer region");
+                    ApiError::Unavailable(format!("region {} answered something unreadable; retry", self.region))
+                })
+            } else {
+                let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+                Err(ApiError::from_wire(status.as_u16(), &v))
+            }
+        }
+        .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(ApiError::Unavailable(_)) => "unavailable",
+            Err(_) => "refused",
+        };
+        let peer = self.region.clone();
+        metrics::counter!(m::REGION_FORWARDED, "peer" => peer.clone(), "op" => op, "outcome" => outcome).increment(1);
+        metrics::histogram!(m::REGION_FORWARD_LATENCY, "peer" => peer, "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn unreachable(&self, op: &str, e: reqwest::Error) -> ApiError {
+        tracing::warn!(peer = %self.region, op, error = %e, "peer region unreachable");
+        ApiError::Unavailable(format!("region {} (the room's home) did not answer in time; retry", self.region))
+    }
+
+    /// A long-lived streamed answer (the outbox): the headers within the region timeout, the
+    /// body as it comes.
+    pub async fn open_stream<B: Serialize + ?Sized>(&self, path: &str, body: &B) -> ApiResult<reqwest::Response> {
+        let send = self.http.post(self.url(path)).bearer_auth(self.tokens.issue()).json(body).send();
+        let res = tokio::time::timeout(self.timeout, send)
+            .await
+            .map_err(|_| ApiError::Unavailable(format!("region {} did not answer in time", self.region)))?
+            .map_err(|e| self.unreachable("outbox", e))?;
+        if !res.status().is_success() {
+            let status = res.status().as_u16();
+            let v = res.json::<serde_json::Value>().await.unwrap_or(serde_json::Value::Null);
+            return Err(ApiError::from_wire(status, &v));
+        }
+        Ok(res)
+    }
+}

@@ -1,0 +1,345 @@
+//! Two regions on loopback, each with its own Redis and instance, one shared PostgreSQL
+//! database, and every request between them through the delaying relay (scripts/relay.py, the
+//! link the local cluster uses too), which can cut the link like a partition.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{Spawn, TestApp, spawn_with};
+use crate::support::procs::{RedisServer, free_port, spawn_tied};
+use crate::{SECRET, TestDatabase};
+
+/// The link between the regions: one route each way and a control port.
+struct Link {
+    child: Child,
+    /// Where region a reaches b, and where b reaches a.
+    to_b: String,
+    to_a: String,
+    control: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Link {
+    fn start(a_port: u16, b_port: u16, delay_ms: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("ready.json");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/relay.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script)
+            .args(["--route", &format!("127.0.0.1:0=127.0.0.1:{b_port}")])
+            .args(["--route", &format!("127.0.0.1:0=127.0.0.1:{a_port}")])
+            .args(["--delay-ms", &delay_ms.to_string(), "--control", "127.0.0.1:0"])
+            .arg("--ready-file")
+            .arg(&ready);
+        let child = spawn_tied(cmd).expect("python3 scripts/relay.py (the regions' link) must start");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let v: Value = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                break serde_json::from_str(&text).unwrap();
+            }
+            assert!(Instant::now() < deadline, "scripts/relay.py did not get ready in 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let listen = |i: usize| v["routes"][i]["listen"].as_str().unwrap().to_string();
+        Self { child, to_b: listen(0), to_a: listen(1), control: v["control"].as_str().unwrap().to_string(), _dir: dir }
+    }
+
+    fn ctl(&self, command: &str) {
+        let mut s = TcpStream::connect(&self.control).unwrap();
+        writeln!(s, "{command}").unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("ok"), "relay {command}: {answer}");
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TwoRegions {
+    a: TestApp,
+    b: TestApp,
+    link: Link,
+    db: TestDatabase,
+    _redis: (RedisServer, RedisServer),
+}
+
+const TIMEOUT_MS: u64 = 1_000;
+
+/// Regions `a` and `b`; `extra_a` adds settings to a's instance.
+async fn two_regions(extra_a: Vec<(&'static str, String)>) -> TwoRegions {
+    two_regions_with(extra_a, None).await
+}
+
+/// As `two_regions`, with a's Redis replicated to `a_replica` when given (ack levels past
+/// `leader` wait for a replica).
+async fn two_regions_with(
+    extra_a: Vec<(&'static str, String)>,
+    a_replica: Option<&mut Option<RedisServer>>,
+) -> TwoRegions {
+    let (redis_a, redis_b) = (RedisServer::start(), RedisServer::start());
+    if let Some(slot) = a_replica {
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &redis_a.port().to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !replica.cli(&["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "a's replica did not connect");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *slot = Some(replica);
+    }
+    let db = TestDatabase::create();
+    let (a_port, b_port) = (free_port(), free_port());
+    let link = Link::start(a_port, b_port, 25);
+    let instance = |region: &str, port: u16, redis: &RedisServer, peer: String| {
+        vec![
+            ("CHATMESH_BIND", format!("127.0.0.1:{port}")),
+            ("CHATMESH_REDIS_URL", redis.url()),
+            ("CHATMESH_STORE_URL", db.url()),
+            ("CHATMESH_JWT_SECRET", SECRET.to_string()),
+            ("CHATMESH_CLUSTER_SECRET", SECRET.to_string()),
+            ("CHATMESH_INSTANCE_ID", format!("{region}1")),
+            ("CHATMESH_REGION", region.to_string()),
+            ("CHATMESH_PEER_REGIONS", peer),
+            ("CHATMESH_REGION_TIMEOUT_MS", TIMEOUT_MS.to_string()),
+            ("CHATMESH_ACK_LEVEL", "leader".to_string()),
+        ]
+    };
+    let mut env_a = instance("a", a_port, &redis_a, format!("b=http://{}", link.to_b));
+    env_a.extend(extra_a);
+    let env_b = instance("b", b_port, &redis_b, format!("a=http://{}", link.to_a));
+    let a = spawn_with(Spawn { env: env_a, ..Default::default() }).await;
+    let b = spawn_with(Spawn { env: env_b, ..Default::default() }).await;
+    TwoRegions { a, b, link, db, _redis: (redis_a, redis_b) }
+}
+
+async fn join(app: &TestApp, token: &str, room: &str) {
+    let r = app.call(Method::POST, &format!("/api/v1/rooms/{room}/join"), None, Some(token)).await;
+    assert_eq!(r.status, StatusCode::OK, "join {room}: {:?}", r.body);
+}
+
+/// The room's seqs as `app` serves its history (pages of 500 from the start).
+async fn seqs(app: &TestApp, token: &str, room: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().copied().unwrap_or(0);
+        let r = app
+            .call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq={after}&limit=500"), None, Some(token))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let page: Vec<i64> =
+            r.body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+/// Polls until `app` serves exactly 1..=n for the room.
+async fn until_history(app: &TestApp, token: &str, room: &str, n: i64, what: &str) {
+    let want: Vec<i64> = (1..=n).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = seqs(app, token, room).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: history is {got:?}, want 1..={n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn home(r: &Value) -> &str {
+    r["home_region"].as_str().unwrap_or_default()
+}
+
+/// Senders in both regions write into a room homed in a and one homed in b at once: one gap-free
+/// order per room, the same history from both regions, and (once written back) exactly N rows
+/// per room in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_order_per_room_across_regions() {
+    let t = two_regions(vec![]).await;
+    let (_, alice) = t.a.register("alice").await;
+    let (_, bob) = t.b.register("bob").await;
+    let room_a = t.a.create_room(&alice, "home-a", "public").await;
+    let room_b = t.b.create_room(&bob, "home-b", "public").await;
+    let r = t.b.call(Method::GET, &format!("/api/v1/rooms/{room_a}"), None, Some(&bob)).await;
+    assert_eq!(home(&r.body), "a", "{:?}", r.body);
+    let r = t.a.call(Method::GET, &format!("/api/v1/rooms/{room_b}"), None, Some(&alice)).await;
+    assert_eq!(home(&r.body), "b", "{:?}", r.body);
+    // Joins answered by the other region are decided by the home.
+    join(&t.b, &bob, &room_a).await;
+    join(&t.a, &alice, &room_b).await;
+
+    const PER_SENDER: usize = 60;
+    let mut tasks = Vec::new();
+    for (region, app, token) in [("a", &t.a, &alice), ("b", &t.b, &bob)] {
+        for room in [&room_a, &room_b] {
+            let (url, token, room) = (app.url.clone(), token.clone(), room.clone());
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut seqs = Vec::new();
+                for i in 0..PER_SENDER {
+                    let r = http
+                        .post(format!("{url}/api/v1/rooms/{room}/messages"))
+                        .bearer_auth(&token)
+                        .json(&json!({"client_msg_id": format!("{region}-{i}"), "body": format!("{region} {i}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), StatusCode::CREATED, "send {i} from {region}");
+                    let v: Value = r.json().await.unwrap();
+                    seqs.push(v["seq"].as_i64().unwrap());
+                }
+                seqs
+            }));
+        }
+    }
+    for task in tasks {
+        let seqs = task.await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one sender's seqs out of order: {seqs:?}");
+    }
+    let n = (2 * PER_SENDER) as i64;
+    for room in [&room_a, &room_b] {
+        until_history(&t.a, &alice, room, n, "region a").await;
+        until_history(&t.b, &bob, room, n, "region b").await;
+    }
+    // Only each room's home writes its messages to the store: exactly N rows, none twice.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for room in [&room_a, &room_b] {
+        loop {
+            let rows = t.db.psql(&format!(
+                "SELECT count(*), count(DISTINCT seq), coalesce(max(seq), 0) FROM messages WHERE room_id = '{room}'"
+            ));
+            if rows.trim() == format!("{n}|{n}|{n}") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "store rows for {room}: {rows}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A client_msg_id first sent in one region and retried in the other is one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_in_the_other_region_is_the_same_message() {
+    let t = two_regions(vec![]).await;
+    let (_, alice) = t.a.register("alice").await;
+    let room_a = t.a.create_room(&alice, "home-a", "public").await;
+    let room_b = t.b.create_room(&alice, "home-b", "public").await;
+    for (room, first, retry) in
+        [(&room_a, &t.a, &t.b), (&room_a, &t.b, &t.a), (&room_b, &t.a, &t.b), (&room_b, &t.b, &t.a)]
+    {
+        let cmid = ulid::Ulid::generate().to_string();
+        let r1 = first.send(&alice, room, &cmid, "once").await;
+        assert_eq!(r1.status, StatusCode::CREATED, "{:?}", r1.body);
+        let r2 = retry.send(&alice, room, &cmid, "once").await;
+        assert!(r2.status.is_success(), "{:?}", r2.body);
+        assert_eq!(r2.status, StatusCode::OK, "a retry must not create: {:?}", r2.body);
+        assert_eq!((r1.body["id"].clone(), r1.body["seq"].clone()), (r2.body["id"].clone(), r2.body["seq"].clone()));
+        let r3 = retry.send(&alice, room, &cmid, "a different body").await;
+        assert_eq!(r3.code(), "conflict", "{:?}", r3.body);
+    }
+}
+
+/// A leave answered in b for a room homed in a stops the user's sends in both regions at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_in_the_other_region_stops_sends_everywhere() {
+    let t = two_regions(vec![]).await;
+    let (_, alice) = t.a.register("alice").await;
+    let (_, bob) = t.b.register("bob").await;
+    let room = t.a.create_room(&alice, "home-a", "public").await;
+    join(&t.b, &bob, &room).await;
+    for (i, app) in [&t.a, &t.b].into_iter().enumerate() {
+        let r = app.send(&bob, &room, &format!("before-{i}"), "hi").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    let r = t.b.call(Method::POST, &format!("/api/v1/rooms/{room}/leave"), None, Some(&bob)).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    for (i, app) in [&t.a, &t.b].into_iter().enumerate() {
+        let r = app.send(&bob, &room, &format!("after-{i}"), "hi").await;
+        assert_eq!(r.code(), "forbidden", "send {i} after the leave: {:?}", r.body);
+    }
+}
+
+/// The link is cut: sends to the room homed across it answer `unavailable` within the bound,
+/// the locally homed room keeps working, and after the heal the other region catches up. Region
+/// a writes nothing back to the store, so b can only serve a's room from what it replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_link_refuses_remote_rooms_in_time_and_catches_up_after() {
+    let t = two_regions(vec![("CHATMESH_SYNC_WORKER", "false".to_string())]).await;
+    let (_, alice) = t.a.register("alice").await;
+    let room_a = t.a.create_room(&alice, "home-a", "public").await;
+    let room_b = t.b.create_room(&alice, "home-b", "public").await;
+    for i in 0..3 {
+        assert_eq!(t.a.send(&alice, &room_a, &format!("pre-{i}"), "x").await.status, StatusCode::CREATED);
+    }
+    until_history(&t.b, &alice, &room_a, 3, "b before the cut").await;
+
+    t.link.ctl("cut");
+    let started = Instant::now();
+    let r = t.b.send(&alice, &room_a, "during-b", "x").await;
+    let took = started.elapsed();
+    assert_eq!(r.code(), "unavailable", "{:?}", r.body);
+    assert!(
+        took < Duration::from_millis(TIMEOUT_MS + 500),
+        "the refusal took {took:?}, over the {TIMEOUT_MS} ms bound"
+    );
+    let r = t.a.call(Method::POST, &format!("/api/v1/rooms/{room_b}/join"), None, Some(&alice)).await;
+    assert_eq!(r.code(), "unavailable", "a join across the cut: {:?}", r.body);
+    // Rooms homed on each side keep working, and reads of the other side's rooms are served.
+    for i in 0..5 {
+        let r = t.a.send(&alice, &room_a, &format!("during-a-{i}"), "x").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        let r = t.b.send(&alice, &room_b, &format!("during-b-{i}"), "x").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    assert_eq!(seqs(&t.b, &alice, &room_a).await, vec![1, 2, 3], "b's reads of a's room during the cut");
+    t.link.ctl("heal");
+    until_history(&t.b, &alice, &room_a, 8, "b after the heal").await;
+    until_history(&t.a, &alice, &room_b, 5, "a after the heal").await;
+    let r = t.b.send(&alice, &room_a, "after-b", "x").await;
+    assert_eq!((r.status, r.body["seq"].as_i64()), (StatusCode::CREATED, Some(9)), "{:?}", r.body);
+}
+
+/// Ack level `region`: a send is acknowledged only once the other region holds it, so with the
+/// link cut the home itself answers `unavailable`; after the heal the retry is the original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_level_region_needs_the_other_region() {
+    let mut replica = None;
+    let t = two_regions_with(
+        vec![("CHATMESH_ACK_LEVEL", "region".to_string()), ("CHATMESH_SYNC_WORKER", "false".to_string())],
+        Some(&mut replica),
+    )
+    .await;
+    let (_, alice) = t.a.register("alice").await;
+    let room = t.a.create_room(&alice, "home-a", "public").await;
+    let r = t.a.send(&alice, &room, "c1", "x").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // Held by b before the ack: b serves it with the link cut and nothing written back by a.
+    t.link.ctl("cut");
+    let r = t.b.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=0"), None, Some(&alice)).await;
+    assert_eq!(r.body["messages"][0]["seq"], 1, "{:?}", r.body);
+    let r = t.a.send(&alice, &room, "c2", "x").await;
+    assert_eq!(r.code(), "unavailable", "acked with no other region holding it: {:?}", r.body);
+    t.link.ctl("heal");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = t.a.send(&alice, &room, "c2", "x").await;
+        if r.status.is_success() {
+            assert_eq!(r.body["seq"], 2, "{:?}", r.body);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ack after the heal: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
