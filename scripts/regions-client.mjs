@@ -10,8 +10,11 @@
 //     seconds, then healed; the senders stop --after seconds later. Sends into the room homed
 //     across the cut must be answered `unavailable` within the bound (--timeout-ms + 1 s), never
 //     acknowledged; sends into the local room must keep being acknowledged. After the heal every
-//     refused send is retried with its client_msg_id (idempotent across regions), every receiver
-//     catches up, and the store (PostgreSQL) must hold every acknowledged message exactly once.
+//     refused send is retried with its client_msg_id (idempotent across regions); every receiver
+//     (connected to its own region throughout) must have received every seq of both rooms live,
+//     gap-free and in order within 30 s of the end (`stalled` counts those that did not: replication
+//     did not catch up by itself), and the store (PostgreSQL) must hold every acknowledged message
+//     exactly once.
 //     Prints `scenario=region-partition sent= acked= stored= ... lost=0 duplicated=0 reordered=0 ...`
 //     and exits 1 on any violation.
 //
@@ -161,6 +164,9 @@ class Member {
   constructor(name, region, url, token, roomIds) {
     Object.assign(this, { name, region, url, token, roomIds });
     this.live = new Map(roomIds.map((r) => [r, []])); // room -> [[seq per connection]]
+    // room -> per connection {after: the after_seq its room:join asked from, joined: seqs its
+    // join/sync answers brought}: what that connection must then have, live or from the join
+    this.conns = new Map(roomIds.map((r) => [r, []]));
     this.caughtUp = new Map(roomIds.map((r) => [r, []])); // room -> [[seq, client_msg_id]]
     this.liveIds = new Map(roomIds.map((r) => [r, []])); // room -> [[seq, client_msg_id]]
     this.seen = new Map(roomIds.map((r) => [r, new Set()]));
@@ -182,7 +188,10 @@ class Member {
     this.socket.on('message:new', (m) => this.onMessage(m));
     this.socket.on('connect', () => {
       this.connections += 1;
-      for (const r of this.roomIds) this.live.get(r).push([]);
+      for (const r of this.roomIds) {
+        this.live.get(r).push([]);
+        this.conns.get(r).push({ after: null, joined: new Set() });
+      }
       this.joining = this.joinAll();
     });
     return new Promise((resolve, reject) => {
@@ -212,20 +221,38 @@ class Member {
     if (!this.recvAt.has(k)) this.recvAt.set(k, performance.now());
   }
 
-  record(room, messages) {
+  record(room, messages, conn) {
     for (const m of messages) {
       this.caughtUp.get(room).push([m.seq, m.client_msg_id]);
       this.seen.get(room).add(m.seq);
+      conn?.joined.add(m.seq);
     }
+  }
+
+  // Seqs a connection missed: between what its join started from and the last seq it received
+  // live, neither delivered live nor in its join/sync answers (a gap in live delivery).
+  liveGaps(room) {
+    const gaps = [];
+    this.live.get(room).forEach((live, i) => {
+      const c = this.conns.get(room)[i];
+      if (live.length === 0 || c.after === null) return;
+      const got = new Set([...live, ...c.joined]);
+      const hi = Math.max(...live);
+      for (let s = c.after + 1; s <= hi; s += 1) if (!got.has(s)) gaps.push(s);
+    });
+    return gaps;
   }
 
   async joinAll() {
     for (const room of this.roomIds) {
+      const conn = this.conns.get(room).at(-1);
       for (let attempt = 1; ; attempt += 1) {
-        const r = await this.emit('room:join', { room_id: room, after_seq: this.last(room) }, 10000);
+        const after = this.last(room);
+        const r = await this.emit('room:join', { room_id: room, after_seq: after }, 10000);
         if (r.ok) {
-          this.record(room, r.messages ?? []);
-          if (r.has_more) await this.sync(room);
+          conn.after = after;
+          this.record(room, r.messages ?? [], conn);
+          if (r.has_more) await this.sync(room, conn);
           break;
         }
         this.joinErrors.push(r.error?.code ?? 'unknown');
@@ -235,11 +262,11 @@ class Member {
     }
   }
 
-  async sync(room) {
+  async sync(room, conn) {
     for (let i = 0; i < 1000; i += 1) {
       const r = await this.emit('room:sync', { room_id: room, after_seq: this.last(room), limit: 500 }, 10000);
       if (!r.ok) return r;
-      this.record(room, r.messages ?? []);
+      this.record(room, r.messages ?? [], conn);
       if (!r.has_more || (r.messages ?? []).length === 0) return r;
     }
     return { ok: true };
@@ -280,6 +307,7 @@ function roomVerdict(room, history, acked, sentIds, members) {
   v.stored_not_sent = [...byId.keys()].filter((id) => !sentIds.has(id)).length;
   v.members_incomplete = [];
   v.members_live_out_of_order = [];
+  v.members_live_gaps = [];
   v.phantom_seqs = 0;
   let minDelivered = null;
   for (const m of members) {
@@ -293,6 +321,8 @@ function roomVerdict(room, history, acked, sentIds, members) {
     const ooo = m.live.get(room).some((conn) => conn.some((s, i) => i > 0 && s !== conn[i - 1] + 1));
     if (!complete) v.members_incomplete.push(`${m.name}: ${n}/${v.head}`);
     if (ooo) v.members_live_out_of_order.push(m.name);
+    const gaps = m.liveGaps(room);
+    if (gaps.length) v.members_live_gaps.push(`${m.name} (region ${m.region}): missed ${gaps.length} seqs live: ${gaps.slice(0, 10).join(',')}${gaps.length > 10 ? ',...' : ''}`);
     const ids = [...m.liveIds.get(room), ...m.caughtUp.get(room)];
     v.phantom_seqs += new Set(ids.filter(([s, id]) => bySeq.has(s) && bySeq.get(s) !== id).map(([s]) => s)).size;
   }
@@ -300,6 +330,7 @@ function roomVerdict(room, history, acked, sentIds, members) {
   v.reordered =
     v.members_incomplete.length +
     v.members_live_out_of_order.length +
+    v.members_live_gaps.length +
     (v.history_not_gap_free ? 1 : 0) +
     v.ack_seq_mismatch +
     v.phantom_seqs;
@@ -485,9 +516,12 @@ async function partition(argv) {
   const caughtUp = () => members.every((m) => rooms.every((r) => m.last(r) >= heads[r]));
   const deadline = performance.now() + 30000;
   while (!caughtUp() && performance.now() < deadline) await sleep(100);
-  const lateMembers = members.filter((m) => rooms.some((r) => m.last(r) < heads[r])).map((m) => m.name);
-  if (lateMembers.length) {
-    log(`not caught up live after 30 s: ${lateMembers.join(' ')}; room:sync`);
+  // Sockets stay connected throughout (they talk to their own region only): what they have not
+  // received live 30 s after the senders stopped, replication did not bring by itself.
+  const stalled = [];
+  for (const m of members) for (const r of rooms) if (m.last(r) < heads[r]) stalled.push(`${m.name}/${home[r]}: ${m.last(r)}/${heads[r]}`);
+  if (stalled.length) {
+    log(`not caught up live 30 s after the senders stopped: ${stalled.join(', ')}; room:sync`);
     for (const m of members) for (const r of rooms) await m.sync(r);
   }
 
@@ -520,22 +554,33 @@ async function partition(argv) {
     acked_across_cut: c.acked_across_cut,
     refused_late: c.refused_late,
     local_failed_during_cut: c.local_failed_during_cut,
+    stalled: stalled.length,
     max_refusal_ms: c.max_refusal_ms,
   };
   const line =
     `scenario=region-partition sent=${v.sent} acked=${v.acked} stored=${v.stored} refused=${v.refused} ` +
     `delivered_per_client_min=${v.delivered_per_client_min} lost=${v.lost} duplicated=${v.duplicated} ` +
     `reordered=${v.reordered} acked_across_cut=${v.acked_across_cut} refused_late=${v.refused_late} ` +
-    `local_failed_during_cut=${v.local_failed_during_cut} max_refusal_ms=${v.max_refusal_ms}`;
+    `local_failed_during_cut=${v.local_failed_during_cut} stalled=${v.stalled} max_refusal_ms=${v.max_refusal_ms}`;
   if (c.cross_other_errors_during_cut) problems.push(`${c.cross_other_errors_during_cut} sends across the cut failed with another error than unavailable`);
   const ok = v.lost === 0 && v.duplicated === 0 && v.reordered === 0 && v.acked_across_cut === 0 &&
-    v.refused_late === 0 && v.local_failed_during_cut === 0 && problems.length === 0;
+    v.refused_late === 0 && v.local_failed_during_cut === 0 && v.stalled === 0 && problems.length === 0;
   const details = {
     verdict: v, ok, problems, cut: { t_cut_ms: Math.round(tCut), t_heal_ms: Math.round(tHeal), ...c },
     refusal_ms: stats(refusalMs), heads, rooms: perRoom,
     codes: first.reduce((a, s) => ({ ...a, [s.ok ? 'ok' : s.code]: (a[s.ok ? 'ok' : s.code] ?? 0) + 1 }), {}),
     retries: sends.filter((s) => s.attempt > 1).length,
-    joins: Object.fromEntries(members.map((m) => [m.name, { connections: m.connections, join_errors: m.joinErrors }])),
+    stalled,
+    members: Object.fromEntries(members.map((m) => [m.name, {
+      region: m.region,
+      connections: m.connections,
+      join_errors: m.joinErrors,
+      rooms: Object.fromEntries(rooms.map((r) => [`home ${home[r]}`, {
+        live: m.live.get(r).reduce((a, c) => a + c.length, 0),
+        caught_up: m.caughtUp.get(r).length,
+        last: m.last(r),
+      }])),
+    }])),
   };
   if (o.details) writeFileSync(o.details, JSON.stringify({ ...details, sends }, null, 1));
   console.error(JSON.stringify(details));
