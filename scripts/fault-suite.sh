@@ -364,7 +364,7 @@ scenario_region_partition() {
     tail -n 1 "$work/$scenario.err" >"$work/$scenario.json"
     if [ "$rc" != 0 ] || ! [[ "$line" == *" lost=0 duplicated=0 reordered=0 "* ]]; then
       say "$scenario FAILED (details: $work/$scenario.json, every send: $work/$scenario.details.json)"
-      grep 'PROBLEM' "$work/$scenario.err" >&2 || true
+      grep 'PROBLEM' "$work/$scenario.err" | head -n 20 >&2 || true
       failed=1
     fi
   fi

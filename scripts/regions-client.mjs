@@ -587,6 +587,21 @@ async function partition(argv) {
   console.log(line);
   if (!ok) {
     for (const p of problems) log(`PROBLEM: ${p}`);
+    for (const r of perRoom) {
+      const h = `room homed in ${home[r.room]}`;
+      for (const x of r.members_live_gaps) log(`PROBLEM: ${h}: ${x}`);
+      for (const x of r.members_live_out_of_order) log(`PROBLEM: ${h}: ${x} received live seqs out of order`);
+      for (const x of r.members_incomplete) log(`PROBLEM: ${h}: ${x} received in all`);
+      if (r.lost) log(`PROBLEM: ${h}: ${r.lost} acknowledged messages not in the store`);
+      if (r.duplicated) log(`PROBLEM: ${h}: ${r.duplicated} client_msg_ids stored more than once`);
+      if (r.history_not_gap_free) log(`PROBLEM: ${h}: the store's seqs are not 1..${r.head}`);
+      if (r.ack_seq_mismatch) log(`PROBLEM: ${h}: ${r.ack_seq_mismatch} acks name a seq the store gives another message`);
+    }
+    if (conflicting.length) log(`PROBLEM: ${conflicting.length} client_msg_ids acknowledged with two different seqs`);
+    if (stalled.length) log(`PROBLEM: not caught up live 30 s after the senders stopped: ${stalled.join(', ')}`);
+    if (v.acked_across_cut) log(`PROBLEM: ${v.acked_across_cut} sends into a room homed across the cut were acknowledged during the cut`);
+    if (v.refused_late) log(`PROBLEM: ${v.refused_late} sends across the cut not refused within ${bound} ms`);
+    if (v.local_failed_during_cut) log(`PROBLEM: ${v.local_failed_during_cut} sends into a locally homed room failed during the cut`);
     process.exitCode = 1;
   }
 }
