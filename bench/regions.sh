@@ -5,7 +5,9 @@
 # in a and b (stock socket.io-client, scripts/regions-client.mjs bench); a steady rate. Measured:
 # the send ack latency at the sender, send -> deliver latency at the receiver in a and in b
 # (p50/p99), order violations, and the replication lag b's instances report
-# (chatmesh_replication_lag_seconds). Once with ack level `replica`, once with `region`, each on a
+# (chatmesh_replication_lag_seconds), and the link itself (HTTP round trips from b to a's internal
+# frontend through the link: 2d plus what the relay, HAProxy and HTTP add, the practical floor of
+# a forwarded send). Once with ack level `replica`, once with `region`, each on a
 # fresh stack. Floors: ack 2d (forward to a, answer back), delivery in b 2d (forward, replicate
 # back), delivery in a d; targets (ack level replica): ack p99 <= 2d + 10 ms, delivery in b p99 <=
 # 2d + 15 ms. Prints a table and writes bench/results/regions.json.
@@ -86,7 +88,16 @@ rows = [
     ("deliver in a p50 (home)", "deliver_a_ms", "p50", d, None),
     ("deliver in a p99", "deliver_a_ms", "p99", d, None),
 ]
-w = max(len(r[0]) for r in rows)
+extra = [
+    ("link HTTP round trip p50 (b -> a, 401)", lambda r: r["link_http_rtt_ms"]["p50"]),
+    ("link HTTP round trip p99", lambda r: r["link_http_rtt_ms"]["p99"]),
+    ("order violations", lambda r: r["order_violations"]),
+    ("missing deliveries (a + b)", lambda r: r["missing_a"] + r["missing_b"]),
+    ("send errors", lambda r: sum(r["errors"].values())),
+    ("replication lag max (s)", lambda r: None if r["replication_lag_s"] is None else round(r["replication_lag_s"]["max"], 3)),
+    ("achieved rate (msg/s)", lambda r: r["achieved_rate"]),
+]
+w = max(len(r[0]) for r in rows + extra)
 print(f"\nregions — {machine}\nlink delay d = {d:g} ms each way, {rate} msg/s for {seconds} s, binary {binary}")
 print(f"{'figure (ms)':<{w}}  {'floor':>6}  {'target':>6}  " + "  ".join(f"{'ack=' + l:>12}" for l in levels))
 figures = []
@@ -94,13 +105,6 @@ for name, key, q, floor, target in rows:
     vals = [r[key][q] for r in runs]
     print(f"{name:<{w}}  {f(floor):>6}  {f(target) if target else '':>6}  " + "  ".join(f"{f(v):>12}" for v in vals))
     figures.append({"name": name, "unit": "ms", "floor": floor, "target": target, **{l: v for l, v in zip(levels, vals)}})
-extra = [
-    ("order violations", lambda r: r["order_violations"]),
-    ("missing deliveries (a + b)", lambda r: r["missing_a"] + r["missing_b"]),
-    ("send errors", lambda r: sum(r["errors"].values())),
-    ("replication lag max (s)", lambda r: None if r["replication_lag_s"] is None else round(r["replication_lag_s"]["max"], 3)),
-    ("achieved rate (msg/s)", lambda r: r["achieved_rate"]),
-]
 for name, fn in extra:
     vals = [fn(r) for r in runs]
     print(f"{name:<{w}}  {'':>6}  {'':>6}  " + "  ".join(f"{'n/a' if v is None else v:>12}" for v in vals))

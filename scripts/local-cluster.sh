@@ -10,7 +10,8 @@
 #   scripts/local-cluster.sh status         what runs
 #   scripts/local-cluster.sh urls           `REGION lb URL` and `REGION instance URL` lines (the
 #                                           region is CHATMESH_REGION, default `local`, without
-#                                           --regions)
+#                                           --regions); with regions also `REGION peer-PEER URL`:
+#                                           PEER's internal frontend through the link
 #
 # Regions on one machine (issue 16): `up --regions N` (N = 1..3; regions a, b, c) puts each region
 # in a network namespace of its own (named cm<hash>-<region>, <hash> from the state dir's path, so
@@ -663,6 +664,11 @@ cmd_urls() {
   for r in "${region_list[@]}"; do
     echo "$r lb http://$(ns_ip "$r"):$http_port"
     for i in $(seq 1 "$instances"); do echo "$r instance http://$(ns_ip "$r"):$(instance_port "$i")"; done
+    # Where region r reaches each peer's internal frontend through the link (also reachable from
+    # the caller's namespace, e.g. to time the link itself).
+    for p in "${region_list[@]}"; do
+      [ "$p" = "$r" ] || echo "$r peer-$p http://$(root_ip "$r"):$(link_port "$p")"
+    done
   done
 }
 

@@ -83,6 +83,7 @@ function stackUrls() {
     regions[region] ??= { lb: null, instances: [] };
     if (kind === 'lb') regions[region].lb = url;
     else if (kind === 'instance') regions[region].instances.push(url);
+    else if (kind.startsWith('peer-')) regions[region][kind] = url;
   }
   for (const r of ['a', 'b']) if (!regions[r]?.lb) die(`no region ${r} in \`local-cluster.sh urls\`:\n${out}`);
   return regions;
@@ -654,6 +655,22 @@ async function bench(argv) {
   }
   await sleep(1000);
 
+  // The link itself: HTTP round trips from b to a's internal frontend through the link relay and
+  // a's HAProxy (chatmesh answers 401 without a token) — 2d plus what relay, HAProxy and HTTP cost.
+  const linkRtt = [];
+  if (urls.b['peer-a']) {
+    for (let i = 0; i < 50; i += 1) {
+      const t = performance.now();
+      try {
+        const r = await fetch(`${urls.b['peer-a']}/internal/v1/ping`, { signal: AbortSignal.timeout(5000) });
+        await r.arrayBuffer();
+        if (i >= 5) linkRtt.push(performance.now() - t); // the first ones open the connection
+      } catch {
+        // not counted
+      }
+    }
+  }
+
   const sent = []; // {cmid, t, ack_ms, seq, code}
   const lag = [];
   let lagDone = false;
@@ -717,6 +734,7 @@ async function bench(argv) {
     missing_b: dB.filter((x) => x === null).length,
     order_violations: order(ra) + order(rb) + order(snd),
     replication_lag_s: lag.length ? { samples: lag.length, max: Math.max(...lag), mean: lag.reduce((a, b) => a + b, 0) / lag.length } : null,
+    link_http_rtt_ms: stats(linkRtt),
     floors_ms: { ack: 2 * d, deliver_b: 2 * d, deliver_a: d },
     targets_ms: { ack_p99: 2 * d + 10, deliver_b_p99: 2 * d + 15 },
   };
