@@ -3,7 +3,14 @@
 # dir, ports and database), runs each scenario — `chatmesh-loadgen soak` through HAProxy while a
 # fault is injected — and tears everything down (database dropped, state dir deleted).
 #   scripts/fault-suite.sh [scenario...]     default: every scenario, in this order:
-#     kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut
+#     kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut region-partition
+# region-partition runs on a stack of its own: two regions (local-cluster.sh up --regions 2, each
+# region in a network namespace, joined by the delaying link relay) on the suite's PostgreSQL;
+# Socket.IO clients in both regions (scripts/regions-client.mjs, stock socket.io-client from
+# tests/node) send into a room homed in a and one homed in b while the link is cut for 5 s:
+# sends across the cut must be refused `unavailable` within CHATMESH_REGION_TIMEOUT_MS (1500) + 1 s,
+# never acknowledged, local sends must go on; after the heal nothing acknowledged is missing,
+# duplicated or out of order in the store or at any receiver.
 # The whole stack, its own PostgreSQL server included, runs inside a network namespace made for
 # the run (loopback only), so its ports cannot clash with anything and the firewall rule that
 # cuts one instance off Redis touches nothing outside it. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
@@ -23,11 +30,13 @@ repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 cd "$repo"
 
 say() { echo "fault-suite: $*" >&2; }
-all_scenarios=(kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut)
+all_scenarios=(kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut region-partition)
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all_scenarios[@]}")
+single_region=0 # a scenario on the single-region stack (the soak with chatmesh-loadgen)
 for s in "${scenarios[@]}"; do
   [[ " ${all_scenarios[*]} " == *" $s "* ]] || { say "unknown scenario $s (known: ${all_scenarios[*]})"; exit 2; }
+  [ "$s" = region-partition ] || single_region=1
 done
 
 if [ "${FAULT_IN_NETNS:-0}" != 1 ]; then
@@ -55,7 +64,11 @@ export LOCAL_CLUSTER_DB="chatmesh_fault_$$"
 export LOCAL_CLUSTER_INSTANCES=3
 bin_dir="${FAULT_BIN_DIR:-target/release}"
 [[ "$bin_dir" = /* ]] || bin_dir="$repo/$bin_dir"
-[ -x "$bin_dir/chatmesh" ] && [ -x "$bin_dir/chatmesh-loadgen" ] || { say "no chatmesh and chatmesh-loadgen in $bin_dir"; exit 1; }
+if [ "$single_region" = 1 ]; then
+  [ -x "$bin_dir/chatmesh" ] && [ -x "$bin_dir/chatmesh-loadgen" ] || { say "no chatmesh and chatmesh-loadgen in $bin_dir"; exit 1; }
+else
+  [ -x "$bin_dir/chatmesh" ] || { say "no chatmesh in $bin_dir"; exit 1; }
+fi
 export LOCAL_CLUSTER_BIN="$bin_dir/chatmesh"
 # Instance i runs as uid uid_base+i: the redis-link-cut rule matches one instance's packets by uid.
 uid_base=64000
@@ -73,11 +86,16 @@ pg_is_up() { runuser -u postgres -- "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg
 
 failed=0
 soak_pid=""
+regions_dir="$work/regions"
 cleanup() {
   local rc=$?
   if [ -n "$soak_pid" ] && kill -0 "$soak_pid" 2>/dev/null; then kill "$soak_pid" 2>/dev/null || true; fi
   say "tearing down"
   iptables -F OUTPUT 2>/dev/null || true
+  if [ -f "$regions_dir/cluster.env" ]; then
+    LOCAL_CLUSTER_DIR="$regions_dir" lc down --purge >>"$work/regions.log" 2>&1 ||
+      say "local-cluster down (regions) failed (see $work/regions.log)"
+  fi
   [ -f "$pg_dir/data/postmaster.pid" ] && ! pg_is_up && pg_start >>"$work/cluster.log" 2>&1 # to drop the database
   lc down --purge >>"$work/cluster.log" 2>&1 || say "local-cluster down failed (see $work/cluster.log)"
   pg_ctl_ -m immediate stop >>"$work/cluster.log" 2>&1 || true
@@ -101,8 +119,10 @@ runuser -u postgres -- "$pg_bin/initdb" -D "$pg_dir/data" -U postgres --auth=tru
   >>"$work/cluster.log" 2>&1 || { say "initdb failed (see $work/cluster.log)"; exit 1; }
 pg_start >>"$work/cluster.log" 2>&1 || { say "PostgreSQL did not start:"; tail -n 20 "$pg_dir/postgres.log" >&2; exit 1; }
 
-say "bringing the stack up on $url (state $LOCAL_CLUSTER_DIR, database $LOCAL_CLUSTER_DB)"
-lc up >>"$work/cluster.log" 2>&1 || { say "local-cluster up failed:"; tail -n 30 "$work/cluster.log" >&2; exit 1; }
+if [ "$single_region" = 1 ]; then
+  say "bringing the stack up on $url (state $LOCAL_CLUSTER_DIR, database $LOCAL_CLUSTER_DB)"
+  lc up >>"$work/cluster.log" 2>&1 || { say "local-cluster up failed:"; tail -n 30 "$work/cluster.log" >&2; exit 1; }
+fi
 
 # ---- helpers -------------------------------------------------------------------------------------
 
@@ -306,6 +326,50 @@ scenario_redis_link_cut() {
   wait_for 60 "chatmesh-3 ready again by itself" instance_ready 3 || true
   wait_for 30 "HAProxy marked chatmesh-3 UP" haproxy_up_3 || true
   finish_soak
+}
+
+# Two regions on a stack of their own (own state dir, ports and database, the same PostgreSQL server);
+# the client (scripts/regions-client.mjs) drives the link itself and prints the verdict line.
+scenario_region_partition() {
+  local db="chatmesh_fault_regions_$$" rc=0 line
+  if [ ! -d tests/node/node_modules/socket.io-client ] || ! command -v node >/dev/null; then
+    echo "scenario=$scenario error=no-socket.io-client"
+    say "$scenario needs node and tests/node/node_modules (scripts/setup.sh --test)"
+    failed=1
+    return 0
+  fi
+  say "bringing two regions up (state $regions_dir, database $db)"
+  # The bound on refusals is set short; the clients' limits are raised (one IP for every user).
+  if ! LOCAL_CLUSTER_DIR="$regions_dir" LOCAL_CLUSTER_PORT_BASE=$((port_base + 100)) LOCAL_CLUSTER_DB="$db" \
+    LOCAL_CLUSTER_INSTANCES=2 LOCAL_CLUSTER_UID_BASE="" \
+    CHATMESH_REGION_TIMEOUT_MS=1500 CHATMESH_AUTH_RATE_PER_MIN=100000 CHATMESH_SEND_RATE_PER_SEC=100000 \
+    CHATMESH_READ_RATE_PER_SEC=100000 CHATMESH_ROOM_CHANGE_RATE_PER_MIN=100000 \
+    lc up --regions 2 >>"$work/regions.log" 2>&1; then
+    echo "scenario=$scenario error=regions-not-up"
+    say "local-cluster up --regions 2 failed:"
+    tail -n 30 "$work/regions.log" >&2
+    failed=1
+    return 0
+  fi
+  LOCAL_CLUSTER_DIR="$regions_dir" timeout 240 node scripts/regions-client.mjs partition --rate "$rate" \
+    --before 5 --cut 5 --after 5 --timeout-ms 1500 --store-url "$LOCAL_CLUSTER_PG/$db" \
+    --details "$work/$scenario.details.json" >"$work/$scenario.out" 2>"$work/$scenario.err" || rc=$?
+  line=$(grep '^scenario=' "$work/$scenario.out" || true)
+  if [ -z "$line" ]; then
+    echo "scenario=$scenario error=no-verdict"
+    tail -n 20 "$work/$scenario.err" >&2
+    failed=1
+  else
+    echo "$line"
+    tail -n 1 "$work/$scenario.err" >"$work/$scenario.json"
+    if [ "$rc" != 0 ] || ! [[ "$line" == *" lost=0 duplicated=0 reordered=0 "* ]]; then
+      say "$scenario FAILED (details: $work/$scenario.json, every send: $work/$scenario.details.json)"
+      grep 'PROBLEM' "$work/$scenario.err" | head -n 20 >&2 || true
+      failed=1
+    fi
+  fi
+  LOCAL_CLUSTER_DIR="$regions_dir" lc down --purge >>"$work/regions.log" 2>&1 ||
+    { say "local-cluster down --purge (regions) failed (see $work/regions.log)"; failed=1; }
 }
 
 for scenario in "${scenarios[@]}"; do
