@@ -298,6 +298,7 @@
 
     renderTotals(body, accepted, delivered);
     renderInstances(body);
+    renderRegions(body);
     renderErrors(body);
     drawChart();
     tick();
@@ -361,6 +362,32 @@
 
   const COLS = ['id', 'region', 'address', 'status', 'connections', 'accepted', 'delivered', 'circuits', 'uptime', 'last-seen'];
   const NUMERIC = new Set(['connections', 'accepted', 'delivered', 'uptime', 'last-seen']);
+
+  // With peer regions (CHATMESH_PEER_REGIONS) the view lists them under `regions`.
+  function renderRegions(body) {
+    const card = $('#regions-card');
+    const peers = Array.isArray(body.regions) ? body.regions : [];
+    card.hidden = peers.length === 0;
+    if (card.hidden) return;
+    const row = (region, status, instances, lag) => {
+      const tr = el('tr', { 'data-testid': 'region-row' });
+      tr.dataset.region = region;
+      const ids = instances.map((i) => String(i.id));
+      tr.append(
+        el('td', { text: region }),
+        el('td', { text: status }),
+        el('td', { text: ids.length ? `${ids.length}: ${ids.join(', ')}` : '–' }),
+        el('td', { class: 'num', text: lag === null || lag === undefined ? '–' : `${Number(lag).toFixed(1)} s` }),
+      );
+      return tr;
+    };
+    const rows = [row(String(body.region || '?'), 'this region', body.instances || [], null)];
+    for (const p of peers) {
+      const status = p.reachable ? 'reachable' : `unreachable${p.error ? `: ${p.error}` : ''}`;
+      rows.push(row(String(p.region), status, Array.isArray(p.instances) ? p.instances : [], p.replication_lag_seconds));
+    }
+    $('#region-rows').replaceChildren(...rows);
+  }
 
   function renderInstances(body) {
     const tbody = $('#instance-rows');

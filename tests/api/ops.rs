@@ -209,7 +209,13 @@ async fn every_documented_metric_is_exported_with_bounded_labels_and_moves_with_
         "chatmesh_redis_connected_replicas",
         "chatmesh_redis_replication_lag_seconds",
         "chatmesh_redis_aof_enabled",
+        // Only with peer regions (tests/cluster/regions.rs checks them there).
         "chatmesh_replication_lag_seconds",
+        "chatmesh_replication_applied_total",
+        "chatmesh_replication_errors_total",
+        "chatmesh_region_forwarded_total",
+        "chatmesh_region_forward_latency_seconds",
+        "chatmesh_hlc_refused_total",
         "chatmesh_rate_limited_total",
         "chatmesh_socket_events_total",
         // Only once a forged pub/sub payload arrived (cluster mode).

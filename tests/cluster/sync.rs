@@ -116,12 +116,13 @@ fn the_send_script_runs_on_a_redis_cluster() {
             cluster.cli(&[
                 "EVAL",
                 script,
-                "5",
+                "6",
                 &keys.seq(&room),
                 &dedupe,
                 &keys.history(&room),
                 &keys.sync_stream_of(&room),
                 &keys.revocations(&room, "u1"),
+                &keys.outbox_of(&room),
                 "0",
                 &format!("{{\"id\":\"m{i}\",\"room_id\":\"{room}\",\"seq\":"),
                 &format!(",\"sender_id\":\"u1\",\"client_msg_id\":\"c{i}\",\"body\":\"b\",\"created_at\":\"2026-01-01T00:00:00.000Z\"}}"),
@@ -131,6 +132,7 @@ fn the_send_script_runs_on_a_redis_cluster() {
                 &room,
                 "",
                 "0",
+                "1000",
             ])
         };
         for (i, expect) in [(1, "ok"), (2, "ok"), (1, "dup")] {
@@ -145,8 +147,40 @@ fn the_send_script_runs_on_a_redis_cluster() {
         assert_eq!(send(3).lines().next().unwrap_or_default().trim(), "revoked", "room {r}: a send after a leave");
         assert_eq!(send(2).lines().next().unwrap_or_default().trim(), "dup", "room {r}: a retry of an accepted send");
         assert_eq!(cluster.cli(&["GET", &keys.seq(&room)]).trim(), "2", "room {r}: the refused send took no seq");
+        // With peer regions each accepted send also went to its shard's outbox.
+        assert_eq!(cluster.cli(&["XLEN", &keys.outbox_of(&room)]).trim(), "2", "room {r}: outbox");
     }
     assert!(slots_seen.len() > 1, "rooms landed in more than one slot");
+
+    // The apply script (messages replicated from another region) too: in order, once, and one
+    // that arrives early waits for the gap to be filled.
+    let apply = chatmesh::redis_io::apply_script(&crate::test_seal());
+    for r in 0..3 {
+        let room = format!("01REPL{r:020}");
+        let put = |seq: u32| {
+            let msg = format!("{{\"seq\":{seq}}}");
+            let reply = cluster.cli(&[
+                "EVAL",
+                &apply,
+                "3",
+                &keys.seq(&room),
+                &keys.history(&room),
+                &keys.replica_pending(&room),
+                &seq.to_string(),
+                &msg,
+                &keys.channel(&room),
+                "0",
+                "2000",
+            ]);
+            assert!(!reply.contains("ERR"), "room {r}: {reply}");
+            reply.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+        };
+        assert_eq!(put(1), "ok 1", "room {r}");
+        assert_eq!(put(1), "dup 1", "room {r}");
+        assert_eq!(put(3), "gap 1", "room {r}");
+        assert_eq!(put(2), "ok 3", "room {r}: 2 unblocked the waiting 3");
+        assert_eq!(cluster.cli(&["XLEN", &keys.history(&room)]).trim(), "3", "room {r}");
+    }
 }
 
 /// Past the backlog limit (the store is behind), sends answer `unavailable` instead of growing Redis.
