@@ -151,6 +151,7 @@ async fn cluster_mode(
         caches.clone(),
         instance_id.to_string(),
         seal.clone(),
+        c.peers.iter().map(|p| p.name.clone()).collect(),
     )
     .await?;
     let sequencer = RedisSequencer::start_with(

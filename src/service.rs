@@ -329,7 +329,12 @@ impl ChatService {
     /// `presence` for the user to the rooms they are a member of, on every instance.
     pub async fn announce_presence(&self, user_id: &UserId, online: bool) {
         match self.store.room_ids_of_user(user_id).await {
-            Ok(rooms) => self.notices.presence(user_id, online, &rooms).await,
+            Ok(rooms) => {
+                if self.notices.presence(user_id, online, &rooms).await && self.regions.has_peers() {
+                    let region = self.regions.name().to_string();
+                    self.tell_regions(Replicated::Presence { user_id: user_id.to_string(), online, region }).await;
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "presence: could not list rooms"),
         }
     }
@@ -338,6 +343,9 @@ impl ChatService {
     pub async fn typing(&self, room_id: &RoomId, user_id: &UserId, socket_id: &str) -> ApiResult<()> {
         self.typing_limiter.check(user_id).map_err(|wait| Self::limited("typing", wait))?;
         self.notices.typing(room_id, user_id, socket_id).await;
+        if self.regions.has_peers() {
+            self.tell_regions(Replicated::Typing { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
+        }
         Ok(())
     }
 
@@ -776,6 +784,15 @@ impl ChatService {
                 let user = self.user(&id).await?;
                 let rooms = self.store.room_ids_of_user(&id).await?;
                 self.notices.user_updated(&user, &rooms).await;
+                Ok(())
+            }
+            Replicated::Presence { user_id, online, region } => {
+                let rooms = self.store.room_ids_of_user(&UserId::from(user_id.as_str())).await?;
+                self.notices.presence_elsewhere(&region, &user_id, online, &rooms).await;
+                Ok(())
+            }
+            Replicated::Typing { room_id, user_id } => {
+                self.notices.typing(&room_id, &user_id, "").await;
                 Ok(())
             }
             Replicated::SessionsEnded { user_id, ended } => {

@@ -98,12 +98,12 @@ impl Notices for LocalFanout {
         self.io.broadcast(&rooms, "user:updated", user);
     }
 
-    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) {
-        if room_ids.is_empty() {
-            return;
+    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) -> bool {
+        if !room_ids.is_empty() {
+            let state = if online { "online" } else { "offline" };
+            self.io.broadcast(room_ids, "presence", &json!({"user_id": user_id, "state": state}));
         }
-        let state = if online { "online" } else { "offline" };
-        self.io.broadcast(room_ids, "presence", &json!({"user_id": user_id, "state": state}));
+        true
     }
 
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {

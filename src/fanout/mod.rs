@@ -45,8 +45,13 @@ pub trait Notices: Send + Sync + 'static {
     async fn room_updated(&self, room: &Room);
     /// `user:updated` to the user's own sockets and to sockets in `room_ids`.
     async fn user_updated(&self, user: &User, room_ids: &[String]);
-    /// `presence` to sockets in `room_ids`.
-    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]);
+    /// `presence` to sockets in `room_ids` when the user's first socket came or last went, here
+    /// and in every region; returns whether it did so in this region (the other regions must
+    /// hear of it).
+    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) -> bool;
+    /// A peer region's user came online there (first socket) or went offline (last): `presence`
+    /// here too unless this or a third region still has the user.
+    async fn presence_elsewhere(&self, _region: &str, _user_id: &str, _online: bool, _room_ids: &[String]) {}
     /// `typing` to the room's sockets except `except_socket` (the typist's own).
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str);
 }

@@ -84,6 +84,8 @@ pub struct RedisFanout {
     /// Where pushes go; kept to rebuild the pub/sub connection after a failover.
     push_tx: mpsc::UnboundedSender<PushInfo>,
     presence_script: redis::Script,
+    /// The other regions, whose users online count for presence here.
+    peer_regions: Vec<String>,
     watched: Mutex<HashSet<String>>,
     last_canary_ms: Arc<AtomicI64>,
     seal: Seal,
@@ -102,6 +104,7 @@ impl RedisFanout {
         caches: Arc<Caches>,
         instance_id: String,
         seal: Seal,
+        peer_regions: Vec<String>,
     ) -> anyhow::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut pubsub = redis.pubsub(tx.clone()).await?;
@@ -115,6 +118,7 @@ impl RedisFanout {
             pubsub: Mutex::new(pubsub),
             push_tx: tx,
             presence_script: redis::Script::new(crate::redis_io::PRESENCE_SCRIPT),
+            peer_regions,
             watched: Mutex::default(),
             last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
             seal: seal.clone(),
@@ -185,21 +189,38 @@ impl RedisFanout {
     }
 
     /// Records this instance's change and says whether the cluster-wide state changed with it.
-    async fn presence_changed(&self, user_id: &str, online: bool) -> bool {
+    /// Runs the presence script on `set` (this instance's, or a peer region's) against this
+    /// region's other live instances and the other peer regions: 0 no change in this region, 2
+    /// changed in this region only, 1 changed anywhere.
+    async fn presence_changed(&self, set: String, except_region: Option<&str>, user_id: &str, online: bool) -> i64 {
         let mut conn = self.redis.conn().await;
         let others = crate::cluster::live_instance_ids(&mut conn, &self.keys).await.unwrap_or_default();
-        let mut invocation = self.presence_script.key(self.keys.presence(&self.instance_id));
-        for id in others.iter().filter(|id| **id != self.instance_id) {
+        let mut invocation = self.presence_script.key(&set);
+        let mut own = 0;
+        for id in others.iter().filter(|id| except_region.is_some() || **id != self.instance_id) {
             invocation.key(self.keys.presence(id));
+            own += 1;
         }
-        invocation.arg(user_id).arg(if online { "1" } else { "0" });
+        for region in self.peer_regions.iter().filter(|r| Some(r.as_str()) != except_region) {
+            invocation.key(self.keys.region_presence(region));
+        }
+        invocation.arg(user_id).arg(if online { "1" } else { "0" }).arg(own);
         match invocation.invoke_async::<i64>(&mut conn).await {
-            Ok(changed) => changed == 1,
+            Ok(changed) => changed,
             Err(e) => {
                 tracing::warn!(error = %e, "presence: script failed");
-                false
+                0
             }
         }
+    }
+
+    async fn announce_presence(&self, user_id: &str, online: bool, room_ids: &[String]) {
+        if room_ids.is_empty() {
+            return;
+        }
+        let state = if online { "online" } else { "offline" };
+        let data = serde_json::json!({"user_id": user_id, "state": state});
+        self.publish_event(Event { rooms: room_ids.to_vec(), event: "presence".into(), data, except: None }).await;
     }
 }
 
@@ -459,14 +480,25 @@ impl Notices for RedisFanout {
         self.publish_event(Event { rooms, event: "user:updated".into(), data, except: None }).await;
     }
 
-    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) {
-        // Sockets of one user on two instances: only the first to come and the last to go count.
-        if !self.presence_changed(user_id, online).await || room_ids.is_empty() {
-            return;
+    async fn presence(&self, user_id: &str, online: bool, room_ids: &[String]) -> bool {
+        // Sockets of one user on two instances: only the first to come and the last to go count;
+        // across regions, only the first anywhere and the last anywhere are announced.
+        let set = self.keys.presence(&self.instance_id);
+        match self.presence_changed(set, None, user_id, online).await {
+            1 => {
+                self.announce_presence(user_id, online, room_ids).await;
+                true
+            }
+            2 => true,
+            _ => false,
         }
-        let state = if online { "online" } else { "offline" };
-        let data = serde_json::json!({"user_id": user_id, "state": state});
-        self.publish_event(Event { rooms: room_ids.to_vec(), event: "presence".into(), data, except: None }).await;
+    }
+
+    async fn presence_elsewhere(&self, region: &str, user_id: &str, online: bool, room_ids: &[String]) {
+        let set = self.keys.region_presence(region);
+        if self.presence_changed(set, Some(region), user_id, online).await == 1 {
+            self.announce_presence(user_id, online, room_ids).await;
+        }
     }
 
     async fn typing(&self, room_id: &str, user_id: &str, except_socket: &str) {

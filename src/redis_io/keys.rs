@@ -112,6 +112,10 @@ impl Keys {
     pub fn presence(&self, instance_id: &str) -> String {
         format!("{}:{{presence}}:{instance_id}", self.prefix)
     }
+    /// Users a peer region reported online (same hash tag as the instances' presence sets).
+    pub fn region_presence(&self, region: &str) -> String {
+        format!("{}:{{presence}}:@region:{region}", self.prefix)
+    }
     pub fn canary_channel(&self, instance_id: &str) -> String {
         format!("{}:canary:{instance_id}", self.prefix)
     }

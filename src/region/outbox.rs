@@ -28,6 +28,10 @@ pub enum Replicated {
         #[serde(default)]
         version: String,
     },
+    /// The user's first socket in the region came, or the last went.
+    Presence { user_id: String, online: bool, region: String },
+    /// A user typing in a room (best effort, like everywhere).
+    Typing { room_id: String, user_id: String },
     /// The user's tokens were revoked (logout, password change): cut their sockets everywhere.
     SessionsEnded { user_id: String, ended: Ended },
 }
@@ -36,8 +40,13 @@ impl Replicated {
     /// The id whose shard's outbox carries the entry.
     fn subject(&self) -> &str {
         match self {
-            Self::Left { room_id, .. } | Self::Joined { room_id, .. } | Self::RoomChanged { room_id, .. } => room_id,
-            Self::UserChanged { user_id, .. } | Self::SessionsEnded { user_id, .. } => user_id,
+            Self::Left { room_id, .. }
+            | Self::Joined { room_id, .. }
+            | Self::RoomChanged { room_id, .. }
+            | Self::Typing { room_id, .. } => room_id,
+            Self::UserChanged { user_id, .. } | Self::SessionsEnded { user_id, .. } | Self::Presence { user_id, .. } => {
+                user_id
+            }
         }
     }
 }
