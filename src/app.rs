@@ -64,17 +64,16 @@ fn peer_clients(c: &ClusterConfig, tokens: Arc<InternalTokens>) -> anyhow::Resul
     let ca = match &c.region_ca_file {
         None => None,
         Some(path) => {
-            let pem =
-                std::fs::read(path).with_context(|| format!("reading CHATMESH_REGION_CA_FILE {}", path.display()))?;
-            Some(
-                reqwest::Certificate::from_pem(&pem)
-                    .with_context(|| format!("CHATMESH_REGION_CA_FILE {} is not a PEM certificate", path.display()))?,
-            )
+            Some(std::fs::read(path).with_context(|| format!("reading CHATMESH_REGION_CA_FILE {}", path.display()))?)
         }
     };
     c.peers
         .iter()
-        .map(|p| Ok(Arc::new(PeerClient::new(&p.name, &p.url, tokens.clone(), c.region_timeout, ca.as_ref())?)))
+        .map(|p| {
+            let client = PeerClient::new(&p.name, &p.url, tokens.clone(), c.region_timeout, ca.as_deref());
+            let what = || format!("CHATMESH_PEER_REGIONS {} with CHATMESH_REGION_CA_FILE", p.name);
+            Ok(Arc::new(client.with_context(what)?))
+        })
         .collect()
 }
 

@@ -43,7 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
     let internal = Router::new()
         .route("/ping", get(internal::ping))
-        .route("/regions/sends", post(regions::sends))
+        .route("/regions/lane", get(regions::lane))
         .route("/regions/join", post(regions::join))
         .route("/regions/leave", post(regions::leave))
         .route("/regions/members", post(regions::add_member))

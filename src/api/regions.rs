@@ -1,63 +1,143 @@
 //! `/internal/v1/regions`: what other regions ask of this one, behind the internal guard
 //! ([`super::internal::guard`]). Forwarded sends and membership changes for rooms homed here
-//! (the calling instance authenticated the user and vouches for it with its token), the outbox
+//! (sends over a WebSocket lane; the calling instance authenticated the user and vouches for it
+//! with its token), the outbox
 //! stream, history pages for filling gaps, and holding messages for ack level `region`.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as Frame;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::domain::{ClientMsgId, HistoryPage, MessageBody, Room, RoomId, UserId};
+use crate::domain::{ClientMsgId, HistoryPage, MessageBody, Room, RoomId, Timestamp, UserId};
 use crate::error::{ApiError, ApiResult};
 use crate::region::client::{HoldAnswer, HoldRequest};
-use crate::region::forward::{SendResult, SendsAnswer, SendsRequest};
+use crate::region::forward::{LaneAnswer, LaneFrame, SendResult};
 use crate::region::replicator::{MessagesRequest, OutboxRequest};
 use crate::service::{Cursor, MAX_PAGE, MemberChange};
 use crate::state::AppState;
-
-/// Forwarded sends per request at most (a lane batches up to 256).
-const MAX_SENDS: usize = 1_024;
 
 fn region_api(state: &AppState) -> ApiResult<&crate::state::RegionApi> {
     state.regions.as_ref().ok_or_else(|| ApiError::NotFound("this deployment has no peer regions".into()))
 }
 
-/// `POST /sends`: forwarded sends, sequenced in the order given; one answer each, in order.
-pub async fn sends(State(state): State<Arc<AppState>>, Json(req): Json<SendsRequest>) -> ApiResult<Json<SendsAnswer>> {
-    region_api(&state)?;
-    if req.sends.len() > MAX_SENDS {
-        return Err(ApiError::validation(format!("at most {MAX_SENDS} sends per request")));
+/// Forwarded sends per lane frame at most (a lane batches up to 256).
+const MAX_SENDS: usize = 1_024;
+
+/// `GET /lane` (WebSocket): a send lane from another region. Frames of forwarded sends are
+/// submitted in the order they arrive (so each room's sends keep the order the other region
+/// queued them in); each frame's answers go back as soon as its sends are kept, tagged with its id.
+pub async fn lane(State(state): State<Arc<AppState>>, mut req: Request) -> Response {
+    if let Err(e) = region_api(&state) {
+        return e.into_response();
     }
-    let _inflight = state.admit_send()?;
-    let mut receipts = Vec::with_capacity(req.sends.len());
-    for s in req.sends {
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return ApiError::validation("a send lane is a WebSocket").into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else { return };
+        let config = WebSocketConfig::default().max_message_size(Some(state.config.max_body_bytes * 64));
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+        serve_lane(state, ws).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()))
+        .body(Body::empty())
+        .unwrap_or_else(|_| ApiError::validation("bad upgrade").into_response())
+}
+
+async fn serve_lane(state: Arc<AppState>, ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) {
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(Ok(frame)) = stream.next().await {
+        match frame {
+            Frame::Text(text) => {
+                let Ok(frame) = serde_json::from_str::<LaneFrame>(text.as_str()) else { break };
+                take_frame(&state, frame, &tx).await;
+            }
+            Frame::Ping(p) => {
+                let _ = tx.send(Frame::Pong(p));
+            }
+            Frame::Close(_) => break,
+            _ => {}
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+/// Submits one frame's sends in order (before the next frame is read) and answers it once they
+/// are kept. A frame past its deadline is refused whole: its sender stopped waiting.
+async fn take_frame(state: &Arc<AppState>, frame: LaneFrame, tx: &mpsc::UnboundedSender<Frame>) {
+    let answer = |results: Vec<SendResult>| {
+        let text = serde_json::to_string(&LaneAnswer { id: frame.id, results }).expect("an answer serializes");
+        let _ = tx.send(Frame::text(text));
+    };
+    let refuse_all =
+        |e: ApiError| answer(frame.sends.iter().map(|_| SendResult::from_result(Err(e.clone()))).collect());
+    if Timestamp::now().0 > frame.deadline {
+        metrics::counter!(crate::metrics::REGION_FORWARDED, "peer" => "lane", "op" => "late", "outcome" => "refused")
+            .increment(1);
+        return refuse_all(ApiError::Unavailable("the sends arrived after their caller stopped waiting".into()));
+    }
+    if frame.sends.len() > MAX_SENDS {
+        return refuse_all(ApiError::validation(format!("at most {MAX_SENDS} sends per frame")));
+    }
+    let inflight = match state.admit_send() {
+        Ok(t) => t,
+        Err(e) => return refuse_all(e),
+    };
+    let mut receipts = Vec::with_capacity(frame.sends.len());
+    for s in &frame.sends {
         let submitted = async {
             let user = UserId::from(s.user_id.as_str());
             let room = RoomId::from(s.room_id.as_str());
             let cmid = ClientMsgId::parse(&s.client_msg_id)?;
             let body = MessageBody::parse(&s.body)?;
             let receipt = state.svc.submit_at_home(&user, &room, cmid, body, &s.trace).await?;
-            Ok::<_, ApiError>((receipt, user, room, s.trace))
+            Ok::<_, ApiError>((receipt, user, room, s.trace.clone()))
         }
         .await;
         receipts.push(submitted);
     }
-    let mut results = Vec::with_capacity(receipts.len());
-    for r in receipts {
-        let answer = match r {
-            Ok((receipt, user, room, trace)) => {
-                state.svc.settle(receipt, &room, &user, trace).await.map(|sent| (sent.message, sent.created))
-            }
-            Err(e) => Err(e),
-        };
-        results.push(SendResult::from_result(answer));
-    }
-    Ok(Json(SendsAnswer { results }))
+    let (state, tx, id) = (state.clone(), tx.clone(), frame.id);
+    tokio::spawn(async move {
+        let _inflight = inflight;
+        let mut results = Vec::with_capacity(receipts.len());
+        for r in receipts {
+            let sent = match r {
+                Ok((receipt, user, room, trace)) => {
+                    state.svc.settle(receipt, &room, &user, trace).await.map(|sent| (sent.message, sent.created))
+                }
+                Err(e) => Err(e),
+            };
+            results.push(SendResult::from_result(sent));
+        }
+        let text = serde_json::to_string(&LaneAnswer { id, results }).expect("an answer serializes");
+        let _ = tx.send(Frame::text(text));
+    });
 }
 
 /// `POST /join`: a join of a room homed here.

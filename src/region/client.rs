@@ -33,25 +33,72 @@ pub struct PeerClient {
     http: reqwest::Client,
     tokens: Arc<InternalTokens>,
     pub timeout: Duration,
+    /// For the send lanes' WebSockets to an https peer.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
+/// Anything a WebSocket can run over (TCP, or TLS over TCP).
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}
+
+/// A send lane's connection to a peer region.
+pub type LaneSocket = tokio_tungstenite::WebSocketStream<Box<dyn Transport>>;
+
 impl PeerClient {
+    /// `ca`: the CA certificates of `CHATMESH_REGION_CA_FILE` (PEM), if set.
     pub fn new(
         region: &str,
         base: &str,
         tokens: Arc<InternalTokens>,
         timeout: Duration,
-        ca: Option<&reqwest::Certificate>,
+        ca: Option<&[u8]>,
     ) -> anyhow::Result<Self> {
+        let tls = base.starts_with("https://").then(|| lane_tls(ca)).transpose()?;
+        let ca = ca.map(reqwest::Certificate::from_pem).transpose()?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http1_only()
             .pool_idle_timeout(Duration::from_secs(30));
         if let Some(ca) = ca {
-            builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca.clone());
+            builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca);
         }
-        Ok(Self { region: region.to_string(), base: base.to_string(), http: builder.build()?, tokens, timeout })
+        Ok(Self { region: region.to_string(), base: base.to_string(), http: builder.build()?, tokens, timeout, tls })
+    }
+
+    /// Opens a send lane: a WebSocket to `/internal/v1/regions/lane`, within the region timeout.
+    pub async fn lane(&self) -> Result<LaneSocket, String> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = url::Url::parse(&self.base).map_err(|e| e.to_string())?;
+        let host = url.host_str().ok_or("no host")?.to_string();
+        let port = url.port_or_known_default().ok_or("no port")?;
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+            let stream: Box<dyn Transport> = match &self.tls {
+                None => Box::new(tcp),
+                Some(config) => {
+                    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Box::new(tls)
+                }
+            };
+            let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+            let mut request = format!("{scheme}://{host}:{port}/internal/v1/regions/lane")
+                .into_client_request()
+                .map_err(|e| e.to_string())?;
+            let bearer = format!("Bearer {}", self.tokens.issue());
+            request.headers_mut().insert(
+                reqwest::header::AUTHORIZATION,
+                bearer.parse().map_err(|e: reqwest::header::InvalidHeaderValue| e.to_string())?,
+            );
+            let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(ws)
+        };
+        tokio::time::timeout(self.timeout, connect).await.map_err(|_| "timed out".to_string())?
     }
 
     fn url(&self, path: &str) -> String {
@@ -136,4 +183,25 @@ impl PeerClient {
         }
         Ok(res)
     }
+}
+
+/// The TLS client configuration of the send lanes: the CA file's certificates, or the web PKI.
+fn lane_tls(ca: Option<&[u8]>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert?)?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }

@@ -44,9 +44,9 @@ impl Replicated {
             | Self::Joined { room_id, .. }
             | Self::RoomChanged { room_id, .. }
             | Self::Typing { room_id, .. } => room_id,
-            Self::UserChanged { user_id, .. } | Self::SessionsEnded { user_id, .. } | Self::Presence { user_id, .. } => {
-                user_id
-            }
+            Self::UserChanged { user_id, .. }
+            | Self::SessionsEnded { user_id, .. }
+            | Self::Presence { user_id, .. } => user_id,
         }
     }
 }
