@@ -18,7 +18,7 @@ use crate::cluster::{self, InstanceRecord};
 use crate::config::{AckLevel, ClusterConfig, Config};
 use crate::domain::Timestamp;
 use crate::fanout::local::LocalFanout;
-use crate::fanout::redis::RedisFanout;
+use crate::fanout::redis::{Identity, RedisFanout};
 use crate::fanout::seal::Seal;
 use crate::history::{LocalHistory, RedisHistory};
 use crate::internal::InternalTokens;
@@ -148,9 +148,11 @@ async fn cluster_mode(
         keys.clone(),
         history.clone(),
         caches.clone(),
-        instance_id.to_string(),
-        seal.clone(),
-        c.peers.iter().map(|p| p.name.clone()).collect(),
+        Identity {
+            instance_id: instance_id.to_string(),
+            seal: seal.clone(),
+            peer_regions: c.peers.iter().map(|p| p.name.clone()).collect(),
+        },
     )
     .await?;
     let sequencer = RedisSequencer::start_with(

@@ -95,6 +95,13 @@ pub struct RedisFanout {
     sent: AtomicU64,
 }
 
+/// Who this instance is on the fan-out: its id, the cluster's seal, and the other regions.
+pub struct Identity {
+    pub instance_id: String,
+    pub seal: Seal,
+    pub peer_regions: Vec<String>,
+}
+
 impl RedisFanout {
     pub async fn start(
         io: Io,
@@ -102,10 +109,9 @@ impl RedisFanout {
         keys: Keys,
         history: Arc<RedisHistory>,
         caches: Arc<Caches>,
-        instance_id: String,
-        seal: Seal,
-        peer_regions: Vec<String>,
+        identity: Identity,
     ) -> anyhow::Result<Arc<Self>> {
+        let Identity { instance_id, seal, peer_regions } = identity;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut pubsub = redis.pubsub(tx.clone()).await?;
         pubsub.subscribe(keys.events_channel()).await?;
