@@ -175,15 +175,21 @@ impl Worker {
     }
 
     async fn process(&self, batch: Vec<(SendRequest, Reply)>) {
+        let mut done = Vec::with_capacity(batch.len());
+        self.sequence(batch, &mut done).await;
+        self.answer(done);
+    }
+
+    /// Runs the batch through the send script (rounds that initialise missing room counters
+    /// included); every job ends up in `done` with its outcome.
+    async fn sequence(&self, batch: Vec<(SendRequest, Reply)>, done: &mut Vec<(Reply, Result<SendOutcome, ApiError>)>) {
         let mut pending: Vec<(SendRequest, Reply)> = batch;
         let mut heads: HashMap<String, i64> = HashMap::new();
         for _ in 0..MAX_ROUNDS {
             let results = match self.run_pipeline(&pending, &heads).await {
                 Ok(r) => r,
                 Err(e) => {
-                    for (_, reply) in pending {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+                    done.extend(pending.into_iter().map(|(_, reply)| (reply, Err(e.clone()))));
                     return;
                 }
             };
@@ -191,9 +197,7 @@ impl Worker {
             let mut missing_rooms = Vec::new();
             for ((req, reply), step) in pending.into_iter().zip(results) {
                 match step {
-                    Step::Done(result) => {
-                        let _ = reply.send(result);
-                    }
+                    Step::Done(result) => done.push((reply, result)),
                     Step::NeedsInit => {
                         if !heads.contains_key(&req.room_id) && !missing_rooms.contains(&req.room_id) {
                             missing_rooms.push(req.room_id.clone());
@@ -227,7 +231,7 @@ impl Worker {
                 } else {
                     ApiError::Unavailable("cannot initialise the room's sequence (store unreachable); retry".into())
                 };
-                let _ = reply.send(Err(err));
+                done.push((reply, Err(err)));
             }
             pending = ready;
             if pending.is_empty() {
@@ -235,8 +239,36 @@ impl Worker {
             }
         }
         for (_, reply) in pending {
-            let _ = reply.send(Err(ApiError::Unavailable("the room's sequence could not be initialised".into())));
+            done.push((reply, Err(ApiError::Unavailable("the room's sequence could not be initialised".into()))));
         }
+    }
+
+    /// Answers the batch's sends. Ack level `region`: the batch's messages (retries included:
+    /// their first answer may have been lost before another region had them) must be in another
+    /// region's Redis first; if none confirms in time they are answered `unavailable` (a retry
+    /// returns the original, once it is held). That wait runs beside the lane, which goes on with
+    /// the next batch: holding the lane for the extra round trip made every send behind it wait
+    /// (measured: ack p50 144 ms against 100 ms for forward + hold at a 25 ms link).
+    fn answer(&self, done: Vec<(Reply, Result<SendOutcome, ApiError>)>) {
+        let Some(elsewhere) = self.config.elsewhere.clone() else {
+            for (reply, result) in done {
+                let _ = reply.send(result);
+            }
+            return;
+        };
+        let messages: Vec<Message> =
+            done.iter().filter_map(|(_, r)| r.as_ref().ok().map(|outcome| outcome.message().clone())).collect();
+        tokio::spawn(async move {
+            let held = if messages.is_empty() { Ok(()) } else { elsewhere.hold(&messages).await };
+            for (reply, result) in done {
+                let result = match (result, &held) {
+                    (Ok(outcome), Ok(())) => Ok(outcome),
+                    (Ok(_), Err(e)) => Err(e.clone()),
+                    (Err(e), _) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+        });
     }
 
     async fn run_pipeline(
@@ -294,9 +326,7 @@ impl Worker {
                             return Err(ApiError::Unavailable("no replica confirmed the write in time; retry".into()));
                         }
                     }
-                    let steps: Vec<Step> =
-                        jobs.iter().zip(values.iter()).map(|((req, _), v)| parse_reply(v, req)).collect();
-                    return Ok(self.held_elsewhere(steps).await);
+                    return Ok(jobs.iter().zip(values.iter()).map(|((req, _), v)| parse_reply(v, req)).collect());
                 }
                 Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) && !loaded_once => {
                     loaded_once = true;
@@ -311,34 +341,6 @@ impl Worker {
                 }
             }
         }
-    }
-}
-
-impl Worker {
-    /// Ack level `region`: the batch's messages (retries included: their first answer may have
-    /// been lost before another region had them) must be in another region's Redis before
-    /// they are acknowledged; if none confirms in time, they are answered `unavailable` (a
-    /// retry returns the original, once it is held).
-    async fn held_elsewhere(&self, mut steps: Vec<Step>) -> Vec<Step> {
-        let Some(elsewhere) = &self.config.elsewhere else { return steps };
-        let messages: Vec<Message> = steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::Done(Ok(outcome)) => Some(outcome.message().clone()),
-                _ => None,
-            })
-            .collect();
-        if messages.is_empty() {
-            return steps;
-        }
-        if let Err(e) = elsewhere.hold(&messages).await {
-            for step in &mut steps {
-                if matches!(step, Step::Done(Ok(_))) {
-                    *step = Step::Done(Err(e.clone()));
-                }
-            }
-        }
-        steps
     }
 }
 
