@@ -330,7 +330,7 @@ impl ChatService {
     pub async fn announce_presence(&self, user_id: &UserId, online: bool) {
         match self.store.room_ids_of_user(user_id).await {
             Ok(rooms) => {
-                if self.notices.presence(user_id, online, &rooms).await && self.regions.has_peers() {
+                if self.notices.presence(user_id, online, &rooms).await {
                     let region = self.regions.name().to_string();
                     self.tell_regions(Replicated::Presence { user_id: user_id.to_string(), online, region }).await;
                 }
@@ -343,9 +343,7 @@ impl ChatService {
     pub async fn typing(&self, room_id: &RoomId, user_id: &UserId, socket_id: &str) -> ApiResult<()> {
         self.typing_limiter.check(user_id).map_err(|wait| Self::limited("typing", wait))?;
         self.notices.typing(room_id, user_id, socket_id).await;
-        if self.regions.has_peers() {
-            self.tell_regions(Replicated::Typing { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
-        }
+        self.tell_regions(Replicated::Typing { room_id: room_id.to_string(), user_id: user_id.to_string() }).await;
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as Frame;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::domain::{ClientMsgId, HistoryPage, MessageBody, Room, RoomId, Timestamp, UserId};
@@ -52,13 +51,7 @@ pub async fn lane(State(state): State<Arc<AppState>>, mut req: Request) -> Respo
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
         serve_lane(state, ws).await;
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()))
-        .body(Body::empty())
-        .unwrap_or_else(|_| ApiError::validation("bad upgrade").into_response())
+    crate::sio::switching_protocols(key.as_bytes())
 }
 
 async fn serve_lane(state: Arc<AppState>, ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) {

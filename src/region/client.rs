@@ -112,16 +112,7 @@ impl PeerClient {
         path: &str,
         body: &B,
     ) -> ApiResult<T> {
-        self.call_within(op, path, body, self.timeout).await
-    }
-
-    pub async fn call_within<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        op: &'static str,
-        path: &str,
-        body: &B,
-        timeout: Duration,
-    ) -> ApiResult<T> {
+        let timeout = self.timeout;
         let started = Instant::now();
         let result = async {
             // The home does nothing with a request that reaches it after this instance stopped

@@ -211,6 +211,7 @@ pub struct Replicator {
     caught_up_ms: AtomicI64,
     leading: AtomicBool,
     stream_lock: Mutex<()>,
+    lease: redis::Script,
 }
 
 const LEASE_SCRIPT: &str = r"
@@ -241,6 +242,7 @@ impl Replicator {
             caught_up_ms: AtomicI64::new(Timestamp::now().0),
             leading: AtomicBool::new(false),
             stream_lock: Mutex::new(()),
+            lease: redis::Script::new(LEASE_SCRIPT),
         }
     }
 
@@ -287,7 +289,8 @@ impl Replicator {
 
     async fn hold_lease(&self) -> bool {
         let mut conn = self.redis.conn().await;
-        let got: redis::RedisResult<i64> = redis::Script::new(LEASE_SCRIPT)
+        let got: redis::RedisResult<i64> = self
+            .lease
             .key(self.keys.replication_lease(&self.peer.region))
             .arg(&self.instance_id)
             .arg(LEASE.as_millis() as u64)

@@ -242,13 +242,22 @@ fn websocket(io: Arc<IoInner>, mut req: Request, sid: Option<String>) -> Respons
             }
         }
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()))
-        .body(Body::empty())
-        .unwrap_or_else(|_| error(3, "Bad request"))
+    switching_protocols(key.as_bytes())
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade whose `Sec-WebSocket-Key` is
+/// `key` (the caller takes the upgraded connection with `hyper::upgrade::on`).
+pub fn switching_protocols(key: &[u8]) -> Response {
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = res.headers_mut();
+    headers.insert(header::CONNECTION, axum::http::HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, axum::http::HeaderValue::from_static("websocket"));
+    // An accept key is base64: always a valid header value.
+    if let Ok(accept) = axum::http::HeaderValue::from_str(&derive_accept_key(key)) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    res
 }
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;

@@ -6,6 +6,8 @@
 //! queued for a socket goes out in one flush.
 
 mod engine;
+
+pub use engine::switching_protocols;
 mod io;
 pub mod packet;
 mod socket;
