@@ -122,6 +122,7 @@ async fn cluster_mode(
     let keys = Keys::new(&c.prefix, c.shards);
     let seal = Seal::from_secret(&c.secret);
     let peers = peer_clients(c, Arc::new(InternalTokens::new(&c.secret, instance_id)))?;
+    let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let regions = if peers.is_empty() {
         None
     } else {
@@ -134,6 +135,7 @@ async fn cluster_mode(
                 script: redis::Script::new(&apply_script(&seal)),
             }),
             peers: peers.clone(),
+            history: history.clone(),
             redis: redis.clone(),
             keys: keys.clone(),
         };
@@ -141,7 +143,6 @@ async fn cluster_mode(
     };
     let elsewhere: Option<Arc<dyn HoldElsewhere>> = (c.ack_level == AckLevel::Region)
         .then(|| Arc::new(PeersHold { peers: peers.clone(), timeout: c.region_timeout }) as Arc<dyn HoldElsewhere>);
-    let history = Arc::new(RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() });
     let fanout = RedisFanout::start(
         io,
         redis.clone(),

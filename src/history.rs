@@ -196,23 +196,32 @@ impl History for RedisHistory {
     }
 
     async fn current_heads(&self, rooms: &mut [Room]) -> ApiResult<()> {
-        if rooms.is_empty() {
-            return Ok(());
+        let ids: Vec<RoomId> = rooms.iter().map(|r| RoomId::from(r.id.as_str())).collect();
+        for (room, head) in rooms.iter_mut().zip(self.heads(&ids).await?) {
+            room.head_seq = room.head_seq.max(head);
+        }
+        Ok(())
+    }
+}
+
+impl RedisHistory {
+    /// The highest seq acknowledged (or, for a room homed in another region, applied) in each
+    /// room by this Redis; 0 where it holds no counter.
+    pub async fn heads(&self, ids: &[RoomId]) -> ApiResult<Vec<i64>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
         // One GET per room in one round trip (a pipeline, not MGET: the counters live in
         // different shards' hash slots).
         let mut pipe = redis::pipe();
-        for room in rooms.iter() {
-            pipe.get(self.keys.seq(&room.id));
+        for id in ids {
+            pipe.get(self.keys.seq(id));
         }
         let heads: Vec<Option<i64>> = pipe.query_async(&mut self.redis.conn().await).await.map_err(|e| {
             tracing::warn!(error = %e, "redis head read failed");
             ApiError::Unavailable("Redis is unavailable; retry".into())
         })?;
-        for (room, head) in rooms.iter_mut().zip(heads) {
-            room.head_seq = room.head_seq.max(head.unwrap_or(0));
-        }
-        Ok(())
+        Ok(heads.into_iter().map(|h| h.unwrap_or(0)).collect())
     }
 }
 

@@ -411,12 +411,14 @@ impl ChatService {
     /// store's may lag the write-back in cluster mode).
     async fn current(&self, mut rooms: Vec<Room>) -> ApiResult<Vec<Room>> {
         self.history.current_heads(&mut rooms).await?;
+        self.regions.raise_to_home_heads(&mut rooms).await;
         Ok(rooms)
     }
 
     async fn current_room(&self, room: Room) -> ApiResult<Room> {
         let mut rooms = [room];
         self.history.current_heads(&mut rooms).await?;
+        self.regions.raise_to_home_heads(&mut rooms).await;
         let [room] = rooms;
         Ok(room)
     }
@@ -803,6 +805,10 @@ impl ChatService {
 
     /// A page of history, without permission checks (the caller made them).
     pub async fn page(&self, room_id: &RoomId, cursor: Cursor, limit: u32) -> ApiResult<HistoryPage> {
-        self.history.page(room_id, cursor, limit).await
+        let here = self.history.page(room_id, cursor, limit);
+        match self.remote_home(room_id).await {
+            Ok(Some(home)) => home.page(room_id, cursor, limit, here).await,
+            _ => here.await,
+        }
     }
 }

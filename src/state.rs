@@ -56,6 +56,8 @@ pub struct RegionApi {
     pub outbox: Arc<crate::region::replicator::OutboxServer>,
     pub applier: Arc<crate::region::apply::Applier>,
     pub peers: Vec<Arc<crate::region::PeerClient>>,
+    /// This region's heads of the rooms homed here, for the other regions.
+    pub history: Arc<crate::history::RedisHistory>,
     /// Where the replicators note how far they are (for the cluster view).
     pub redis: crate::redis_io::Redis,
     pub keys: crate::redis_io::Keys,

@@ -48,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/regions/leave", post(regions::leave))
         .route("/regions/members", post(regions::add_member))
         .route("/regions/messages", post(regions::messages))
+        .route("/regions/heads", post(regions::heads))
         .route("/regions/outbox", post(regions::outbox))
         .route("/regions/hold", post(regions::hold))
         .route("/regions/view", post(regions::view))

@@ -21,10 +21,11 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::domain::{ClientMsgId, HistoryPage, MessageBody, Room, RoomId, Timestamp, UserId};
 use crate::error::{ApiError, ApiResult};
-use crate::region::client::{HoldAnswer, HoldRequest};
+use crate::region::MAX_HEADS;
+use crate::region::client::{HeadsAnswer, HeadsRequest, HoldAnswer, HoldRequest};
 use crate::region::forward::{LaneAnswer, LaneFrame, SendResult};
 use crate::region::replicator::{MessagesRequest, OutboxRequest};
-use crate::service::{Cursor, MAX_PAGE, MemberChange};
+use crate::service::{MAX_PAGE, MemberChange};
 use crate::state::AppState;
 
 fn region_api(state: &AppState) -> ApiResult<&crate::state::RegionApi> {
@@ -169,7 +170,17 @@ pub async fn messages(
 ) -> ApiResult<Json<HistoryPage>> {
     region_api(&state)?;
     let limit = req.limit.clamp(1, MAX_PAGE);
-    Ok(Json(state.svc.page(&RoomId::from(req.room_id.as_str()), Cursor::After(req.after), limit).await?))
+    Ok(Json(state.svc.page(&RoomId::from(req.room_id.as_str()), req.cursor(), limit).await?))
+}
+
+/// `POST /heads`: this region's head of each room (the home's, for the rooms homed here).
+pub async fn heads(State(state): State<Arc<AppState>>, Json(req): Json<HeadsRequest>) -> ApiResult<Json<HeadsAnswer>> {
+    let api = region_api(&state)?;
+    if req.rooms.len() > MAX_HEADS {
+        return Err(ApiError::validation(format!("at most {MAX_HEADS} rooms per heads request")));
+    }
+    let ids: Vec<RoomId> = req.rooms.iter().map(|id| RoomId::from(id.as_str())).collect();
+    Ok(Json(HeadsAnswer { heads: api.history.heads(&ids).await? }))
 }
 
 /// `POST /outbox`: this region's outboxes from the caller's cursors, streamed as JSON lines.

@@ -24,6 +24,21 @@ pub struct HoldAnswer {
     pub held: usize,
 }
 
+/// `POST /heads`: the home's head of each room (by id; 0 where it has none).
+#[derive(Serialize, Deserialize)]
+pub struct HeadsRequest {
+    pub rooms: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct HeadsAnswer {
+    pub heads: Vec<i64>,
+}
+
+/// After a read from a peer found it unreachable, reads skip it this long: a cut link would
+/// otherwise cost every read of its rooms the region timeout.
+const READ_PAUSE: Duration = Duration::from_secs(5);
+
 /// Unix ms after which the caller no longer waits for the answer.
 pub const DEADLINE_HEADER: &str = "x-chatmesh-deadline";
 
@@ -35,6 +50,8 @@ pub struct PeerClient {
     pub timeout: Duration,
     /// For the send lanes' WebSockets to an https peer.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// Until when reads skip this peer (see [`READ_PAUSE`]).
+    reads_paused: std::sync::Mutex<Option<Instant>>,
 }
 
 /// Anything a WebSocket can run over (TCP, or TLS over TCP).
@@ -63,7 +80,15 @@ impl PeerClient {
         if let Some(ca) = ca {
             builder = builder.tls_built_in_root_certs(false).add_root_certificate(ca);
         }
-        Ok(Self { region: region.to_string(), base: base.to_string(), http: builder.build()?, tokens, timeout, tls })
+        Ok(Self {
+            region: region.to_string(),
+            base: base.to_string(),
+            http: builder.build()?,
+            tokens,
+            timeout,
+            tls,
+            reads_paused: std::sync::Mutex::new(None),
+        })
     }
 
     /// Opens a send lane: a WebSocket to `/internal/v1/regions/lane`, within the region timeout.
@@ -151,6 +176,26 @@ impl PeerClient {
         metrics::counter!(m::REGION_FORWARDED, "peer" => peer.clone(), "op" => op, "outcome" => outcome).increment(1);
         metrics::histogram!(m::REGION_FORWARD_LATENCY, "peer" => peer, "op" => op)
             .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// A read that the caller can do without (it falls back to what this region has): like
+    /// [`Self::call`], but answered `unavailable` at once for a while after the peer was found
+    /// unreachable.
+    pub async fn read<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        path: &str,
+        body: &B,
+    ) -> ApiResult<T> {
+        let paused = |until: &Option<Instant>| until.is_some_and(|t| Instant::now() < t);
+        if paused(&self.reads_paused.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Err(ApiError::Unavailable(format!("region {} was unreachable moments ago", self.region)));
+        }
+        let result = self.call(op, path, body).await;
+        if matches!(result, Err(ApiError::Unavailable(_))) {
+            *self.reads_paused.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + READ_PAUSE);
+        }
         result
     }
 

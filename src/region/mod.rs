@@ -22,16 +22,74 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::Message;
+use crate::domain::{HistoryPage, Message, Room, RoomId};
 use crate::error::{ApiError, ApiResult};
+use crate::history::Cursor;
 pub use client::PeerClient;
+use client::{HeadsAnswer, HeadsRequest};
 pub use forward::{ForwardedSend, SendLanes};
 pub use outbox::{NoOutbox, Outbox, RedisOutbox, Replicated};
+use replicator::MessagesRequest;
 
 /// Another region, as this instance reaches it.
 pub struct Peer {
     pub client: Arc<PeerClient>,
     pub sends: SendLanes,
+}
+
+/// Rooms asked of a home region per heads request at most (its handler refuses more).
+pub const MAX_HEADS: usize = 1_000;
+
+impl Peer {
+    /// The heads of rooms homed in this peer, as it answers them (it acknowledges their sends;
+    /// this region's copies trail by the replication lag). `None` when it does not answer.
+    async fn heads(&self, ids: Vec<String>) -> Option<Vec<i64>> {
+        let mut heads = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(MAX_HEADS) {
+            let ask = HeadsRequest { rooms: chunk.to_vec() };
+            let answer: HeadsAnswer = self.client.read("heads", "/heads", &ask).await.ok()?;
+            if answer.heads.len() != chunk.len() {
+                return None;
+            }
+            heads.extend(answer.heads);
+        }
+        Some(heads)
+    }
+
+    /// A page of a room homed in this peer: this region's replica (`here`), unless the home has
+    /// acknowledged messages the replica does not hold yet where the page reads, then the home's
+    /// page. Cut off from the home, the replica's page as it is (a partition's reads go on from
+    /// what was replicated).
+    pub async fn page(
+        &self,
+        room_id: &RoomId,
+        cursor: Cursor,
+        limit: u32,
+        here: impl std::future::Future<Output = ApiResult<HistoryPage>>,
+    ) -> ApiResult<HistoryPage> {
+        let (local, head) = tokio::join!(here, self.heads(vec![room_id.to_string()]));
+        let mut local = local?;
+        let Some(head) = head.and_then(|h| h.first().copied()) else { return Ok(local) };
+        if head <= local.head_seq {
+            return Ok(local);
+        }
+        let page_is_whole = match cursor {
+            Cursor::Before(before) => before <= local.head_seq.saturating_add(1),
+            Cursor::After(_) => local.has_more,
+            Cursor::Latest => false,
+        };
+        if !page_is_whole {
+            let ask = MessagesRequest::new(room_id.as_str(), cursor, limit);
+            if let Ok(mut page) = self.client.read::<_, HistoryPage>("history", "/messages", &ask).await {
+                page.head_seq = page.head_seq.max(head);
+                return Ok(page);
+            }
+        }
+        // The head is what clients decide from whether they caught up: the home's, even when
+        // the rest of the page has to wait for replication.
+        local.head_seq = head;
+        Ok(local)
+    }
 }
 
 /// This region and its peers.
@@ -62,6 +120,25 @@ impl Regions {
 
     pub fn peers(&self) -> &[Peer] {
         &self.peers
+    }
+
+    /// Raises the head of each room homed in a peer to the home's, asking every peer at once
+    /// (API.md: `head_seq` covers every send acknowledged before the request, wherever). Rooms
+    /// whose home does not answer keep this region's head.
+    pub async fn raise_to_home_heads(&self, rooms: &mut [Room]) {
+        let asks = self.peers.iter().filter_map(|peer| {
+            let at: Vec<usize> = (0..rooms.len()).filter(|&i| rooms[i].home_region == peer.client.region).collect();
+            if at.is_empty() {
+                return None;
+            }
+            let ids = at.iter().map(|&i| rooms[i].id.clone()).collect();
+            Some(async move { (at, peer.heads(ids).await) })
+        });
+        for (at, heads) in futures::future::join_all(asks).await {
+            for (i, head) in at.into_iter().zip(heads.unwrap_or_default()) {
+                rooms[i].head_seq = rooms[i].head_seq.max(head);
+            }
+        }
     }
 
     /// Where a room homed in `home_region` is decided: `None` here, else the peer to forward to.

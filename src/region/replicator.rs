@@ -22,6 +22,7 @@ use super::client::PeerClient;
 use super::outbox::Replicated;
 use crate::domain::{HistoryPage, Timestamp};
 use crate::error::{ApiError, ApiResult};
+use crate::history::Cursor;
 use crate::metrics as m;
 use crate::redis_io::{Keys, Redis};
 use crate::state::AppState;
@@ -46,12 +47,36 @@ pub struct OutboxRequest {
     pub cursors: HashMap<u32, String>,
 }
 
-/// `POST /messages`: a page of the room's history after a seq, from its home.
+/// `POST /messages`: a page of the room's history from its home: after a seq, or (`before` or
+/// `latest` set) before one or the latest.
 #[derive(Serialize, Deserialize)]
 pub struct MessagesRequest {
     pub room_id: String,
     pub after: i64,
     pub limit: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latest: bool,
+}
+
+impl MessagesRequest {
+    pub fn new(room_id: &str, cursor: Cursor, limit: u32) -> Self {
+        let (after, before, latest) = match cursor {
+            Cursor::After(after) => (after, None, false),
+            Cursor::Before(before) => (0, Some(before), false),
+            Cursor::Latest => (0, None, true),
+        };
+        Self { room_id: room_id.to_string(), after, limit, before, latest }
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        match (self.latest, self.before) {
+            (true, _) => Cursor::Latest,
+            (false, Some(before)) => Cursor::Before(before),
+            (false, None) => Cursor::After(self.after),
+        }
+    }
 }
 
 /// One line of the outbox stream.
@@ -380,7 +405,7 @@ impl Replicator {
     /// was trimmed past them, or this region started after they were appended).
     async fn fill(&self, room: &str, mut applied: i64, upto: i64) -> ApiResult<()> {
         while applied < upto - 1 {
-            let req = MessagesRequest { room_id: room.to_string(), after: applied, limit: FILL_PAGE };
+            let req = MessagesRequest::new(room, Cursor::After(applied), FILL_PAGE);
             let page: HistoryPage = self.peer.call("history", "/messages", &req).await?;
             let before = applied;
             for msg in &page.messages {

@@ -1,7 +1,7 @@
 // One helper for every Node test: spawn the real chatmesh binary on a free port with its own
 // data dir, talk to it over REST and with the stock socket.io-client.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, existsSync, readFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, existsSync, readFileSync, appendFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -570,11 +570,78 @@ export async function startLink(targets, delayMs = 25) {
 }
 
 /**
+ * Start HAProxy in front of `servers` ([{name, addr: 'host:port'}]) with the deploy configuration
+ * (deploy/haproxy/gen-haproxy-cfg.sh: health checks, sticky cookie, timeouts), an internal
+ * frontend for peer regions when `internal` is set, and one frontend per server that pins every
+ * request to it (through the backend, by its sticky cookie), so a test can still choose the
+ * instance it talks to; `internalPort` binds the internal frontend there. Resolves {lb, internal,
+ * pins: {name: url}, stop()}.
+ */
+export async function startHaproxy(servers, { internal = false, internalPort: wanted } = {}) {
+  const dir = mkdtempSync(path.join(tmpdir(), 'chatmesh-haproxy-'));
+  const cfg = path.join(dir, 'haproxy.cfg');
+  const [lbPort, statsPort, freeInternal, ...pinPorts] = await Promise.all(
+    Array.from({ length: 3 + servers.length }, () => freePort()),
+  );
+  const internalPort = wanted ?? freeInternal;
+  const args = [
+    '--bind', `127.0.0.1:${lbPort}`, '--stats', `127.0.0.1:${statsPort}`, '--stats-socket', path.join(dir, 'haproxy.sock'),
+    '--log', 'stdout', '--maxconn', '4000', '--server-maxconn', '1000', '--name-prefix', 'pin-', '--out', cfg,
+  ];
+  if (internal) args.push('--internal-bind', `127.0.0.1:${internalPort}`);
+  const gen = await run(path.join(repoRoot, 'deploy', 'haproxy', 'gen-haproxy-cfg.sh'), [...args, ...servers.map((x) => x.addr)]);
+  if (gen.code !== 0) throw new Error(`gen-haproxy-cfg.sh: ${gen.stderr}`);
+  // The generator names the servers pin-1.. in the order given; the cookie value is the name.
+  const pins = servers.map((x, i) => [
+    `frontend pin_${x.name}`,
+    `    bind 127.0.0.1:${pinPorts[i]}`,
+    '    http-request del-header X-Forwarded-For',
+    `    http-request set-header Cookie SERVERID=pin-${i + 1}`,
+    '    default_backend chatmesh',
+    '',
+  ].join('\n'));
+  appendFileSync(cfg, `\n${pins.join('\n')}`);
+  const check = await run('haproxy', ['-c', '-q', '-f', cfg]);
+  if (check.code !== 0) throw new Error(`haproxy -c rejected ${cfg}: ${check.stdout}${check.stderr}`);
+  const proc = spawn('haproxy', ['-db', '-f', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const out = [];
+  proc.stdout.on('data', (d) => out.push(d.toString()));
+  proc.stderr.on('data', (d) => out.push(d.toString()));
+  const exited = new Promise((resolve) => proc.on('exit', resolve));
+  const guard = () => proc.kill('SIGKILL');
+  guardSignals();
+  orphanGuards.add(guard);
+  const stop = async () => {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    await exited;
+    orphanGuards.delete(guard);
+    rmSync(dir, { recursive: true, force: true });
+  };
+  const lb = `http://127.0.0.1:${lbPort}`;
+  await waitFor(async () => (await api(lb, 'GET', '/health/live').catch(() => ({ status: 0 }))).status === 200, 10000, 'HAProxy answers')
+    .catch(async (e) => {
+      await stop();
+      throw new Error(`${e.message}: ${out.join('')}`);
+    });
+  return {
+    lb,
+    internal: internal ? `127.0.0.1:${internalPort}` : null,
+    pins: Object.fromEntries(servers.map((x, i) => [x.name, `http://127.0.0.1:${pinPorts[i]}`])),
+    stop,
+  };
+}
+
+/**
  * Start a cluster of `n` instances (ids n1..nN) on a private Redis and a fresh database of `store`
  * ('postgres': the machine's PostgreSQL; 'mongodb': see createMongoDatabase), sharing one JWT
  * secret, one cluster secret and one Redis key prefix. Resolves once every instance is ready.
  * Returns {servers, redis, db, prefix, env, close()}; each server also has `instanceId`; `db` has
  * `kind`, `label`, `url` and `messages(roomId)` whatever the store.
+ *
+ * With `regions: 2`, every region has its own HAProxy (startHaproxy) in front of its instances:
+ * each server's `url` goes through it, pinned to that instance (`direct` is the instance itself),
+ * `lbs` are the regions' balanced frontends, and the regions reach each other through the link and
+ * the other region's internal frontend, as in production (deploy/README.md).
  */
 export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', regions = 1, linkDelayMs = 25 } = {}) {
   if (!['postgres', 'mongodb'].includes(store)) throw new Error(`startCluster: unknown store ${store}`);
@@ -586,11 +653,15 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', r
   for (let r = 0; r < regions; r++) redises.push(await startRedis());
   const redis = redises[0];
   const ports = regions === 2 ? await Promise.all(Array.from({ length: n }, () => freePort())) : [];
+  // The regions' internal frontends (HAProxy), where the link delivers: chosen now, bound once
+  // the instances are up (a peer that does not answer yet is retried by the instances).
+  const internals = regions === 2 ? await Promise.all(names.map(() => freePort())) : [];
+  const proxies = [];
   let link;
   let db;
   const servers = [];
   try {
-    if (regions === 2) link = await startLink([`127.0.0.1:${ports[1]}`, `127.0.0.1:${ports[0]}`], linkDelayMs);
+    if (regions === 2) link = await startLink([`127.0.0.1:${internals[1]}`, `127.0.0.1:${internals[0]}`], linkDelayMs);
     db = store === 'mongodb' ? await createMongoDatabase() : await createPgDatabase();
     const env = {
       CHATMESH_REDIS_URL: redis.url,
@@ -609,7 +680,7 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', r
         CHATMESH_BIND: `127.0.0.1:${ports[i]}`,
         CHATMESH_REDIS_URL: redises[r].url,
         CHATMESH_REGION: names[r],
-        // Region a reaches b's first instance (n2) through route 0, b reaches a's (n1) through 1.
+        // Region a reaches b's HAProxy through route 0, b reaches a's through 1.
         CHATMESH_PEER_REGIONS: r === 0 ? `b=http://${link.listen[0]}` : `a=http://${link.listen[1]}`,
       };
     };
@@ -624,12 +695,26 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', r
     await boot(0);
     await Promise.all(Array.from({ length: n - 1 }, (_, i) => boot(i + 1)));
     await waitReady(servers);
+    if (regions === 2) {
+      for (let r = 0; r < 2; r++) {
+        const mine = servers.filter((s) => s.region === names[r]);
+        const backends = mine.map((s) => ({ name: s.instanceId, addr: new URL(s.url).host }));
+        const proxy = await startHaproxy(backends, { internal: true, internalPort: internals[r] });
+        proxies.push(proxy);
+        for (const s of mine) {
+          s.direct = s.url;
+          s.url = proxy.pins[s.instanceId];
+        }
+      }
+      await waitReady(servers);
+    }
     return {
       servers,
       redis,
       db,
       link,
       regions,
+      lbs: proxies.map((p) => p.lb),
       prefix: env.CHATMESH_REDIS_PREFIX,
       env,
       async close() {
@@ -637,6 +722,7 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', r
           await s.close();
           orphanGuards.delete(s.guard);
         }));
+        for (const p of proxies) await p.stop();
         await db.drop();
         await link?.stop();
         for (const r of redises) await r.stop();
@@ -644,6 +730,7 @@ export async function startCluster(n = 3, extraEnv = {}, { store = 'postgres', r
     };
   } catch (e) {
     await Promise.all(servers.filter(Boolean).map((s) => s.close().then(() => orphanGuards.delete(s.guard))));
+    for (const p of proxies) await p.stop();
     await db?.drop().catch(() => {});
     await link?.stop();
     for (const r of redises) await r.stop();
