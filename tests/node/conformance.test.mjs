@@ -1,10 +1,14 @@
 // Socket.IO conformance of chatmesh against API.md, with the stock socket.io-client v4, run once per
 // transport set: long-polling only, WebSocket only, and the default polling -> websocket upgrade.
+// Against one embedded instance, or (CHATMESH_CONFORMANCE_REGIONS=2, conformance-regions.test.mjs)
+// against two regions: every request and socket goes to the next region's HAProxy in turn, so a
+// test's users, rooms and sockets are spread over both regions and rooms are homed in either.
 import { describe, test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import {
   startServer,
+  startCluster,
   api,
   registerUser,
   createRoom,
@@ -23,13 +27,28 @@ const TIME_RE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 // How long we watch for an event that must NOT arrive (after a later event proved delivery works).
 const QUIET_MS = 300;
 
+const REGIONS = Number(process.env.CHATMESH_CONFORMANCE_REGIONS || 1);
 let server;
-let url;
+let urls = [];
+let turn = 0;
+/** Where the next request or socket goes: the one instance, or the next region's HAProxy. */
+const at = () => urls[turn++ % urls.length];
 const allSockets = new Set();
 
 before(async () => {
-  server = await startServer();
-  url = server.url;
+  if (REGIONS === 2) {
+    // Region a: n1 and n3 behind its HAProxy; region b: n2 behind its own.
+    server = await startCluster(3, {}, { regions: 2 });
+    urls = server.lbs;
+    // The spread is real: a room created through each HAProxy is homed in that one's region.
+    const u = await registerUser(urls[0], 'home');
+    const homes = [];
+    for (const lb of urls) homes.push((await createRoom(lb, u.token, 'home')).home_region);
+    assert.deepEqual(homes, ['a', 'b'], "rooms created through region a's and b's HAProxy");
+  } else {
+    server = await startServer();
+    urls = [server.url];
+  }
 });
 
 after(async () => {
@@ -41,7 +60,7 @@ after(async () => {
 // fresh). 'out' never joins any room, so it shares a room with nobody.
 const users = new Map();
 function user(name) {
-  if (!users.has(name)) users.set(name, registerUser(url, name));
+  if (!users.has(name)) users.set(name, registerUser(at(), name));
   return users.get(name);
 }
 
@@ -89,7 +108,7 @@ function foreignJwt(sub) {
 }
 
 async function assertHealthy() {
-  const r = await api(url, 'GET', '/health/live');
+  const r = await api(at(), 'GET', '/health/live');
   assert.equal(r.status, 200, `GET /health/live: ${r.status} ${JSON.stringify(r.body)}`);
   assert.deepEqual(r.body?.status, 'ok');
 }
@@ -100,8 +119,8 @@ let seeded;
 function seedBigRoom() {
   seeded ??= (async () => {
     const owner = await user('a');
-    const room = await createRoom(url, owner.token, 'big room');
-    const s = await connect(url, owner.token, ['websocket']);
+    const room = await createRoom(at(), owner.token, 'big room');
+    const s = await connect(at(), owner.token, ['websocket']);
     allSockets.add(s);
     await joinRoom(s, room.id);
     const acks = await Promise.all(
@@ -124,7 +143,7 @@ for (const ts of TRANSPORT_SETS) {
   describe(`socket.io over ${ts.name}`, () => {
     const mine = new Set();
     async function open(token) {
-      const s = await connect(url, token, ts.transports);
+      const s = await connect(at(), token, ts.transports);
       mine.add(s);
       allSockets.add(s);
       return s;
@@ -138,7 +157,7 @@ for (const ts of TRANSPORT_SETS) {
     async function twoInRoom() {
       const a = await user('a');
       const b = await user('b');
-      const room = await createRoom(url, a.token, 'two');
+      const room = await createRoom(at(), a.token, 'two');
       const sa = await open(a.token);
       const sb = await open(b.token);
       await joinRoom(sa, room.id);
@@ -153,7 +172,7 @@ for (const ts of TRANSPORT_SETS) {
       assert.equal(typeof s.id, 'string');
       await waitFor(() => s.io.engine.transport.name === ts.final, 10000, `transport ${ts.final}`);
       // The connection is usable on the final transport.
-      const room = await createRoom(url, u.token, 'connect');
+      const room = await createRoom(at(), u.token, 'connect');
       const ack = await joinRoom(s, room.id);
       assertRoomShape(ack.room, room.id);
     });
@@ -169,19 +188,19 @@ for (const ts of TRANSPORT_SETS) {
         ['valid token with a suffix', `${u.token}x`],
       ];
       for (const [what, token] of bad) {
-        await assert.rejects(connect(url, token, ts.transports), (err) => {
+        await assert.rejects(connect(at(), token, ts.transports), (err) => {
           assert.equal(err.message, 'unauthorized', `${what} token: connect_error message`);
           return true;
         }, `${what} token must not connect`);
       }
-      await assert.rejects(connect(url, undefined, ts.transports, { auth: { token: 12345 } }), (err) => err.message === 'unauthorized');
+      await assert.rejects(connect(at(), undefined, ts.transports, { auth: { token: 12345 } }), (err) => err.message === 'unauthorized');
     });
 
     test('room:join of another user\'s public room joins it (membership visible over REST)', async () => {
       const a = await user('a');
       const b = await user('b');
-      const room = await createRoom(url, a.token, 'public one');
-      const before = await api(url, 'GET', `/api/v1/rooms/${room.id}/members`, undefined, b.token);
+      const room = await createRoom(at(), a.token, 'public one');
+      const before = await api(at(), 'GET', `/api/v1/rooms/${room.id}/members`, undefined, b.token);
       assert.equal(before.status, 403, 'members list is for members only before the join');
       assert.equal(before.body?.error?.code, 'forbidden');
 
@@ -193,26 +212,26 @@ for (const ts of TRANSPORT_SETS) {
       assert.deepEqual(ack.messages, [], 'no after_seq: no messages');
       assert.equal(ack.has_more, false);
 
-      const members = await api(url, 'GET', `/api/v1/rooms/${room.id}/members`, undefined, b.token);
+      const members = await api(at(), 'GET', `/api/v1/rooms/${room.id}/members`, undefined, b.token);
       assert.equal(members.status, 200, JSON.stringify(members.body));
       const ids = members.body.members.map((m) => m.id).sort();
       assert.deepEqual(ids, [a.user.id, b.user.id].sort());
-      const joined = await api(url, 'GET', '/api/v1/rooms?scope=joined', undefined, b.token);
+      const joined = await api(at(), 'GET', '/api/v1/rooms?scope=joined', undefined, b.token);
       assert.ok(joined.body.rooms.some((r) => r.id === room.id), 'room listed in scope=joined');
-      const r = await api(url, 'GET', `/api/v1/rooms/${room.id}`, undefined, b.token);
+      const r = await api(at(), 'GET', `/api/v1/rooms/${room.id}`, undefined, b.token);
       assert.equal(r.body.member_count, 2);
     });
 
     test('room:join of a private room without membership is forbidden; after an invite it works', async () => {
       const a = await user('a');
       const b = await user('b');
-      const room = await createRoom(url, a.token, 'secret', 'private');
+      const room = await createRoom(at(), a.token, 'secret', 'private');
       const sb = await open(b.token);
       assertAckError(await emitAck(sb, 'room:join', { room_id: room.id }), 'forbidden', 'join private room');
-      const members = await api(url, 'GET', `/api/v1/rooms/${room.id}/members`, undefined, a.token);
+      const members = await api(at(), 'GET', `/api/v1/rooms/${room.id}/members`, undefined, a.token);
       assert.deepEqual(members.body.members.map((m) => m.id), [a.user.id], 'a refused join must not add a member');
 
-      const inv = await api(url, 'POST', `/api/v1/rooms/${room.id}/members`, { user_id: b.user.id }, a.token);
+      const inv = await api(at(), 'POST', `/api/v1/rooms/${room.id}/members`, { user_id: b.user.id }, a.token);
       assert.equal(inv.status, 204, JSON.stringify(inv.body));
       const ack = await emitAck(sb, 'room:join', { room_id: room.id });
       assert.equal(ack.ok, true, JSON.stringify(ack));
@@ -221,7 +240,7 @@ for (const ts of TRANSPORT_SETS) {
 
     test('room:join of an unknown room is not_found; bad payloads are validation_failed', async () => {
       const a = await user('a');
-      const room = await createRoom(url, a.token);
+      const room = await createRoom(at(), a.token);
       const s = await open(a.token);
       assertAckError(await emitAck(s, 'room:join', { room_id: unknownIdLike(room.id) }), 'not_found', 'join unknown room');
       assertAckError(await emitAck(s, 'room:join', {}), 'validation_failed', 'join without room_id');
@@ -252,7 +271,7 @@ for (const ts of TRANSPORT_SETS) {
       await sleep(QUIET_MS);
       assert.deepEqual(seen[3], [], 'a socket that did not join gets no message:new');
 
-      const hist = await api(url, 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, b.token);
+      const hist = await api(at(), 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, b.token);
       assert.equal(hist.status, 200);
       assert.deepEqual(hist.body.messages, [ack.message, m2], 'REST history returns the same Messages');
       assert.equal(hist.body.head_seq, 2);
@@ -276,7 +295,7 @@ for (const ts of TRANSPORT_SETS) {
       assert.deepEqual(third.message, first, 'retry from another socket of the sender');
 
       // ...and over REST: 200 with the original.
-      const rest = await api(url, 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: cmid, body: 'same body' }, a.token);
+      const rest = await api(at(), 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: cmid, body: 'same body' }, a.token);
       assert.equal(rest.status, 200, `REST retry: ${rest.status} ${JSON.stringify(rest.body)}`);
       assert.deepEqual(rest.body, first);
 
@@ -285,7 +304,7 @@ for (const ts of TRANSPORT_SETS) {
         'conflict',
         'same client_msg_id, different body',
       );
-      const restConflict = await api(url, 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: cmid, body: 'another body' }, a.token);
+      const restConflict = await api(at(), 'POST', `/api/v1/rooms/${room.id}/messages`, { client_msg_id: cmid, body: 'another body' }, a.token);
       assert.equal(restConflict.status, 409);
       assert.equal(restConflict.body?.error?.code, 'conflict');
 
@@ -302,14 +321,14 @@ for (const ts of TRANSPORT_SETS) {
         assert.deepEqual(seen.map((m) => m.seq), [1, 2, 3], 'each message delivered exactly once, in order');
         assert.equal(seen.filter((m) => m.id === first.id).length, 1, 'the retried message is delivered once');
       }
-      const hist = await api(url, 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
+      const hist = await api(at(), 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
       assert.deepEqual(hist.body.messages.map((m) => m.seq), [1, 2, 3]);
       assert.equal(hist.body.head_seq, 3);
     });
 
     test('message:send validation errors are validation_failed and store nothing; limits count scalar values', async () => {
       const a = await user('a');
-      const room = await createRoom(url, a.token, 'validation');
+      const room = await createRoom(at(), a.token, 'validation');
       const s = await open(a.token);
       await joinRoom(s, room.id);
       const send = (payload) => emitAck(s, 'message:send', payload);
@@ -371,15 +390,15 @@ for (const ts of TRANSPORT_SETS) {
         assert.equal(ack.message.seq, expectedSeq, `${what}: rejected sends must not consume seqs`);
         stored.push(ack.message);
       }
-      const hist = await api(url, 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
+      const hist = await api(at(), 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
       assert.deepEqual(hist.body.messages, stored, 'history holds exactly the accepted messages, verbatim');
     });
 
     test('message:send to a room you are not a member of is forbidden; unknown room is not_found', async () => {
       const a = await user('a');
       const b = await user('b');
-      const pub = await createRoom(url, a.token, 'pub');
-      const priv = await createRoom(url, a.token, 'priv', 'private');
+      const pub = await createRoom(at(), a.token, 'pub');
+      const priv = await createRoom(at(), a.token, 'priv', 'private');
       const sb = await open(b.token);
       const sa = await open(a.token);
       await joinRoom(sa, pub.id);
@@ -398,7 +417,7 @@ for (const ts of TRANSPORT_SETS) {
       );
       await sleep(QUIET_MS);
       assert.deepEqual(seen, []);
-      const r = await api(url, 'GET', `/api/v1/rooms/${pub.id}`, undefined, a.token);
+      const r = await api(at(), 'GET', `/api/v1/rooms/${pub.id}`, undefined, a.token);
       assert.equal(r.body.head_seq, 0, 'refused sends store nothing');
     });
 
@@ -420,12 +439,12 @@ for (const ts of TRANSPORT_SETS) {
       assert.deepEqual(typA, [], 'the sender does not get its own typing');
       assert.deepEqual(typOut, []);
 
-      const other = await createRoom(url, c.token, 'not for b', 'private');
+      const other = await createRoom(at(), c.token, 'not for b', 'private');
       assertAckError(await emitAck(sb, 'typing', { room_id: other.id }), 'forbidden', 'typing in a room you are not a member of');
       assertAckError(await emitAck(sb, 'typing', {}), 'validation_failed', 'typing without room_id');
       assertAckError(await emitAck(sb, 'typing', 'x'), 'validation_failed', 'typing with string payload');
       // Typing is never stored.
-      const r = await api(url, 'GET', `/api/v1/rooms/${room.id}`, undefined, b.token);
+      const r = await api(at(), 'GET', `/api/v1/rooms/${room.id}`, undefined, b.token);
       assert.equal(r.body.head_seq, 0);
     });
 
@@ -443,7 +462,7 @@ for (const ts of TRANSPORT_SETS) {
       await sleep(QUIET_MS);
       assert.deepEqual(seenB, [m1], 'no message:new after room:leave');
 
-      const members = await api(url, 'GET', `/api/v1/rooms/${room.id}/members`, undefined, b.token);
+      const members = await api(at(), 'GET', `/api/v1/rooms/${room.id}/members`, undefined, b.token);
       assert.equal(members.status, 200);
       assert.ok(members.body.members.some((m) => m.id === b.user.id), 'membership unchanged');
       // Rejoining with after_seq catches up.
@@ -460,7 +479,7 @@ for (const ts of TRANSPORT_SETS) {
       const seenB2 = collect(sb2, 'message:new');
       const m1 = await sendMessage(sa, room.id, 'before leave');
       await waitFor(() => seenB.length === 1 && seenB2.length === 1, 10000, 'message before leave');
-      const leave = await api(url, 'POST', `/api/v1/rooms/${room.id}/leave`, undefined, b.token);
+      const leave = await api(at(), 'POST', `/api/v1/rooms/${room.id}/leave`, undefined, b.token);
       assert.equal(leave.status, 204, JSON.stringify(leave.body));
       const seenA = collect(sa, 'message:new');
       const m2 = await sendMessage(sa, room.id, 'after leave');
@@ -491,7 +510,7 @@ for (const ts of TRANSPORT_SETS) {
         assert.equal(ack?.ok, false, `${event} on a user channel: ${JSON.stringify(ack)}`);
         assert.equal(ack.error?.code, 'validation_failed', `${event} on a user channel: ${JSON.stringify(ack)}`);
       }
-      const leave = await api(url, 'POST', `/api/v1/rooms/${room.id}/leave`, undefined, b.token);
+      const leave = await api(at(), 'POST', `/api/v1/rooms/${room.id}/leave`, undefined, b.token);
       assert.equal(leave.status, 204, JSON.stringify(leave.body));
       const m = await sendMessage(sa, room.id, 'after the leave');
       await sleep(QUIET_MS);
@@ -502,7 +521,7 @@ for (const ts of TRANSPORT_SETS) {
 
     test('room:sync pages with after_seq/limit and reports has_more and head_seq', async () => {
       const a = await user('a');
-      const room = await createRoom(url, a.token, 'sync');
+      const room = await createRoom(at(), a.token, 'sync');
       const s = await open(a.token);
       await joinRoom(s, room.id);
       const sent = [];
@@ -539,7 +558,7 @@ for (const ts of TRANSPORT_SETS) {
       assertAckError(await sync({ after_seq: 'abc' }), 'validation_failed', 'room:sync with after_seq "abc"');
       assertAckError(await emitAck(s, 'room:sync', { after_seq: 0 }), 'validation_failed', 'room:sync without room_id');
       const stranger = await open((await user('out')).token);
-      const priv = await createRoom(url, a.token, 'priv', 'private');
+      const priv = await createRoom(at(), a.token, 'priv', 'private');
       assertAckError(await emitAck(stranger, 'room:sync', { room_id: priv.id, after_seq: 0 }), 'forbidden', 'room:sync of a private room you are not in');
     });
 
@@ -566,7 +585,7 @@ for (const ts of TRANSPORT_SETS) {
       r = await emitAck(s, 'room:sync', { room_id: room.id, after_seq: 500, limit: 1000 });
       expectSeqs(r.messages, 501, SEED_COUNT);
       assert.equal(r.has_more, false);
-      const rest = await api(url, 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0&limit=1000`, undefined, owner.token);
+      const rest = await api(at(), 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0&limit=1000`, undefined, owner.token);
       expectSeqs(rest.body.messages, 1, 500);
       assert.equal(rest.body.has_more, true);
     });
@@ -577,10 +596,10 @@ for (const ts of TRANSPORT_SETS) {
       const outSeen = collect(outsider, 'room:updated');
       const gotA = nextEvent(sa, 'room:updated', (r) => r.id === room.id && r.topic === 'fresh topic');
       const gotB = nextEvent(sb, 'room:updated', (r) => r.id === room.id && r.topic === 'fresh topic');
-      const notOwner = await api(url, 'PATCH', `/api/v1/rooms/${room.id}`, { name: 'hijack' }, b.token);
+      const notOwner = await api(at(), 'PATCH', `/api/v1/rooms/${room.id}`, { name: 'hijack' }, b.token);
       assert.equal(notOwner.status, 403);
       assert.equal(notOwner.body?.error?.code, 'forbidden');
-      const patch = await api(url, 'PATCH', `/api/v1/rooms/${room.id}`, { name: 'renamed', topic: 'fresh topic' }, a.token);
+      const patch = await api(at(), 'PATCH', `/api/v1/rooms/${room.id}`, { name: 'renamed', topic: 'fresh topic' }, a.token);
       assert.equal(patch.status, 200, JSON.stringify(patch.body));
       const evB = await gotB;
       await gotA;
@@ -598,7 +617,7 @@ for (const ts of TRANSPORT_SETS) {
       const outSeen = collect(outsider, 'user:updated');
       const name = `Alice ${ts.final} ${Date.now()}`;
       const got = nextEvent(sb, 'user:updated', (u) => u.id === a.user.id && u.display_name === name);
-      const patch = await api(url, 'PATCH', '/api/v1/users/me', { display_name: name, status_text: 'in a meeting ☕' }, a.token);
+      const patch = await api(at(), 'PATCH', '/api/v1/users/me', { display_name: name, status_text: 'in a meeting ☕' }, a.token);
       assert.equal(patch.status, 200, JSON.stringify(patch.body));
       const ev = await got;
       assert.equal(ev.status_text, 'in a meeting ☕');
@@ -611,10 +630,10 @@ for (const ts of TRANSPORT_SETS) {
     });
 
     test('presence: online on the first socket, offline when the last one disconnects', async () => {
-      const a = await registerUser(url, 'pa');
-      const b = await registerUser(url, 'pb');
-      const room = await createRoom(url, a.token, 'presence');
-      const j = await api(url, 'POST', `/api/v1/rooms/${room.id}/join`, undefined, b.token);
+      const a = await registerUser(at(), 'pa');
+      const b = await registerUser(at(), 'pb');
+      const room = await createRoom(at(), a.token, 'presence');
+      const j = await api(at(), 'POST', `/api/v1/rooms/${room.id}/join`, undefined, b.token);
       assert.equal(j.status, 200, JSON.stringify(j.body));
       const sb = await open(b.token);
       await joinRoom(sb, room.id);
@@ -640,7 +659,7 @@ for (const ts of TRANSPORT_SETS) {
 
     test('a packet over CHATMESH_MAX_BODY_BYTES gets payload_too_large and the socket keeps working', async () => {
       const a = await user('a');
-      const room = await createRoom(url, a.token, 'big');
+      const room = await createRoom(at(), a.token, 'big');
       const s = await open(a.token);
       await joinRoom(s, room.id);
       const ack = await emitAck(s, 'message:send', { room_id: room.id, client_msg_id: newCmid(), body: 'x'.repeat(70000) });
@@ -652,7 +671,7 @@ for (const ts of TRANSPORT_SETS) {
 
     test('malformed packets, missing acks, unknown events and huge payloads do not take the server down', async () => {
       const a = await user('a');
-      const room = await createRoom(url, a.token, 'abuse');
+      const room = await createRoom(at(), a.token, 'abuse');
       const s = await open(a.token);
       await joinRoom(s, room.id);
       s.on('connect_error', () => {});
@@ -693,11 +712,11 @@ for (const ts of TRANSPORT_SETS) {
 
       // Raw Engine.IO requests with nonsense.
       const raw = [
-        api(url, 'GET', '/socket.io/?EIO=4&transport=polling&sid=doesnotexist'),
-        api(url, 'POST', '/socket.io/?EIO=4&transport=polling&sid=doesnotexist', 'garbage'),
-        api(url, 'GET', '/socket.io/?EIO=3&transport=polling'),
-        api(url, 'GET', '/socket.io/?EIO=4&transport=carrier-pigeon'),
-        api(url, 'POST', '/socket.io/?EIO=4&transport=polling', '40{"token":'),
+        api(at(), 'GET', '/socket.io/?EIO=4&transport=polling&sid=doesnotexist'),
+        api(at(), 'POST', '/socket.io/?EIO=4&transport=polling&sid=doesnotexist', 'garbage'),
+        api(at(), 'GET', '/socket.io/?EIO=3&transport=polling'),
+        api(at(), 'GET', '/socket.io/?EIO=4&transport=carrier-pigeon'),
+        api(at(), 'POST', '/socket.io/?EIO=4&transport=polling', '40{"token":'),
       ];
       for (const r of await Promise.all(raw)) assert.ok(r.status >= 200 && r.status < 600);
 
@@ -714,7 +733,7 @@ for (const ts of TRANSPORT_SETS) {
       const seen = collect(fresh, 'message:new');
       const m = await sendMessage(fresh, room.id, 'still alive');
       await waitFor(() => seen.some((x) => x.id === m.id), 10000, 'message:new after abuse');
-      const hist = await api(url, 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
+      const hist = await api(at(), 'GET', `/api/v1/rooms/${room.id}/messages?after_seq=0`, undefined, a.token);
       const seqs = hist.body.messages.map((x) => x.seq);
       assert.deepEqual(seqs, Array.from({ length: seqs.length }, (_, i) => i + 1), 'history stays gap-free');
       assert.ok(hist.body.messages.every((x) => x.body.length <= 4000));

@@ -128,7 +128,9 @@ export async function createRoom(url, token, name = 'room', visibility = 'public
 
 /** Connect a socket.io-client socket; resolves once connected, rejects on connect_error. */
 export function connect(url, token, transports = ['websocket'], opts = {}) {
-  const socket = io(url, { auth: token === undefined ? {} : { token }, transports, reconnection: false, forceNew: true, ...opts });
+  // withCredentials: in Node, engine.io-client then keeps cookies like a browser does, so a
+  // polling session behind HAProxy stays on its instance (the sticky cookie).
+  const socket = io(url, { auth: token === undefined ? {} : { token }, transports, reconnection: false, forceNew: true, withCredentials: true, ...opts });
   return new Promise((resolve, reject) => {
     socket.once('connect', () => resolve(socket));
     socket.once('connect_error', (err) => {
