@@ -68,6 +68,22 @@ impl Applier {
         Err(ApiError::Unavailable(format!("unexpected apply reply for room {room_id}")))
     }
 
+    /// Moves the room's applied seq from `from` to `to` (when it is still `from`): the home has
+    /// no messages between them either (dead-lettered), and waiting for them would stall every
+    /// later message of the room here. Whether it moved.
+    pub async fn skip(&self, room_id: &str, from: i64, to: i64) -> ApiResult<bool> {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end return 0",
+        );
+        let mut conn = self.redis.conn().await;
+        let moved: i64 =
+            script.key(self.keys.seq(room_id)).arg(from).arg(to).invoke_async(&mut conn).await.map_err(|e| {
+                tracing::warn!(error = %e, "skipping a hole in a replicated room failed");
+                ApiError::Unavailable("Redis is unavailable; retry".into())
+            })?;
+        Ok(moved == 1)
+    }
+
     pub async fn apply_message(&self, m: &Message) -> ApiResult<Applied> {
         let json = serde_json::to_string(m).expect("a message always serializes");
         self.apply(&m.room_id, m.seq, &json).await

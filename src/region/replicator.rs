@@ -337,9 +337,14 @@ impl Replicator {
         let mut buf: Vec<u8> = Vec::new();
         let mut renew = tokio::time::interval(RENEW_EVERY);
         renew.tick().await;
+        // Counted from the last bytes received, not per wait: the lease renewal below ends a
+        // wait every 2 s, and a hung stream (a cut link drops packets, nothing closes) would
+        // otherwise never look idle.
+        let mut heard = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                chunk = tokio::time::timeout(IDLE, body.next()) => {
+                chunk = tokio::time::timeout_at(heard + IDLE, body.next()) => {
+                    heard = tokio::time::Instant::now();
                     let chunk = match chunk {
                         Err(_) => return Err(("idle", format!("nothing from region {} for {IDLE:?}", self.peer.region))),
                         Ok(None) => return Err(("closed", "the peer closed the stream".into())),
@@ -415,11 +420,26 @@ impl Replicator {
                 }
             }
             if applied == before {
-                // The home has a hole there too (a dead-lettered message): nothing to fill with.
                 metrics::counter!(m::REPLICATION_ERRORS, "peer" => self.peer.region.clone(), "reason" => "hole")
                     .increment(1);
-                tracing::warn!(room, after = applied, upto, "the home region has no messages to fill this gap");
-                break;
+                // The home's own history (read again there until it has no hole, or served with
+                // one) skips from `applied` to its first message: a dead-lettered message, gone
+                // there too. Waiting for it would stall the room here for good: move past it, as
+                // the home's readers do, and take what follows.
+                let Some(first) = page.messages.first().map(|m| m.seq) else {
+                    tracing::warn!(room, after = applied, upto, "the home region has no messages to fill this gap");
+                    break;
+                };
+                tracing::warn!(room, after = applied, first, "the home region has a hole there too: skipped");
+                if !self.applier.skip(room, applied, first - 1).await? {
+                    break;
+                }
+                applied = first - 1;
+                for msg in &page.messages {
+                    if let Applied::Ok(n) | Applied::Duplicate(n) = self.applier.apply_message(msg).await? {
+                        applied = applied.max(n);
+                    }
+                }
             }
         }
         Ok(())

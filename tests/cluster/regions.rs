@@ -70,7 +70,7 @@ struct TwoRegions {
     b: TestApp,
     link: Link,
     db: TestDatabase,
-    _redis: (RedisServer, RedisServer),
+    redis: (RedisServer, RedisServer),
 }
 
 const TIMEOUT_MS: u64 = 1_000;
@@ -118,7 +118,7 @@ async fn two_regions_with(
     let env_b = instance("b", b_port, &redis_b, format!("a=http://{}", link.to_a));
     let a = spawn_with(Spawn { env: env_a, ..Default::default() }).await;
     let b = spawn_with(Spawn { env: env_b, ..Default::default() }).await;
-    TwoRegions { a, b, link, db, _redis: (redis_a, redis_b) }
+    TwoRegions { a, b, link, db, redis: (redis_a, redis_b) }
 }
 
 async fn join(app: &TestApp, token: &str, room: &str) {
@@ -315,12 +315,80 @@ async fn a_cut_link_refuses_remote_rooms_in_time_and_catches_up_after() {
         let r = t.b.send(&alice, &room_b, &format!("during-b-{i}"), "x").await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     }
+    // Reads outside the home ask it for the head; cut off, they answer from the replica within
+    // the bound (and skip asking for a while after).
+    let started = Instant::now();
     assert_eq!(seqs(&t.b, &alice, &room_a).await, vec![1, 2, 3], "b's reads of a's room during the cut");
+    let r = t.b.call(Method::GET, &format!("/api/v1/rooms/{room_a}"), None, Some(&alice)).await;
+    assert_eq!((r.status, r.body["head_seq"].as_i64()), (StatusCode::OK, Some(3)), "{:?}", r.body);
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(TIMEOUT_MS + 500), "b's reads across the cut took {took:?}");
     t.link.ctl("heal");
     until_history(&t.b, &alice, &room_a, 8, "b after the heal").await;
     until_history(&t.a, &alice, &room_b, 5, "a after the heal").await;
     let r = t.b.send(&alice, &room_a, "after-b", "x").await;
     assert_eq!((r.status, r.body["seq"].as_i64()), (StatusCode::CREATED, Some(9)), "{:?}", r.body);
+}
+
+/// A message the home lost for good (dead-lettered: in neither its store nor its recent history,
+/// and the outbox that carried it trimmed) does not stall the room in the other region: it moves
+/// past the hole, as the home's own readers do, and takes what follows into its recent history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hole_in_the_homes_history_does_not_stall_the_room_elsewhere() {
+    let t = two_regions(vec![]).await;
+    let keys = chatmesh::redis_io::Keys::new("cm", 64);
+    let (_, alice) = t.a.register("alice").await;
+    let room = t.a.create_room(&alice, "holey", "public").await;
+    for i in 1..=2 {
+        assert_eq!(t.a.send(&alice, &room, &format!("m{i}"), "x").await.status, StatusCode::CREATED);
+    }
+    until_history(&t.b, &alice, &room, 2, "b before the cut").await;
+    let replicated = |redis: &RedisServer| -> Vec<String> {
+        redis
+            .cli(&["XRANGE", &keys.history(&room), "-", "+"])
+            .lines()
+            .filter(|l| l.ends_with("-0"))
+            .map(|l| l.trim_end_matches("-0").to_string())
+            .collect()
+    };
+    assert_eq!(replicated(&t.redis.1), ["1", "2"], "b's recent history of the room before the cut");
+
+    t.link.ctl("cut");
+    let cut = Instant::now();
+    for i in 3..=6 {
+        assert_eq!(t.a.send(&alice, &room, &format!("m{i}"), "x").await.status, StatusCode::CREATED);
+    }
+    let rows = format!("SELECT count(*) FROM messages WHERE room_id = '{room}'");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.db.psql(&rows).trim() != "6" {
+        assert!(Instant::now() < deadline, "a wrote back {} of 6 messages", t.db.psql(&rows).trim());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.db.psql(&format!("DELETE FROM messages WHERE room_id = '{room}' AND seq = 4"));
+    t.redis.0.cli(&["XDEL", &keys.history(&room), "4-0"]);
+    for shard in 0..64 {
+        t.redis.0.cli(&["DEL", &keys.outbox(shard)]);
+    }
+    // Long enough a cut for b to give up the outbox stream it had (idle 5 s): after the heal it
+    // reads the outboxes again from its cursor, and finds 3..6 gone from them.
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(cut.elapsed())).await;
+    t.link.ctl("heal");
+    assert_eq!(t.a.send(&alice, &room, "m7", "x").await.status, StatusCode::CREATED);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = replicated(&t.redis.1);
+        if got == ["1", "2", "3", "5", "6", "7"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b's recent history of the room after the heal: {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = t.b.http.get(format!("{}/metrics", t.b.url)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("chatmesh_replication_errors_total") && l.contains("reason=\"hole\"")),
+        "the hole is counted on b"
+    );
 }
 
 /// Ack level `region`: a send is acknowledged only once the other region holds it, so with the
