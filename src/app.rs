@@ -21,6 +21,7 @@ use crate::fanout::local::LocalFanout;
 use crate::fanout::redis::{Identity, RedisFanout};
 use crate::fanout::seal::Seal;
 use crate::history::{LocalHistory, RedisHistory};
+use crate::region::homes::Homes;
 use crate::internal::InternalTokens;
 use crate::ops::{LocalOps, Ops, RedisOps};
 use crate::presence::LocalPresence;
@@ -209,7 +210,9 @@ async fn cluster_mode(
             regions: Arc::new(if peers.is_empty() {
                 Regions::single(region)
             } else {
-                Regions::from_clients(region, peers)
+                let homes = Arc::new(Homes::new(region, store.clone(), redis.clone(), keys.clone(), c.leases));
+                homes.clone().start().await;
+                Regions::from_clients(region, peers).with_homes(homes)
             }),
             outbox: if regions.is_some() {
                 Arc::new(RedisOutbox { redis: redis.clone(), keys: keys.clone(), len: c.region_outbox_len })

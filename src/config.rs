@@ -30,6 +30,35 @@ pub enum Command {
     Backup(BackupArgs),
     /// Load a backup into a store (any backend), idempotently.
     Restore(RestoreArgs),
+    /// Multi-region operations (run with the settings of this region's instances).
+    Region(RegionArgs),
+}
+
+/// `chatmesh region …`.
+#[derive(Args, Debug)]
+pub struct RegionArgs {
+    #[command(subcommand)]
+    pub action: RegionAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegionAction {
+    /// Take over the rooms of a region whose home lease lapsed (docs/regions.md, "Losing a
+    /// region"): this region decides them from now on. Prints a JSON report.
+    Takeover(TakeoverArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TakeoverArgs {
+    /// The region whose rooms to take over.
+    #[arg(long, value_name = "REGION")]
+    pub region: String,
+    /// The region taking them over: must be this one (CHATMESH_REGION); a guard against running
+    /// the command with the wrong region's settings.
+    #[arg(long, value_name = "REGION")]
+    pub by: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// The durable store, the same setting for `serve`, `backup` and `restore`. Its value is never
@@ -284,6 +313,16 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_HLC_MAX_AHEAD_MS", value_name = "CHATMESH_HLC_MAX_AHEAD_MS",
           default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub hlc_max_ahead_ms: u64,
+    /// Regions: how long a region's lease on deciding its rooms lasts (renewed every quarter of
+    /// it by its instances); another region may take the rooms over only once it expired.
+    #[arg(long, env = "CHATMESH_HOME_LEASE_MS", value_name = "CHATMESH_HOME_LEASE_MS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
+    pub home_lease_ms: u64,
+    /// Regions: how much earlier than its lease's expiry an instance stops deciding under it, and
+    /// how much longer than the expiry a takeover waits (clocks and their rates differ).
+    #[arg(long, env = "CHATMESH_LEASE_DRIFT_MS", value_name = "CHATMESH_LEASE_DRIFT_MS",
+          default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub lease_drift_ms: u64,
     /// Cluster mode: prefix of every Redis key and channel (several clusters can share a Redis).
     #[arg(long, env = "CHATMESH_REDIS_PREFIX", value_name = "CHATMESH_REDIS_PREFIX", default_value = "cm")]
     pub redis_prefix: String,
@@ -488,6 +527,8 @@ pub struct ClusterConfig {
     pub region_ca_file: Option<PathBuf>,
     pub region_outbox_len: u64,
     pub hlc_max_ahead: Duration,
+    /// The home leases (CHATMESH_HOME_LEASE_MS, CHATMESH_LEASE_DRIFT_MS).
+    pub leases: crate::region::homes::LeaseTiming,
 }
 
 /// Another region: its name and the base URL of its internal API.
@@ -615,6 +656,12 @@ impl Config {
                     None => Vec::new(),
                     Some(v) => parse_peers(v, &args.region).map_err(|r| invalid("CHATMESH_PEER_REGIONS", r))?,
                 };
+                if args.lease_drift_ms * 2 >= args.home_lease_ms {
+                    return Err(invalid(
+                        "CHATMESH_LEASE_DRIFT_MS",
+                        "must be less than half of CHATMESH_HOME_LEASE_MS (an instance would never decide under its lease)",
+                    ));
+                }
                 if args.ack_level == AckLevel::Region && peers.is_empty() {
                     return Err(invalid("CHATMESH_ACK_LEVEL", "`region` needs CHATMESH_PEER_REGIONS"));
                 }
@@ -634,6 +681,10 @@ impl Config {
                     region_ca_file: args.region_ca_file.clone(),
                     region_outbox_len: args.region_outbox_len,
                     hlc_max_ahead: Duration::from_millis(args.hlc_max_ahead_ms),
+                    leases: crate::region::homes::LeaseTiming {
+                        ttl: Duration::from_millis(args.home_lease_ms),
+                        margin: Duration::from_millis(args.lease_drift_ms),
+                    },
                 })
             }
         };

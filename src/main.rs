@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use chatmesh::app::Application;
-use chatmesh::config::{Cli, Command, Config, ServeArgs, StoreUrl, check_unknown_env};
+use chatmesh::config::{Cli, Command, Config, RegionAction, ServeArgs, StoreUrl, TakeoverArgs, check_unknown_env};
 use clap::{Args, FromArgMatches, Parser};
 
 /// mimalloc: the send path makes many small short-lived allocations; glibc malloc spent ~20% of
@@ -51,6 +51,43 @@ where
     }
 }
 
+/// `chatmesh region takeover`: the report on stdout as JSON, logs on stderr.
+fn takeover(args: TakeoverArgs) -> ExitCode {
+    let config = match Config::from_args(args.serve, false) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let Some(cluster) = config.cluster.clone() else {
+        return fail("a takeover needs the settings of a region's instances (CHATMESH_REDIS_URL, CHATMESH_PEER_REGIONS)");
+    };
+    if cluster.peers.iter().all(|p| p.name != args.region) {
+        return fail(format!("`{}` is not among CHATMESH_PEER_REGIONS", args.region));
+    }
+    if let Some(by) = &args.by
+        && by != &config.region
+    {
+        return fail(format!("--by {by}, but these settings are region {}'s (CHATMESH_REGION)", config.region));
+    }
+    chatmesh::backup::init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return failed(format!("cannot start the runtime: {e}")),
+    };
+    let work = async {
+        let store = chatmesh::store::open(&config.store).await?;
+        let redis = chatmesh::redis_io::Redis::connect(cluster.redis.clone()).await?;
+        let keys = chatmesh::redis_io::Keys::new(&cluster.prefix, cluster.shards);
+        chatmesh::region::takeover::take_over(store, redis, keys, &args.region, &config.region, cluster.leases).await
+    };
+    match runtime.block_on(work) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(format!("takeover failed: {e:#}")),
+    }
+}
+
 fn main() -> ExitCode {
     if let Err(e) = check_unknown_env(std::env::vars().map(|(k, _)| k)) {
         return fail(e);
@@ -73,6 +110,9 @@ fn main() -> ExitCode {
             let url = args.store.store_url.clone();
             return run_tool("restore", &url, |u| chatmesh::backup::restore(args, u));
         }
+        Some(Command::Region(args)) => match args.action {
+            RegionAction::Takeover(t) => return takeover(t),
+        },
         // No subcommand: `serve` with settings from the environment only.
         None => match ServeArgs::augment_args(clap::Command::new("chatmesh"))
             .try_get_matches_from(["chatmesh"])

@@ -543,6 +543,7 @@ impl ChatService {
     /// A join decided here (the room's home), for this region or forwarded by another.
     pub async fn join_at_home(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<Room> {
         let room = self.room_meta(room_id).await?;
+        self.regions.deciding(&room.home_region)?;
         if self.is_member(room_id, user_id).await? {
             return self.room_or_404(room_id).await;
         }
@@ -569,7 +570,8 @@ impl ChatService {
 
     /// A leave decided here (the room's home).
     pub async fn leave_at_home(&self, user_id: &UserId, room_id: &RoomId) -> ApiResult<()> {
-        self.room_meta(room_id).await?;
+        let room = self.room_meta(room_id).await?;
+        self.regions.deciding(&room.home_region)?;
         self.store.remove_member(room_id, user_id).await?;
         self.left_here(room_id, user_id).await?;
         // Not answered as done until every other region will hear of it.
@@ -602,6 +604,7 @@ impl ChatService {
     /// An invitation decided here (the room's home).
     pub async fn add_member_at_home(&self, owner_id: &UserId, room_id: &RoomId, new_member: &UserId) -> ApiResult<()> {
         let room = self.room_meta(room_id).await?;
+        self.regions.deciding(&room.home_region)?;
         if room.owner_id != owner_id.as_str() {
             return Err(ApiError::Forbidden("only the owner may add members".into()));
         }
@@ -680,6 +683,10 @@ impl ChatService {
         body: MessageBody,
         trace: &str,
     ) -> ApiResult<Receipt> {
+        if self.regions.has_peers() {
+            // Self-fencing: only while this region holds the home lease of the room's home.
+            self.regions.deciding(&self.room_meta(room_id).await?.home_region)?;
+        }
         let Some(membership) = self.membership_for_send(room_id, sender_id).await? else {
             self.room_meta(room_id).await?;
             return Err(ApiError::not_member());
@@ -758,6 +765,12 @@ impl ChatService {
             metrics::counter!(m::HLC_REFUSED, "peer" => peer.clone()).increment(1);
             tracing::warn!(peer = %peer, ahead_ms = ahead.ahead_ms, "a region's clock is ahead of ours past CHATMESH_HLC_MAX_AHEAD_MS");
         }
+    }
+
+    /// Whether `peer` still decides the rooms homed there (nobody took them over): what it
+    /// sequences after a takeover must not be taken here.
+    pub fn peer_decides_its_rooms(&self, peer: &str) -> bool {
+        self.regions.decider_of(peer) == peer
     }
 
     /// Takes a change another region decided into this one.

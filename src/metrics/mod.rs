@@ -45,6 +45,12 @@ pub const REGION_FORWARDED: &str = "chatmesh_region_forwarded_total";
 pub const REGION_FORWARD_LATENCY: &str = "chatmesh_region_forward_latency_seconds";
 /// Multi-region: changes refused because their clock was too far ahead of ours, by peer.
 pub const HLC_REFUSED: &str = "chatmesh_hlc_refused_total";
+/// Multi-region: the fencing token of each home lease this region holds, by lease name.
+pub const LEASE_TOKEN: &str = "chatmesh_lease_token";
+/// Multi-region: 1 while this instance decides under the lease (renewed within its validity).
+pub const LEASE_HELD: &str = "chatmesh_lease_held";
+/// Multi-region: seconds since this instance last renewed the lease.
+pub const LEASE_RENEWED_AGE: &str = "chatmesh_lease_renewed_age_seconds";
 pub const BUILD_INFO: &str = "chatmesh_build_info";
 pub const TLS_RELOADS: &str = "chatmesh_tls_reloads_total";
 pub const HTTP_TIMEOUTS: &str = "chatmesh_http_timeouts_total";
@@ -89,6 +95,9 @@ pub const ALL: &[&str] = &[
     REGION_FORWARDED,
     REGION_FORWARD_LATENCY,
     HLC_REFUSED,
+    LEASE_TOKEN,
+    LEASE_HELD,
+    LEASE_RENEWED_AGE,
     BUILD_INFO,
     TLS_RELOADS,
     HTTP_TIMEOUTS,
@@ -225,5 +234,8 @@ fn describe() {
     describe_gauge!(REDIS_REPLICATION_LAG, Unit::Seconds, "Largest lag of a Redis replica behind the primary");
     describe_gauge!(REDIS_AOF_ENABLED, "1 if the Redis primary keeps an append-only file, 0 if a restart empties it");
     describe_gauge!(REPLICATION_LAG, Unit::Seconds, "Multi-region replication lag per peer region");
+    describe_gauge!(LEASE_TOKEN, "Fencing token of each home lease this region holds");
+    describe_gauge!(LEASE_HELD, "1 while this instance decides the rooms under the home lease");
+    describe_gauge!(LEASE_RENEWED_AGE, Unit::Seconds, "Seconds since this instance last renewed the home lease");
     describe_gauge!(BUILD_INFO, "1, labelled with the version of this binary");
 }

@@ -73,6 +73,11 @@ impl Keys {
         format!("{}:repl:{peer}:cursor", self.prefix)
     }
     /// Up to when (Unix ms) this region holds everything the peer region appended.
+    /// The fencing token of the home lease `name` this region's instances decide under: set
+    /// once the epoch is ready (region::homes).
+    pub fn home_marker(&self, name: &str) -> String {
+        format!("{}:lease-ready:{name}", self.prefix)
+    }
     pub fn replication_caught_up(&self, peer: &str) -> String {
         format!("{}:repl:{peer}:caught_up", self.prefix)
     }

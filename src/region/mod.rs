@@ -13,8 +13,10 @@ pub mod apply;
 pub mod client;
 pub mod forward;
 pub mod hlc;
+pub mod homes;
 pub mod outbox;
 pub mod replicator;
+pub mod takeover;
 pub mod view;
 
 use std::sync::Arc;
@@ -96,18 +98,43 @@ impl Peer {
 pub struct Regions {
     own: String,
     peers: Vec<Peer>,
+    /// Who holds each region's home lease (with peers; `None` in tests that need no leases).
+    homes: Option<Arc<homes::Homes>>,
 }
 
 impl Regions {
     /// A single region: every room is homed here.
     pub fn single(own: &str) -> Self {
-        Self { own: own.to_string(), peers: Vec::new() }
+        Self { own: own.to_string(), peers: Vec::new(), homes: None }
     }
 
     pub fn from_clients(own: &str, clients: Vec<Arc<PeerClient>>) -> Self {
         let peers =
             clients.into_iter().map(|client| Peer { sends: SendLanes::start(client.clone()), client }).collect();
-        Self { own: own.to_string(), peers }
+        Self { own: own.to_string(), peers, homes: None }
+    }
+
+    /// Rooms are decided where their home's lease is held, under its fencing token.
+    pub fn with_homes(mut self, homes: Arc<homes::Homes>) -> Self {
+        self.homes = Some(homes);
+        self
+    }
+
+    /// The region deciding the rooms homed in `home_region` now.
+    pub fn decider_of(&self, home_region: &str) -> String {
+        match &self.homes {
+            Some(h) => h.holder_of(home_region),
+            None => home_region.to_string(),
+        }
+    }
+
+    /// The fencing token this instance decides the rooms homed in `home_region` under (0 with a
+    /// single region); `unavailable` while it may not decide them.
+    pub fn deciding(&self, home_region: &str) -> ApiResult<i64> {
+        match &self.homes {
+            Some(h) if !self.peers.is_empty() => h.deciding(home_region),
+            _ => Ok(0),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -122,12 +149,13 @@ impl Regions {
         &self.peers
     }
 
-    /// Raises the head of each room homed in a peer to the home's, asking every peer at once
+    /// Raises the head of each room decided in a peer to the peer's, asking every peer at once
     /// (API.md: `head_seq` covers every send acknowledged before the request, wherever). Rooms
     /// whose home does not answer keep this region's head.
     pub async fn raise_to_home_heads(&self, rooms: &mut [Room]) {
         let asks = self.peers.iter().filter_map(|peer| {
-            let at: Vec<usize> = (0..rooms.len()).filter(|&i| rooms[i].home_region == peer.client.region).collect();
+            let at: Vec<usize> =
+                (0..rooms.len()).filter(|&i| self.decider_of(&rooms[i].home_region) == peer.client.region).collect();
             if at.is_empty() {
                 return None;
             }
@@ -141,17 +169,23 @@ impl Regions {
         }
     }
 
-    /// Where a room homed in `home_region` is decided: `None` here, else the peer to forward to.
+    /// Where a room homed in `home_region` is decided (where its home lease is held): `None`
+    /// here, else the peer to forward to.
     /// A home that is neither this region nor a peer is refused rather than guessed: deciding
     /// such a room here could give two regions the same seq.
     pub fn home_of(&self, home_region: &str) -> ApiResult<Option<&Peer>> {
-        if self.peers.is_empty() || home_region == self.own {
+        if self.peers.is_empty() {
             return Ok(None);
         }
-        match self.peers.iter().find(|p| p.client.region == home_region) {
+        let decider = self.decider_of(home_region);
+        if decider == self.own {
+            return Ok(None);
+        }
+        match self.peers.iter().find(|p| p.client.region == decider) {
             Some(peer) => Ok(Some(peer)),
             None => Err(ApiError::Unavailable(format!(
-                "this room's home region `{home_region}` is not among this deployment's regions (CHATMESH_PEER_REGIONS)"
+                "the region deciding this room (`{decider}`, for its home `{home_region}`) is not among this \
+                 deployment's regions (CHATMESH_PEER_REGIONS)"
             ))),
         }
     }

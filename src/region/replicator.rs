@@ -390,6 +390,12 @@ impl Replicator {
     async fn apply(&self, entry: &Entry) -> ApiResult<()> {
         let peer = self.peer.region.clone();
         if let (Some(room), Some(seq), Some(json)) = (&entry.r, entry.s, &entry.m) {
+            if !self.state.svc.peer_decides_its_rooms(&peer) {
+                // Another region took the peer's rooms over: what the peer sequenced is either
+                // held already or from after its lease (split brain). Not taken.
+                metrics::counter!(m::REPLICATION_ERRORS, "peer" => peer, "reason" => "fenced").increment(1);
+                return Ok(());
+            }
             if let Applied::Gap(applied) = self.applier.apply(room, seq, json).await? {
                 self.fill(room, applied, seq).await?;
             }

@@ -216,6 +216,9 @@ async fn every_documented_metric_is_exported_with_bounded_labels_and_moves_with_
         "chatmesh_region_forwarded_total",
         "chatmesh_region_forward_latency_seconds",
         "chatmesh_hlc_refused_total",
+        "chatmesh_lease_token",
+        "chatmesh_lease_held",
+        "chatmesh_lease_renewed_age_seconds",
         "chatmesh_rate_limited_total",
         "chatmesh_socket_events_total",
         // Only once a forged pub/sub payload arrived (cluster mode).

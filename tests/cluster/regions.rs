@@ -68,12 +68,29 @@ impl Drop for Link {
 struct TwoRegions {
     a: TestApp,
     b: TestApp,
+    /// b's settings (what `chatmesh region takeover` runs with in b).
+    env_b: Vec<(&'static str, String)>,
     link: Link,
     db: TestDatabase,
     redis: (RedisServer, RedisServer),
 }
 
 const TIMEOUT_MS: u64 = 1_000;
+/// Short home leases, so a takeover test waits seconds, not the default 10 s.
+const LEASE_MS: u64 = 2_000;
+const DRIFT_MS: u64 = 300;
+
+/// `chatmesh region takeover --region a --by b` with b's settings: (exit code, stdout, stderr).
+fn takeover(t: &TwoRegions) -> (Option<i32>, String, String) {
+    let out = Command::new(crate::helpers::binary())
+        .args(["region", "takeover", "--region", "a", "--by", "b"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(t.env_b.iter().filter(|(k, _)| *k != "CHATMESH_BIND").map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run chatmesh region takeover");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+}
 
 /// Regions `a` and `b`; `extra_a` adds settings to a's instance.
 async fn two_regions(extra_a: Vec<(&'static str, String)>) -> TwoRegions {
@@ -111,14 +128,16 @@ async fn two_regions_with(
             ("CHATMESH_PEER_REGIONS", peer),
             ("CHATMESH_REGION_TIMEOUT_MS", TIMEOUT_MS.to_string()),
             ("CHATMESH_ACK_LEVEL", "leader".to_string()),
+            ("CHATMESH_HOME_LEASE_MS", LEASE_MS.to_string()),
+            ("CHATMESH_LEASE_DRIFT_MS", DRIFT_MS.to_string()),
         ]
     };
     let mut env_a = instance("a", a_port, &redis_a, format!("b=http://{}", link.to_b));
     env_a.extend(extra_a);
     let env_b = instance("b", b_port, &redis_b, format!("a=http://{}", link.to_a));
     let a = spawn_with(Spawn { env: env_a, ..Default::default() }).await;
-    let b = spawn_with(Spawn { env: env_b, ..Default::default() }).await;
-    TwoRegions { a, b, link, db, redis: (redis_a, redis_b) }
+    let b = spawn_with(Spawn { env: env_b.clone(), ..Default::default() }).await;
+    TwoRegions { a, b, env_b, link, db, redis: (redis_a, redis_b) }
 }
 
 async fn join(app: &TestApp, token: &str, room: &str) {
@@ -388,6 +407,69 @@ async fn a_hole_in_the_homes_history_does_not_stall_the_room_elsewhere() {
     assert!(
         text.lines().any(|l| l.starts_with("chatmesh_replication_errors_total") && l.contains("reason=\"hole\"")),
         "the hole is counted on b"
+    );
+}
+
+/// Region a is lost (its instance and its Redis killed): sends to its rooms answer `unavailable`
+/// in b; a takeover is refused while a's lease is live, then b takes the rooms over once it
+/// expired (plus the drift margin), continues each room from the highest seq it holds (never
+/// reusing one), and a's rooms work through b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_region_is_taken_over_from_what_the_other_holds() {
+    let mut t = two_regions(vec![]).await;
+    let (_, alice) = t.a.register("alice").await;
+    let room = t.a.create_room(&alice, "home-a", "public").await;
+    for i in 1..=3 {
+        assert_eq!(t.a.send(&alice, &room, &format!("m{i}"), "x").await.status, StatusCode::CREATED);
+    }
+    until_history(&t.b, &alice, &room, 3, "b before the loss").await;
+    let (code, _, err) = takeover(&t);
+    assert_eq!(code, Some(1), "a takeover while a renews its lease must fail: {err}");
+    assert!(err.contains("is live"), "{err}");
+
+    t.a.signal("KILL");
+    t.a.wait_exit(Duration::from_secs(5));
+    t.redis.0.kill();
+    let r = t.b.send(&alice, &room, "while-lost", "x").await;
+    assert_eq!(r.code(), "unavailable", "a send to a lost region's room: {:?}", r.body);
+
+    // The lease lapses LEASE_MS after a's last renewal; the takeover may run DRIFT_MS later.
+    let started = Instant::now();
+    let report: Value = loop {
+        let (code, out, err) = takeover(&t);
+        if code == Some(0) {
+            break serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"));
+        }
+        assert!(err.contains("is live"), "takeover failed for another reason: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "the lease never lapsed: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((report["token"].as_i64(), report["previous_token"].as_i64()), (Some(2), Some(1)), "{report}");
+    let fence = report["fences"].as_array().unwrap().iter().find(|f| f["room_id"] == room.as_str()).cloned();
+    assert_eq!(fence.map(|f| f["from_seq"].clone()), Some(json!(4)), "{report}");
+
+    // b decides a's rooms once its instance read the lease (every quarter of the lease time).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let sent = loop {
+        let r = t.b.send(&alice, &room, "after-takeover", "x").await;
+        if r.status == StatusCode::CREATED {
+            break r;
+        }
+        assert_eq!(r.code(), "unavailable", "{:?}", r.body);
+        assert!(Instant::now() < deadline, "b never decided a's room: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sent.body["seq"].as_i64(), Some(4), "the next seq after what b held: {:?}", sent.body);
+    until_history(&t.b, &alice, &room, 4, "b after the takeover").await;
+    // Run again, the takeover is the same one (idempotent: same token, same fence).
+    let (code, out, err) = takeover(&t);
+    assert_eq!(code, Some(0), "{err}");
+    let again: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((again["token"].clone(), again["already_done"].clone()), (json!(2), json!(true)), "{again}");
+    let metrics = t.b.http.get(format!("{}/metrics", t.b.url)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("chatmesh_lease_token{") && l.contains("home:a") && l.ends_with(" 2")),
+        "b's /metrics shows it holds home:a under token 2"
     );
 }
 
