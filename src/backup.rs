@@ -55,6 +55,11 @@
 //! through [`Store::upsert_messages`]. A username taken by another user of the target store stops
 //! the restore. The JWT signing key is not part of the store: users keep their passwords, but
 //! tokens signed by another key must log in again.
+//!
+//! Leases and room fences (region takeover, see [`Store::acquire_lease`] and
+//! [`Store::fence_rooms`]) are operational state, not data: a backup leaves them out and a
+//! restored store has none, so the regions take their leases again (tokens start over at 1 there;
+//! fences from before no longer apply).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -17,6 +17,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chatmesh::domain::{Message, RoomId, Timestamp, UserId, Visibility};
 use chatmesh::store::mongodb::MongoStore;
@@ -641,6 +642,318 @@ pub async fn import_keeps_everything_and_is_idempotent(s: Arc<dyn Store>) {
     assert_eq!(exported, users);
 }
 
+fn at(ms: i64) -> Timestamp {
+    Timestamp(ms)
+}
+
+fn lease(name: &str, holder: &str, token: i64, expires_at: i64) -> Lease {
+    Lease { name: name.into(), holder: holder.into(), token, expires_at: Timestamp(expires_at) }
+}
+
+/// Tokens of a name grow by one with every acquisition (a new holder, the same holder after its
+/// lease expired, anyone after a release) and stay when the holder extends its unexpired lease.
+pub async fn lease_tokens_increase(s: Arc<dyn Store>) {
+    let name = "home:eu";
+    assert_eq!(s.lease(name).await.unwrap(), None);
+    assert_eq!(s.acquire_lease(name, "eu-1", 1_000, at(10_000)).await.unwrap(), Some(lease(name, "eu-1", 1, 11_000)));
+    // Held: another is refused and nothing changes.
+    assert_eq!(s.acquire_lease(name, "us-1", 1_000, at(10_999)).await.unwrap(), None);
+    assert_eq!(s.lease(name).await.unwrap(), Some(lease(name, "eu-1", 1, 11_000)));
+    // The holder again, unexpired: extended, same token.
+    assert_eq!(s.acquire_lease(name, "eu-1", 1_000, at(10_600)).await.unwrap(), Some(lease(name, "eu-1", 1, 11_600)));
+    // Expired (expires_at <= now): another takes it with the next token; the old holder is out.
+    assert_eq!(s.acquire_lease(name, "us-1", 2_000, at(11_600)).await.unwrap(), Some(lease(name, "us-1", 2, 13_600)));
+    assert_eq!(s.acquire_lease(name, "eu-1", 1_000, at(11_700)).await.unwrap(), None);
+    assert_eq!(s.lease(name).await.unwrap(), Some(lease(name, "us-1", 2, 13_600)));
+    // The same holder after its own lease expired: a new epoch, a new token.
+    assert_eq!(s.acquire_lease(name, "us-1", 1_000, at(13_600)).await.unwrap(), Some(lease(name, "us-1", 3, 14_600)));
+    // A release by the wrong holder or with another token changes nothing.
+    assert!(!s.release_lease(name, "eu-1", 3, at(14_000)).await.unwrap());
+    assert!(!s.release_lease(name, "us-1", 2, at(14_000)).await.unwrap());
+    assert_eq!(s.lease(name).await.unwrap(), Some(lease(name, "us-1", 3, 14_600)));
+    // Released: expired now, the token kept; the next acquisition (even the same holder's) gets +1.
+    assert!(s.release_lease(name, "us-1", 3, at(14_000)).await.unwrap());
+    assert_eq!(s.lease(name).await.unwrap(), Some(lease(name, "us-1", 3, 14_000)));
+    assert!(!s.release_lease(name, "us-1", 3, at(14_000)).await.unwrap(), "released already");
+    assert_eq!(s.acquire_lease(name, "us-1", 1_000, at(14_000)).await.unwrap(), Some(lease(name, "us-1", 4, 15_000)));
+    assert!(s.release_lease(name, "us-1", 4, at(14_100)).await.unwrap());
+    assert_eq!(s.acquire_lease(name, "eu-1", 1_000, at(14_100)).await.unwrap(), Some(lease(name, "eu-1", 5, 15_100)));
+    // Names are independent; a holder that looks like a field path is just a name.
+    let odd = "$holder.x";
+    assert_eq!(s.acquire_lease("home:us", odd, 500, at(20_000)).await.unwrap(), Some(lease("home:us", odd, 1, 20_500)));
+    assert_eq!(s.acquire_lease("home:us", odd, 500, at(20_100)).await.unwrap(), Some(lease("home:us", odd, 1, 20_600)));
+    assert_eq!(s.acquire_lease("home:us", "eu-1", 500, at(20_100)).await.unwrap(), None);
+    assert_eq!(s.acquire_lease("home:ap", "eu-1", 500, at(1)).await.unwrap(), Some(lease("home:ap", "eu-1", 1, 501)));
+    // Every lease, by name, expired or not.
+    assert_eq!(
+        s.leases().await.unwrap(),
+        vec![lease("home:ap", "eu-1", 1, 501), lease(name, "eu-1", 5, 15_100), lease("home:us", odd, 1, 20_600)]
+    );
+}
+
+/// Only the holder, with its current token, before expiry, renews; a refused renewal changes
+/// nothing.
+pub async fn lease_renewal_needs_the_current_token(s: Arc<dyn Store>) {
+    let name = "home:eu";
+    assert_eq!(s.renew_lease(name, "eu-1", 1, 1_000, at(0)).await.unwrap(), None, "never taken");
+    assert_eq!(s.lease(name).await.unwrap(), None, "a renewal does not create a lease");
+    let first = s.acquire_lease(name, "eu-1", 1_000, at(0)).await.unwrap().unwrap();
+    assert_eq!(first.token, 1);
+    assert_eq!(s.renew_lease(name, "eu-1", 1, 1_000, at(500)).await.unwrap(), Some(lease(name, "eu-1", 1, 1_500)));
+    assert_eq!(s.renew_lease(name, "us-1", 1, 1_000, at(600)).await.unwrap(), None, "wrong holder");
+    assert_eq!(s.renew_lease(name, "eu-1", 0, 1_000, at(600)).await.unwrap(), None, "stale token");
+    assert_eq!(s.renew_lease(name, "eu-1", 2, 1_000, at(600)).await.unwrap(), None, "token from the future");
+    assert_eq!(s.lease(name).await.unwrap(), Some(lease(name, "eu-1", 1, 1_500)));
+    // At expiry the lease is lost, even if nobody took it: renewing it is refused.
+    assert_eq!(s.renew_lease(name, "eu-1", 1, 1_000, at(1_500)).await.unwrap(), None, "expired");
+    assert_eq!(s.lease(name).await.unwrap(), Some(lease(name, "eu-1", 1, 1_500)));
+    // Taken over: the new holder renews, the old token never again.
+    assert_eq!(s.acquire_lease(name, "us-1", 1_000, at(1_600)).await.unwrap(), Some(lease(name, "us-1", 2, 2_600)));
+    assert_eq!(s.renew_lease(name, "eu-1", 1, 1_000, at(1_700)).await.unwrap(), None);
+    assert_eq!(s.renew_lease(name, "us-1", 2, 1_000, at(1_700)).await.unwrap(), Some(lease(name, "us-1", 2, 2_700)));
+    // Taken back by the first holder: its old token is stale there too.
+    assert_eq!(s.acquire_lease(name, "eu-1", 1_000, at(2_700)).await.unwrap(), Some(lease(name, "eu-1", 3, 3_700)));
+    assert_eq!(s.renew_lease(name, "eu-1", 1, 1_000, at(2_800)).await.unwrap(), None);
+    assert_eq!(s.renew_lease(name, "us-1", 2, 1_000, at(2_800)).await.unwrap(), None);
+    assert_eq!(s.renew_lease(name, "eu-1", 3, 1_000, at(2_800)).await.unwrap(), Some(lease(name, "eu-1", 3, 3_800)));
+    // A released lease is not renewed either.
+    assert!(s.release_lease(name, "eu-1", 3, at(2_900)).await.unwrap());
+    assert_eq!(s.renew_lease(name, "eu-1", 3, 1_000, at(2_900)).await.unwrap(), None);
+    assert_eq!(s.leases().await.unwrap(), vec![lease(name, "eu-1", 3, 2_900)]);
+}
+
+/// 16 acquirers of one free lease at the same `now`: exactly one wins, round after round, and
+/// each round's winner gets the next token.
+pub async fn concurrent_acquirers_one_winner(s: Arc<dyn Store>) {
+    const ACQUIRERS: usize = 16;
+    let name = "home:contended";
+    for round in 0..5_i64 {
+        // Each round starts after the last round's lease expired.
+        let now = at(round * 10_000);
+        let barrier = Arc::new(tokio::sync::Barrier::new(ACQUIRERS));
+        let tasks = (0..ACQUIRERS).map(|i| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.acquire_lease(name, &format!("holder-{i}"), 5_000, now).await.unwrap()
+            })
+        });
+        let won: Vec<Lease> = futures::future::join_all(tasks).await.into_iter().filter_map(|r| r.unwrap()).collect();
+        assert_eq!(won.len(), 1, "round {round}: winners {won:?}");
+        let winner = &won[0];
+        assert_eq!((winner.token, winner.expires_at), (round + 1, at(round * 10_000 + 5_000)), "round {round}");
+        assert_eq!(
+            s.lease(name).await.unwrap().as_ref(),
+            Some(winner),
+            "round {round}: the stored lease is the winner's"
+        );
+    }
+}
+
+/// A message of `room` at `seq`, sequenced under `token` (its id and client_msg_id say which).
+fn fenced(room: &str, seq: i64, token: i64) -> FencedMessage {
+    let message = Message {
+        id: format!("{room}-{seq}-t{token}"),
+        room_id: room.into(),
+        seq,
+        sender_id: id("u", 1),
+        client_msg_id: format!("t{token}-{seq}"),
+        body: format!("epoch {token}"),
+        created_at: Timestamp(seq),
+    };
+    FencedMessage { message, token }
+}
+
+fn fence(room: &str, token: i64, from_seq: i64) -> RoomFence {
+    RoomFence { room_id: room.into(), token, from_seq }
+}
+
+/// (seq, epoch) of every stored message of `room`, ascending.
+async fn epochs(s: &dyn Store, room: &str) -> Vec<(i64, String)> {
+    let msgs = s.messages_after(&as_room(room), 0, 1_000).await.unwrap();
+    msgs.into_iter().map(|m| (m.seq, m.body)).collect()
+}
+
+fn seq_epochs(pairs: &[(i64, i64)]) -> Vec<(i64, String)> {
+    pairs.iter().map(|(seq, token)| (*seq, format!("epoch {token}"))).collect()
+}
+
+fn refused(room: &str, seqs: &[i64]) -> Vec<(String, i64)> {
+    seqs.iter().map(|seq| (room.to_string(), *seq)).collect()
+}
+
+/// A fence refuses older epochs at and above its seq, nothing below it, nothing of its own epoch
+/// or newer; refused messages leave no trace; repeats change nothing.
+pub async fn fences_refuse_older_epochs(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let other = room(&*s, 2, &a, Visibility::Public).await;
+    let batch: Vec<_> = (1..=3).map(|seq| fenced(&r, seq, 1)).collect();
+    assert_eq!(s.upsert_messages_fenced(&batch).await.unwrap(), vec![], "no fence yet");
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(3));
+    assert_eq!(s.room_fences(&as_room(&r)).await.unwrap(), vec![]);
+
+    s.fence_rooms(&[fence(&r, 2, 5)]).await.unwrap();
+    // Recorded again, even with another from_seq: the first stands.
+    s.fence_rooms(&[fence(&r, 2, 5)]).await.unwrap();
+    s.fence_rooms(&[fence(&r, 2, 9)]).await.unwrap();
+    assert_eq!(s.room_fences(&as_room(&r)).await.unwrap(), vec![fence(&r, 2, 5)]);
+    assert_eq!(s.room_fences(&as_room(&other)).await.unwrap(), vec![], "fences are per room");
+
+    // Epoch 1's late write-back: below the fence written, at and above refused.
+    let late = [fenced(&r, 6, 1), fenced(&r, 4, 1), fenced(&r, 5, 1)];
+    assert_eq!(s.upsert_messages_fenced(&late).await.unwrap(), refused(&r, &[5, 6]));
+    assert_eq!(epochs(&*s, &r).await, seq_epochs(&[(1, 1), (2, 1), (3, 1), (4, 1)]));
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(4), "refused messages do not move the head");
+    // Epoch 2 at and above the fence, and a newer epoch still, are written.
+    assert_eq!(s.upsert_messages_fenced(&[fenced(&r, 5, 2), fenced(&r, 6, 2)]).await.unwrap(), vec![]);
+    assert_eq!(s.upsert_messages_fenced(&[fenced(&r, 7, 3)]).await.unwrap(), vec![]);
+    let expected = seq_epochs(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 2), (7, 3)]);
+    assert_eq!(epochs(&*s, &r).await, expected);
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(7));
+
+    // Idempotent: the same batches again change nothing and answer the same.
+    assert_eq!(s.upsert_messages_fenced(&[fenced(&r, 5, 2), fenced(&r, 6, 2)]).await.unwrap(), vec![]);
+    assert_eq!(s.upsert_messages_fenced(&late).await.unwrap(), refused(&r, &[5, 6]));
+    // Refused however far ahead, with the head untouched; a duplicate in the batch is reported once.
+    let ahead = [fenced(&r, 50, 1), fenced(&r, 50, 1), fenced(&other, 50, 1)];
+    assert_eq!(s.upsert_messages_fenced(&ahead).await.unwrap(), refused(&r, &[50]));
+    assert_eq!(epochs(&*s, &r).await, expected);
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(7));
+    // A room without fences takes every epoch, with head_seq kept as upsert_messages keeps it.
+    assert_eq!(epochs(&*s, &other).await, seq_epochs(&[(50, 1)]));
+    assert_eq!(s.head_seq(&as_room(&other)).await.unwrap(), Some(50));
+    // A fenced write-back dedupes with plain write-backs and sequenced sends, as upsert_messages does.
+    let plain = fenced(&other, 51, 1).message;
+    s.upsert_messages(std::slice::from_ref(&plain)).await.unwrap();
+    let mut same_key = fenced(&other, 52, 1);
+    same_key.message.client_msg_id = plain.client_msg_id.clone();
+    assert_eq!(s.upsert_messages_fenced(&[fenced(&other, 51, 9), same_key]).await.unwrap(), vec![]);
+    assert_eq!(epochs(&*s, &other).await, seq_epochs(&[(50, 1), (51, 1)]), "one message per (room, seq) and key");
+    assert!(s.head_seq(&as_room(&other)).await.unwrap() >= Some(51), "the head covers what is stored");
+
+    // A fence of a room the store does not have: refused, and nothing of the batch recorded.
+    let err = s.fence_rooms(&[fence(&other, 4, 1), fence("r-missing", 4, 1)]).await.unwrap_err();
+    assert_eq!(err, StoreError::NotFound("room"));
+    assert_eq!(s.room_fences(&as_room(&other)).await.unwrap(), vec![]);
+    assert_eq!(s.room_fences(&as_room("r-missing")).await.unwrap(), vec![]);
+    s.fence_rooms(&[]).await.unwrap();
+    assert_eq!(s.upsert_messages_fenced(&[]).await.unwrap(), vec![]);
+}
+
+/// Two takeovers, a → b → a (tokens 1, 2, 3): each fence holds for the epochs before it.
+pub async fn fence_chain_of_takeovers(s: Arc<dyn Store>) {
+    let a = user(&*s, 1).await;
+    let r = room(&*s, 1, &a, Visibility::Public).await;
+    let write = |batch: Vec<FencedMessage>| {
+        let s = s.clone();
+        async move { s.upsert_messages_fenced(&batch).await.unwrap() }
+    };
+    // Region a, token 1: seqs 1–3.
+    assert_eq!(write((1..=3).map(|seq| fenced(&r, seq, 1)).collect()).await, vec![]);
+    // b takes over (token 2) from seq 4 and writes 4; a's late 4 is refused.
+    s.fence_rooms(&[fence(&r, 2, 4)]).await.unwrap();
+    assert_eq!(write(vec![fenced(&r, 4, 2)]).await, vec![]);
+    assert_eq!(write(vec![fenced(&r, 4, 1)]).await, refused(&r, &[4]));
+    // a takes it back (token 3) from seq 6. b's late 5 is below that fence and of b's own epoch:
+    // written. b's 6 and 7 are refused, and a's first epoch stays refused from 4 on.
+    s.fence_rooms(&[fence(&r, 3, 6)]).await.unwrap();
+    assert_eq!(write(vec![fenced(&r, 7, 2), fenced(&r, 5, 2), fenced(&r, 6, 2)]).await, refused(&r, &[6, 7]));
+    assert_eq!(write(vec![fenced(&r, 5, 1), fenced(&r, 6, 1), fenced(&r, 3, 1)]).await, refused(&r, &[5, 6]));
+    // a's new epoch writes from 6 on.
+    assert_eq!(write(vec![fenced(&r, 6, 3), fenced(&r, 7, 3)]).await, vec![]);
+    let expected = seq_epochs(&[(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 3), (7, 3)]);
+    assert_eq!(epochs(&*s, &r).await, expected);
+    assert_eq!(s.head_seq(&as_room(&r)).await.unwrap(), Some(7));
+    // Late write-backs of every older epoch, again: nothing changes.
+    assert_eq!(write(vec![fenced(&r, 8, 2), fenced(&r, 8, 1)]).await, refused(&r, &[8]));
+    assert_eq!(epochs(&*s, &r).await, expected);
+    // Fences come back ascending by token, however they were recorded; repeats change nothing.
+    s.fence_rooms(&[fence(&r, 3, 100), fence(&r, 2, 100)]).await.unwrap();
+    assert_eq!(s.room_fences(&as_room(&r)).await.unwrap(), vec![fence(&r, 2, 4), fence(&r, 3, 6)]);
+    let r2 = room(&*s, 2, &a, Visibility::Public).await;
+    // Within one batch too, the first fence of a token stands.
+    s.fence_rooms(&[fence(&r2, 7, 30), fence(&r2, 5, 10), fence(&r2, 6, 20), fence(&r2, 5, 11)]).await.unwrap();
+    assert_eq!(
+        s.room_fences(&as_room(&r2)).await.unwrap(),
+        vec![fence(&r2, 5, 10), fence(&r2, 6, 20), fence(&r2, 7, 30)]
+    );
+}
+
+/// A takeover's fence (two rooms) and the old epoch's write-back (both rooms) run at once, many
+/// times. Each time the write-back saw both fences or neither, what it reported refused is not
+/// stored and the rest is, and nothing the fences refuse appears in the store after
+/// `fence_rooms` returned (a late write that checked before the fence and wrote after it would).
+pub async fn fence_races_fenced_write_back(s: Arc<dyn Store>) {
+    const ROUNDS: usize = 24;
+    let a = user(&*s, 1).await;
+    let (mut before, mut after) = (0, 0);
+    for round in 0..ROUNDS {
+        let rooms = [
+            room(&*s, 2 * round + 1, &a, Visibility::Public).await,
+            room(&*s, 2 * round + 2, &a, Visibility::Public).await,
+        ];
+        let early: Vec<_> = rooms.iter().flat_map(|r| (1..=2).map(|seq| fenced(r, seq, 1))).collect();
+        assert_eq!(s.upsert_messages_fenced(&early).await.unwrap(), vec![]);
+        // From seq 3 on, the rooms are the new epoch's (token 2).
+        let fences: Vec<_> = rooms.iter().map(|r| fence(r, 2, 3)).collect();
+        let late: Vec<_> = rooms.iter().flat_map(|r| (2..=4).map(|seq| fenced(r, seq, 1))).collect();
+        let all_late: Vec<(String, i64)> = rooms.iter().flat_map(|r| refused(r, &[3, 4])).collect();
+
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let fencer = {
+            let (s, barrier, rooms) = (s.clone(), barrier.clone(), rooms.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.fence_rooms(&fences).await.unwrap();
+                // What is stored at the fence's seqs once the fence is in place.
+                let mut seen = Vec::new();
+                for r in &rooms {
+                    seen.push(epochs(&*s, r).await);
+                }
+                seen
+            })
+        };
+        // Even rounds start both at once; odd rounds hold the write-back back by 0–5 ms, so that
+        // on a slower backend too the two meet at every point of each other.
+        let stagger = Duration::from_millis(if round % 2 == 1 { (round as u64 / 2) % 6 } else { 0 });
+        let writer = {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                // (Even a zero sleep waits for the timer's next tick.)
+                if !stagger.is_zero() {
+                    tokio::time::sleep(stagger).await;
+                }
+                s.upsert_messages_fenced(&late).await.unwrap()
+            })
+        };
+        let (seen, got) = (fencer.await.unwrap(), writer.await.unwrap());
+
+        let saw_fences = !got.is_empty();
+        assert!(got.is_empty() || got == all_late, "round {round}: a torn outcome: refused {got:?}");
+        let expected =
+            if saw_fences { seq_epochs(&[(1, 1), (2, 1)]) } else { seq_epochs(&[(1, 1), (2, 1), (3, 1), (4, 1)]) };
+        for (i, r) in rooms.iter().enumerate() {
+            let stored = epochs(&*s, r).await;
+            assert_eq!(stored, expected, "round {round}, room {i}: refused {got:?}");
+            assert_eq!(seen[i], stored, "round {round}, room {i}: stored after fence_rooms returned");
+            assert_eq!(s.head_seq(&as_room(r)).await.unwrap(), Some(expected.len() as i64), "round {round}");
+        }
+        // Now the fence is in place: the old epoch's retry is refused, the new epoch writes.
+        let retry: Vec<_> = rooms.iter().flat_map(|r| (2..=4).map(|seq| fenced(r, seq, 1))).collect();
+        assert_eq!(s.upsert_messages_fenced(&retry).await.unwrap(), all_late, "round {round}");
+        let new_epoch: Vec<_> = rooms.iter().flat_map(|r| (3..=4).map(|seq| fenced(r, seq, 2))).collect();
+        assert_eq!(s.upsert_messages_fenced(&new_epoch).await.unwrap(), vec![], "round {round}");
+        let third = if saw_fences { 2 } else { 1 };
+        for r in &rooms {
+            assert_eq!(epochs(&*s, r).await, seq_epochs(&[(1, 1), (2, 1), (3, third), (4, third)]), "round {round}");
+        }
+        if saw_fences { after += 1 } else { before += 1 }
+    }
+    eprintln!("{ROUNDS} rounds: the write-back ran before the fence {before} times, after it {after} times");
+}
+
 macro_rules! contract_suite {
     ($backend:ident, $factory:path) => {
         mod $backend {
@@ -668,7 +981,9 @@ macro_rules! contract_suite {
             users_round_trip, rooms_and_listing, versioned_changes_converge, membership,
             append_assigns_gap_free_seqs_and_dedupes, concurrent_appends_never_share_a_seq,
             upsert_is_idempotent, paging, export_pages_respect_limit_and_resume,
-            import_keeps_everything_and_is_idempotent);
+            import_keeps_everything_and_is_idempotent, lease_tokens_increase,
+            lease_renewal_needs_the_current_token, concurrent_acquirers_one_winner,
+            fences_refuse_older_epochs, fence_chain_of_takeovers, fence_races_fenced_write_back);
     };
     (@cases $factory:path; $($case:ident),*) => {
         $(

@@ -10,9 +10,11 @@
 //! - [`mongodb`]: the MongoDB store.
 //! - [`append`]: the embedded sequencer's decision (dedupe, seq = head + 1), pure, used by every
 //!   backend's [`Store::append_messages`].
+//! - [`fence`]: the fencing rule of [`Store::upsert_messages_fenced`], pure, used by every backend.
 //! - [`stored`]: the models as stored (times in ms), the shape of backup lines.
 
 pub mod append;
+pub mod fence;
 pub mod mongodb;
 pub mod postgres;
 pub mod sql;
@@ -130,6 +132,39 @@ pub enum AppendOutcome {
     Conflict,
     /// The room does not exist.
     RoomMissing,
+}
+
+/// A lease on `name`: who holds it, under which fencing token, until when.
+///
+/// Leases and fences are operational state: they are neither exported by `chatmesh backup` nor
+/// restored (a restored store starts with none; a region takes its lease again).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    /// The fencing token: every acquisition of the lease (not an extension by its holder) gets a
+    /// greater one than the last, so whatever acts under a lease can be told apart from whatever
+    /// acted under an older one.
+    pub token: i64,
+    /// The lease is free from this time on (`expires_at <= now`).
+    #[sqlx(try_from = "i64")]
+    pub expires_at: Timestamp,
+}
+
+/// From `from_seq` on, a room's messages belong to the epoch of `token` (a takeover): see
+/// [`Store::fence_rooms`].
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RoomFence {
+    pub room_id: String,
+    pub token: i64,
+    pub from_seq: i64,
+}
+
+/// A message to write back, with the token of the home lease it was sequenced under.
+#[derive(Debug, Clone)]
+pub struct FencedMessage {
+    pub message: Message,
+    pub token: i64,
 }
 
 /// A user with its password hash: what `chatmesh backup` exports and `restore` imports.
@@ -258,6 +293,39 @@ pub trait Store: Send + Sync + 'static {
     /// room's head_seq to at least the highest seq stored.
     async fn upsert_messages(&self, batch: &[Message]) -> StoreResult<()>;
 
+    /// [`Store::upsert_messages`] for a write-back that may come from an epoch that has been taken
+    /// over: each message is written as `upsert_messages` writes it (idempotent by (room, seq),
+    /// message id and dedupe key; each room's head_seq raised to at least the highest seq written)
+    /// unless a fence of its room ([`Store::fence_rooms`]) has `from_seq <= seq` and a token
+    /// greater than the message's: then it is refused, not written, and its (room_id, seq) is in
+    /// the answer (ordered by room and seq, each once). Refused messages do not move head_seq.
+    ///
+    /// Atomic with respect to [`Store::fence_rooms`]: the fences checked are those recorded
+    /// before the batch is written, and no fence is recorded between the check and the write, so
+    /// once `fence_rooms` has returned no message it refuses is stored by a batch (it may have
+    /// been stored before the fence: a fence removes nothing). SQL: one transaction, the rooms'
+    /// rows locked first (PostgreSQL; SQLite has one writer). MongoDB: one multi-document
+    /// transaction on a replica set; a standalone server has none, and there a fence recorded
+    /// between the check and the write does not stop that batch (see `MongoStore`).
+    ///
+    /// [`Store::upsert_messages`] itself ignores fences.
+    async fn upsert_messages_fenced(&self, batch: &[FencedMessage]) -> StoreResult<Vec<(String, i64)>>;
+
+    /// Records each fence: from its `from_seq` on, the messages of its room belong to the epoch of
+    /// its token, and [`Store::upsert_messages_fenced`] refuses there messages sequenced under a
+    /// lower token. A room gathers fences over successive takeovers, one per (room, token):
+    /// recording a fence again changes nothing, whatever its `from_seq` (the first one of a token
+    /// stands), so a batch can be repeated until it succeeds. All of the batch or nothing (on a
+    /// MongoDB standalone server, fence by fence: a retry completes it); `NotFound("room")`, with
+    /// nothing recorded, if a room is not stored.
+    ///
+    /// A fence removes nothing: a message of an older epoch stored before the fence, at or above
+    /// its `from_seq`, stays. The new epoch reads `head_seq` after fencing to know where the seqs
+    /// it may hand out start.
+    async fn fence_rooms(&self, fences: &[RoomFence]) -> StoreResult<()>;
+    /// The fences of a room, ascending by token (none for an unknown room).
+    async fn room_fences(&self, room_id: &RoomId) -> StoreResult<Vec<RoomFence>>;
+
     /// Messages with seq > after_seq, ascending, at most `limit`.
     async fn messages_after(&self, room_id: &RoomId, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>>;
     /// The `limit` messages just below `before_seq`, ascending.
@@ -293,4 +361,36 @@ pub trait Store: Send + Sync + 'static {
     /// `NotFound("room")` / `NotFound("user")` (SQLite: `NotFound("room or user")`) if a membership
     /// names a room or user that is not stored; then nothing of the batch is stored.
     async fn import_memberships(&self, memberships: &[Membership]) -> StoreResult<()>;
+
+    /// Takes the lease `name` for `holder` until `now + ttl_ms` if it is free: never taken, or
+    /// expired (`expires_at <= now`; a released lease is expired). It then gets the next fencing
+    /// token of the name, one more than the last one handed out (1 for a new name), so a name's
+    /// tokens strictly increase over acquisitions and none is handed out twice, even across
+    /// releases. Held unexpired by `holder` itself: extended to `now + ttl_ms`, the token kept.
+    /// Held unexpired by another: `None`, nothing changed.
+    ///
+    /// Atomic: of concurrent acquirers of one free lease, exactly one gets it. Time is the
+    /// caller's `now` (the store reads no clock): holders' clocks must agree to within the margin
+    /// they keep between renewing and `ttl_ms`.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64, now: Timestamp) -> StoreResult<Option<Lease>>;
+    /// Extends the lease to `now + ttl_ms`, same token, if `holder` holds it under `token` and it
+    /// has not expired. `None` otherwise, nothing changed: the lease was lost (expired, released,
+    /// taken by another), and the caller must stop acting under `token` (acquiring it again gives
+    /// a new token).
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        token: i64,
+        ttl_ms: i64,
+        now: Timestamp,
+    ) -> StoreResult<Option<Lease>>;
+    /// Ends the lease now if `holder` holds it under `token` and it has not expired: it expires at
+    /// `now`, the token stays (the next acquisition gets the one after). Whether it did; `false`
+    /// (nothing changed) if the lease was not held so.
+    async fn release_lease(&self, name: &str, holder: &str, token: i64, now: Timestamp) -> StoreResult<bool>;
+    /// The lease `name` as stored, expired or not; `None` if it was never taken.
+    async fn lease(&self, name: &str) -> StoreResult<Option<Lease>>;
+    /// Every lease, expired or not, by name (bytewise).
+    async fn leases(&self) -> StoreResult<Vec<Lease>>;
 }

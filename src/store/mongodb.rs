@@ -25,21 +25,31 @@
 //! `memberships` unique (`room_id`, `user_id`) and (`user_id`, `room_id`); `rooms` (`visibility`,
 //! `created_at`, `_id`). String keys compare bytewise (no collation), as in the other stores.
 //!
+//! Operational state, not part of backups: `leases` (`_id` the lease name; `holder`, `token`,
+//! `expires_at`) and `room_fences` (`_id` the room id; `fences`, an array of `{token, from_seq}`,
+//! one per token; `writes`, a counter every fenced write-back of the room bumps, see
+//! [`Store::upsert_messages_fenced`]). Both are keyed by `_id` alone.
+//!
 //! # Atomicity
 //!
 //! On a replica set (or a sharded cluster) every method that writes more than one document runs in
 //! a multi-document transaction (read concern `snapshot`, read preference `primary`), retried on
 //! transient errors by the driver: `create_room`, `add_member`, `remove_member`,
-//! `append_messages`. On a standalone server, which has no transactions, `append_messages` answers
-//! `Unavailable` (see there), and the membership methods run their writes one after the other:
-//! the unique membership index still makes exactly one of two concurrent adds (or removes) count,
-//! but a crash between the membership write and the room's counter update leaves `member_count`
-//! off by one. A standalone server is for development only.
+//! `append_messages`, `fence_rooms`, `upsert_messages_fenced`. On a standalone server, which has
+//! no transactions, `append_messages` answers `Unavailable` (see there), and the membership
+//! methods run their writes one after the other: the unique membership index still makes exactly
+//! one of two concurrent adds (or removes) count, but a crash between the membership write and
+//! the room's counter update leaves `member_count` off by one. `fence_rooms` then records fence
+//! by fence, and `upsert_messages_fenced` checks and writes without isolation (see there). A
+//! standalone server is for development only.
+//!
+//! Each lease operation is one single-document write (`findAndModify` / `update`), atomic
+//! everywhere.
 //!
 //! `upsert_messages`, the cluster write-back path, needs no transaction: it is idempotent and
 //! order-insensitive, so a batch cut short by a crash is completed by its retry.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -57,9 +67,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::append::{self, distinct};
+use super::fence;
 use super::{
-    AppendOutcome, ExportConsistency, ExportSnapshot, Member, Membership, NewRoom, NewUser, RoomPatch, SendRequest,
-    Store, StoreError, StoreResult, UserPatch, UserRecord,
+    AppendOutcome, ExportConsistency, ExportSnapshot, FencedMessage, Lease, Member, Membership, NewRoom, NewUser,
+    RoomFence, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch, UserRecord,
 };
 use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId, Visibility};
 
@@ -84,6 +95,8 @@ pub struct MongoStore {
     rooms: Collection<RoomDoc>,
     memberships: Collection<MembershipDoc>,
     messages: Collection<MessageDoc>,
+    leases: Collection<LeaseDoc>,
+    room_fences: Collection<FenceDoc>,
     /// The deployment is a replica set or a sharded cluster: multi-document transactions work.
     transactions: bool,
 }
@@ -143,6 +156,48 @@ struct MessageDoc {
     client_msg_id: String,
     body: String,
     created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LeaseDoc {
+    #[serde(rename = "_id")]
+    name: String,
+    holder: String,
+    token: i64,
+    expires_at: i64,
+}
+
+/// A room's fences, one per token, in the order they were recorded. `writes` (not read here) is
+/// what each fenced write-back of the room bumps.
+#[derive(Debug, Clone, Deserialize)]
+struct FenceDoc {
+    #[serde(rename = "_id")]
+    room_id: String,
+    #[serde(default)]
+    fences: Vec<FenceEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct FenceEntry {
+    token: i64,
+    from_seq: i64,
+}
+
+impl FenceDoc {
+    fn into_fences(self) -> impl Iterator<Item = RoomFence> {
+        let room_id = self.room_id;
+        self.fences.into_iter().map(move |f| RoomFence {
+            room_id: room_id.clone(),
+            token: f.token,
+            from_seq: f.from_seq,
+        })
+    }
+}
+
+impl From<LeaseDoc> for Lease {
+    fn from(d: LeaseDoc) -> Self {
+        Lease { name: d.name, holder: d.holder, token: d.token, expires_at: Timestamp(d.expires_at) }
+    }
 }
 
 impl From<UserDoc> for User {
@@ -433,6 +488,8 @@ impl MongoStore {
             rooms: db.collection("rooms"),
             memberships: db.collection("memberships"),
             messages: db.collection("messages"),
+            leases: db.collection("leases"),
+            room_fences: db.collection("room_fences"),
             client,
             db,
             transactions,
@@ -614,6 +671,132 @@ impl MongoStore {
             self.messages.insert_many(&fresh).ordered(true).session(&mut *s).await?;
         }
         Ok(plan.outcomes)
+    }
+
+    /// One attempt of `fence_rooms` (fences sorted by room and token): every room checked first,
+    /// then each fence pushed into its room's fence document unless one of its token is there
+    /// (the filter says so, which keeps a concurrent push of the same token from doubling it).
+    /// In a transaction a concurrent fence or fenced write-back of the room writes the same
+    /// document: one of the two fails on a write conflict and runs again on a fresh snapshot.
+    async fn fence_in(&self, s: &mut ClientSession, fences: &[RoomFence]) -> MongoResult<StoreResult<()>> {
+        let rooms = distinct(fences.iter().map(|f| f.room_id.as_str()));
+        let known = self.rooms.count_documents(doc! { "_id": { "$in": &rooms } }).session(&mut *s).await?;
+        if known != rooms.len() as u64 {
+            return Ok(Err(StoreError::NotFound("room")));
+        }
+        let mut stored: Option<(String, HashSet<i64>)> = None;
+        for f in fences {
+            if stored.as_ref().is_none_or(|(room, _)| *room != f.room_id) {
+                let d = self.room_fences.find_one(doc! { "_id": &f.room_id }).session(&mut *s).await?;
+                let tokens = d.map(|d| d.fences.iter().map(|e| e.token).collect()).unwrap_or_default();
+                stored = Some((f.room_id.clone(), tokens));
+            }
+            if stored.as_ref().is_some_and(|(_, tokens)| tokens.contains(&f.token)) {
+                continue;
+            }
+            let res = self
+                .room_fences
+                .update_one(
+                    doc! { "_id": &f.room_id, "fences.token": { "$ne": f.token } },
+                    doc! { "$push": { "fences": { "token": f.token, "from_seq": f.from_seq } } },
+                )
+                .upsert(true)
+                .session(&mut *s)
+                .await;
+            match res {
+                Ok(_) => {}
+                // The document holds this token already (recorded since it was read): the upsert's
+                // insert collided with it. In a transaction that aborted it, and it runs again.
+                Err(e) if !self.transactions && is_duplicate_key(&e) => {}
+                Err(e) => return Err(e),
+            }
+            // A second fence of this token later in the batch is a repeat.
+            if let Some((_, tokens)) = stored.as_mut() {
+                tokens.insert(f.token);
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The fences of `rooms`, read without writing (for a standalone server).
+    async fn fences_of(&self, rooms: &[&str]) -> StoreResult<Vec<RoomFence>> {
+        let cursor = self.room_fences.find(doc! { "_id": { "$in": rooms } }).await.map_err(unavailable)?;
+        let docs: Vec<FenceDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs.into_iter().flat_map(FenceDoc::into_fences).collect())
+    }
+
+    /// One attempt of `upsert_messages_fenced`, inside a transaction: first, for each room in id
+    /// order, bump the `writes` of its fence document (created if missing) and read its fences
+    /// from what that returns; then decide ([`fence::split`]) and write what passes, as
+    /// `upsert_messages` would. Writing the fence document is what makes the check hold until
+    /// commit: a `fence_rooms` of the room writes the same document, so under snapshot isolation
+    /// one of the two transactions fails on a write conflict and runs again after the other
+    /// (a read alone would let a fence commit between this check and this commit).
+    async fn upsert_fenced_in(
+        &self,
+        s: &mut ClientSession,
+        batch: &[FencedMessage],
+    ) -> MongoResult<Vec<(String, i64)>> {
+        let rooms = distinct(batch.iter().map(|f| f.message.room_id.as_str()));
+        let mut fences = Vec::new();
+        for room in rooms {
+            let d = self
+                .room_fences
+                .find_one_and_update(doc! { "_id": room }, doc! { "$inc": { "writes": 1_i64 } })
+                .upsert(true)
+                .return_document(ReturnDocument::After)
+                .session(&mut *s)
+                .await?;
+            fences.extend(d.into_iter().flat_map(FenceDoc::into_fences));
+        }
+        let (pass, refused) = fence::split(batch, &fences);
+        // Only what is not stored: in a transaction a duplicate key aborts the whole of it.
+        let fresh = self.unstored(s, &pass).await?;
+        if !fresh.is_empty() {
+            self.messages.insert_many(&fresh).ordered(true).session(&mut *s).await?;
+        }
+        for (room, head) in fence::heads(&pass) {
+            self.rooms
+                .update_one(doc! { "_id": room }, doc! { "$max": { "head_seq": Bson::Int64(head) } })
+                .session(&mut *s)
+                .await?;
+        }
+        Ok(refused)
+    }
+
+    /// The messages of `msgs` that share no key (id, (room, seq), dedupe key) with a stored
+    /// message nor with one before them in `msgs`: what an unordered insert of `msgs` would store.
+    async fn unstored(&self, s: &mut ClientSession, msgs: &[&Message]) -> MongoResult<Vec<MessageDoc>> {
+        let mut ids: HashSet<String> = HashSet::new();
+        let mut slots: HashSet<(String, i64)> = HashSet::new();
+        let mut keys: HashSet<(String, String, String)> = HashSet::new();
+        for chunk in msgs.chunks(LOOKUP_CHUNK) {
+            let mut any = Vec::with_capacity(chunk.len() * 3);
+            for m in chunk {
+                any.push(doc! { "_id": &m.id });
+                any.push(doc! { "room_id": &m.room_id, "seq": m.seq });
+                any.push(doc! { "room_id": &m.room_id, "sender_id": &m.sender_id, "client_msg_id": &m.client_msg_id });
+            }
+            let cursor = self.messages.find(doc! { "$or": any }).session(&mut *s).await?;
+            for d in collect(cursor, s).await? {
+                ids.insert(d.id);
+                slots.insert((d.room_id.clone(), d.seq));
+                keys.insert((d.room_id, d.sender_id, d.client_msg_id));
+            }
+        }
+        let mut fresh = Vec::new();
+        for m in msgs {
+            let slot = (m.room_id.clone(), m.seq);
+            let key = (m.room_id.clone(), m.sender_id.clone(), m.client_msg_id.clone());
+            if ids.contains(&m.id) || slots.contains(&slot) || keys.contains(&key) {
+                continue;
+            }
+            ids.insert(m.id.clone());
+            slots.insert(slot);
+            keys.insert(key);
+            fresh.push(MessageDoc::from(*m));
+        }
+        Ok(fresh)
     }
 }
 
@@ -858,6 +1041,46 @@ impl Store for MongoStore {
         Ok(())
     }
 
+    /// On a replica set, one transaction (see `upsert_fenced_in`): atomic with respect to
+    /// `fence_rooms`. On a standalone server, which has no transactions, the fences are read and
+    /// then what passes goes through `upsert_messages`: a fence recorded between that read and
+    /// the insert does not stop the batch (the window is one round trip plus the insert), so a
+    /// takeover on a standalone server may keep a late message of the old epoch.
+    async fn upsert_messages_fenced(&self, batch: &[FencedMessage]) -> StoreResult<Vec<(String, i64)>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.transactions {
+            return self
+                .atomically((self, batch), |s, (this, batch)| this.upsert_fenced_in(s, batch).boxed())
+                .await
+                .map_err(unavailable);
+        }
+        let rooms = distinct(batch.iter().map(|f| f.message.room_id.as_str()));
+        let fences = self.fences_of(&rooms).await?;
+        let (pass, refused) = fence::split(batch, &fences);
+        let pass: Vec<Message> = pass.into_iter().cloned().collect();
+        self.upsert_messages(&pass).await?;
+        Ok(refused)
+    }
+
+    async fn fence_rooms(&self, fences: &[RoomFence]) -> StoreResult<()> {
+        if fences.is_empty() {
+            return Ok(());
+        }
+        let mut sorted = fences.to_vec();
+        sorted.sort_by(|a, b| (a.room_id.as_str(), a.token).cmp(&(b.room_id.as_str(), b.token)));
+        self.atomically((self, sorted.as_slice()), |s, (this, fences)| this.fence_in(s, fences).boxed())
+            .await
+            .map_err(unavailable)?
+    }
+
+    async fn room_fences(&self, room_id: &RoomId) -> StoreResult<Vec<RoomFence>> {
+        let mut fences = self.fences_of(&[room_id.as_str()]).await?;
+        fences.sort_by_key(|f| f.token);
+        Ok(fences)
+    }
+
     async fn messages_after(&self, room_id: &RoomId, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
         let room_id = room_id.as_str();
         self.find_messages(doc! { "room_id": room_id, "seq": { "$gt": after_seq } }, doc! { "seq": 1 }, limit).await
@@ -1018,5 +1241,69 @@ impl Store for MongoStore {
                 .map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    /// One `findAndModify` with upsert: the filter matches the lease where it expired or is the
+    /// holder's own, and the pipeline update moves the token unless the holder extends its own
+    /// unexpired lease. A lease held by another does not match, so the upsert tries to insert a
+    /// second document with its name and fails on the `_id` index: not acquired. Of concurrent
+    /// acquirers of a free lease, exactly one writes it; the others then find it held.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64, now: Timestamp) -> StoreResult<Option<Lease>> {
+        let filter = doc! { "_id": name, "$or": [{ "expires_at": { "$lte": now.0 } }, { "holder": holder }] };
+        // `$literal`: a holder spelled like `$field` is a name, not a path.
+        let own = doc! { "$and": [
+            { "$eq": ["$holder", { "$literal": holder }] },
+            { "$gt": ["$expires_at", Bson::Int64(now.0)] },
+        ] };
+        let next = doc! { "$add": [{ "$ifNull": ["$token", Bson::Int64(0)] }, Bson::Int64(1)] };
+        let update = vec![doc! { "$set": {
+            "token": { "$cond": [own, "$token", next] },
+            "holder": { "$literal": holder },
+            "expires_at": Bson::Int64(now.0.saturating_add(ttl_ms)),
+        } }];
+        let res =
+            self.leases.find_one_and_update(filter, update).upsert(true).return_document(ReturnDocument::After).await;
+        match res {
+            Ok(d) => Ok(d.map(Lease::from)),
+            Err(e) if is_duplicate_key(&e) => Ok(None),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        token: i64,
+        ttl_ms: i64,
+        now: Timestamp,
+    ) -> StoreResult<Option<Lease>> {
+        let filter = doc! { "_id": name, "holder": holder, "token": token, "expires_at": { "$gt": now.0 } };
+        let update = doc! { "$set": { "expires_at": now.0.saturating_add(ttl_ms) } };
+        let d = self
+            .leases
+            .find_one_and_update(filter, update)
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(unavailable)?;
+        Ok(d.map(Lease::from))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str, token: i64, now: Timestamp) -> StoreResult<bool> {
+        let filter = doc! { "_id": name, "holder": holder, "token": token, "expires_at": { "$gt": now.0 } };
+        let res =
+            self.leases.update_one(filter, doc! { "$set": { "expires_at": now.0 } }).await.map_err(unavailable)?;
+        Ok(res.matched_count == 1)
+    }
+
+    async fn lease(&self, name: &str) -> StoreResult<Option<Lease>> {
+        let d = self.leases.find_one(doc! { "_id": name }).await.map_err(unavailable)?;
+        Ok(d.map(Lease::from))
+    }
+
+    async fn leases(&self) -> StoreResult<Vec<Lease>> {
+        let cursor = self.leases.find(doc! {}).sort(doc! { "_id": 1 }).await.map_err(unavailable)?;
+        let docs: Vec<LeaseDoc> = cursor.try_collect().await.map_err(unavailable)?;
+        Ok(docs.into_iter().map(Lease::from).collect())
     }
 }

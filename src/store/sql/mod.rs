@@ -11,7 +11,10 @@
 //! or a room's counters first reads its rooms with [`Dialect::LOCK_ROWS`], in id order, and holds
 //! them to commit. On PostgreSQL that is `FOR UPDATE`: writers of one room take turns and
 //! concurrent batches never deadlock. On SQLite, `BEGIN IMMEDIATE` already makes every writer
-//! wait for the one before.
+//! wait for the one before. Recording a room's fences takes the same lock, which is what makes a
+//! fenced write-back's check and write atomic with respect to a takeover's fence.
+//!
+//! Leases need no lock: each operation on one is a single conditional statement on its row.
 
 mod dialect;
 mod errors;
@@ -26,9 +29,10 @@ pub use dialect::Dialect;
 use errors::{missing, unavailable, username_taken};
 
 use super::append::{self, distinct};
+use super::fence;
 use super::{
-    AppendOutcome, ExportConsistency, ExportSnapshot, Member, Membership, NewRoom, NewUser, RoomPatch, SendRequest,
-    Store, StoreError, StoreResult, UserPatch, UserRecord,
+    AppendOutcome, ExportConsistency, ExportSnapshot, FencedMessage, Lease, Member, Membership, NewRoom, NewUser,
+    RoomFence, RoomPatch, SendRequest, Store, StoreError, StoreResult, UserPatch, UserRecord,
 };
 use crate::domain::{Message, Room, RoomId, Timestamp, User, UserId};
 
@@ -37,6 +41,8 @@ const ROOM_COLS: &str =
     "id, name, topic, visibility, owner_id, home_region, head_seq, member_count, created_at, updated_at";
 const MEMBERSHIP_COLS: &str = "room_id, user_id, joined_at";
 const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, created_at";
+const LEASE_COLS: &str = "name, holder, token, expires_at";
+const FENCE_COLS: &str = "room_id, token, from_seq";
 /// Rows per multi-row statement (at most 10 bound values each): far below SQLite's 32766 and
 /// PostgreSQL's 65535 bound-value limits.
 const CHUNK: usize = 500;
@@ -222,6 +228,31 @@ where
             q.build().execute(&mut **tx).await.map_err(unavailable)?;
         }
         Ok(())
+    }
+
+    /// The fences of `rooms` (sorted, distinct), read in `tx`.
+    async fn fences_of(tx: &mut Transaction<'static, D>, rooms: &[&str]) -> StoreResult<Vec<RoomFence>> {
+        let mut fences = Vec::new();
+        for chunk in rooms.chunks(CHUNK) {
+            let mut q = QueryBuilder::new(format!("SELECT {FENCE_COLS} FROM room_fences WHERE room_id IN ("));
+            Self::push_ids(&mut q, chunk);
+            let rows: Vec<RoomFence> = q.build_query_as().fetch_all(&mut **tx).await.map_err(unavailable)?;
+            fences.extend(rows);
+        }
+        Ok(fences)
+    }
+
+    /// The write of a write-back: `msgs` (ordered by room and seq, their rooms locked by the
+    /// caller) inserted where no stored message has any of their keys, and each room's head
+    /// raised to at least its highest seq among them.
+    async fn write_back(tx: &mut Transaction<'static, D>, msgs: &[&Message]) -> StoreResult<()> {
+        for chunk in msgs.chunks(CHUNK) {
+            // Without a conflict target, a row that collides on any unique key (room and seq,
+            // message id, dedupe key) is skipped.
+            let mut q = Self::insert_messages(chunk.iter().copied(), " ON CONFLICT DO NOTHING");
+            q.build().execute(&mut **tx).await.map_err(unavailable)?;
+        }
+        Self::set_heads(tx, &fence::heads(msgs), &format!("{}(rooms.head_seq, v.head)", D::GREATEST)).await
     }
 
     /// `SELECT {from} [WHERE ({key}) > (after)] ORDER BY {key} LIMIT limit`.
@@ -471,28 +502,64 @@ where
         // In (room, seq) order, so that overlapping batches insert keys in the same order.
         let mut msgs: Vec<&Message> = batch.iter().collect();
         msgs.sort_by(|a, b| (a.room_id.as_str(), a.seq).cmp(&(b.room_id.as_str(), b.seq)));
-        // Highest seq per room; msgs is sorted, so the last one of each room wins.
-        let mut heads: Vec<(&str, i64)> = Vec::new();
-        for m in &msgs {
-            match heads.last_mut() {
-                Some((room, head)) if *room == m.room_id => *head = (*head).max(m.seq),
-                _ => heads.push((m.room_id.as_str(), m.seq)),
-            }
-        }
-        let rooms: Vec<&str> = heads.iter().map(|(room, _)| *room).collect();
+        let rooms = distinct(msgs.iter().map(|m| m.room_id.as_str()));
         let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
         // Room locks before any insert, in the order append_messages takes them: every insert
         // into a room then happens under its lock (no deadlock with appends or other upserts).
         Self::lock_rooms(&mut tx, &rooms).await?;
-        for chunk in msgs.chunks(CHUNK) {
-            // Without a conflict target, a row that collides on any unique key (room and seq,
-            // message id, dedupe key) is skipped.
-            let mut q = Self::insert_messages(chunk.iter().copied(), " ON CONFLICT DO NOTHING");
-            q.build().execute(&mut *tx).await.map_err(unavailable)?;
-        }
-        Self::set_heads(&mut tx, &heads, &format!("{}(rooms.head_seq, v.head)", D::GREATEST)).await?;
+        Self::write_back(&mut tx, &msgs).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// The rooms' locks (as in `upsert_messages`), then their fences, then the write of what
+    /// they let through, in one transaction: `fence_rooms` takes the same room locks, so no fence
+    /// is recorded between the check and the commit.
+    async fn upsert_messages_fenced(&self, batch: &[FencedMessage]) -> StoreResult<Vec<(String, i64)>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rooms = distinct(batch.iter().map(|f| f.message.room_id.as_str()));
+        let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
+        Self::lock_rooms(&mut tx, &rooms).await?;
+        // Read after the locks: on PostgreSQL (READ COMMITTED) this statement sees every fence
+        // committed before it, and none can commit after it until this transaction ends.
+        let fences = Self::fences_of(&mut tx, &rooms).await?;
+        let (pass, refused) = fence::split(batch, &fences);
+        Self::write_back(&mut tx, &pass).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(refused)
+    }
+
+    /// The rooms locked (and found) first, in id order, as every writer of their messages does;
+    /// then one insert per chunk that keeps a stored (room, token).
+    async fn fence_rooms(&self, fences: &[RoomFence]) -> StoreResult<()> {
+        if fences.is_empty() {
+            return Ok(());
+        }
+        let rooms = distinct(fences.iter().map(|f| f.room_id.as_str()));
+        let mut sorted: Vec<&RoomFence> = fences.iter().collect();
+        sorted.sort_by_key(|f| (f.room_id.as_str(), f.token));
+        let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await.map_err(unavailable)?;
+        if Self::lock_heads(&mut tx, &rooms).await?.len() != rooms.len() {
+            return Err(StoreError::NotFound("room"));
+        }
+        for chunk in sorted.chunks(CHUNK) {
+            let mut q = QueryBuilder::new(format!("INSERT INTO room_fences ({FENCE_COLS}) "));
+            q.push_values(chunk, |mut b, f| {
+                b.push_bind(f.room_id.as_str()).push_bind(f.token).push_bind(f.from_seq);
+            });
+            q.push(" ON CONFLICT (room_id, token) DO NOTHING");
+            q.build().execute(&mut *tx).await.map_err(missing("room"))?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn room_fences(&self, room_id: &RoomId) -> StoreResult<Vec<RoomFence>> {
+        let room_id = room_id.as_str();
+        let mut q = Self::by(format!("SELECT {FENCE_COLS} FROM room_fences WHERE room_id = "), room_id);
+        q.push(" ORDER BY token");
+        self.fetch_all(q).await
     }
 
     async fn messages_after(&self, room_id: &RoomId, after_seq: i64, limit: u32) -> StoreResult<Vec<Message>> {
@@ -567,6 +634,57 @@ where
             q.build().execute(&mut *tx).await.map_err(unavailable)?;
         }
         tx.commit().await.map_err(unavailable)
+    }
+
+    /// One statement: insert the lease, or take over its row where it expired or is the
+    /// holder's own (`ON CONFLICT ... DO UPDATE ... WHERE`). Of concurrent acquirers, the first
+    /// to write the row wins; the others wait for it (PostgreSQL's row lock, SQLite's one
+    /// writer), then find it held and return no row.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64, now: Timestamp) -> StoreResult<Option<Lease>> {
+        let mut q = QueryBuilder::new(format!("INSERT INTO leases ({LEASE_COLS}) VALUES ("));
+        q.push_bind(name).push(", ").push_bind(holder).push(", 1, ").push_bind(now.0.saturating_add(ttl_ms));
+        // SET reads the row as it was: the token moves unless the holder extends its own.
+        q.push(
+            ") ON CONFLICT (name) DO UPDATE SET token = CASE WHEN leases.holder = excluded.holder \
+             AND leases.expires_at > ",
+        );
+        q.push_bind(now.0).push(" THEN leases.token ELSE leases.token + 1 END, ");
+        q.push("holder = excluded.holder, expires_at = excluded.expires_at WHERE leases.expires_at <= ");
+        q.push_bind(now.0).push(format!(" OR leases.holder = excluded.holder RETURNING {LEASE_COLS}"));
+        self.fetch_optional(q).await
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        token: i64,
+        ttl_ms: i64,
+        now: Timestamp,
+    ) -> StoreResult<Option<Lease>> {
+        let mut q = QueryBuilder::new("UPDATE leases SET expires_at = ");
+        q.push_bind(now.0.saturating_add(ttl_ms));
+        q.push(" WHERE name = ").push_bind(name).push(" AND holder = ").push_bind(holder);
+        q.push(" AND token = ").push_bind(token).push(" AND expires_at > ").push_bind(now.0);
+        q.push(format!(" RETURNING {LEASE_COLS}"));
+        self.fetch_optional(q).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str, token: i64, now: Timestamp) -> StoreResult<bool> {
+        let mut q = QueryBuilder::new("UPDATE leases SET expires_at = ");
+        q.push_bind(now.0);
+        q.push(" WHERE name = ").push_bind(name).push(" AND holder = ").push_bind(holder);
+        q.push(" AND token = ").push_bind(token).push(" AND expires_at > ").push_bind(now.0);
+        let done = q.build().execute(&self.pool).await.map_err(unavailable)?;
+        Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn lease(&self, name: &str) -> StoreResult<Option<Lease>> {
+        self.fetch_optional(Self::by(format!("SELECT {LEASE_COLS} FROM leases WHERE name = "), name)).await
+    }
+
+    async fn leases(&self) -> StoreResult<Vec<Lease>> {
+        self.fetch_all(QueryBuilder::new(format!("SELECT {LEASE_COLS} FROM leases ORDER BY name"))).await
     }
 }
 
