@@ -30,7 +30,8 @@ pub enum Command {
     Backup(BackupArgs),
     /// Load a backup into a store (any backend), idempotently.
     Restore(RestoreArgs),
-    /// Multi-region operations (run with the settings of this region's instances).
+    /// Multi-region operations, with the settings of this region's instances (from the
+    /// environment, as `serve` reads them).
     Region(RegionArgs),
 }
 
@@ -57,8 +58,6 @@ pub struct TakeoverArgs {
     /// the command with the wrong region's settings.
     #[arg(long, value_name = "REGION")]
     pub by: Option<String>,
-    #[command(flatten)]
-    pub serve: ServeArgs,
 }
 
 /// The durable store, the same setting for `serve`, `backup` and `restore`. Its value is never

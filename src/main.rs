@@ -51,14 +51,27 @@ where
     }
 }
 
+/// The `serve` settings from the environment alone.
+fn env_settings() -> Result<ServeArgs, clap::Error> {
+    ServeArgs::augment_args(clap::Command::new("chatmesh"))
+        .try_get_matches_from(["chatmesh"])
+        .and_then(|m| ServeArgs::from_arg_matches(&m))
+}
+
 /// `chatmesh region takeover`: the report on stdout as JSON, logs on stderr.
 fn takeover(args: TakeoverArgs) -> ExitCode {
-    let config = match Config::from_args(args.serve, false) {
+    let serve = match env_settings() {
+        Ok(a) => a,
+        Err(e) => return fail(first_line(&e.to_string())),
+    };
+    let config = match Config::from_args(serve, false) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
     let Some(cluster) = config.cluster.clone() else {
-        return fail("a takeover needs the settings of a region's instances (CHATMESH_REDIS_URL, CHATMESH_PEER_REGIONS)");
+        return fail(
+            "a takeover needs the settings of a region's instances (CHATMESH_REDIS_URL, CHATMESH_PEER_REGIONS)",
+        );
     };
     if cluster.peers.iter().all(|p| p.name != args.region) {
         return fail(format!("`{}` is not among CHATMESH_PEER_REGIONS", args.region));
@@ -114,10 +127,7 @@ fn main() -> ExitCode {
             RegionAction::Takeover(t) => return takeover(t),
         },
         // No subcommand: `serve` with settings from the environment only.
-        None => match ServeArgs::augment_args(clap::Command::new("chatmesh"))
-            .try_get_matches_from(["chatmesh"])
-            .and_then(|m| ServeArgs::from_arg_matches(&m))
-        {
+        None => match env_settings() {
             Ok(a) => a,
             Err(e) => return fail(first_line(&e.to_string())),
         },

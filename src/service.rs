@@ -683,14 +683,15 @@ impl ChatService {
         body: MessageBody,
         trace: &str,
     ) -> ApiResult<Receipt> {
-        if self.regions.has_peers() {
-            // Self-fencing: only while this region holds the home lease of the room's home.
-            self.regions.deciding(&self.room_meta(room_id).await?.home_region)?;
-        }
         let Some(membership) = self.membership_for_send(room_id, sender_id).await? else {
             self.room_meta(room_id).await?;
             return Err(ApiError::not_member());
         };
+        if self.regions.has_peers() {
+            // Self-fencing: only while this region holds the home lease of the room's home,
+            // checked last before the sequencer (the membership check may have waited).
+            self.regions.deciding(&self.room_meta(room_id).await?.home_region)?;
+        }
         self.sequencer
             .submit(SendRequest {
                 message_id: new_id(),

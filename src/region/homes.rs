@@ -118,7 +118,15 @@ impl Homes {
         });
     }
 
+    /// One round, bounded: a store that hangs (a cut link drops packets) must not stop the next
+    /// round once it answers again.
     async fn tick(&self) {
+        if tokio::time::timeout(self.timing.ttl, self.round()).await.is_err() {
+            tracing::warn!("the home leases could not be read or renewed in time");
+        }
+    }
+
+    async fn round(&self) {
         let started = Instant::now();
         // Before anything can fail: the age keeps growing while renewals do not happen.
         for (name, at) in self.renewed.read().unwrap_or_else(|e| e.into_inner()).iter() {

@@ -123,6 +123,8 @@ pub async fn take_over(
         .with_context(|| format!("another region acquired {name} first"))?;
     tracing::info!(lease = %name, token = lease.token, "lease acquired; fencing the rooms");
 
+    report.token = lease.token;
+    report.previous_token = previous_token;
     let history = RedisHistory { store: store.clone(), redis: redis.clone(), keys: keys.clone() };
     let raise = redis::Script::new(RAISE);
     // First the fence points: each room's highest seq held here or in the store.

@@ -65,6 +65,9 @@ impl SqlStore<Postgres> {
     }
 }
 
+/// How long the server keeps a session that sits idle inside a transaction.
+const IDLE_IN_TRANSACTION: &str = "5s";
+
 /// The pool's options from `url`, with chatmesh's TLS policy: nothing that asked for TLS may end
 /// up in plaintext, and nothing may fall back silently.
 ///
@@ -76,6 +79,10 @@ impl SqlStore<Postgres> {
 ///   out loud at start when the server is not on this host. sqlx's own default is `prefer`.
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
     let options: PgConnectOptions = url.parse().context("CHATMESH_STORE_URL is not a valid postgres:// URL")?;
+    // A client cut off mid-transaction (a partitioned region: packets dropped, nothing closed)
+    // would keep its row locks until TCP gives up, hours later; the server ends such a session
+    // instead, so a takeover or another instance's write-back waits seconds, not hours.
+    let options = options.options([("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION)]);
     let query = url.split_once('?').map_or("", |(_, q)| q);
     let param = |names: &[&str]| {
         query

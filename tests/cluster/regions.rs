@@ -26,16 +26,21 @@ struct Link {
 
 impl Link {
     fn start(a_port: u16, b_port: u16, delay_ms: u64) -> Self {
+        Self::between(&[&format!("127.0.0.1:{b_port}"), &format!("127.0.0.1:{a_port}")], delay_ms)
+    }
+
+    /// A relay with one route per target; `to_b` and `to_a` are the first two routes' listen
+    /// addresses (the same one when there is a single target).
+    fn between(targets: &[&str], delay_ms: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready.json");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/relay.py");
         let mut cmd = Command::new("python3");
-        cmd.arg(script)
-            .args(["--route", &format!("127.0.0.1:0=127.0.0.1:{b_port}")])
-            .args(["--route", &format!("127.0.0.1:0=127.0.0.1:{a_port}")])
-            .args(["--delay-ms", &delay_ms.to_string(), "--control", "127.0.0.1:0"])
-            .arg("--ready-file")
-            .arg(&ready);
+        cmd.arg(script);
+        for target in targets {
+            cmd.args(["--route", &format!("127.0.0.1:0={target}")]);
+        }
+        cmd.args(["--delay-ms", &delay_ms.to_string(), "--control", "127.0.0.1:0"]).arg("--ready-file").arg(&ready);
         let child = spawn_tied(cmd).expect("python3 scripts/relay.py (the regions' link) must start");
         let deadline = Instant::now() + Duration::from_secs(10);
         let v: Value = loop {
@@ -46,7 +51,8 @@ impl Link {
             std::thread::sleep(Duration::from_millis(20));
         };
         let listen = |i: usize| v["routes"][i]["listen"].as_str().unwrap().to_string();
-        Self { child, to_b: listen(0), to_a: listen(1), control: v["control"].as_str().unwrap().to_string(), _dir: dir }
+        let to_a = if targets.len() > 1 { listen(1) } else { listen(0) };
+        Self { child, to_b: listen(0), to_a, control: v["control"].as_str().unwrap().to_string(), _dir: dir }
     }
 
     fn ctl(&self, command: &str) {
@@ -70,6 +76,7 @@ struct TwoRegions {
     b: TestApp,
     /// b's settings (what `chatmesh region takeover` runs with in b).
     env_b: Vec<(&'static str, String)>,
+    a_port: u16,
     link: Link,
     db: TestDatabase,
     redis: (RedisServer, RedisServer),
@@ -89,12 +96,22 @@ fn takeover(t: &TwoRegions) -> (Option<i32>, String, String) {
         .envs(t.env_b.iter().filter(|(k, _)| *k != "CHATMESH_BIND").map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("run chatmesh region takeover");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 /// Regions `a` and `b`; `extra_a` adds settings to a's instance.
 async fn two_regions(extra_a: Vec<(&'static str, String)>) -> TwoRegions {
     two_regions_with(extra_a, None).await
+}
+
+/// The host:port of the test PostgreSQL server in a database URL.
+fn pg_host(url: &str) -> String {
+    let after = url.split_once('@').map(|(_, r)| r).unwrap_or(url);
+    after.split('/').next().unwrap_or_default().to_string()
 }
 
 /// As `two_regions`, with a's Redis replicated to `a_replica` when given (ack levels past
@@ -137,7 +154,7 @@ async fn two_regions_with(
     let env_b = instance("b", b_port, &redis_b, format!("a=http://{}", link.to_a));
     let a = spawn_with(Spawn { env: env_a, ..Default::default() }).await;
     let b = spawn_with(Spawn { env: env_b.clone(), ..Default::default() }).await;
-    TwoRegions { a, b, env_b, link, db, redis: (redis_a, redis_b) }
+    TwoRegions { a, b, env_b, a_port, link, db, redis: (redis_a, redis_b) }
 }
 
 async fn join(app: &TestApp, token: &str, room: &str) {
@@ -471,6 +488,100 @@ async fn a_lost_region_is_taken_over_from_what_the_other_holds() {
         metrics.lines().any(|l| l.starts_with("chatmesh_lease_token{") && l.contains("home:a") && l.ends_with(" 2")),
         "b's /metrics shows it holds home:a under token 2"
     );
+}
+
+/// Region a cut off from the store cannot renew its home lease: it keeps acknowledging its rooms'
+/// sends only while its last renewal is within the lease time minus the drift margin, then
+/// answers `unavailable` — before the lease expires, so b can take over without two regions ever
+/// deciding at once. After the takeover and the heal, a forwards its room to b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_cut_from_the_store_stops_deciding_before_its_lease_expires() {
+    let db_host = pg_host(&crate::support::pg::admin_url());
+    let store_link = Link::between(&[&db_host], 0);
+    let mut t = two_regions(vec![]).await;
+    // a again, its store through the relay: the region that will be cut off.
+    let a_url = t.db.url().replacen(&db_host, &store_link.to_b, 1);
+    let (_, alice) = t.b.register("alice").await;
+    t.a.signal("KILL");
+    t.a.wait_exit(Duration::from_secs(5));
+    let a = {
+        let mut env: Vec<(&'static str, String)> = vec![];
+        let b = t.env_b.clone();
+        for (k, v) in b {
+            let v = match k {
+                "CHATMESH_BIND" => format!("127.0.0.1:{}", t.a_port),
+                "CHATMESH_REDIS_URL" => t.redis.0.url(),
+                "CHATMESH_STORE_URL" => a_url.clone(),
+                "CHATMESH_INSTANCE_ID" => "a1".to_string(),
+                "CHATMESH_REGION" => "a".to_string(),
+                "CHATMESH_PEER_REGIONS" => format!("b=http://{}", t.link.to_b),
+                _ => v,
+            };
+            env.push((k, v));
+        }
+        spawn_with(Spawn { env, ..Default::default() }).await
+    };
+    let room = a.create_room(&alice, "home-a", "public").await;
+    assert_eq!(a.send(&alice, &room, "m1", "x").await.status, StatusCode::CREATED);
+
+    store_link.ctl("cut");
+    let cut = Instant::now();
+    let mut acked_after_cut = 0;
+    let refused_at = loop {
+        // A request that needs the store (an expired cache entry) waits for it: not an answer.
+        let cmid = format!("c{}", cut.elapsed().as_millis());
+        let send = a.send(&alice, &room, &cmid, "x");
+        let Ok(r) = tokio::time::timeout(Duration::from_secs(1), send).await else {
+            assert!(cut.elapsed() < Duration::from_secs(5), "a's sends hang");
+            continue;
+        };
+        let at = cut.elapsed();
+        if r.status == StatusCode::CREATED {
+            assert!(at < Duration::from_millis(LEASE_MS - DRIFT_MS), "acknowledged {at:?} after the cut");
+            acked_after_cut += 1;
+        } else {
+            assert_eq!(r.code(), "unavailable", "{:?}", r.body);
+            assert!(r.body["error"]["message"].as_str().unwrap_or_default().contains("lease"), "{:?}", r.body);
+            break at;
+        }
+        assert!(at < Duration::from_secs(5), "a kept deciding its rooms without its lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(acked_after_cut > 0, "sends need no store: some must be acknowledged right after the cut");
+    assert!(refused_at < Duration::from_millis(LEASE_MS - DRIFT_MS + 100), "refused only {refused_at:?} after the cut");
+    // From then on a never acknowledges, until it knows who decides.
+    for i in 0..5 {
+        if let Ok(r) =
+            tokio::time::timeout(Duration::from_secs(1), a.send(&alice, &room, &format!("never-{i}"), "x")).await
+        {
+            assert_eq!(r.code(), "unavailable", "{:?}", r.body);
+        }
+    }
+
+    let started = Instant::now();
+    loop {
+        let (code, _, err) = takeover(&t);
+        if code == Some(0) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the takeover never succeeded: {err}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    store_link.ctl("heal");
+    // a learns the lease moved to b and forwards its room there; the seq goes on after every
+    // message a acknowledged.
+    let head = 1 + acked_after_cut;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sent = loop {
+        let r = a.send(&alice, &room, "after-heal", "x").await;
+        if r.status == StatusCode::CREATED {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "a never forwarded its room to b: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(sent.body["seq"].as_i64(), Some(head as i64 + 1), "{:?}", sent.body);
+    until_history(&t.b, &alice, &room, head as i64 + 1, "b after the takeover").await;
 }
 
 /// Ack level `region`: a send is acknowledged only once the other region holds it, so with the
