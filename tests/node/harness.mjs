@@ -314,21 +314,8 @@ export function run(cmd, args, opts = {}) {
 export async function startRedis() {
   for (let attempt = 0; attempt < 5; attempt++) {
     const port = await freePort();
-    const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    const out = [];
-    proc.stdout.on('data', (d) => out.push(d.toString()));
-    proc.stderr.on('data', (d) => out.push(d.toString()));
-    const exited = new Promise((resolve) => proc.on('exit', (code, signal) => resolve({ code, signal })));
-    const guard = () => proc.kill('SIGKILL');
-    guardSignals();
-    orphanGuards.add(guard);
-    const stop = async () => {
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-      await exited;
-      orphanGuards.delete(guard);
-    };
+    const args = ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'];
+    const { proc, out, stop } = spawnHelper('redis-server', args);
     const deadline = Date.now() + 10000;
     let up = false;
     while (Date.now() < deadline && proc.exitCode === null && proc.signalCode === null) {
@@ -537,14 +524,7 @@ export async function startLink(targets, delayMs = 25) {
   const args = [path.join(repoRoot, 'scripts', 'relay.py')];
   for (const t of targets) args.push('--route', `127.0.0.1:0=${t}`);
   args.push('--delay-ms', String(delayMs), '--control', '127.0.0.1:0', '--ready-file', ready);
-  const proc = spawn('python3', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  const out = [];
-  proc.stdout.on('data', (d) => out.push(d.toString()));
-  proc.stderr.on('data', (d) => out.push(d.toString()));
-  const exited = new Promise((resolve) => proc.on('exit', resolve));
-  const guard = () => proc.kill('SIGKILL');
-  guardSignals();
-  orphanGuards.add(guard);
+  const { out, stop } = spawnHelper('python3', args, dir);
   let info;
   await waitFor(() => {
     try {
@@ -562,13 +542,30 @@ export async function startLink(targets, delayMs = 25) {
       const r = await run('python3', [path.join(repoRoot, 'scripts', 'relay.py'), 'ctl', info.control, ...command.split(' ')]);
       if (r.code !== 0 || !r.stdout.startsWith('ok')) throw new Error(`relay ${command}: ${r.stdout}${r.stderr}`);
     },
-    async stop() {
-      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-      await exited;
-      orphanGuards.delete(guard);
-      rmSync(dir, { recursive: true, force: true });
-    },
+    stop,
   };
+}
+
+/**
+ * Spawn a helper process (Redis, a relay, HAProxy) that the test owns: killed on a signal to the
+ * test, its output kept in `out`; `stop()` kills it, waits and removes `dir` (if given).
+ */
+function spawnHelper(cmd, args, dir = null) {
+  const proc = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const out = [];
+  proc.stdout.on('data', (d) => out.push(d.toString()));
+  proc.stderr.on('data', (d) => out.push(d.toString()));
+  const exited = new Promise((resolve) => proc.on('exit', resolve));
+  const guard = () => proc.kill('SIGKILL');
+  guardSignals();
+  orphanGuards.add(guard);
+  const stop = async () => {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    await exited;
+    orphanGuards.delete(guard);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  };
+  return { proc, out, stop };
 }
 
 /**
@@ -605,20 +602,7 @@ export async function startHaproxy(servers, { internal = false, internalPort: wa
   appendFileSync(cfg, `\n${pins.join('\n')}`);
   const check = await run('haproxy', ['-c', '-q', '-f', cfg]);
   if (check.code !== 0) throw new Error(`haproxy -c rejected ${cfg}: ${check.stdout}${check.stderr}`);
-  const proc = spawn('haproxy', ['-db', '-f', cfg], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const out = [];
-  proc.stdout.on('data', (d) => out.push(d.toString()));
-  proc.stderr.on('data', (d) => out.push(d.toString()));
-  const exited = new Promise((resolve) => proc.on('exit', resolve));
-  const guard = () => proc.kill('SIGKILL');
-  guardSignals();
-  orphanGuards.add(guard);
-  const stop = async () => {
-    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
-    await exited;
-    orphanGuards.delete(guard);
-    rmSync(dir, { recursive: true, force: true });
-  };
+  const { out, stop } = spawnHelper('haproxy', ['-db', '-f', cfg], dir);
   const lb = `http://127.0.0.1:${lbPort}`;
   await waitFor(async () => (await api(lb, 'GET', '/health/live').catch(() => ({ status: 0 }))).status === 200, 10000, 'HAProxy answers')
     .catch(async (e) => {
