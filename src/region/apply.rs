@@ -25,6 +25,13 @@ pub enum Applied {
     Gap(i64),
 }
 
+/// Moves a room's applied seq when it is still what the caller saw (built once: its hash too).
+static SKIP: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end return 0",
+    )
+});
+
 pub struct Applier {
     pub redis: Redis,
     pub keys: Keys,
@@ -72,12 +79,9 @@ impl Applier {
     /// no messages between them either (dead-lettered), and waiting for them would stall every
     /// later message of the room here. Whether it moved.
     pub async fn skip(&self, room_id: &str, from: i64, to: i64) -> ApiResult<bool> {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 end return 0",
-        );
         let mut conn = self.redis.conn().await;
         let moved: i64 =
-            script.key(self.keys.seq(room_id)).arg(from).arg(to).invoke_async(&mut conn).await.map_err(|e| {
+            SKIP.key(self.keys.seq(room_id)).arg(from).arg(to).invoke_async(&mut conn).await.map_err(|e| {
                 tracing::warn!(error = %e, "skipping a hole in a replicated room failed");
                 ApiError::Unavailable("Redis is unavailable; retry".into())
             })?;
