@@ -210,7 +210,8 @@ async fn cluster_mode(
             regions: Arc::new(if peers.is_empty() {
                 Regions::single(region)
             } else {
-                let homes = Arc::new(Homes::new(region, store.clone(), redis.clone(), keys.clone(), c.leases));
+                let homes =
+                    Arc::new(Homes::new(region, instance_id, store.clone(), redis.clone(), keys.clone(), c.leases));
                 homes.clone().start().await;
                 Regions::from_clients(region, peers).with_homes(homes)
             }),

@@ -45,13 +45,14 @@ pub struct RegionArgs {
 #[derive(Subcommand, Debug)]
 pub enum RegionAction {
     /// Take over the rooms of a region whose home lease lapsed (docs/regions.md, "Losing a
-    /// region"): this region decides them from now on. Prints a JSON report.
+    /// region"): this region decides them from now on. With --region set to this region, takes
+    /// its own rooms back from the region holding them (give back). Prints a JSON report.
     Takeover(TakeoverArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct TakeoverArgs {
-    /// The region whose rooms to take over.
+    /// The region whose rooms to take over (this region's own: give back).
     #[arg(long, value_name = "REGION")]
     pub region: String,
     /// The region taking them over: must be this one (CHATMESH_REGION); a guard against running
@@ -322,6 +323,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_LEASE_DRIFT_MS", value_name = "CHATMESH_LEASE_DRIFT_MS",
           default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub lease_drift_ms: u64,
+    /// Regions: automatic takeover. A region's home lease not renewed for this long (and expired
+    /// past the drift margin) is taken over by this region; 0 (the default) leaves takeovers to
+    /// the operator (`chatmesh region takeover`).
+    #[arg(long, env = "CHATMESH_TAKEOVER_AFTER_MS", value_name = "CHATMESH_TAKEOVER_AFTER_MS",
+          default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub takeover_after_ms: u64,
     /// Cluster mode: prefix of every Redis key and channel (several clusters can share a Redis).
     #[arg(long, env = "CHATMESH_REDIS_PREFIX", value_name = "CHATMESH_REDIS_PREFIX", default_value = "cm")]
     pub redis_prefix: String,
@@ -661,6 +668,12 @@ impl Config {
                         "must be less than half of CHATMESH_HOME_LEASE_MS (an instance would never decide under its lease)",
                     ));
                 }
+                if args.takeover_after_ms > 0 && args.takeover_after_ms < args.home_lease_ms {
+                    return Err(invalid(
+                        "CHATMESH_TAKEOVER_AFTER_MS",
+                        "must be 0 (off) or at least CHATMESH_HOME_LEASE_MS (a lease is only taken over once it expired)",
+                    ));
+                }
                 if args.ack_level == AckLevel::Region && peers.is_empty() {
                     return Err(invalid("CHATMESH_ACK_LEVEL", "`region` needs CHATMESH_PEER_REGIONS"));
                 }
@@ -683,6 +696,8 @@ impl Config {
                     leases: crate::region::homes::LeaseTiming {
                         ttl: Duration::from_millis(args.home_lease_ms),
                         margin: Duration::from_millis(args.lease_drift_ms),
+                        takeover_after: (args.takeover_after_ms > 0)
+                            .then(|| Duration::from_millis(args.takeover_after_ms)),
                     },
                 })
             }

@@ -73,8 +73,8 @@ fn takeover(args: TakeoverArgs) -> ExitCode {
             "a takeover needs the settings of a region's instances (CHATMESH_REDIS_URL, CHATMESH_PEER_REGIONS)",
         );
     };
-    if cluster.peers.iter().all(|p| p.name != args.region) {
-        return fail(format!("`{}` is not among CHATMESH_PEER_REGIONS", args.region));
+    if args.region != config.region && cluster.peers.iter().all(|p| p.name != args.region) {
+        return fail(format!("`{}` is neither this region nor among CHATMESH_PEER_REGIONS", args.region));
     }
     if let Some(by) = &args.by
         && by != &config.region
@@ -90,7 +90,9 @@ fn takeover(args: TakeoverArgs) -> ExitCode {
         let store = chatmesh::store::open(&config.store).await?;
         let redis = chatmesh::redis_io::Redis::connect(cluster.redis.clone()).await?;
         let keys = chatmesh::redis_io::Keys::new(&cluster.prefix, cluster.shards);
-        chatmesh::region::takeover::take_over(store, redis, keys, &args.region, &config.region, cluster.leases).await
+        let actor = format!("command:{}", std::process::id());
+        chatmesh::region::takeover::take_over(store, redis, keys, &args.region, &config.region, cluster.leases, &actor)
+            .await
     };
     match runtime.block_on(work) {
         Ok(report) => {

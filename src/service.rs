@@ -687,11 +687,14 @@ impl ChatService {
             self.room_meta(room_id).await?;
             return Err(ApiError::not_member());
         };
-        if self.regions.has_peers() {
-            // Self-fencing: only while this region holds the home lease of the room's home,
-            // checked last before the sequencer (the membership check may have waited).
-            self.regions.deciding(&self.room_meta(room_id).await?.home_region)?;
-        }
+        // Self-fencing: only while this region holds the home lease of the room's home,
+        // checked last before the sequencer (the membership check may have waited); the
+        // sequencer checks the epoch's validity again before its script runs.
+        let epoch = if self.regions.has_peers() {
+            self.regions.deciding(&self.room_meta(room_id).await?.home_region)?
+        } else {
+            None
+        };
         self.sequencer
             .submit(SendRequest {
                 message_id: new_id(),
@@ -702,6 +705,7 @@ impl ChatService {
                 created_at: Timestamp::now(),
                 trace: trace.to_string(),
                 membership,
+                epoch,
             })
             .await
     }

@@ -127,6 +127,7 @@ fn req(room: &str, sender: &str, cmid: &str, body: &str) -> SendRequest {
         created_at: Timestamp::now(),
         trace: String::new(),
         membership: 0,
+        epoch: None,
     }
 }
 

@@ -51,6 +51,12 @@ pub const LEASE_TOKEN: &str = "chatmesh_lease_token";
 pub const LEASE_HELD: &str = "chatmesh_lease_held";
 /// Multi-region: seconds since this instance last renewed the lease.
 pub const LEASE_RENEWED_AGE: &str = "chatmesh_lease_renewed_age_seconds";
+/// Multi-region: sends refused because the home lease lapsed before they were sequenced.
+pub const SENDS_LAPSED: &str = "chatmesh_sends_lapsed_total";
+/// Multi-region: messages of an older epoch refused after a takeover, by who refused them.
+pub const FENCED_REFUSED: &str = "chatmesh_fenced_refused_total";
+/// Multi-region: takeovers this instance made, by home region and how (command or automatic).
+pub const TAKEOVERS: &str = "chatmesh_takeovers_total";
 pub const BUILD_INFO: &str = "chatmesh_build_info";
 pub const TLS_RELOADS: &str = "chatmesh_tls_reloads_total";
 pub const HTTP_TIMEOUTS: &str = "chatmesh_http_timeouts_total";
@@ -98,6 +104,9 @@ pub const ALL: &[&str] = &[
     LEASE_TOKEN,
     LEASE_HELD,
     LEASE_RENEWED_AGE,
+    SENDS_LAPSED,
+    FENCED_REFUSED,
+    TAKEOVERS,
     BUILD_INFO,
     TLS_RELOADS,
     HTTP_TIMEOUTS,
@@ -237,5 +246,8 @@ fn describe() {
     describe_gauge!(LEASE_TOKEN, "Fencing token of each home lease this region holds");
     describe_gauge!(LEASE_HELD, "1 while this instance decides the rooms under the home lease");
     describe_gauge!(LEASE_RENEWED_AGE, Unit::Seconds, "Seconds since this instance last renewed the home lease");
+    describe_counter!(SENDS_LAPSED, "Sends refused because the home lease lapsed before they were sequenced");
+    describe_counter!(FENCED_REFUSED, "Messages of an older epoch refused after a takeover, by who refused them");
+    describe_counter!(TAKEOVERS, "Takeovers of a region's rooms made by this instance, by home region and how");
     describe_gauge!(BUILD_INFO, "1, labelled with the version of this binary");
 }

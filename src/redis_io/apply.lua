@@ -4,8 +4,17 @@
 -- KEYS[3] the room's pending hash (seq -> message that arrived before the one before it)
 -- ARGV[1] seq   ARGV[2] message JSON   ARGV[3] fan-out channel
 -- ARGV[4] store head seq ('' when unknown)   ARGV[5] history stream length bound
+-- KEYS[4] the room's epoch floor (set by a takeover here)
+-- ARGV[6] the fencing token the message was sequenced under ('' when unknown)
 -- Returns {'init'} | {'dup', applied} | {'gap', applied} (kept in pending) | {'ok', applied}
+--   | {'fenced', floor}: sequenced under an epoch older than this region's takeover of the room
 local seq = tonumber(ARGV[1])
+if ARGV[6] ~= '' then
+  local floor = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if tonumber(ARGV[6]) < floor then
+    return {'fenced', floor}
+  end
+end
 local applied = redis.call('GET', KEYS[1])
 if not applied then
   if ARGV[4] == '' then

@@ -61,6 +61,11 @@ impl Keys {
     pub fn replica_pending(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}:pending", self.tag(room_id))
     }
+    /// The room's epoch floor: the fencing token of the newest takeover of its home this
+    /// region made; replicated messages of an older epoch are refused (region::takeover).
+    pub fn room_epoch(&self, room_id: &str) -> String {
+        format!("{}:room:{room_id}:epoch", self.tag(room_id))
+    }
     /// The outbox of a shard: what this region decided, for the other regions to pull.
     pub fn outbox(&self, shard: u32) -> String {
         format!("{}:{{s{shard}}}:outbox", self.prefix)

@@ -6,10 +6,21 @@
 -- ARGV[6] write-back backlog limit (entries)   ARGV[7] room id   ARGV[8] trace context ('' if none)
 -- ARGV[9] the revocation count the sender's membership was confirmed at
 -- ARGV[10] outbox length bound ('' when there are no peer regions: no outbox)
--- Returns {'dup', json} | {'revoked'} | {'init'} | {'full'} | {'ok', json}
+-- ARGV[11] the fencing token of the home lease the send is decided under ('' with one region)
+-- ARGV[12] until when (Unix ms) that lease lets this region decide ('' with one region)
+-- ARGV[13] the home region of that lease ('' with one region)
+-- Returns {'dup', json} | {'revoked'} | {'init'} | {'full'} | {'lapsed'} | {'ok', json}
 local existing = redis.call('GET', KEYS[2])
 if existing then
   return {'dup', existing}
+end
+-- Self-fencing, last check: the lease's validity against Redis's clock (a send that waited in a
+-- queue or on the network past it is not sequenced; the drift margin covers the clocks).
+if ARGV[12] ~= '' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) >= tonumber(ARGV[12]) then
+    return {'lapsed'}
+  end
 end
 -- The sender left the room (on any instance) since its membership was checked.
 if (redis.call('GET', KEYS[5]) or '0') ~= ARGV[9] then
@@ -34,10 +45,10 @@ end
 local seq = redis.call('INCR', KEYS[1])
 local msg = ARGV[2] .. seq .. ARGV[3]
 redis.call('XADD', KEYS[3], seq .. '-0', 'm', msg)
-redis.call('XADD', KEYS[4], '*', 'm', msg, 'r', ARGV[7], 's', seq, 't', ARGV[8])
+redis.call('XADD', KEYS[4], '*', 'm', msg, 'r', ARGV[7], 's', seq, 't', ARGV[8], 'ep', ARGV[11], 'eh', ARGV[13])
 redis.call('SET', KEYS[2], msg, 'EX', tonumber(ARGV[4]))
 if ARGV[10] ~= '' then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'r', ARGV[7], 's', seq, 'm', msg)
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'r', ARGV[7], 's', seq, 'm', msg, 'ep', ARGV[11], 'eh', ARGV[13])
 end
 -- seal() is defined by the prelude the instance puts before this script (fanout::seal).
 redis.call('PUBLISH', ARGV[5], seal(ARGV[5], msg))

@@ -23,6 +23,9 @@ pub enum Applied {
     Duplicate(i64),
     /// Kept aside: the messages after this applied seq and before it have not arrived.
     Gap(i64),
+    /// Refused: sequenced under an older epoch than this region's takeover of the room (the
+    /// room's epoch floor).
+    Fenced(i64),
 }
 
 /// Moves a room's applied seq when it is still what the caller saw (built once: its hash too).
@@ -40,7 +43,9 @@ pub struct Applier {
 }
 
 impl Applier {
-    pub async fn apply(&self, room_id: &str, seq: i64, json: &str) -> ApiResult<Applied> {
+    /// Applies a message sequenced under `epoch` (its home lease's fencing token, when known).
+    pub async fn apply(&self, room_id: &str, seq: i64, json: &str, epoch: Option<i64>) -> ApiResult<Applied> {
+        let epoch = epoch.map(|e| e.to_string()).unwrap_or_default();
         let mut floor = String::new();
         for _ in 0..2 {
             let mut conn = self.redis.conn().await;
@@ -49,11 +54,13 @@ impl Applier {
                 .key(self.keys.seq(room_id))
                 .key(self.keys.history(room_id))
                 .key(self.keys.replica_pending(room_id))
+                .key(self.keys.room_epoch(room_id))
                 .arg(seq)
                 .arg(json)
                 .arg(self.keys.channel(room_id))
                 .arg(&floor)
                 .arg(HISTORY_LEN)
+                .arg(&epoch)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| {
@@ -69,6 +76,7 @@ impl Applier {
                 Some(("ok", n)) => return Ok(Applied::Ok(n)),
                 Some(("dup", n)) => return Ok(Applied::Duplicate(n)),
                 Some(("gap", n)) => return Ok(Applied::Gap(n)),
+                Some(("fenced", n)) => return Ok(Applied::Fenced(n)),
                 _ => break,
             }
         }
@@ -90,7 +98,7 @@ impl Applier {
 
     pub async fn apply_message(&self, m: &Message) -> ApiResult<Applied> {
         let json = serde_json::to_string(m).expect("a message always serializes");
-        self.apply(&m.room_id, m.seq, &json).await
+        self.apply(&m.room_id, m.seq, &json, None).await
     }
 }
 

@@ -19,7 +19,7 @@ use crate::domain::Timestamp;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics as m;
 use crate::redis_io::{Keys, Redis};
-use crate::store::{Lease, Store};
+use crate::store::{Epoch, Lease, Store};
 
 /// The lease that says who decides the rooms homed in `region`.
 pub fn lease_name(region: &str) -> String {
@@ -37,6 +37,9 @@ pub fn home_in(name: &str) -> Option<&str> {
 pub struct LeaseTiming {
     pub ttl: Duration,
     pub margin: Duration,
+    /// Automatic takeover: a home lease not renewed for this long (and lapsed past the margin)
+    /// is taken over by this region (`None`: only by the operator's command).
+    pub takeover_after: Option<Duration>,
 }
 
 impl LeaseTiming {
@@ -58,6 +61,8 @@ struct Held {
 
 pub struct Homes {
     own: String,
+    /// This instance (the holder of the singleton job leases it takes).
+    instance: String,
     store: Arc<dyn Store>,
     redis: Redis,
     keys: Keys,
@@ -68,12 +73,22 @@ pub struct Homes {
     held: RwLock<HashMap<String, Held>>,
     /// When each held lease was last renewed (for the metrics).
     renewed: RwLock<HashMap<String, Instant>>,
+    /// Homes a takeover or a step-down runs for on this instance now.
+    busy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Homes {
-    pub fn new(own: &str, store: Arc<dyn Store>, redis: Redis, keys: Keys, timing: LeaseTiming) -> Self {
+    pub fn new(
+        own: &str,
+        instance: &str,
+        store: Arc<dyn Store>,
+        redis: Redis,
+        keys: Keys,
+        timing: LeaseTiming,
+    ) -> Self {
         Self {
             own: own.to_string(),
+            instance: instance.to_string(),
             store,
             redis,
             keys,
@@ -81,6 +96,7 @@ impl Homes {
             holders: RwLock::default(),
             held: RwLock::default(),
             renewed: RwLock::default(),
+            busy: Default::default(),
         }
     }
 
@@ -91,12 +107,19 @@ impl Homes {
         holders.get(home).cloned().unwrap_or_else(|| home.to_string())
     }
 
-    /// The fencing token under which this instance may decide the rooms homed in `home` now;
+    /// The epoch under which this instance may decide the rooms homed in `home` now;
     /// `unavailable` when it may not (its lease lapsed or was taken, or a takeover is not done).
-    pub fn deciding(&self, home: &str) -> ApiResult<i64> {
+    /// Its `until_ms` is the validity on the wall clock: the sequencer checks it again right
+    /// before the send script runs, and the script against Redis's clock.
+    pub fn deciding(&self, home: &str) -> ApiResult<Epoch> {
         let held = self.held.read().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
         match held.get(home) {
-            Some(h) if Instant::now() < h.until => Ok(h.token),
+            Some(h) if now < h.until => Ok(Epoch {
+                home: home.to_string(),
+                token: h.token,
+                until_ms: Timestamp::now().0 + (h.until - now).as_millis() as i64,
+            }),
             _ => Err(ApiError::Unavailable(format!(
                 "this region does not hold the lease on the rooms homed in `{home}` right now (it could not renew it, \
                  or another region took them over); retry"
@@ -120,13 +143,106 @@ impl Homes {
 
     /// One round, bounded: a store that hangs (a cut link drops packets) must not stop the next
     /// round once it answers again.
-    async fn tick(&self) {
-        if tokio::time::timeout(self.timing.ttl, self.round()).await.is_err() {
-            tracing::warn!("the home leases could not be read or renewed in time");
+    async fn tick(self: &Arc<Self>) {
+        match tokio::time::timeout(self.timing.ttl, self.round()).await {
+            Err(_) => tracing::warn!("the home leases could not be read or renewed in time"),
+            Ok(Some(leases)) => self.clone().follow_up(leases),
+            Ok(None) => {}
         }
     }
 
-    async fn round(&self) {
+    /// After a round, in the background (they may take a while): step down from homes another
+    /// region took over from this one, and (automatic takeover) take over lapsed homes or finish
+    /// a takeover of this region that did not complete.
+    fn follow_up(self: Arc<Self>, leases: Vec<Lease>) {
+        let now = Timestamp::now();
+        for lease in leases {
+            let Some(home) = home_in(&lease.name).map(str::to_string) else { continue };
+            let job = if lease.holder != self.own {
+                let unrenewed_ms = now.0 - (lease.expires_at.0 - self.timing.ttl.as_millis() as i64);
+                let lapsed = now.0 >= lease.expires_at.0 + self.timing.margin.as_millis() as i64;
+                let due = self.timing.takeover_after.is_some_and(|after| unrenewed_ms >= after.as_millis() as i64);
+                if lapsed && due { Job::TakeOver } else { Job::StepDown(lease.token) }
+            } else if home != self.own && self.timing.takeover_after.is_some() && lease.expires_at.0 > now.0 {
+                Job::Finish(lease.token)
+            } else {
+                continue;
+            };
+            if !self.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(home.clone()) {
+                continue;
+            }
+            let homes = self.clone();
+            tokio::spawn(async move {
+                homes.run(&home, job).await;
+                homes.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&home);
+            });
+        }
+    }
+
+    async fn run(&self, home: &str, job: Job) {
+        let name = lease_name(home);
+        match job {
+            Job::StepDown(token) => {
+                // Only when this region decided under an older epoch (its marker) than the lease's.
+                if self.marker(&name).await.is_none_or(|m| m >= token) {
+                    return;
+                }
+                match super::takeover::step_down(&self.store, &self.redis, &self.keys, home, token).await {
+                    Ok(done) => {
+                        tracing::warn!(
+                            home,
+                            token,
+                            rooms = done.rooms,
+                            dropped = done.dropped,
+                            "another region took over the rooms homed there: stepped down, catching up from it"
+                        );
+                        let mut conn = self.redis.conn().await;
+                        let _: redis::RedisResult<()> = conn.del(self.keys.home_marker(&name)).await;
+                    }
+                    Err(e) => tracing::warn!(home, error = %e, "stepping down failed; retried next round"),
+                }
+            }
+            Job::Finish(token) => {
+                if self.marker(&name).await == Some(token) {
+                    return;
+                }
+                self.take_over(home, "auto").await;
+            }
+            Job::TakeOver => self.take_over(home, "auto").await,
+        }
+    }
+
+    /// A takeover by this region (one at a time: `take_over` holds the singleton lease
+    /// `takeover:<home>` in the store).
+    async fn take_over(&self, home: &str, how: &'static str) {
+        let done = super::takeover::take_over(
+            self.store.clone(),
+            self.redis.clone(),
+            self.keys.clone(),
+            home,
+            &self.own,
+            self.timing,
+            &self.instance,
+        )
+        .await;
+        match done {
+            Ok(report) if !report.already_done => {
+                metrics::counter!(m::TAKEOVERS, "home" => home.to_string(), "how" => how).increment(1);
+                tracing::warn!(
+                    home,
+                    token = report.token,
+                    rooms = report.rooms,
+                    written_back = report.written_back,
+                    dropped_beyond_gap = report.dropped_beyond_gap,
+                    "took over the rooms homed there (automatic takeover)"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(home, error = %e, "automatic takeover failed; retried next round"),
+        }
+    }
+
+    async fn round(&self) -> Option<Vec<Lease>> {
         let started = Instant::now();
         // Before anything can fail: the age keeps growing while renewals do not happen.
         for (name, at) in self.renewed.read().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -136,9 +252,16 @@ impl Homes {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "the home leases could not be read; deciding stops when they lapse");
-                return;
+                return None;
             }
         };
+        let now = Timestamp::now();
+        // Homes whose region asked for its rooms back (a give-back): their leases lapse.
+        let asked_back: Vec<&str> = leases
+            .iter()
+            .filter(|l| l.expires_at.0 > now.0)
+            .filter_map(|l| l.name.strip_prefix("handback:").filter(|home| *home == l.holder))
+            .collect();
         let homes: Vec<&Lease> = leases.iter().filter(|l| home_in(&l.name).is_some()).collect();
         {
             let mut holders = self.holders.write().unwrap_or_else(|e| e.into_inner());
@@ -147,15 +270,20 @@ impl Homes {
                 holders.insert(home_in(&l.name).unwrap_or_default().to_string(), l.holder.clone());
             }
         }
-        let mut mine: Vec<Lease> = homes.iter().filter(|l| l.holder == self.own).map(|l| (*l).clone()).collect();
+        let mut mine: Vec<Lease> = homes
+            .iter()
+            .filter(|l| l.holder == self.own)
+            .filter(|l| !home_in(&l.name).is_some_and(|h| h != self.own && asked_back.contains(&h)))
+            .map(|l| (*l).clone())
+            .collect();
         if !homes.iter().any(|l| l.name == lease_name(&self.own)) {
             // This region's rooms were never leased: the first epoch is ours.
             if let Some(l) = self.take(&lease_name(&self.own)).await {
                 mine.push(l);
             }
         }
-        let now = Timestamp::now();
         let mut kept = HashMap::new();
+        let held_before: Vec<String> = self.held.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         for lease in mine {
             let Some(home) = home_in(&lease.name).map(str::to_string) else { continue };
             let renewed = if lease.expires_at.0 <= now.0 {
@@ -164,13 +292,18 @@ impl Homes {
                 // region's home it took over: only the takeover command may (its rooms must be
                 // fenced before anyone decides them).
                 if lease.name != lease_name(&self.own) {
+                    tracing::warn!(lease = %lease.name, token = lease.token, "a home lease this region took over lapsed");
                     continue;
                 }
                 self.take(&lease.name).await
             } else {
                 let ttl = self.timing.ttl.as_millis() as i64;
                 match self.store.renew_lease(&lease.name, &self.own, lease.token, ttl, now).await {
-                    Ok(l) => l,
+                    Ok(Some(l)) => Some(l),
+                    Ok(None) => {
+                        tracing::warn!(lease = %lease.name, token = lease.token, "a home lease was lost before its renewal");
+                        None
+                    }
                     Err(e) => {
                         tracing::warn!(lease = %lease.name, error = %e, "a home lease could not be renewed");
                         None
@@ -181,8 +314,11 @@ impl Homes {
             metrics::gauge!(m::LEASE_TOKEN, "name" => lease.name.clone()).set(lease.token as f64);
             self.renewed.write().unwrap_or_else(|e| e.into_inner()).insert(lease.name.clone(), Instant::now());
             metrics::gauge!(m::LEASE_RENEWED_AGE, "name" => lease.name.clone()).set(0.0);
-            if self.marker(&lease.name).await == Some(lease.token) {
+            let marker = self.marker(&lease.name).await;
+            if marker == Some(lease.token) {
                 kept.insert(home, Held { token: lease.token, until: self.timing.valid_until(started) });
+            } else if held_before.contains(&home) {
+                tracing::warn!(lease = %lease.name, token = lease.token, marker, "the epoch marker changed");
             }
         }
         let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
@@ -197,6 +333,8 @@ impl Homes {
             metrics::gauge!(m::LEASE_HELD, "name" => lease_name(home)).set(if on { 1.0 } else { 0.0 });
         }
         *held = kept;
+        drop(held);
+        Some(homes.into_iter().cloned().collect())
     }
 
     /// Acquires `name` for this region (a first epoch, or its own lapsed lease back) and marks
@@ -222,6 +360,15 @@ impl Homes {
     }
 }
 
+enum Job {
+    /// Another region holds this region's home (or a home it took over before) under this token.
+    StepDown(i64),
+    /// This region holds the lease but its takeover did not complete (no marker).
+    Finish(i64),
+    /// The lease lapsed long enough ago: take it over.
+    TakeOver,
+}
+
 /// Marks the epoch of `token` ready in this region's Redis: its instances decide under it.
 pub async fn set_marker(redis: &Redis, keys: &Keys, name: &str, token: i64) -> ApiResult<()> {
     let mut conn = redis.conn().await;
@@ -237,11 +384,11 @@ mod tests {
 
     #[test]
     fn validity_ends_a_margin_before_the_lease() {
-        let t = LeaseTiming { ttl: Duration::from_secs(10), margin: Duration::from_secs(2) };
+        let t = LeaseTiming { ttl: Duration::from_secs(10), margin: Duration::from_secs(2), takeover_after: None };
         let at = Instant::now();
         assert_eq!(t.valid_until(at) - at, Duration::from_secs(8));
         assert_eq!(t.renew_every(), Duration::from_millis(2500));
-        let odd = LeaseTiming { ttl: Duration::from_secs(1), margin: Duration::from_secs(5) };
+        let odd = LeaseTiming { ttl: Duration::from_secs(1), margin: Duration::from_secs(5), takeover_after: None };
         assert_eq!(odd.valid_until(at), at, "a margin past the lease time never lets its holder act");
     }
 

@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use crate::domain::{HistoryPage, Message, Room, RoomId};
 use crate::error::{ApiError, ApiResult};
 use crate::history::Cursor;
+use crate::store::Epoch;
 pub use client::PeerClient;
 use client::{HeadsAnswer, HeadsRequest};
 pub use forward::{ForwardedSend, SendLanes};
@@ -128,12 +129,12 @@ impl Regions {
         }
     }
 
-    /// The fencing token this instance decides the rooms homed in `home_region` under (0 with a
+    /// The epoch this instance decides the rooms homed in `home_region` under (none with a
     /// single region); `unavailable` while it may not decide them.
-    pub fn deciding(&self, home_region: &str) -> ApiResult<i64> {
+    pub fn deciding(&self, home_region: &str) -> ApiResult<Option<Epoch>> {
         match &self.homes {
-            Some(h) if !self.peers.is_empty() => h.deciding(home_region),
-            _ => Ok(0),
+            Some(h) if !self.peers.is_empty() => h.deciding(home_region).map(Some),
+            _ => Ok(None),
         }
     }
 

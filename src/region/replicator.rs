@@ -104,6 +104,9 @@ pub struct Entry {
     /// Any other change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub e: Option<Replicated>,
+    /// A message's epoch: the fencing token of the home lease it was sequenced under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep: Option<i64>,
 }
 
 /// The Unix ms a stream id was made at.
@@ -199,6 +202,7 @@ impl OutboxServer {
                                 s: field("s").and_then(|s| s.parse().ok()),
                                 m: field("m"),
                                 e: field("e").and_then(|e| serde_json::from_str(&e).ok()),
+                                ep: field("ep").and_then(|t| t.parse().ok()),
                                 id: sid.id.clone(),
                             });
                             ids[shard as usize] = sid.id;
@@ -390,14 +394,22 @@ impl Replicator {
     async fn apply(&self, entry: &Entry) -> ApiResult<()> {
         let peer = self.peer.region.clone();
         if let (Some(room), Some(seq), Some(json)) = (&entry.r, entry.s, &entry.m) {
-            if !self.state.svc.peer_decides_its_rooms(&peer) {
-                // Another region took the peer's rooms over: what the peer sequenced is either
-                // held already or from after its lease (split brain). Not taken.
+            if entry.ep.is_none() && !self.state.svc.peer_decides_its_rooms(&peer) {
+                // Without its epoch (an older peer): another region took the peer's rooms over,
+                // and what the peer sequenced is either held already or from after its lease.
                 metrics::counter!(m::REPLICATION_ERRORS, "peer" => peer, "reason" => "fenced").increment(1);
                 return Ok(());
             }
-            if let Applied::Gap(applied) = self.applier.apply(room, seq, json).await? {
-                self.fill(room, applied, seq).await?;
+            match self.applier.apply(room, seq, json, entry.ep).await? {
+                Applied::Gap(applied) => self.fill(room, applied, seq).await?,
+                Applied::Fenced(floor) => {
+                    // Sequenced under an epoch this region's takeover of the room ended: split
+                    // brain, refused (the store refuses its write-back too).
+                    metrics::counter!(m::FENCED_REFUSED, "by" => "peer").increment(1);
+                    tracing::error!(peer = %peer, room, seq, epoch = entry.ep, floor, "refused a message of a fenced epoch");
+                    return Ok(());
+                }
+                Applied::Ok(_) | Applied::Duplicate(_) => {}
             }
             metrics::counter!(m::REPLICATION_APPLIED, "peer" => peer, "kind" => "message").increment(1);
         } else if let Some(change) = &entry.e {
@@ -422,7 +434,7 @@ impl Replicator {
             for msg in &page.messages {
                 match self.applier.apply_message(msg).await? {
                     Applied::Ok(n) | Applied::Duplicate(n) => applied = applied.max(n),
-                    Applied::Gap(_) => {}
+                    Applied::Gap(_) | Applied::Fenced(_) => {}
                 }
             }
             if applied == before {

@@ -17,15 +17,25 @@
 //!
 //! Run again after a failure, it finishes the same takeover (same token); run again after it
 //! completed, it changes nothing and says so (`already_done`).
+//!
+//! **Give back** (`--region a --by a`, run with a's settings once a is back): a asks the holder
+//! to let the lease lapse (the lease `handback:a`, which the holder's instances honour by no
+//! longer renewing `home:a`), waits for the expiry plus the margin and until its replicated copy
+//! caught up with the holder past that expiry, then takes the rooms back with the same steps
+//! (the next token). **Stepping down** ([`step_down`]): a region that finds its home's lease
+//! held by another under a newer token than it decided under drops, per room, what it holds at
+//! or past the fence (messages the store and the other regions refuse), so that it takes the new
+//! home's messages from there.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use redis::AsyncCommands;
 use serde::Serialize;
 
 use super::homes::{LeaseTiming, lease_name, set_marker};
-use crate::domain::{RoomId, Timestamp};
+use crate::domain::{Message, RoomId, Timestamp};
 use crate::history::{Cursor, RedisHistory};
 use crate::redis_io::{Keys, Redis};
 use crate::store::{FencedMessage, RoomFence, Store};
@@ -57,11 +67,78 @@ pub struct Fence {
 /// Rooms read per page while listing the rooms homed in a region.
 const PAGE: u32 = 500;
 
-/// Moves the room's counter to at least the store's head; answers the counter.
+/// Moves the room's counter (KEYS[1]) to at least the store's head (ARGV[1]) and its epoch floor
+/// (KEYS[2]) to at least the new token (ARGV[2]); answers the counter. One script: a replicated
+/// message of the old epoch is either applied before it (and counted in the answer) or refused
+/// after it.
 const RAISE: &str = "local c = tonumber(redis.call('GET', KEYS[1]) or '0') \
 local h = tonumber(ARGV[1]) \
 if h > c then c = h redis.call('SET', KEYS[1], c) end \
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end \
 return c";
+
+/// The lease by which a home region asks the holder of its home lease to let it lapse.
+pub fn handback_name(region: &str) -> String {
+    format!("handback:{region}")
+}
+
+/// The ids of the rooms homed in `region`.
+pub async fn rooms_homed_in(store: &Arc<dyn Store>, region: &str) -> anyhow::Result<Vec<String>> {
+    let mut rooms = Vec::new();
+    let mut snapshot = store.export().await.context("listing the rooms")?;
+    let mut after: Option<String> = None;
+    loop {
+        let page = snapshot.rooms_page(after.as_deref(), PAGE).await.context("listing the rooms")?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        rooms.extend(page.into_iter().filter(|r| r.home_region == region).map(|r| r.id));
+    }
+    Ok(rooms)
+}
+
+/// Give back: asks the holder to let `home:<region>` lapse and waits until `region` may take it
+/// back: expired plus the margin, and this region's copy of the holder's outboxes caught up past
+/// the expiry (everything the holder sequenced is here). Bounded by `patience`.
+async fn wait_for_hand_back(
+    store: &Arc<dyn Store>,
+    redis: &Redis,
+    keys: &Keys,
+    region: &str,
+    timing: LeaseTiming,
+    patience: Duration,
+) -> anyhow::Result<()> {
+    let name = lease_name(region);
+    let ask_ttl = (timing.ttl * 3 + patience).as_millis() as i64;
+    let started = std::time::Instant::now();
+    loop {
+        store
+            .acquire_lease(&handback_name(region), region, ask_ttl, Timestamp::now())
+            .await
+            .context("asking for the rooms back")?;
+        let now = Timestamp::now();
+        let Some(lease) = store.lease(&name).await.context("reading the lease")? else { return Ok(()) };
+        if lease.holder == region {
+            return Ok(());
+        }
+        let lapsed = now.0 >= lease.expires_at.0 + timing.margin.as_millis() as i64;
+        let caught_up: Option<i64> =
+            redis.conn().await.get(keys.replication_caught_up(&lease.holder)).await.context("reading Redis")?;
+        let caught_up = caught_up.is_some_and(|ms| ms >= lease.expires_at.0);
+        if lapsed && caught_up {
+            return Ok(());
+        }
+        if started.elapsed() > patience {
+            bail!(
+                "region {} still holds {name} (expires at {} ms, lapsed: {lapsed}) or this region has not caught up with \
+                 it past the expiry (caught up: {caught_up}); is {} running an older version, or unreachable?",
+                lease.holder,
+                lease.expires_at.0,
+                lease.holder
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
 
 pub async fn take_over(
     store: Arc<dyn Store>,
@@ -70,11 +147,40 @@ pub async fn take_over(
     region: &str,
     by: &str,
     timing: LeaseTiming,
+    actor: &str,
 ) -> anyhow::Result<Report> {
-    if region == by {
-        bail!("a region cannot take over its own rooms (it renews its lease by itself)");
-    }
+    let job = format!("takeover:{region}");
+    let lock_ttl = (timing.ttl * 6 + Duration::from_secs(60)).as_millis() as i64;
+    let Some(lock) = store.acquire_lease(&job, actor, lock_ttl, Timestamp::now()).await.context("locking")? else {
+        bail!("another takeover of {region}'s rooms is running (lease {job})");
+    };
+    let result = take_over_locked(store.clone(), redis, keys, region, by, timing).await;
+    let _ = store.release_lease(&job, actor, lock.token, Timestamp::now()).await;
+    result
+}
+
+async fn take_over_locked(
+    store: Arc<dyn Store>,
+    redis: Redis,
+    keys: Keys,
+    region: &str,
+    by: &str,
+    timing: LeaseTiming,
+) -> anyhow::Result<Report> {
     let name = lease_name(region);
+    let giving_back = region == by;
+    if giving_back {
+        let current = store.lease(&name).await.context("reading the lease")?;
+        if let Some(l) = current.filter(|l| l.holder != by) {
+            if l.expires_at.0 > Timestamp::now().0 {
+                // Live: ask for it back, and wait until everything its holder sequenced is here.
+                wait_for_hand_back(&store, &redis, &keys, region, timing, timing.ttl * 3 + Duration::from_secs(30))
+                    .await?;
+            }
+            // What this region holds past the fences of the epoch it lost goes first.
+            step_down(&store, &redis, &keys, region, l.token).await?;
+        }
+    }
     let now = Timestamp::now();
     let current = store.lease(&name).await.context("reading the lease")?;
     let mut report = Report {
@@ -129,20 +235,18 @@ pub async fn take_over(
     let raise = redis::Script::new(RAISE);
     // First the fence points: each room's highest seq held here or in the store.
     let mut rooms = Vec::new();
-    let mut snapshot = store.export().await.context("listing the rooms")?;
-    let mut after: Option<String> = None;
-    loop {
-        let page = snapshot.rooms_page(after.as_deref(), PAGE).await.context("listing the rooms")?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        for room in page.into_iter().filter(|r| r.home_region == region) {
-            let stored = store.head_seq(&RoomId::from(room.id.as_str())).await?.unwrap_or(0);
-            let mut conn = redis.conn().await;
-            let head: i64 = raise.key(keys.seq(&room.id)).arg(stored).invoke_async(&mut conn).await?;
-            rooms.push((room.id, stored, head));
-        }
+    for id in rooms_homed_in(&store, region).await? {
+        let stored = store.head_seq(&RoomId::from(id.as_str())).await?.unwrap_or(0);
+        let mut conn = redis.conn().await;
+        let head: i64 = raise
+            .key(keys.seq(&id))
+            .key(keys.room_epoch(&id))
+            .arg(stored)
+            .arg(lease.token)
+            .invoke_async(&mut conn)
+            .await?;
+        rooms.push((id, stored, head));
     }
-    drop(snapshot);
     let fences: Vec<RoomFence> = rooms
         .iter()
         .map(|(id, _, head)| RoomFence { room_id: id.clone(), token: lease.token, from_seq: head + 1 })
@@ -154,7 +258,13 @@ pub async fn take_over(
         let room = RoomId::from(id.as_str());
         let landed = store.head_seq(&room).await?.unwrap_or(0);
         let mut conn = redis.conn().await;
-        let _: i64 = raise.key(keys.seq(&id)).arg(landed).invoke_async(&mut conn).await?;
+        let _: i64 = raise
+            .key(keys.seq(&id))
+            .key(keys.room_epoch(&id))
+            .arg(landed)
+            .arg(lease.token)
+            .invoke_async(&mut conn)
+            .await?;
         let dropped: usize = conn.hlen(keys.replica_pending(&id)).await?;
         let _: () = conn.del(keys.replica_pending(&id)).await?;
         drop(conn);
@@ -178,6 +288,69 @@ pub async fn take_over(
         report.fences.push(Fence { room_id: id, from_seq: fence.from_seq });
     }
     set_marker(&redis, &keys, &name, lease.token).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if giving_back && let Ok(Some(ask)) = store.lease(&handback_name(region)).await {
+        let _ = store.release_lease(&ask.name, region, ask.token, Timestamp::now()).await;
+    }
     tracing::info!(lease = %name, token = lease.token, rooms = report.rooms, "takeover done");
     Ok(report)
+}
+
+/// What [`step_down`] did.
+#[derive(Debug, Default)]
+pub struct SteppedDown {
+    pub rooms: usize,
+    /// Messages this region held at or past a room's fence, dropped (refused everywhere else).
+    pub dropped: usize,
+}
+
+/// This region decided the rooms homed in `home` under an epoch that a takeover (token `token`)
+/// ended: per room, drop what it holds at or past the room's newest fence and move its counter
+/// back below it, so the new home's messages are taken from there (by the replicator, filling the
+/// gap from the new home).
+pub async fn step_down(
+    store: &Arc<dyn Store>,
+    redis: &Redis,
+    keys: &Keys,
+    home: &str,
+    token: i64,
+) -> anyhow::Result<SteppedDown> {
+    let mut done = SteppedDown::default();
+    for id in rooms_homed_in(store, home).await? {
+        let room = RoomId::from(id.as_str());
+        let fences = store.room_fences(&room).await.context("reading the room's fences")?;
+        let Some(fence) = fences.iter().filter(|f| f.token <= token).max_by_key(|f| f.token) else { continue };
+        let mut conn = redis.conn().await;
+        let stale: redis::streams::StreamRangeReply = conn
+            .xrange(keys.history(&id), format!("{}-0", fence.from_seq), "+")
+            .await
+            .context("reading the room's recent history")?;
+        let stale = stale.ids;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for entry in &stale {
+            pipe.cmd("XDEL").arg(keys.history(&id)).arg(&entry.id).ignore();
+            let msg = entry.get::<String>("m").and_then(|v| serde_json::from_str::<Message>(&v).ok());
+            if let Some(m) = msg {
+                pipe.cmd("DEL").arg(keys.dedupe(&id, &m.sender_id, &m.client_msg_id)).ignore();
+            }
+        }
+        let below: i64 = fence.from_seq - 1;
+        if !stale.is_empty() {
+            // A stream refuses ids at or below the last one it ever took: move that back too, so
+            // the new home's messages from the fence on can be applied.
+            pipe.cmd("XSETID")
+                .arg(keys.history(&id))
+                .arg(if below > 0 { format!("{below}-0") } else { "0-1".to_string() })
+                .ignore();
+        }
+        pipe.cmd("DEL").arg(keys.replica_pending(&id)).ignore();
+        let counter: Option<i64> = conn.get(keys.seq(&id)).await?;
+        if counter.is_some_and(|c| c > below) {
+            pipe.cmd("SET").arg(keys.seq(&id)).arg(below).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.context("dropping the room's stale messages")?;
+        done.rooms += 1;
+        done.dropped += stale.len();
+    }
+    Ok(done)
 }

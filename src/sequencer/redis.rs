@@ -161,6 +161,7 @@ fn parse_reply(v: &Value, req: &SendRequest) -> Step {
         Some("full") => Step::Done(Err(ApiError::Unavailable(
             "the write-back backlog is full (the store is behind); retry later".into(),
         ))),
+        Some("lapsed") => Step::Done(Err(lapsed())),
         other => Step::Done(Err(ApiError::Unavailable(format!("unexpected script reply {other:?}")))),
     }
 }
@@ -183,7 +184,15 @@ impl Worker {
     /// Runs the batch through the send script (rounds that initialise missing room counters
     /// included); every job ends up in `done` with its outcome.
     async fn sequence(&self, batch: Vec<(SendRequest, Reply)>, done: &mut Vec<(Reply, Result<SendOutcome, ApiError>)>) {
-        let mut pending: Vec<(SendRequest, Reply)> = batch;
+        // Sends whose home lease lapsed while they waited are not sequenced (self-fencing); the
+        // script checks again against Redis's clock.
+        let now = crate::domain::Timestamp::now().0;
+        let (mut pending, late): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|(req, _)| req.epoch.as_ref().is_none_or(|e| now < e.until_ms));
+        done.extend(late.into_iter().map(|(_, reply)| (reply, Err(lapsed()))));
+        if pending.is_empty() {
+            return;
+        }
         let mut heads: HashMap<String, i64> = HashMap::new();
         for _ in 0..MAX_ROUNDS {
             let results = match self.run_pipeline(&pending, &heads).await {
@@ -301,6 +310,10 @@ impl Worker {
                     .arg(&req.trace)
                     .arg(req.membership)
                     .arg(self.config.outbox_len.map(|n| n.to_string()).unwrap_or_default());
+                match &req.epoch {
+                    Some(e) => pipe.arg(e.token).arg(e.until_ms).arg(&e.home),
+                    None => pipe.arg("").arg("").arg(""),
+                };
             }
             if self.config.ack_level.waits_for_replica() {
                 pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);
@@ -344,6 +357,13 @@ impl Worker {
     }
 }
 
+fn lapsed() -> ApiError {
+    metrics::counter!(m::SENDS_LAPSED).increment(1);
+    ApiError::Unavailable(
+        "this region's lease on the room's home lapsed before the message was sequenced (self-fencing); retry".into(),
+    )
+}
+
 async fn unavailable(redis: &Redis, e: redis::RedisError) -> ApiError {
     tracing::warn!(error = %e, "redis send failed");
     if is_failover_error(&e) {
@@ -384,6 +404,7 @@ mod tests {
             created_at: Timestamp(0),
             trace: String::new(),
             membership: 0,
+            epoch: None,
         };
         let (a, b) = json_around_seq(&req);
         let m: Message = serde_json::from_str(&format!("{a}42{b}")).unwrap();

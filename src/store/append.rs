@@ -103,6 +103,7 @@ mod tests {
             created_at: Timestamp(7),
             trace: String::new(),
             membership: 0,
+            epoch: None,
         }
     }
 

@@ -119,6 +119,19 @@ pub struct SendRequest {
     /// refuses the send when it is no longer current (see [`revocation`](crate::revocation)).
     /// Stores ignore it.
     pub membership: u64,
+    /// With several regions: the home lease the send is decided under (stores ignore it).
+    pub epoch: Option<Epoch>,
+}
+
+/// The home lease a message is sequenced under: the lease of the rooms homed in `home`, its
+/// fencing token, and until when (Unix ms, this instance's clock) its holder may still act on
+/// it. The token travels with the message to the store and to other regions, which refuse it
+/// once a newer epoch fenced the room (issue 17).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Epoch {
+    pub home: String,
+    pub token: i64,
+    pub until_ms: i64,
 }
 
 /// What became of one [`SendRequest`] in [`Store::append_messages`].

@@ -87,6 +87,7 @@ mod tests {
             created_at: Timestamp(0),
             trace: String::new(),
             membership: 0,
+            epoch: None,
         }
     }
 

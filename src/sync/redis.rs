@@ -18,7 +18,7 @@ use crate::breaker::Breakers;
 use crate::domain::{Message, Timestamp};
 use crate::metrics as m;
 use crate::redis_io::{Keys, Redis};
-use crate::store::Store;
+use crate::store::{FencedMessage, Store};
 use crate::telemetry;
 use tracing::Instrument;
 
@@ -63,6 +63,8 @@ pub struct Entry {
     pub message: Option<Message>,
     /// The send's W3C traceparent ('' when the entry has none).
     pub trace: String,
+    /// The fencing token of the home lease the message was sequenced under (several regions).
+    pub epoch: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +156,8 @@ impl SyncWorker {
                             k.ids.into_iter().map(move |e| {
                                 let message = e.get::<String>("m").and_then(|raw| serde_json::from_str(&raw).ok());
                                 let trace = e.get::<String>("t").unwrap_or_default();
-                                Entry { stream: stream.clone(), id: e.id, message, trace }
+                                let epoch = e.get::<String>("ep").and_then(|t| t.parse().ok());
+                                Entry { stream: stream.clone(), id: e.id, message, trace, epoch }
                             })
                         })
                         .collect()
@@ -216,7 +219,7 @@ impl SyncWorker {
             tracing::Span::none()
         };
         let started = std::time::Instant::now();
-        let result = self.store.upsert_messages(&messages).instrument(write_span).await;
+        let result = self.write(&good).instrument(write_span).await;
         m::dependency_latency("store", "upsert_messages", started);
         drop(durable_spans);
         match result {
@@ -235,8 +238,7 @@ impl SyncWorker {
                 metrics::counter!(m::SYNC_ERRORS, "kind" => "batch_refused").increment(1);
                 let mut failures = self.failures.lock().await;
                 for entry in good {
-                    let msg = entry.message.clone().expect("partitioned on Some");
-                    match self.store.upsert_messages(std::slice::from_ref(&msg)).await {
+                    match self.write(std::slice::from_ref(&entry)).await {
                         Ok(()) => stored.push(entry),
                         Err(_) => {
                             let n = failures.entry(entry.id.clone()).or_insert(0);
@@ -267,6 +269,37 @@ impl SyncWorker {
             }
         }
         SyncOutcome::Synced { stored: stored.len(), dead: dead.len() }
+    }
+
+    /// Writes the entries' messages: those sequenced under a home lease with its token (the
+    /// store refuses them once a takeover fenced their room past them; refused ones are counted
+    /// and logged here, and acknowledged with the rest: they must not come back).
+    async fn write(&self, entries: &[Entry]) -> crate::store::StoreResult<()> {
+        let (fenced, plain): (Vec<&Entry>, Vec<&Entry>) = entries.iter().partition(|e| e.epoch.is_some());
+        let plain: Vec<Message> = plain.iter().filter_map(|e| e.message.clone()).collect();
+        if !plain.is_empty() {
+            self.store.upsert_messages(&plain).await?;
+        }
+        let fenced: Vec<FencedMessage> = fenced
+            .iter()
+            .filter_map(|e| Some(FencedMessage { message: e.message.clone()?, token: e.epoch? }))
+            .collect();
+        if fenced.is_empty() {
+            return Ok(());
+        }
+        let refused = self.store.upsert_messages_fenced(&fenced).await?;
+        if !refused.is_empty() {
+            metrics::counter!(m::FENCED_REFUSED, "by" => "store").increment(refused.len() as u64);
+            for (room, seq) in &refused {
+                tracing::error!(
+                    room = %room, seq,
+                    "the store refused this message: another region took its room over and continued before it \
+                     (sequenced here before the lease lapsed but never replicated; if it was acknowledged, at ack \
+                     level leader or replica, it is lost)"
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn ack(&self, entries: &[Entry]) -> Result<(), String> {

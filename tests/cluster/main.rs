@@ -107,6 +107,7 @@ pub fn request(room: &str, sender: &str, cmid: &str) -> SendRequest {
         created_at: Timestamp::now(),
         trace: String::new(),
         membership: 0,
+        epoch: None,
     }
 }
 

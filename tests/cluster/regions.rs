@@ -89,11 +89,16 @@ const DRIFT_MS: u64 = 300;
 
 /// `chatmesh region takeover --region a --by b` with b's settings: (exit code, stdout, stderr).
 fn takeover(t: &TwoRegions) -> (Option<i32>, String, String) {
+    takeover_with(&t.env_b, "a", "b")
+}
+
+/// `chatmesh region takeover --region R --by B` with the settings `env` (B's instance's).
+fn takeover_with(env: &[(&'static str, String)], region: &str, by: &str) -> (Option<i32>, String, String) {
     let out = Command::new(crate::helpers::binary())
-        .args(["region", "takeover", "--region", "a", "--by", "b"])
+        .args(["region", "takeover", "--region", region, "--by", by])
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(t.env_b.iter().filter(|(k, _)| *k != "CHATMESH_BIND").map(|(k, v)| (*k, v.as_str())))
+        .envs(env.iter().filter(|(k, _)| *k != "CHATMESH_BIND").map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("run chatmesh region takeover");
     (
@@ -105,7 +110,7 @@ fn takeover(t: &TwoRegions) -> (Option<i32>, String, String) {
 
 /// Regions `a` and `b`; `extra_a` adds settings to a's instance.
 async fn two_regions(extra_a: Vec<(&'static str, String)>) -> TwoRegions {
-    two_regions_with(extra_a, None).await
+    two_regions_with(extra_a, None, vec![]).await
 }
 
 /// The host:port of the test PostgreSQL server in a database URL.
@@ -119,6 +124,7 @@ fn pg_host(url: &str) -> String {
 async fn two_regions_with(
     extra_a: Vec<(&'static str, String)>,
     a_replica: Option<&mut Option<RedisServer>>,
+    extra_b: Vec<(&'static str, String)>,
 ) -> TwoRegions {
     let (redis_a, redis_b) = (RedisServer::start(), RedisServer::start());
     if let Some(slot) = a_replica {
@@ -151,10 +157,73 @@ async fn two_regions_with(
     };
     let mut env_a = instance("a", a_port, &redis_a, format!("b=http://{}", link.to_b));
     env_a.extend(extra_a);
-    let env_b = instance("b", b_port, &redis_b, format!("a=http://{}", link.to_a));
+    let mut env_b = instance("b", b_port, &redis_b, format!("a=http://{}", link.to_a));
+    env_b.extend(extra_b);
     let a = spawn_with(Spawn { env: env_a, ..Default::default() }).await;
     let b = spawn_with(Spawn { env: env_b.clone(), ..Default::default() }).await;
     TwoRegions { a, b, env_b, a_port, link, db, redis: (redis_a, redis_b) }
+}
+
+/// Replaces a's instance by one whose store is reached through `store_link` (which can cut a off
+/// from the store alone), with b's other settings; answers it and its settings.
+async fn a_behind(t: &mut TwoRegions, store_link: &Link, db_host: &str) -> (TestApp, Vec<(&'static str, String)>) {
+    let a_url = t.db.url().replacen(db_host, &store_link.to_b, 1);
+    t.a.signal("KILL");
+    t.a.wait_exit(Duration::from_secs(5));
+    let mut env: Vec<(&'static str, String)> = vec![];
+    for (k, v) in t.env_b.clone() {
+        let v = match k {
+            "CHATMESH_BIND" => format!("127.0.0.1:{}", t.a_port),
+            "CHATMESH_REDIS_URL" => t.redis.0.url(),
+            "CHATMESH_STORE_URL" => a_url.clone(),
+            "CHATMESH_INSTANCE_ID" => "a1".to_string(),
+            "CHATMESH_REGION" => "a".to_string(),
+            "CHATMESH_PEER_REGIONS" => format!("b=http://{}", t.link.to_b),
+            "CHATMESH_TAKEOVER_AFTER_MS" => continue,
+            _ => v,
+        };
+        env.push((k, v));
+    }
+    (spawn_with(Spawn { env: env.clone(), ..Default::default() }).await, env)
+}
+
+/// Sends into the room at `app` every 50 ms from the moment a was cut off until one is refused
+/// (self-fencing): how many were acknowledged, and when the first was refused.
+async fn until_refused(app: &TestApp, token: &str, room: &str, cut: Instant) -> (usize, Duration) {
+    let mut acked = 0;
+    loop {
+        // A request that needs the store (an expired cache entry) waits for it: not an answer.
+        let cmid = format!("c{}", cut.elapsed().as_millis());
+        let Ok(r) = tokio::time::timeout(Duration::from_secs(1), app.send(token, room, &cmid, "x")).await else {
+            assert!(cut.elapsed() < Duration::from_secs(5), "a's sends hang");
+            continue;
+        };
+        let at = cut.elapsed();
+        if r.status == StatusCode::CREATED {
+            assert!(at < Duration::from_millis(LEASE_MS - DRIFT_MS), "acknowledged {at:?} after the cut");
+            acked += 1;
+        } else {
+            assert_eq!(r.code(), "unavailable", "{:?}", r.body);
+            assert!(r.body["error"]["message"].as_str().unwrap_or_default().contains("lease"), "{:?}", r.body);
+            return (acked, at);
+        }
+        assert!(at < Duration::from_secs(5), "a kept deciding its rooms without its lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends until `app` acknowledges (`what` within `within`); answers the acknowledged message.
+async fn until_acked(app: &TestApp, token: &str, room: &str, cmid: &str, within: Duration, what: &str) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = app.send(token, room, cmid, "x").await;
+        if r.status == StatusCode::CREATED {
+            return r.body;
+        }
+        assert_eq!(r.code(), "unavailable", "{what}: {:?}", r.body);
+        assert!(Instant::now() < deadline, "{what}: never acknowledged: {:?}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn join(app: &TestApp, token: &str, room: &str) {
@@ -499,54 +568,13 @@ async fn a_region_cut_from_the_store_stops_deciding_before_its_lease_expires() {
     let db_host = pg_host(&crate::support::pg::admin_url());
     let store_link = Link::between(&[&db_host], 0);
     let mut t = two_regions(vec![]).await;
-    // a again, its store through the relay: the region that will be cut off.
-    let a_url = t.db.url().replacen(&db_host, &store_link.to_b, 1);
     let (_, alice) = t.b.register("alice").await;
-    t.a.signal("KILL");
-    t.a.wait_exit(Duration::from_secs(5));
-    let a = {
-        let mut env: Vec<(&'static str, String)> = vec![];
-        let b = t.env_b.clone();
-        for (k, v) in b {
-            let v = match k {
-                "CHATMESH_BIND" => format!("127.0.0.1:{}", t.a_port),
-                "CHATMESH_REDIS_URL" => t.redis.0.url(),
-                "CHATMESH_STORE_URL" => a_url.clone(),
-                "CHATMESH_INSTANCE_ID" => "a1".to_string(),
-                "CHATMESH_REGION" => "a".to_string(),
-                "CHATMESH_PEER_REGIONS" => format!("b=http://{}", t.link.to_b),
-                _ => v,
-            };
-            env.push((k, v));
-        }
-        spawn_with(Spawn { env, ..Default::default() }).await
-    };
+    let (a, _) = a_behind(&mut t, &store_link, &db_host).await;
     let room = a.create_room(&alice, "home-a", "public").await;
     assert_eq!(a.send(&alice, &room, "m1", "x").await.status, StatusCode::CREATED);
 
     store_link.ctl("cut");
-    let cut = Instant::now();
-    let mut acked_after_cut = 0;
-    let refused_at = loop {
-        // A request that needs the store (an expired cache entry) waits for it: not an answer.
-        let cmid = format!("c{}", cut.elapsed().as_millis());
-        let send = a.send(&alice, &room, &cmid, "x");
-        let Ok(r) = tokio::time::timeout(Duration::from_secs(1), send).await else {
-            assert!(cut.elapsed() < Duration::from_secs(5), "a's sends hang");
-            continue;
-        };
-        let at = cut.elapsed();
-        if r.status == StatusCode::CREATED {
-            assert!(at < Duration::from_millis(LEASE_MS - DRIFT_MS), "acknowledged {at:?} after the cut");
-            acked_after_cut += 1;
-        } else {
-            assert_eq!(r.code(), "unavailable", "{:?}", r.body);
-            assert!(r.body["error"]["message"].as_str().unwrap_or_default().contains("lease"), "{:?}", r.body);
-            break at;
-        }
-        assert!(at < Duration::from_secs(5), "a kept deciding its rooms without its lease");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (acked_after_cut, refused_at) = until_refused(&a, &alice, &room, Instant::now()).await;
     assert!(acked_after_cut > 0, "sends need no store: some must be acknowledged right after the cut");
     assert!(refused_at < Duration::from_millis(LEASE_MS - DRIFT_MS + 100), "refused only {refused_at:?} after the cut");
     // From then on a never acknowledges, until it knows who decides.
@@ -584,6 +612,84 @@ async fn a_region_cut_from_the_store_stops_deciding_before_its_lease_expires() {
     until_history(&t.b, &alice, &room, head as i64 + 1, "b after the takeover").await;
 }
 
+/// Region a isolated (cut from b and from the store at once) while its clients keep sending: it
+/// acknowledges only within its lease minus the margin; b takes a's rooms over by itself
+/// (`CHATMESH_TAKEOVER_AFTER_MS`) and continues after what it held. When the links heal, what a
+/// sequenced that b never had is refused everywhere: by the store (a's write-back carries its
+/// epoch) and by b (a's outbox entries too), each counted; the store holds b's messages at those
+/// seqs. a steps down and forwards to b; then a takes its rooms back (`region takeover --region a
+/// --by a`: b lets the lease lapse, a waits until it caught up) and continues after b's last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_region_is_fenced_taken_over_automatically_and_given_back() {
+    let db_host = pg_host(&crate::support::pg::admin_url());
+    let store_link = Link::between(&[&db_host], 0);
+    let mut t = two_regions_with(vec![], None, vec![("CHATMESH_TAKEOVER_AFTER_MS", LEASE_MS.to_string())]).await;
+    let (_, alice) = t.b.register("alice").await;
+    let (a, env_a) = a_behind(&mut t, &store_link, &db_host).await;
+    let room = a.create_room(&alice, "home-a", "public").await;
+    assert_eq!(a.send(&alice, &room, "m1", "x").await.status, StatusCode::CREATED);
+    crate::wait_metric(&t.b, r#"chatmesh_replication_applied_total{peer="a",kind="message"} 1"#).await;
+
+    t.link.ctl("cut");
+    store_link.ctl("cut");
+    let cut = Instant::now();
+    let (stale, _) = until_refused(&a, &alice, &room, cut).await;
+    assert!(stale > 0, "a acknowledges (ack level leader) until its lease is too old");
+
+    let b1 = until_acked(&t.b, &alice, &room, "b-1", Duration::from_secs(15), "b after the automatic takeover").await;
+    let taken_after = cut.elapsed();
+    assert_eq!(b1["seq"].as_i64(), Some(2), "b continues after the one message it held: {b1}");
+    assert!(
+        taken_after >= Duration::from_millis(LEASE_MS + DRIFT_MS),
+        "b decided a's rooms {taken_after:?} after the cut, before a's lease could have expired"
+    );
+    assert_eq!(t.b.send(&alice, &room, "b-2", "x").await.body["seq"].as_i64(), Some(3));
+
+    t.link.ctl("heal");
+    store_link.ctl("heal");
+    let stale_line = |by: &str| format!(r#"chatmesh_fenced_refused_total{{by="{by}"}} {stale}"#);
+    crate::wait_metric(&a, &stale_line("store")).await;
+    crate::wait_metric(&t.b, &stale_line("peer")).await;
+    let stored = || {
+        t.db.psql(&format!(
+            "SELECT string_agg(seq || ':' || client_msg_id, ',' ORDER BY seq) FROM messages WHERE room_id = '{room}'"
+        ))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored().trim() != "1:m1,2:b-1,3:b-2" {
+        assert!(Instant::now() < deadline, "the store holds {:?}, want b's messages at 2 and 3", stored());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // a learnt b decides its rooms now: it forwards them there.
+    let fwd = until_acked(&a, &alice, &room, "a-fwd", Duration::from_secs(10), "a after the heal").await;
+    assert_eq!(fwd["seq"].as_i64(), Some(4), "{fwd}");
+
+    // Give back.
+    let (code, out, err) = takeover_with(&env_a, "a", "a");
+    if code != Some(0) {
+        for l in
+            a.logs.lock().unwrap().iter().filter(|l| l.contains("repl") || l.contains("lease") || l.contains("peer"))
+        {
+            eprintln!("A: {l}");
+        }
+        for l in t.b.logs.lock().unwrap().iter().filter(|l| !l.contains("\"DEBUG\"")) {
+            eprintln!("B: {l}");
+        }
+    }
+    assert_eq!(code, Some(0), "give back: {err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"));
+    assert_eq!((report["token"].as_i64(), report["previous_token"].as_i64()), (Some(3), Some(2)), "{report}");
+    let back = until_acked(&a, &alice, &room, "a-back", Duration::from_secs(5), "a after the give-back").await;
+    assert_eq!(back["seq"].as_i64(), Some(5), "{back}");
+    // a decides and serves its room from its own copy again: b's messages, not its stale ones.
+    let r =
+        a.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=0&limit=50"), None, Some(&alice)).await;
+    let cmids: Vec<&str> =
+        r.body["messages"].as_array().unwrap().iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
+    assert_eq!(cmids, ["m1", "b-1", "b-2", "a-fwd", "a-back"], "{:?}", r.body);
+    until_history(&t.b, &alice, &room, 5, "b after the give-back").await;
+}
+
 /// Ack level `region`: a send is acknowledged only once the other region holds it, so with the
 /// link cut the home itself answers `unavailable`; after the heal the retry is the original.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,6 +698,7 @@ async fn ack_level_region_needs_the_other_region() {
     let t = two_regions_with(
         vec![("CHATMESH_ACK_LEVEL", "region".to_string()), ("CHATMESH_SYNC_WORKER", "false".to_string())],
         Some(&mut replica),
+        vec![],
     )
     .await;
     let (_, alice) = t.a.register("alice").await;
