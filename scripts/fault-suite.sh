@@ -4,6 +4,7 @@
 # fault is injected — and tears everything down (database dropped, state dir deleted).
 #   scripts/fault-suite.sh [scenario...]     default: every scenario, in this order:
 #     kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut region-partition
+#     region-loss give-back region-isolation
 # region-partition runs on a stack of its own: two regions (local-cluster.sh up --regions 2, each
 # region in a network namespace, joined by the delaying link relay) on the suite's PostgreSQL;
 # Socket.IO clients in both regions (scripts/regions-client.mjs, stock socket.io-client from
@@ -11,6 +12,12 @@
 # sends across the cut must be refused `unavailable` within CHATMESH_REGION_TIMEOUT_MS (1500) + 1 s,
 # never acknowledged, local sends must go on; after the heal nothing acknowledged is missing,
 # duplicated or out of order in the store or at any receiver.
+# region-loss, give-back and region-isolation share one more two-region stack (ack level `region`,
+# automatic takeover on: CHATMESH_TAKEOVER_AFTER_MS=10000, default lease settings), driven by
+# `scripts/regions-client.mjs takeover` in that order (see its header): region a killed and taken
+# over by b (unavailability measured, target 20 s), a back and its rooms handed back under load,
+# then a isolated (link cut and cut off the store) and taken over again; each adds
+# split_brain_seqs= (a seq seen with two different messages anywhere) to its verdict line.
 # The whole stack, its own PostgreSQL server included, runs inside a network namespace made for
 # the run (loopback only), so its ports cannot clash with anything and the firewall rule that
 # cuts one instance off Redis touches nothing outside it. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN).
@@ -30,13 +37,15 @@ repo="$(cd "$(dirname "$0")/.." && pwd -P)"
 cd "$repo"
 
 say() { echo "fault-suite: $*" >&2; }
-all_scenarios=(kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut region-partition)
+all_scenarios=(kill9-instance rolling-restart redis-primary-kill pg-stop redis-link-cut region-partition
+  region-loss give-back region-isolation)
+takeover_scenarios=" region-loss give-back region-isolation "
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] || scenarios=("${all_scenarios[@]}")
 single_region=0 # a scenario on the single-region stack (the soak with chatmesh-loadgen)
 for s in "${scenarios[@]}"; do
   [[ " ${all_scenarios[*]} " == *" $s "* ]] || { say "unknown scenario $s (known: ${all_scenarios[*]})"; exit 2; }
-  [ "$s" = region-partition ] || single_region=1
+  [ "$s" = region-partition ] || [[ "$takeover_scenarios" == *" $s "* ]] || single_region=1
 done
 
 if [ "${FAULT_IN_NETNS:-0}" != 1 ]; then
@@ -87,15 +96,18 @@ pg_is_up() { runuser -u postgres -- "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$pg
 failed=0
 soak_pid=""
 regions_dir="$work/regions"
+takeover_dir="$work/takeover"
 cleanup() {
   local rc=$?
   if [ -n "$soak_pid" ] && kill -0 "$soak_pid" 2>/dev/null; then kill "$soak_pid" 2>/dev/null || true; fi
   say "tearing down"
   iptables -F OUTPUT 2>/dev/null || true
-  if [ -f "$regions_dir/cluster.env" ]; then
-    LOCAL_CLUSTER_DIR="$regions_dir" lc down --purge >>"$work/regions.log" 2>&1 ||
-      say "local-cluster down (regions) failed (see $work/regions.log)"
-  fi
+  for d in "$regions_dir" "$takeover_dir"; do
+    if [ -f "$d/cluster.env" ]; then
+      LOCAL_CLUSTER_DIR="$d" lc down --purge >>"$work/regions.log" 2>&1 ||
+        say "local-cluster down ($d) failed (see $work/regions.log)"
+    fi
+  done
   [ -f "$pg_dir/data/postmaster.pid" ] && ! pg_is_up && pg_start >>"$work/cluster.log" 2>&1 # to drop the database
   lc down --purge >>"$work/cluster.log" 2>&1 || say "local-cluster down failed (see $work/cluster.log)"
   pg_ctl_ -m immediate stop >>"$work/cluster.log" 2>&1 || true
@@ -371,6 +383,64 @@ scenario_region_partition() {
   LOCAL_CLUSTER_DIR="$regions_dir" lc down --purge >>"$work/regions.log" 2>&1 ||
     { say "local-cluster down --purge (regions) failed (see $work/regions.log)"; failed=1; }
 }
+
+# The three takeover scenarios run as phases of one client on one stack: the first one asked for
+# runs them all (those asked for, in order) and each prints its own verdict line.
+takeover_ran=0
+takeover_phases() {
+  local s phases=()
+  for s in "${scenarios[@]}"; do
+    case "$s" in region-loss) phases+=(loss) ;; give-back) phases+=(give-back) ;; region-isolation) phases+=(isolation) ;; esac
+  done
+  (IFS=,; echo "${phases[*]}")
+}
+run_takeover_stack() {
+  local db="chatmesh_fault_takeover_$$" rc=0
+  takeover_ran=1
+  if [ ! -d tests/node/node_modules/socket.io-client ] || ! command -v node >/dev/null; then
+    say "the takeover scenarios need node and tests/node/node_modules (scripts/setup.sh --test)"
+    return 1
+  fi
+  say "bringing two regions up for the takeover scenarios (state $takeover_dir, database $db)"
+  # The same settings for the `up` that brings region a back (give-back) as for the first.
+  export CHATMESH_ACK_LEVEL=region CHATMESH_TAKEOVER_AFTER_MS=10000 CHATMESH_REGION_TIMEOUT_MS=1500 \
+    CHATMESH_AUTH_RATE_PER_MIN=100000 CHATMESH_SEND_RATE_PER_SEC=100000 CHATMESH_READ_RATE_PER_SEC=100000 \
+    CHATMESH_ROOM_CHANGE_RATE_PER_MIN=100000
+  if ! LOCAL_CLUSTER_DIR="$takeover_dir" LOCAL_CLUSTER_PORT_BASE=$((port_base + 200)) LOCAL_CLUSTER_DB="$db" \
+    LOCAL_CLUSTER_INSTANCES=2 LOCAL_CLUSTER_UID_BASE="" lc up --regions 2 >>"$work/takeover.log" 2>&1; then
+    say "local-cluster up --regions 2 failed:"
+    tail -n 30 "$work/takeover.log" >&2
+    return 1
+  fi
+  LOCAL_CLUSTER_DIR="$takeover_dir" LOCAL_CLUSTER_UID_BASE="" timeout 600 node scripts/regions-client.mjs takeover \
+    --phases "$(takeover_phases)" --rate "$rate" --store-url "$LOCAL_CLUSTER_PG/$db" \
+    --details "$work/takeover.details.json" >"$work/takeover.out" 2>"$work/takeover.err" || rc=$?
+  unset CHATMESH_ACK_LEVEL CHATMESH_TAKEOVER_AFTER_MS CHATMESH_REGION_TIMEOUT_MS CHATMESH_AUTH_RATE_PER_MIN \
+    CHATMESH_SEND_RATE_PER_SEC CHATMESH_READ_RATE_PER_SEC CHATMESH_ROOM_CHANGE_RATE_PER_MIN
+  LOCAL_CLUSTER_DIR="$takeover_dir" lc down --purge >>"$work/takeover.log" 2>&1 ||
+    { say "local-cluster down --purge (takeover) failed (see $work/takeover.log)"; rc=1; }
+  if [ "$rc" != 0 ]; then
+    say "the takeover client exited $rc (details: $work/takeover.details.json, log: $work/takeover.err)"
+    grep 'PROBLEM' "$work/takeover.err" | head -n 20 >&2 || true
+    tail -n 5 "$work/takeover.err" >&2
+  fi
+  return "$rc"
+}
+scenario_takeover_phase() { # scenario name
+  local line
+  if [ "$takeover_ran" = 0 ]; then run_takeover_stack || failed=1; fi
+  line=$(grep "^scenario=$1 " "$work/takeover.out" 2>/dev/null || true)
+  if [ -z "$line" ]; then
+    echo "scenario=$1 error=no-verdict"
+    failed=1
+    return 0
+  fi
+  echo "$line"
+  [[ "$line" == *" lost=0 duplicated=0 reordered=0 split_brain_seqs=0 "* ]] || { say "$1 FAILED"; failed=1; }
+}
+scenario_region_loss() { scenario_takeover_phase region-loss; }
+scenario_give_back() { scenario_takeover_phase give-back; }
+scenario_region_isolation() { scenario_takeover_phase region-isolation; }
 
 for scenario in "${scenarios[@]}"; do
   say "scenario $scenario"

@@ -29,6 +29,15 @@
 #                                                 is closed) and its end; pg-relay is not affected
 #   scripts/local-cluster.sh link delay MS        one-way delay from now on (default 25 ms)
 #   scripts/local-cluster.sh link status          ok state=up|cut delay=MS conns=N
+#   scripts/local-cluster.sh region kill R        SIGKILL every process of region R (its Redis,
+#                                                 Sentinels, instances, HAProxy): a lost region;
+#                                                 `up` brings it back (Redis from its AOF)
+#   scripts/local-cluster.sh region isolate R     cut region R off the store (established
+#                                                 connections hang); with `link cut`, R is alone
+#   scripts/local-cluster.sh region rejoin R      the end of `isolate`
+#   scripts/local-cluster.sh region takeover R --by B
+#                                                 `chatmesh region takeover` with the settings of
+#                                                 B's instances, in B's namespace (R = B: give back)
 # Instances get CHATMESH_REGION, CHATMESH_PEER_REGIONS (b=http://<link address for a->b>,...),
 # CHATMESH_INTERNAL_ALLOW=127.0.0.0/8 and one CHATMESH_CLUSTER_SECRET; every CHATMESH_* variable of
 # the caller's environment that the binary knows overrides the defaults for every instance (except
@@ -81,7 +90,8 @@ cmd="${1:-}"
 purge=0
 regions_opt="${LOCAL_CLUSTER_REGIONS:-}"
 link_cmd=()
-usage="usage: $0 up [--regions N] | down [--purge] | status | urls | link cut|heal|delay MS|status"
+region_cmd=()
+usage="usage: $0 up [--regions N] | down [--purge] | status | urls | link cut|heal|delay MS|status | region kill|isolate|rejoin R | region takeover R --by B"
 case "$cmd" in
   up)
     while [ $# -gt 0 ]; do
@@ -96,6 +106,13 @@ case "$cmd" in
   link)
     case "$*" in cut | heal | status) ;; *) [[ "$*" =~ ^delay\ [0-9]+$ ]] || die "$usage" ;; esac
     link_cmd=("$@")
+    ;;
+  region)
+    case "$*" in
+      kill\ [abc] | isolate\ [abc] | rejoin\ [abc]) ;;
+      *) [[ "$*" =~ ^takeover\ [abc]\ --by\ [abc]$ ]] || die "$usage" ;;
+    esac
+    region_cmd=("$@")
     ;;
   *) die "$usage" ;;
 esac
@@ -679,6 +696,47 @@ cmd_link() {
   ctl=$(relay_control link)
   [ -n "$ctl" ] || die "no control address in $dir/link/ready.json"
   python3 "$repo/scripts/relay.py" ctl "$ctl" "${link_cmd[@]}"
+}
+
+isolation_rule() { # region -> the iptables rule (in the region's namespace) that cuts it off the store
+  echo "OUTPUT -p tcp -d $(root_ip "$1") --dport $pg_relay_port -j DROP -m comment --comment $(guard_comment)"
+}
+
+cmd_region() {
+  [ "$regions" != 0 ] || die "no regions: $dir is a single-region stack (up --regions N)"
+  local what=${region_cmd[0]} r=${region_cmd[1]} pids
+  [[ " ${region_list[*]} " == *" $r "* ]] || die "no region $r in this stack (regions: ${region_list[*]})"
+  case "$what" in
+    kill)
+      pids=$(ip netns pids "$(ns_of "$r")" 2>/dev/null | paste -sd' ')
+      [ -n "$pids" ] || die "region $r runs nothing"
+      say "region $r: kill -9 $pids"
+      # shellcheck disable=SC2086
+      kill -KILL $pids
+      ;;
+    isolate)
+      # shellcheck disable=SC2046
+      ip netns exec "$(ns_of "$r")" iptables -C $(isolation_rule "$r") 2>/dev/null ||
+        ip netns exec "$(ns_of "$r")" iptables -I $(isolation_rule "$r")
+      say "region $r: cut off the store"
+      ;;
+    rejoin)
+      # shellcheck disable=SC2046
+      while ip netns exec "$(ns_of "$r")" iptables -D $(isolation_rule "$r") 2>/dev/null; do :; done
+      say "region $r: reaches the store again"
+      ;;
+    takeover)
+      local by=${region_cmd[3]}
+      resolve_bin
+      caller_settings
+      use_region "$by"
+      local env_args=(PATH="$PATH" HOME="${HOME:-/root}" RUST_LOG="${RUST_LOG:-warn}"
+        CHATMESH_REDIS_URL="$sentinel_url" CHATMESH_STORE_URL="$(region_store_url "$by")"
+        CHATMESH_JWT_SECRET="$(secret jwt_secret)" CHATMESH_CLUSTER_SECRET="$(secret cluster_secret)"
+        CHATMESH_REGION="$by" CHATMESH_PEER_REGIONS="$(peers_of "$by")" "${caller_env[@]}")
+      "${nsx[@]}" env -i "${env_args[@]}" "$bin" region takeover --region "$r" --by "$by"
+      ;;
+  esac
 }
 
 resolve_bin() {

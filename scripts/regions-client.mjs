@@ -18,6 +18,28 @@
 //     Prints `scenario=region-partition sent= acked= stored= ... lost=0 duplicated=0 reordered=0 ...`
 //     and exits 1 on any violation.
 //
+//   node scripts/regions-client.mjs takeover [--phases loss,give-back,isolation] [--rate 5]
+//        [--store-url postgres://...] [--details FILE] [--settle 5]
+//     scripts/fault-suite.sh's `region-loss`, `give-back` and `region-isolation`, in that order on
+//     one stack (ack level `region`, automatic takeover on, default lease settings): users in a
+//     and b send continuously into a room homed in a and one homed in b.
+//     - loss: region a is killed (`local-cluster.sh region kill a`: Redis, Sentinels, instances,
+//       HAProxy, kill -9); a's users reconnect to b (as DNS failover would send them); b takes
+//       a's rooms over by itself. Measured: the time from the kill to the first send into a's
+//       room acknowledged after it (target 20 s).
+//     - give-back: a comes back (`local-cluster.sh up`), steps down and catches up from b; its
+//       users move back to a; `local-cluster.sh region takeover a --by a` hands the rooms back
+//       under load. Measured: how long the hand-back took and the longest time a's room went
+//       without an acknowledged send.
+//     - isolation: the link is cut and a is cut off the store (`link cut`, `region isolate a`),
+//       a's users stay on a; b takes a's rooms over; then everything heals. a must stop
+//       acknowledging a's rooms before b starts; no seq may hold two different messages anywhere
+//       (the store, what any client received live or by sync): split_brain_seqs=0.
+//     After each phase every unacknowledged send is retried (same client_msg_id), every client
+//     catches up, and the store must hold every acknowledged message once, gap-free: one line
+//     `scenario=<phase> ... lost= duplicated= reordered= split_brain_seqs= ...` per phase, exit 1
+//     on any violation.
+//
 //   node scripts/regions-client.mjs bench [--rate 50] [--seconds 30] [--delay-ms 25] [--label X]
 //        [--out FILE]
 //     bench/run.sh regions: a room homed in a, one sender in b, receivers in a and b; send ack
@@ -257,7 +279,8 @@ class Member {
           break;
         }
         this.joinErrors.push(r.error?.code ?? 'unknown');
-        if (attempt >= 20 || !this.socket.connected) break;
+        // A room whose home is being taken over answers `unavailable` for up to ~20 s.
+        if (attempt >= 80 || !this.socket.connected) break;
         await sleep(500);
       }
     }
@@ -283,6 +306,16 @@ class Member {
 
   close() {
     this.socket?.close();
+  }
+
+  // Another region's load balancer from now on (as a DNS failover would): a new connection,
+  // which joins the rooms after what this member has.
+  async moveTo(url, region) {
+    this.socket?.close();
+    this.url = url;
+    this.region = region ?? this.region;
+    await this.connect();
+    await this.joining;
   }
 }
 
@@ -749,9 +782,264 @@ async function bench(argv) {
   console.log(text);
 }
 
+
+// ---- takeover: region loss, give back, isolation ------------------------------------------------
+
+function lc(args, timeoutMs = 300000) {
+  return new Promise((resolve, reject) => {
+    execFile(LC, args, { encoding: 'utf8', timeout: timeoutMs, env: process.env }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`local-cluster.sh ${args.join(' ')}: ${(stderr || err.message).slice(-2000)}`));
+      else resolve(stdout.trim());
+    });
+  });
+}
+
+async function takeover(argv) {
+  const o = parseArgs(argv, { phases: 'loss,give-back,isolation', rate: 5, storeUrl: '', details: '', settle: 5, ackTimeoutMs: 5000 });
+  if (!o.storeUrl) die('--store-url is needed (the database the regions share)');
+  const phases = o.phases.split(',').filter(Boolean);
+  for (const p of phases) if (!['loss', 'give-back', 'isolation'].includes(p)) die(`unknown phase ${p}`);
+  const urls = stackUrls();
+  const A = urls.a.lb;
+  const B = urls.b.lb;
+  log(`regions: a ${A}, b ${B}; phases ${phases.join(', ')}`);
+
+  const specs = [
+    ['sa1', 'a', true], ['sa2', 'a', true], ['ra1', 'a', false],
+    ['sb1', 'b', true], ['sb2', 'b', true], ['rb1', 'b', false],
+  ];
+  const users = {};
+  for (const [name, region] of specs) users[name] = await register(region === 'a' ? A : B, name);
+  const roomA = await createRoom(A, users.sa1.token, `homed in a ${runTag}`);
+  const roomB = await createRoom(B, users.sb1.token, `homed in b ${runTag}`);
+  const home = { [roomA.id]: 'a', [roomB.id]: 'b' };
+  const rooms = [roomA.id, roomB.id];
+  const problems = [];
+  if (roomA.home_region !== 'a' || roomB.home_region !== 'b') problems.push('rooms not homed where created');
+  const members = specs.map(([name, region]) => new Member(name, region, region === 'a' ? A : B, users[name].token, rooms));
+  await Promise.all(members.map((m) => m.connect()));
+  await Promise.all(members.map((m) => m.joining));
+  const aMembers = members.filter((m) => m.region === 'a');
+
+  const t0 = performance.now();
+  const now = () => performance.now() - t0;
+  const sends = [];
+  const bodies = new Map();
+  const pending = new Set();
+  async function send(m, room, cmid, body, attempt) {
+    const rec = { sender: m.name, region: m.region, room, cmid, attempt, t_sent: now() };
+    const r = await m.emit('message:send', { room_id: room, client_msg_id: cmid, body }, o.ackTimeoutMs);
+    rec.t_answer = now();
+    if (r.ok) rec.seq = r.message?.seq;
+    else rec.code = r.error?.code ?? 'unknown';
+    rec.ok = !!r.ok;
+    sends.push(rec);
+    return rec;
+  }
+  let stopping = false;
+  const senders = members.filter((m) => specs.find((sp) => sp[0] === m.name)[2]);
+  const loops = senders.map(async (m) => {
+    let n = 0;
+    const start = performance.now();
+    while (!stopping) {
+      n += 1;
+      for (const room of rooms) {
+        const cmid = `${m.name}-${home[room]}-${n}`;
+        const body = `${m.name} -> room homed in ${home[room]} #${n}`;
+        bodies.set(cmid, { m, room, body });
+        const p = send(m, room, cmid, body, 1);
+        pending.add(p);
+        p.finally(() => pending.delete(p));
+      }
+      await sleep(Math.max(0, start + (n * 1000) / o.rate - performance.now()));
+    }
+  });
+  const acked = new Map(); // cmid -> seq
+  const firstAckOfA = (after, region) =>
+    sends.filter((x) => x.ok && x.room === roomA.id && x.t_sent >= after && (!region || x.region === region))
+      .reduce((t, x) => Math.min(t, x.t_answer), Infinity);
+  const untilAckOfA = async (after, within, what, region) => {
+    const deadline = performance.now() + within;
+    while (firstAckOfA(after, region) === Infinity) {
+      if (performance.now() > deadline) throw new Error(`${what}: no send into a's room acknowledged in ${within / 1000} s`);
+      await sleep(100);
+    }
+    return firstAckOfA(after, region);
+  };
+  // Longest stretch without an acknowledged send into a's room between two times (s).
+  const longestGap = (from, to) => {
+    const ts = sends.filter((x) => x.ok && x.room === roomA.id && x.t_answer >= from && x.t_answer <= to).map((x) => x.t_answer).sort((x, y) => x - y);
+    let prev = from;
+    let gap = 0;
+    for (const t of [...ts, to]) { gap = Math.max(gap, t - prev); prev = t; }
+    return Math.round(gap) / 1000;
+  };
+
+  // After a phase: retry what was not acknowledged, let every member catch up, read the store.
+  async function settle(name, extra) {
+    stopping = true;
+    await Promise.all(loops.splice(0));
+    await Promise.all([...pending]);
+    for (const x of sends) if (x.ok) acked.set(x.cmid, x.seq);
+    let unacked = [...bodies.keys()].filter((id) => !acked.has(id));
+    log(`${name}: retrying ${unacked.length} unacknowledged sends`);
+    const conflicting = [];
+    for (let round = 1; round <= 30 && unacked.length; round += 1) {
+      const results = await Promise.all(unacked.map((id) => {
+        const { m, room, body } = bodies.get(id);
+        return send(m, room, id, body, round + 1);
+      }));
+      for (const r of results) if (r.ok) acked.set(r.cmid, r.seq);
+      unacked = unacked.filter((id) => !acked.has(id));
+      if (unacked.length) await sleep(1000);
+    }
+    if (unacked.length) problems.push(`${name}: ${unacked.length} sends still not acknowledged after 30 retries`);
+    for (const x of sends) if (x.ok && acked.get(x.cmid) !== x.seq) conflicting.push(x.cmid);
+    const heads = {};
+    for (const [id, seq] of acked) {
+      const room = bodies.get(id).room;
+      heads[room] = Math.max(heads[room] ?? 0, seq);
+    }
+    const deadline = performance.now() + 30000;
+    const caughtUp = () => members.every((m) => rooms.every((r) => m.last(r) >= (heads[r] ?? 0)));
+    while (!caughtUp() && performance.now() < deadline) await sleep(100);
+    const stalled = [];
+    for (const m of members) for (const r of rooms) if (m.last(r) < (heads[r] ?? 0)) stalled.push(`${m.name}/${home[r]}: ${m.last(r)}/${heads[r]}`);
+    if (stalled.length) {
+      log(`${name}: not caught up live 30 s after the senders stopped: ${stalled.join(', ')}; room:sync`);
+      for (const m of members) for (const r of rooms) await m.sync(r);
+    }
+    let histories;
+    const storeDeadline = performance.now() + 60000;
+    for (;;) {
+      histories = Object.fromEntries(rooms.map((r) => [r, storeHistory(o.storeUrl, r)]));
+      if (rooms.every((r) => histories[r].length >= (heads[r] ?? 0)) || performance.now() > storeDeadline) break;
+      await sleep(500);
+    }
+    const perRoom = rooms.map((room) => {
+      const ackedRoom = new Map([...acked].filter(([id]) => bodies.get(id).room === room));
+      const sentIds = new Set([...bodies.keys()].filter((id) => bodies.get(id).room === room));
+      return roomVerdict(room, histories[room], ackedRoom, sentIds, members);
+    });
+    // Split brain: a (room, seq) at which two different messages were seen anywhere.
+    let splitBrain = 0;
+    for (const room of rooms) {
+      const seen = new Map();
+      const see = (seq, id) => seen.set(seq, (seen.get(seq) ?? new Set()).add(id));
+      for (const [seq, id] of histories[room]) see(seq, id);
+      for (const m of members) for (const [seq, id] of [...m.liveIds.get(room), ...m.caughtUp.get(room)]) see(seq, id);
+      for (const ids of seen.values()) if (ids.size > 1) splitBrain += 1;
+    }
+    const sum = (k) => perRoom.reduce((a, v) => a + v[k], 0);
+    const v = {
+      sent: bodies.size, acked: acked.size, stored: sum('stored'),
+      lost: sum('lost'), duplicated: sum('duplicated') + conflicting.length, reordered: sum('reordered'),
+      split_brain_seqs: splitBrain, stalled: stalled.length, ...extra,
+    };
+    const line = `scenario=${name} ` + Object.entries(v).map(([k, x]) => `${k}=${x}`).join(' ');
+    const ok = v.lost === 0 && v.duplicated === 0 && v.reordered === 0 && v.split_brain_seqs === 0 && v.stalled === 0;
+    console.log(line);
+    console.error(JSON.stringify({ phase: name, verdict: v, ok, heads, rooms: perRoom }));
+    if (!ok) {
+      problems.push(`${name}: ${line}`);
+      for (const r of perRoom) {
+        const h = `${name}: room homed in ${home[r.room]}`;
+        for (const x of [...r.members_live_gaps, ...r.members_live_out_of_order, ...r.members_incomplete]) log(`PROBLEM: ${h}: ${x}`);
+        if (r.lost) log(`PROBLEM: ${h}: ${r.lost} acknowledged messages not in the store`);
+        if (r.history_not_gap_free) log(`PROBLEM: ${h}: the store's seqs are not 1..${r.head}`);
+        if (r.phantom_seqs) log(`PROBLEM: ${h}: ${r.phantom_seqs} seqs a client saw with another message than the store's`);
+      }
+    }
+    // The next phase sends again, with new client_msg_ids.
+    stopping = false;
+    for (const m of senders) {
+      loops.push((async () => {
+        let n = 0;
+        const start = performance.now();
+        const tag = `${name}`.replace(/[^a-z]/g, '');
+        while (!stopping) {
+          n += 1;
+          for (const room of rooms) {
+            const cmid = `${m.name}-${home[room]}-${tag}${n}`;
+            const body = `${m.name} -> room homed in ${home[room]} #${tag}${n}`;
+            bodies.set(cmid, { m, room, body });
+            const p = send(m, room, cmid, body, 1);
+            pending.add(p);
+            p.finally(() => pending.delete(p));
+          }
+          await sleep(Math.max(0, start + (n * 1000) / o.rate - performance.now()));
+        }
+      })());
+    }
+    return ok;
+  }
+
+  let allOk = problems.length === 0;
+  for (const phase of phases) {
+    await sleep(o.settle * 1000);
+    if (phase === 'loss') {
+      const tKill = now();
+      log(`loss: ${await lc(['region', 'kill', 'a'])}`);
+      await Promise.all(aMembers.map((m) => m.moveTo(B)));
+      const first = await untilAckOfA(tKill, 60000, 'loss');
+      log(`loss: a's room acknowledged again ${((first - tKill) / 1000).toFixed(1)} s after the kill`);
+      await sleep(o.settle * 1000);
+      allOk = (await settle('region-loss', { unavailable_s: Math.round(first - tKill) / 1000 })) && allOk;
+    } else if (phase === 'give-back') {
+      log('give-back: bringing region a back');
+      await lc(['up']);
+      const tBack = now();
+      await Promise.all(aMembers.map((m) => m.moveTo(A, 'a')));
+      await sleep(o.settle * 1000);
+      const tStart = now();
+      const report = JSON.parse((await lc(['region', 'takeover', 'a', '--by', 'a'])).split('\n').pop());
+      const tDone = now();
+      log(`give-back: ${JSON.stringify(report)} in ${((tDone - tStart) / 1000).toFixed(1)} s`);
+      const first = await untilAckOfA(tDone, 30000, 'give-back');
+      await sleep(o.settle * 1000);
+      allOk = (await settle('give-back', {
+        back_s: Math.round(tStart - tBack) / 1000,
+        handback_s: Math.round(tDone - tStart) / 1000,
+        unavailable_s: longestGap(tStart, Math.max(first, tDone)),
+        token: report.token,
+      })) && allOk;
+    } else if (phase === 'isolation') {
+      const tCut = now();
+      await lc(['link', 'cut']);
+      await lc(['region', 'isolate', 'a']);
+      log('isolation: link cut, a cut off the store');
+      // b's users' sends into a's room, sent after the cut: acknowledged only once b decides it
+      // (before, they are forwarded to a, across the cut).
+      const firstByB = await untilAckOfA(tCut + 1000, 60000, 'isolation', 'b');
+      const firstB = firstByB;
+      // Acks of a's room by a's own instances after the cut (a's users are on a).
+      const lastA = sends.filter((x) => x.ok && x.room === roomA.id && x.region === 'a' && x.t_sent >= tCut)
+        .reduce((t, x) => Math.max(t, x.t_answer), -Infinity);
+      log(`isolation: last ack by a ${lastA === -Infinity ? 'none' : ((lastA - tCut) / 1000).toFixed(1)} s, first by b ${((firstByB - tCut) / 1000).toFixed(1)} s after the cut`);
+      if (lastA !== -Infinity && lastA >= firstByB) problems.push('isolation: a acknowledged a send into its room after b started deciding it');
+      await sleep(o.settle * 1000);
+      await lc(['link', 'heal']);
+      await lc(['region', 'rejoin', 'a']);
+      log('isolation: healed');
+      await sleep(o.settle * 1000);
+      allOk = (await settle('region-isolation', {
+        a_last_ack_s: lastA === -Infinity ? 'none' : Math.round(lastA - tCut) / 1000,
+        b_first_ack_s: Math.round(firstB - tCut) / 1000,
+      })) && allOk;
+    }
+  }
+  stopping = true;
+  await Promise.all(loops);
+  await Promise.all([...pending]);
+  for (const m of members) m.close();
+  if (o.details) writeFileSync(o.details, JSON.stringify({ problems, sends }, null, 1));
+  for (const p of problems) log(`PROBLEM: ${p}`);
+  if (!allOk || problems.length) process.exitCode = 1;
+}
+
 const [cmd, ...rest] = process.argv.slice(2);
-const commands = { partition, bench };
-if (!commands[cmd]) die('usage: regions-client.mjs partition|bench [options] (see the header)');
+const commands = { partition, bench, takeover };
+if (!commands[cmd]) die('usage: regions-client.mjs partition|takeover|bench [options] (see the header)');
 commands[cmd](rest).then(
   () => setTimeout(() => process.exit(process.exitCode ?? 0), 100),
   (e) => {

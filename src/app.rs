@@ -134,6 +134,7 @@ async fn cluster_mode(
                 keys: keys.clone(),
                 store: store.clone(),
                 script: redis::Script::new(&apply_script(&seal)),
+                dedupe_ttl: c.dedupe_ttl,
             }),
             peers: peers.clone(),
             history: history.clone(),
@@ -142,8 +143,14 @@ async fn cluster_mode(
         };
         Some((api, Replication { peers: peers.clone(), redis: redis.clone(), keys: keys.clone() }))
     };
-    let elsewhere: Option<Arc<dyn HoldElsewhere>> = (c.ack_level == AckLevel::Region)
-        .then(|| Arc::new(PeersHold { peers: peers.clone(), timeout: c.region_timeout }) as Arc<dyn HoldElsewhere>);
+    // Who decides each region's rooms (issue 17): read by routing, the self-fencing gate and the
+    // hold of ack level `region`.
+    let homes = (!peers.is_empty())
+        .then(|| Arc::new(Homes::new(region, instance_id, store.clone(), redis.clone(), keys.clone(), c.leases)));
+    let elsewhere: Option<Arc<dyn HoldElsewhere>> = (c.ack_level == AckLevel::Region).then(|| {
+        Arc::new(PeersHold { peers: peers.clone(), timeout: c.region_timeout, homes: homes.clone() })
+            as Arc<dyn HoldElsewhere>
+    });
     let fanout = RedisFanout::start(
         io,
         redis.clone(),
@@ -207,13 +214,12 @@ async fn cluster_mode(
             caches,
             throttle: Arc::new(RedisThrottle::new(redis.clone(), keys.clone(), budgets)),
             sessions: Arc::new(RedisRevokedSessions { redis: redis.clone(), keys: keys.clone() }),
-            regions: Arc::new(if peers.is_empty() {
-                Regions::single(region)
-            } else {
-                let homes =
-                    Arc::new(Homes::new(region, instance_id, store.clone(), redis.clone(), keys.clone(), c.leases));
-                homes.clone().start().await;
-                Regions::from_clients(region, peers).with_homes(homes)
+            regions: Arc::new(match homes {
+                None => Regions::single(region),
+                Some(homes) => {
+                    homes.clone().start().await;
+                    Regions::from_clients(region, peers).with_homes(homes)
+                }
             }),
             outbox: if regions.is_some() {
                 Arc::new(RedisOutbox { redis: redis.clone(), keys: keys.clone(), len: c.region_outbox_len })

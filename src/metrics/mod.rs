@@ -55,6 +55,8 @@ pub const LEASE_RENEWED_AGE: &str = "chatmesh_lease_renewed_age_seconds";
 pub const SENDS_LAPSED: &str = "chatmesh_sends_lapsed_total";
 /// Multi-region: messages of an older epoch refused after a takeover, by who refused them.
 pub const FENCED_REFUSED: &str = "chatmesh_fenced_refused_total";
+/// Multi-region: messages acknowledged at ack level `region` with no other region to hold them.
+pub const REGION_ACKS_DEGRADED: &str = "chatmesh_region_acks_degraded_total";
 /// Multi-region: takeovers this instance made, by home region and how (command or automatic).
 pub const TAKEOVERS: &str = "chatmesh_takeovers_total";
 pub const BUILD_INFO: &str = "chatmesh_build_info";
@@ -107,6 +109,7 @@ pub const ALL: &[&str] = &[
     SENDS_LAPSED,
     FENCED_REFUSED,
     TAKEOVERS,
+    REGION_ACKS_DEGRADED,
     BUILD_INFO,
     TLS_RELOADS,
     HTTP_TIMEOUTS,
@@ -249,5 +252,9 @@ fn describe() {
     describe_counter!(SENDS_LAPSED, "Sends refused because the home lease lapsed before they were sequenced");
     describe_counter!(FENCED_REFUSED, "Messages of an older epoch refused after a takeover, by who refused them");
     describe_counter!(TAKEOVERS, "Takeovers of a region's rooms made by this instance, by home region and how");
+    describe_counter!(
+        REGION_ACKS_DEGRADED,
+        "Messages acknowledged at ack level region with no other region to hold them (every peer taken over)"
+    );
     describe_gauge!(BUILD_INFO, "1, labelled with the version of this binary");
 }

@@ -6,6 +6,8 @@
 -- ARGV[4] store head seq ('' when unknown)   ARGV[5] history stream length bound
 -- KEYS[4] the room's epoch floor (set by a takeover here)
 -- ARGV[6] the fencing token the message was sequenced under ('' when unknown)
+-- ARGV[7] the room's dedupe key prefix   ARGV[8] dedupe TTL (s): each applied message's dedupe
+--   key is kept here too, so that after a takeover a retry of it is the same message
 -- Returns {'init'} | {'dup', applied} | {'gap', applied} (kept in pending) | {'ok', applied}
 --   | {'fenced', floor}: sequenced under an epoch older than this region's takeover of the room
 local seq = tonumber(ARGV[1])
@@ -44,6 +46,8 @@ if seq > applied + 1 then
 end
 local function keep(s, m)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], s .. '-0', 'm', m)
+  local d = cjson.decode(m)
+  redis.call('SET', ARGV[7] .. d.sender_id .. ':' .. d.client_msg_id, m, 'EX', tonumber(ARGV[8]))
   -- seal() is defined by the prelude the instance puts before this script (fanout::seal).
   redis.call('PUBLISH', ARGV[3], seal(ARGV[3], m))
 end

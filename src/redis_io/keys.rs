@@ -36,7 +36,11 @@ impl Keys {
         format!("{}:room:{room_id}:hist", self.tag(room_id))
     }
     pub fn dedupe(&self, room_id: &str, sender_id: &str, client_msg_id: &str) -> String {
-        format!("{}:room:{room_id}:dd:{sender_id}:{client_msg_id}", self.tag(room_id))
+        format!("{}{sender_id}:{client_msg_id}", self.dedupe_prefix(room_id))
+    }
+    /// What every dedupe key of the room starts with (the apply script appends sender and id).
+    pub fn dedupe_prefix(&self, room_id: &str) -> String {
+        format!("{}:room:{room_id}:dd:", self.tag(room_id))
     }
     /// How often the user's membership of the room was revoked (see `revocation`).
     pub fn revocations(&self, room_id: &str, user_id: &str) -> String {

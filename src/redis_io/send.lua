@@ -9,6 +9,8 @@
 -- ARGV[11] the fencing token of the home lease the send is decided under ('' with one region)
 -- ARGV[12] until when (Unix ms) that lease lets this region decide ('' with one region)
 -- ARGV[13] the home region of that lease ('' with one region)
+-- ARGV[14] '1': publish nothing (ack level `region`: the instance publishes once another region
+--   holds the message, so that nobody sees a message that a takeover could still replace)
 -- Returns {'dup', json} | {'revoked'} | {'init'} | {'full'} | {'lapsed'} | {'ok', json}
 local existing = redis.call('GET', KEYS[2])
 if existing then
@@ -51,5 +53,7 @@ if ARGV[10] ~= '' then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'r', ARGV[7], 's', seq, 'm', msg, 'ep', ARGV[11], 'eh', ARGV[13])
 end
 -- seal() is defined by the prelude the instance puts before this script (fanout::seal).
-redis.call('PUBLISH', ARGV[5], seal(ARGV[5], msg))
+if ARGV[14] ~= '1' then
+  redis.call('PUBLISH', ARGV[5], seal(ARGV[5], msg))
+end
 return {'ok', msg}

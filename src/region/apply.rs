@@ -40,6 +40,8 @@ pub struct Applier {
     pub keys: Keys,
     pub store: Arc<dyn Store>,
     pub script: redis::Script,
+    /// How long the dedupe key of an applied message is kept (as the home keeps its own).
+    pub dedupe_ttl: std::time::Duration,
 }
 
 impl Applier {
@@ -61,6 +63,8 @@ impl Applier {
                 .arg(&floor)
                 .arg(HISTORY_LEN)
                 .arg(&epoch)
+                .arg(self.keys.dedupe_prefix(room_id))
+                .arg(self.dedupe_ttl.as_secs().max(1))
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|e| {

@@ -198,17 +198,30 @@ pub trait HoldElsewhere: Send + Sync + 'static {
     async fn hold(&self, messages: &[Message]) -> ApiResult<()>;
 }
 
-/// Asks every peer at once; the first to confirm is enough.
+/// Asks every peer at once; the first to confirm is enough. A peer whose own rooms were taken
+/// over (another region holds its home lease: it was lost) is not asked; with none left, the
+/// messages are acknowledged on this region alone (counted: `chatmesh_region_acks_degraded_total`),
+/// since no other region could confirm anything until one comes back.
 pub struct PeersHold {
     pub peers: Vec<Arc<PeerClient>>,
     pub timeout: Duration,
+    pub homes: Option<Arc<homes::Homes>>,
 }
 
 #[async_trait]
 impl HoldElsewhere for PeersHold {
     async fn hold(&self, messages: &[Message]) -> ApiResult<()> {
         let body = client::HoldRequest { messages: messages.to_vec() };
-        let asks = self.peers.iter().map(|p| {
+        let live: Vec<&Arc<PeerClient>> = self
+            .peers
+            .iter()
+            .filter(|p| self.homes.as_ref().is_none_or(|h| h.holder_of(&p.region) == p.region))
+            .collect();
+        if live.is_empty() {
+            metrics::counter!(crate::metrics::REGION_ACKS_DEGRADED).increment(messages.len() as u64);
+            return Ok(());
+        }
+        let asks = live.into_iter().map(|p| {
             let body = &body;
             Box::pin(async move { p.call::<_, client::HoldAnswer>("hold", "/hold", body).await })
         });

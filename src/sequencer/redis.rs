@@ -53,6 +53,13 @@ pub struct RedisSequencerConfig {
 
 type Reply = oneshot::Sender<Result<SendOutcome, ApiError>>;
 
+/// A batch whose messages another region is being asked to hold (ack level `region`).
+struct Holding {
+    hold: tokio::task::JoinHandle<Result<(), ApiError>>,
+    messages: Vec<Message>,
+    done: Vec<(Reply, Result<SendOutcome, ApiError>)>,
+}
+
 pub struct RedisSequencer {
     lanes: Vec<mpsc::Sender<(SendRequest, Reply)>>,
 }
@@ -74,6 +81,11 @@ impl RedisSequencer {
         let lanes = (0..LANES)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);
+                let publisher = config.elsewhere.as_ref().map(|_| {
+                    let (ptx, prx) = mpsc::unbounded_channel();
+                    tokio::spawn(publish_when_held(redis.clone(), keys.clone(), config.seal.clone(), prx));
+                    ptx
+                });
                 let worker = Worker {
                     redis: redis.clone(),
                     keys: keys.clone(),
@@ -81,6 +93,7 @@ impl RedisSequencer {
                     config: config.clone(),
                     breakers: breakers.clone(),
                     script: script.clone(),
+                    publisher,
                 };
                 tokio::spawn(worker.run(rx));
                 tx
@@ -102,6 +115,46 @@ struct Worker {
     store: Arc<dyn Store>,
     config: RedisSequencerConfig,
     script: redis::Script,
+    /// Ack level `region`: where the lane's batches go to be published, in order, once held.
+    publisher: Option<mpsc::UnboundedSender<Holding>>,
+}
+
+/// Ack level `region`: publishes each batch's messages once another region holds them, batch
+/// after batch in the lane's order (so each room's messages go out in seq order), then answers
+/// the batch. A batch no region confirmed is answered `unavailable` and not published: it is in
+/// recent history and the write-back (a retry returns it; a later message's gap fill delivers it),
+/// unless a takeover fenced the room first, and then nobody was shown it.
+async fn publish_when_held(
+    redis: Redis,
+    keys: Keys,
+    seal: crate::fanout::seal::Seal,
+    mut rx: mpsc::UnboundedReceiver<Holding>,
+) {
+    while let Some(Holding { hold, messages, done }) = rx.recv().await {
+        let held = hold.await.unwrap_or_else(|_| Err(ApiError::Unavailable("the hold task failed".into())));
+        if held.is_ok() && !messages.is_empty() {
+            let mut pipe = redis::pipe();
+            for m in &messages {
+                let channel = keys.channel(&m.room_id);
+                let json = serde_json::to_string(m).expect("a message always serializes");
+                pipe.cmd("PUBLISH").arg(&channel).arg(seal.seal(&channel, &json)).ignore();
+            }
+            let mut conn = redis.conn().await;
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                // Held and kept: receivers get them from history (reconnect, or the next message's
+                // gap fill).
+                tracing::warn!(error = %e, count = messages.len(), "publishing held messages failed");
+            }
+        }
+        for (reply, result) in done {
+            let result = match (result, &held) {
+                (Ok(outcome), Ok(())) => Ok(outcome),
+                (Ok(_), Err(e)) => Err(e.clone()),
+                (Err(e), _) => Err(e),
+            };
+            let _ = reply.send(result);
+        }
+    }
 }
 
 /// The JSON of a message with its seq left out: the script splices the seq in, so the stored,
@@ -257,9 +310,10 @@ impl Worker {
     /// region's Redis first; if none confirms in time they are answered `unavailable` (a retry
     /// returns the original, once it is held). That wait runs beside the lane, which goes on with
     /// the next batch: holding the lane for the extra round trip made every send behind it wait
-    /// (measured: ack p50 144 ms against 100 ms for forward + hold at a 25 ms link).
+    /// (measured: ack p50 144 ms against 100 ms for forward + hold at a 25 ms link). The lane's
+    /// publisher publishes the batch once held (the script published nothing), in lane order.
     fn answer(&self, done: Vec<(Reply, Result<SendOutcome, ApiError>)>) {
-        let Some(elsewhere) = self.config.elsewhere.clone() else {
+        let (Some(elsewhere), Some(publisher)) = (self.config.elsewhere.clone(), &self.publisher) else {
             for (reply, result) in done {
                 let _ = reply.send(result);
             }
@@ -267,17 +321,10 @@ impl Worker {
         };
         let messages: Vec<Message> =
             done.iter().filter_map(|(_, r)| r.as_ref().ok().map(|outcome| outcome.message().clone())).collect();
-        tokio::spawn(async move {
-            let held = if messages.is_empty() { Ok(()) } else { elsewhere.hold(&messages).await };
-            for (reply, result) in done {
-                let result = match (result, &held) {
-                    (Ok(outcome), Ok(())) => Ok(outcome),
-                    (Ok(_), Err(e)) => Err(e.clone()),
-                    (Err(e), _) => Err(e),
-                };
-                let _ = reply.send(result);
-            }
-        });
+        let to_hold = messages.clone();
+        let hold =
+            tokio::spawn(async move { if to_hold.is_empty() { Ok(()) } else { elsewhere.hold(&to_hold).await } });
+        let _ = publisher.send(Holding { hold, messages, done });
     }
 
     async fn run_pipeline(
@@ -314,6 +361,7 @@ impl Worker {
                     Some(e) => pipe.arg(e.token).arg(e.until_ms).arg(&e.home),
                     None => pipe.arg("").arg("").arg(""),
                 };
+                pipe.arg(if self.publisher.is_some() { "1" } else { "" });
             }
             if self.config.ack_level.waits_for_replica() {
                 pipe.cmd("WAIT").arg(1).arg(self.config.wait_timeout.as_millis() as u64);

@@ -546,6 +546,9 @@ async fn a_lost_region_is_taken_over_from_what_the_other_holds() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(sent.body["seq"].as_i64(), Some(4), "the next seq after what b held: {:?}", sent.body);
+    // A retry of a message a sequenced (its answer lost with a) is that message, not a new one.
+    let retry = t.b.send(&alice, &room, "m3", "x").await;
+    assert_eq!((retry.status, retry.body["seq"].as_i64()), (StatusCode::OK, Some(3)), "{:?}", retry.body);
     until_history(&t.b, &alice, &room, 4, "b after the takeover").await;
     // Run again, the takeover is the same one (idempotent: same token, same fence).
     let (code, out, err) = takeover(&t);
