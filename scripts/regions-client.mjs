@@ -51,7 +51,7 @@
 // `urls` for the load balancers and instances, `link cut|heal` for the partition.
 import { createRequire } from 'node:module';
 import { execFile, execFileSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
@@ -794,6 +794,25 @@ function lc(args, timeoutMs = 300000) {
   });
 }
 
+// JSON log lines of a region's instances (local-cluster.sh state dir) whose message contains
+// `needle`, parsed.
+function logLines(region, needle) {
+  const dir = process.env.LOCAL_CLUSTER_DIR;
+  if (!dir) return [];
+  const out = [];
+  for (const sub of readdirSync(path.join(dir, region), { withFileTypes: true })) {
+    if (!sub.isDirectory() || !sub.name.startsWith('chatmesh-')) continue;
+    const file = path.join(dir, region, sub.name, `${region}-${sub.name}.out`);
+    let text = '';
+    try { text = readFileSync(file, 'utf8'); } catch { continue; }
+    for (const l of text.split('\n')) {
+      if (!l.includes(needle)) continue;
+      try { out.push(JSON.parse(l)); } catch { /* not JSON */ }
+    }
+  }
+  return out;
+}
+
 async function takeover(argv) {
   const o = parseArgs(argv, { phases: 'loss,give-back,isolation', rate: 5, storeUrl: '', details: '', settle: 5, ackTimeoutMs: 5000 });
   if (!o.storeUrl) die('--store-url is needed (the database the regions share)');
@@ -974,6 +993,11 @@ async function takeover(argv) {
     return ok;
   }
 
+  // The token of the last takeover of a's rooms logged by region `by`'s instances.
+  const tokenAfter = () => {
+    const t = logLines('b', 'took over the rooms homed there').at(-1);
+    return t?.token;
+  };
   let allOk = problems.length === 0;
   for (const phase of phases) {
     await sleep(o.settle * 1000);
@@ -984,7 +1008,14 @@ async function takeover(argv) {
       const first = await untilAckOfA(tKill, 60000, 'loss');
       log(`loss: a's room acknowledged again ${((first - tKill) / 1000).toFixed(1)} s after the kill`);
       await sleep(o.settle * 1000);
-      allOk = (await settle('region-loss', { unavailable_s: Math.round(first - tKill) / 1000 })) && allOk;
+      const took = logLines('b', 'took over the rooms homed there').at(-1) ?? {};
+      allOk = (await settle('region-loss', {
+        unavailable_s: Math.round(first - tKill) / 1000,
+        token: took.token,
+        written_back: took.written_back,
+        dropped_beyond_gap: took.dropped_beyond_gap,
+        landed_past_held: took.landed_past_held,
+      })) && allOk;
     } else if (phase === 'give-back') {
       log('give-back: bringing region a back');
       await lc(['up']);
@@ -1022,9 +1053,15 @@ async function takeover(argv) {
       await lc(['region', 'rejoin', 'a']);
       log('isolation: healed');
       await sleep(o.settle * 1000);
+      // What a sequenced that b never had: dropped by a when it stepped down, refused by the
+      // store (a's write-back) and by b (a's outbox): the evidence that fencing did the work.
+      const stepped = logLines('a', 'stepped down').filter((l) => l.token === tokenAfter('a'));
       allOk = (await settle('region-isolation', {
         a_last_ack_s: lastA === -Infinity ? 'none' : Math.round(lastA - tCut) / 1000,
         b_first_ack_s: Math.round(firstB - tCut) / 1000,
+        stale_dropped_by_a: stepped.reduce((n, l) => Math.max(n, l.dropped ?? 0), 0),
+        refused_by_store: logLines('a', 'the store refused this message').length,
+        refused_by_b: logLines('b', 'refused a message of a fenced epoch').length,
       })) && allOk;
     }
   }

@@ -698,6 +698,7 @@ impl Config {
                         margin: Duration::from_millis(args.lease_drift_ms),
                         takeover_after: (args.takeover_after_ms > 0)
                             .then(|| Duration::from_millis(args.takeover_after_ms)),
+                        dedupe_ttl: Duration::from_secs(args.dedupe_ttl_hours * 3600),
                     },
                 })
             }
@@ -837,6 +838,44 @@ mod tests {
         for bad in ["*", "app.example.com", "https://a.example/path", "ftp://x", "https://"] {
             assert!(parse_origins(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `serve` with two regions and `extra` flags, as the binary parses them.
+    fn regions_config(extra: &[&str]) -> Result<Config, String> {
+        use clap::{Args, FromArgMatches};
+        let base = [
+            "chatmesh",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--cluster-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--region",
+            "a",
+            "--peer-regions",
+            "b=http://127.0.0.1:1",
+            "--store-url",
+            "postgres://u@127.0.0.1/db",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+        ];
+        let m = ServeArgs::augment_args(clap::Command::new("chatmesh"))
+            .try_get_matches_from(base.iter().chain(extra))
+            .map_err(|e| e.to_string())?;
+        let args = ServeArgs::from_arg_matches(&m).map_err(|e| e.to_string())?;
+        Config::from_args(args, false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn automatic_takeover_is_off_by_default_and_never_before_the_lease_expired() {
+        let after = |c: Config| c.cluster.map(|c| c.leases.takeover_after);
+        assert_eq!(after(regions_config(&[]).unwrap()), Some(None), "off by default");
+        assert_eq!(after(regions_config(&["--takeover-after-ms", "0"]).unwrap()), Some(None));
+        let at_edge = regions_config(&["--home-lease-ms", "10000", "--takeover-after-ms", "10000"]).unwrap();
+        assert_eq!(after(at_edge), Some(Some(Duration::from_secs(10))));
+        let early = regions_config(&["--home-lease-ms", "10000", "--takeover-after-ms", "9999"]).unwrap_err();
+        assert!(early.contains("CHATMESH_TAKEOVER_AFTER_MS"), "{early}");
+        assert!(regions_config(&["--takeover-after-ms", "3600000", "--home-lease-ms", "600000"]).is_ok());
+        assert!(regions_config(&["--takeover-after-ms", "3600001"]).is_err(), "beyond an hour");
     }
 
     #[test]

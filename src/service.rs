@@ -772,6 +772,11 @@ impl ChatService {
         }
     }
 
+    /// Who decides whose rooms (the cluster view); empty with a single region.
+    pub fn homes_view(&self) -> Vec<serde_json::Value> {
+        self.regions.homes_view()
+    }
+
     /// Whether `peer` still decides the rooms homed there (nobody took them over): what it
     /// sequences after a takeover must not be taken here.
     pub fn peer_decides_its_rooms(&self, peer: &str) -> bool {

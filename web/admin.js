@@ -369,6 +369,13 @@
     const peers = Array.isArray(body.regions) ? body.regions : [];
     card.hidden = peers.length === 0;
     if (card.hidden) return;
+    // Which region decides whose rooms (the home leases): a region lists its own home, and any
+    // region it took over.
+    const homes = Array.isArray(body.homes) ? body.homes : [];
+    const decides = (region) => homes
+      .filter((h) => h.decided_by === region)
+      .map((h) => `${h.home}${h.home === region ? '' : ' (taken over)'} #${h.token}`)
+      .join(', ') || '–';
     const row = (region, status, instances, lag) => {
       const tr = el('tr', { 'data-testid': 'region-row' });
       tr.dataset.region = region;
@@ -376,6 +383,7 @@
       tr.append(
         el('td', { text: region }),
         el('td', { text: status }),
+        el('td', { 'data-testid': 'region-decides', text: decides(region) }),
         el('td', { text: ids.length ? `${ids.length}: ${ids.join(', ')}` : '–' }),
         el('td', { class: 'num', text: lag === null || lag === undefined ? '–' : `${Number(lag).toFixed(1)} s` }),
       );

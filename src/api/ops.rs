@@ -43,6 +43,7 @@ pub async fn cluster(State(state): State<Arc<AppState>>, parts: Parts) -> ApiRes
     view["region"] = json!(state.config.region);
     if let Some(api) = &state.regions {
         view["regions"] = json!(crate::region::view::peers(api).await);
+        view["homes"] = json!(state.svc.homes_view());
     }
     Ok(Json(view))
 }

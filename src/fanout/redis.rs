@@ -87,6 +87,11 @@ pub struct RedisFanout {
     /// The other regions, whose users online count for presence here.
     peer_regions: Vec<String>,
     watched: Mutex<HashSet<String>>,
+    /// Per room being subscribed to, its head before the subscription: the receiver starts the
+    /// room's gap check from it (see `watch_room`).
+    starts: Arc<std::sync::Mutex<HashMap<String, i64>>>,
+    /// Where a room's head is read when this region's Redis has no counter for it.
+    store: Arc<dyn crate::store::Store>,
     last_canary_ms: Arc<AtomicI64>,
     seal: Seal,
     /// This process run's name on the events channel: a restart starts its counter anew under a
@@ -126,6 +131,8 @@ impl RedisFanout {
             presence_script: redis::Script::new(crate::redis_io::PRESENCE_SCRIPT),
             peer_regions,
             watched: Mutex::default(),
+            starts: Arc::default(),
+            store: history.store.clone(),
             last_canary_ms: Arc::new(AtomicI64::new(Timestamp::now().0)),
             seal: seal.clone(),
             origin: format!("{instance_id}/{}", ulid::Ulid::generate()),
@@ -138,6 +145,7 @@ impl RedisFanout {
             history,
             instance_id,
             last_seq: HashMap::new(),
+            starts: fanout.starts.clone(),
             last_canary_ms: fanout.last_canary_ms.clone(),
             seal,
             replays: ReplayGuard::default(),
@@ -169,6 +177,17 @@ impl RedisFanout {
         }
         *self.pubsub.lock().await = conn;
         tracing::info!(channels = channels.len(), "fan-out: subscription rebuilt");
+    }
+
+    /// The room's seq counter in this region's Redis, or (none there) the store's head; `None`
+    /// when neither answers (the room's first message then starts the gap check, as before).
+    async fn head_before_subscribing(&self, room_id: &str) -> Option<i64> {
+        let mut conn = self.redis.conn().await;
+        match conn.get::<_, Option<i64>>(self.keys.seq(room_id)).await {
+            Ok(Some(head)) => Some(head),
+            Ok(None) => self.store.head_seq(&crate::domain::RoomId::from(room_id)).await.ok().flatten(),
+            Err(_) => None,
+        }
     }
 
     /// Whether the pub/sub path delivered this instance's canary recently.
@@ -275,6 +294,7 @@ struct Receiver {
     history: Arc<RedisHistory>,
     instance_id: String,
     last_seq: HashMap<String, i64>,
+    starts: Arc<std::sync::Mutex<HashMap<String, i64>>>,
     last_canary_ms: Arc<AtomicI64>,
     seal: Seal,
     replays: ReplayGuard,
@@ -299,6 +319,17 @@ impl Receiver {
                         continue;
                     };
                     self.on_message(&channel, payload).await;
+                }
+                PushKind::Subscribe => {
+                    // Confirmed before any message of the room: from here a jump past the head
+                    // read before subscribing is filled (several instances publish a room's
+                    // messages once held elsewhere, not always in seq order).
+                    if let Some(room) =
+                        push.data.first().and_then(bulk).as_deref().and_then(|c| self.keys.room_of_channel(c))
+                        && let Some(head) = self.starts.lock().unwrap_or_else(|e| e.into_inner()).remove(room)
+                    {
+                        self.last_seq.entry(room.to_string()).or_insert(head);
+                    }
                 }
                 PushKind::Unsubscribe => {
                     // The confirmation comes in order with the channel's messages: nothing of the
@@ -443,6 +474,11 @@ impl Delivery for RedisFanout {
         let mut pubsub = self.pubsub.lock().await;
         if self.watched.lock().await.contains(room_id) {
             return Ok(());
+        }
+        // The room's head before subscribing: what is published after the subscription and at or
+        // below it was in history before the caller reads it (the caller reads after this).
+        if let Some(head) = self.head_before_subscribing(room_id).await {
+            self.starts.lock().unwrap_or_else(|e| e.into_inner()).insert(room_id.to_string(), head);
         }
         pubsub.subscribe(self.keys.channel(room_id)).await.map_err(|e| {
             tracing::warn!(error = %e, "subscribe failed");

@@ -4,17 +4,21 @@
 -- KEYS[3] the room's pending hash (seq -> message that arrived before the one before it)
 -- ARGV[1] seq   ARGV[2] message JSON   ARGV[3] fan-out channel
 -- ARGV[4] store head seq ('' when unknown)   ARGV[5] history stream length bound
--- KEYS[4] the room's epoch floor (set by a takeover here)
+-- KEYS[4] the room's epoch floor, `token:from_seq` (set by a takeover here)
 -- ARGV[6] the fencing token the message was sequenced under ('' when unknown)
 -- ARGV[7] the room's dedupe key prefix   ARGV[8] dedupe TTL (s): each applied message's dedupe
 --   key is kept here too, so that after a takeover a retry of it is the same message
 -- Returns {'init'} | {'dup', applied} | {'gap', applied} (kept in pending) | {'ok', applied}
---   | {'fenced', floor}: sequenced under an epoch older than this region's takeover of the room
+--   | {'fenced', token}: sequenced at or past this region's takeover of the room, under an
+--     older epoch than it
 local seq = tonumber(ARGV[1])
 if ARGV[6] ~= '' then
-  local floor = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if tonumber(ARGV[6]) < floor then
-    return {'fenced', floor}
+  local f = redis.call('GET', KEYS[4])
+  if f then
+    local token, from = string.match(f, '^(%d+):(%d+)$')
+    if tonumber(ARGV[6]) < tonumber(token) and seq >= tonumber(from) then
+      return {'fenced', tonumber(token)}
+    end
   end
 end
 local applied = redis.call('GET', KEYS[1])

@@ -65,8 +65,9 @@ impl Keys {
     pub fn replica_pending(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}:pending", self.tag(room_id))
     }
-    /// The room's epoch floor: the fencing token of the newest takeover of its home this
-    /// region made; replicated messages of an older epoch are refused (region::takeover).
+    /// The room's epoch floor, `token:from_seq`: the newest takeover of its home this region
+    /// made; replicated messages of an older epoch at or past `from_seq` are refused
+    /// (region::takeover).
     pub fn room_epoch(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}:epoch", self.tag(room_id))
     }
@@ -89,10 +90,6 @@ impl Keys {
     }
     pub fn replication_caught_up(&self, peer: &str) -> String {
         format!("{}:repl:{peer}:caught_up", self.prefix)
-    }
-    /// Which instance of this region pulls the peer region's outboxes.
-    pub fn replication_lease(&self, peer: &str) -> String {
-        format!("{}:repl:{peer}:lease", self.prefix)
     }
 
     pub fn channel(&self, room_id: &str) -> String {

@@ -40,6 +40,9 @@ pub struct LeaseTiming {
     /// Automatic takeover: a home lease not renewed for this long (and lapsed past the margin)
     /// is taken over by this region (`None`: only by the operator's command).
     pub takeover_after: Option<Duration>,
+    /// How long a message's dedupe key is kept (CHATMESH_DEDUPE_TTL_HOURS): a takeover writes
+    /// some.
+    pub dedupe_ttl: Duration,
 }
 
 impl LeaseTiming {
@@ -68,7 +71,7 @@ pub struct Homes {
     keys: Keys,
     timing: LeaseTiming,
     /// Every home lease as last read: home region -> holder region.
-    holders: RwLock<HashMap<String, String>>,
+    holders: RwLock<HashMap<String, Lease>>,
     /// The home leases this region decides under: home region -> token and validity.
     held: RwLock<HashMap<String, Held>>,
     /// When each held lease was last renewed (for the metrics).
@@ -104,7 +107,7 @@ impl Homes {
     /// one: nobody else took it yet), or `home` itself before anyone took a lease on it.
     pub fn holder_of(&self, home: &str) -> String {
         let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
-        holders.get(home).cloned().unwrap_or_else(|| home.to_string())
+        holders.get(home).map(|l| l.holder.clone()).unwrap_or_else(|| home.to_string())
     }
 
     /// The epoch under which this instance may decide the rooms homed in `home` now;
@@ -125,6 +128,27 @@ impl Homes {
                  or another region took them over); retry"
             ))),
         }
+    }
+
+    /// Who decides whose rooms, as last read (for the cluster view and `/admin`): per home, the
+    /// region holding its lease, the token, when the lease expires, and whether this instance
+    /// decides under it now.
+    pub fn view(&self) -> Vec<serde_json::Value> {
+        let holders = self.holders.read().unwrap_or_else(|e| e.into_inner());
+        let mut homes: Vec<_> = holders
+            .iter()
+            .map(|(home, l)| {
+                serde_json::json!({
+                    "home": home,
+                    "decided_by": l.holder,
+                    "token": l.token,
+                    "expires_at": l.expires_at,
+                    "deciding_here": self.deciding(home).is_ok(),
+                })
+            })
+            .collect();
+        homes.sort_by(|a, b| a["home"].as_str().cmp(&b["home"].as_str()));
+        homes
     }
 
     /// Reads the leases and renews this region's once, then keeps doing so.
@@ -267,7 +291,7 @@ impl Homes {
             let mut holders = self.holders.write().unwrap_or_else(|e| e.into_inner());
             holders.clear();
             for l in &homes {
-                holders.insert(home_in(&l.name).unwrap_or_default().to_string(), l.holder.clone());
+                holders.insert(home_in(&l.name).unwrap_or_default().to_string(), (*l).clone());
             }
         }
         let mut mine: Vec<Lease> = homes
@@ -384,11 +408,21 @@ mod tests {
 
     #[test]
     fn validity_ends_a_margin_before_the_lease() {
-        let t = LeaseTiming { ttl: Duration::from_secs(10), margin: Duration::from_secs(2), takeover_after: None };
+        let t = LeaseTiming {
+            ttl: Duration::from_secs(10),
+            margin: Duration::from_secs(2),
+            takeover_after: None,
+            dedupe_ttl: Duration::ZERO,
+        };
         let at = Instant::now();
         assert_eq!(t.valid_until(at) - at, Duration::from_secs(8));
         assert_eq!(t.renew_every(), Duration::from_millis(2500));
-        let odd = LeaseTiming { ttl: Duration::from_secs(1), margin: Duration::from_secs(5), takeover_after: None };
+        let odd = LeaseTiming {
+            ttl: Duration::from_secs(1),
+            margin: Duration::from_secs(5),
+            takeover_after: None,
+            dedupe_ttl: Duration::ZERO,
+        };
         assert_eq!(odd.valid_until(at), at, "a margin past the lease time never lets its holder act");
     }
 

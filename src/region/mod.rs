@@ -142,6 +142,11 @@ impl Regions {
         &self.own
     }
 
+    /// Who decides whose rooms (see [`homes::Homes::view`]); empty with a single region.
+    pub fn homes_view(&self) -> Vec<serde_json::Value> {
+        self.homes.as_ref().map(|h| h.view()).unwrap_or_default()
+    }
+
     pub fn has_peers(&self) -> bool {
         !self.peers.is_empty()
     }

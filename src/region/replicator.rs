@@ -1,9 +1,9 @@
 //! Replication between regions. Serving: `POST /internal/v1/regions/outbox` streams this
 //! region's outboxes from the caller's cursors, as JSON lines, holding the request open and
 //! sending entries as they are appended (a heartbeat line each second without any). Pulling: in
-//! each region one instance per peer (a lease in the region's Redis) holds such a stream open,
+//! each region one instance per peer (a singleton job lease in the store) holds such a stream open,
 //! applies what comes idempotently and keeps its cursors in its region's Redis, so a restart or
-//! another instance continues where the last one stopped.
+//! another instance continues where the last one stopped. The lease is `repl:<region>:<peer>`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -240,17 +240,7 @@ pub struct Replicator {
     caught_up_ms: AtomicI64,
     leading: AtomicBool,
     stream_lock: Mutex<()>,
-    lease: redis::Script,
 }
-
-const LEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 1
-end
-return 0";
 
 impl Replicator {
     pub fn new(
@@ -271,7 +261,6 @@ impl Replicator {
             caught_up_ms: AtomicI64::new(Timestamp::now().0),
             leading: AtomicBool::new(false),
             stream_lock: Mutex::new(()),
-            lease: redis::Script::new(LEASE_SCRIPT),
         }
     }
 
@@ -316,16 +305,13 @@ impl Replicator {
         }
     }
 
+    /// The singleton job lease `repl:<this region>:<peer>` in the store (issue 17): exactly one
+    /// instance of the region pulls each peer; its holder extends it while it pulls, another
+    /// takes it once it lapsed (the holder died or lost the store).
     async fn hold_lease(&self) -> bool {
-        let mut conn = self.redis.conn().await;
-        let got: redis::RedisResult<i64> = self
-            .lease
-            .key(self.keys.replication_lease(&self.peer.region))
-            .arg(&self.instance_id)
-            .arg(LEASE.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await;
-        matches!(got, Ok(1))
+        let name = format!("repl:{}:{}", self.state.config.region, self.peer.region);
+        let ttl = LEASE.as_millis() as i64;
+        matches!(self.applier.store.acquire_lease(&name, &self.instance_id, ttl, Timestamp::now()).await, Ok(Some(_)))
     }
 
     async fn pull(&self) -> Result<(), (&'static str, String)> {
@@ -402,11 +388,11 @@ impl Replicator {
             }
             match self.applier.apply(room, seq, json, entry.ep).await? {
                 Applied::Gap(applied) => self.fill(room, applied, seq).await?,
-                Applied::Fenced(floor) => {
+                Applied::Fenced(token) => {
                     // Sequenced under an epoch this region's takeover of the room ended: split
                     // brain, refused (the store refuses its write-back too).
                     metrics::counter!(m::FENCED_REFUSED, "by" => "peer").increment(1);
-                    tracing::error!(peer = %peer, room, seq, epoch = entry.ep, floor, "refused a message of a fenced epoch");
+                    tracing::error!(peer = %peer, room, seq, epoch = entry.ep, fenced_by = token, "refused a message of a fenced epoch");
                     return Ok(());
                 }
                 Applied::Ok(_) | Applied::Duplicate(_) => {}

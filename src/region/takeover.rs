@@ -54,6 +54,9 @@ pub struct Report {
     pub written_back: usize,
     /// Replicated messages dropped because the messages before them never reached b.
     pub dropped_beyond_gap: usize,
+    /// Messages a wrote back to the store past what b held (before the fence): kept, and b now
+    /// knows them (a retry of one is that message).
+    pub landed_past_held: usize,
     /// Per room, the first seq of the new epoch.
     pub fences: Vec<Fence>,
 }
@@ -68,13 +71,15 @@ pub struct Fence {
 const PAGE: u32 = 500;
 
 /// Moves the room's counter (KEYS[1]) to at least the store's head (ARGV[1]) and its epoch floor
-/// (KEYS[2]) to at least the new token (ARGV[2]); answers the counter. One script: a replicated
-/// message of the old epoch is either applied before it (and counted in the answer) or refused
-/// after it.
+/// (KEYS[2], `token:from_seq`) to the new token (ARGV[2]) from the seq after the counter; answers
+/// the counter. One script: a replicated message of the old epoch is either applied before it
+/// (and counted in the answer) or, at or past the fence, refused after it.
 const RAISE: &str = "local c = tonumber(redis.call('GET', KEYS[1]) or '0') \
 local h = tonumber(ARGV[1]) \
 if h > c then c = h redis.call('SET', KEYS[1], c) end \
-if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end \
+local f = redis.call('GET', KEYS[2]) \
+local t = f and tonumber(string.match(f, '^(%d+)')) or 0 \
+if t < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2] .. ':' .. (c + 1)) end \
 return c";
 
 /// The lease by which a home region asks the holder of its home lease to let it lapse.
@@ -192,6 +197,7 @@ async fn take_over_locked(
         rooms: 0,
         written_back: 0,
         dropped_beyond_gap: 0,
+        landed_past_held: 0,
         fences: Vec::new(),
     };
     if let Some(l) = current.as_ref().filter(|l| l.holder == by) {
@@ -238,6 +244,9 @@ async fn take_over_locked(
     for id in rooms_homed_in(&store, region).await? {
         let stored = store.head_seq(&RoomId::from(id.as_str())).await?.unwrap_or(0);
         let mut conn = redis.conn().await;
+        // What this region held itself (replicated): the store may hold more, written back by
+        // the old home.
+        let own: i64 = conn.get::<_, Option<i64>>(keys.seq(&id)).await?.unwrap_or(0);
         let head: i64 = raise
             .key(keys.seq(&id))
             .key(keys.room_epoch(&id))
@@ -245,16 +254,16 @@ async fn take_over_locked(
             .arg(lease.token)
             .invoke_async(&mut conn)
             .await?;
-        rooms.push((id, stored, head));
+        rooms.push((id, stored, head, own));
     }
     let fences: Vec<RoomFence> = rooms
         .iter()
-        .map(|(id, _, head)| RoomFence { room_id: id.clone(), token: lease.token, from_seq: head + 1 })
+        .map(|(id, _, head, _)| RoomFence { room_id: id.clone(), token: lease.token, from_seq: head + 1 })
         .collect();
     store.fence_rooms(&fences).await.context("fencing the rooms")?;
     // Then, with no old-epoch write able to land past the fences: continue after anything that
     // landed before them, and write back what only this region holds.
-    for ((id, stored, head), fence) in rooms.into_iter().zip(&fences) {
+    for ((id, stored, head, own), fence) in rooms.into_iter().zip(&fences) {
         let room = RoomId::from(id.as_str());
         let landed = store.head_seq(&room).await?.unwrap_or(0);
         let mut conn = redis.conn().await;
@@ -265,6 +274,22 @@ async fn take_over_locked(
             .arg(lease.token)
             .invoke_async(&mut conn)
             .await?;
+        // What the old home wrote back past what this region held (before the fence): never
+        // replicated here, but kept; a retry of one of them is that message (its dedupe key).
+        let mut after = own;
+        while after < landed {
+            let page = store.messages_after(&room, after, PAGE).await?;
+            let Some(last) = page.last().map(|m| m.seq) else { break };
+            let mut pipe = redis::pipe();
+            for m in page.iter().filter(|m| m.seq <= landed) {
+                let json = serde_json::to_string(m)?;
+                let key = keys.dedupe(&id, &m.sender_id, &m.client_msg_id);
+                pipe.cmd("SET").arg(key).arg(json).arg("EX").arg(timing.dedupe_ttl.as_secs().max(1)).ignore();
+                report.landed_past_held += 1;
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            after = last;
+        }
         let dropped: usize = conn.hlen(keys.replica_pending(&id)).await?;
         let _: () = conn.del(keys.replica_pending(&id)).await?;
         drop(conn);

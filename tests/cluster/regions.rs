@@ -633,7 +633,22 @@ async fn an_isolated_region_is_fenced_taken_over_automatically_and_given_back() 
     assert_eq!(a.send(&alice, &room, "m1", "x").await.status, StatusCode::CREATED);
     crate::wait_metric(&t.b, r#"chatmesh_replication_applied_total{peer="a",kind="message"} 1"#).await;
 
+    // The link goes first: what a acknowledges now and writes back before the store goes too is
+    // kept (b never had it, but the store does).
     t.link.ctl("cut");
+    for cmid in ["pre-1", "pre-2"] {
+        assert_eq!(a.send(&alice, &room, cmid, "x").await.status, StatusCode::CREATED);
+    }
+    let stored = || {
+        t.db.psql(&format!(
+            "SELECT string_agg(seq || ':' || client_msg_id, ',' ORDER BY seq) FROM messages WHERE room_id = '{room}'"
+        ))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored().trim() != "1:m1,2:pre-1,3:pre-2" {
+        assert!(Instant::now() < deadline, "a's write-back: {:?}", stored());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     store_link.ctl("cut");
     let cut = Instant::now();
     let (stale, _) = until_refused(&a, &alice, &room, cut).await;
@@ -641,31 +656,29 @@ async fn an_isolated_region_is_fenced_taken_over_automatically_and_given_back() 
 
     let b1 = until_acked(&t.b, &alice, &room, "b-1", Duration::from_secs(15), "b after the automatic takeover").await;
     let taken_after = cut.elapsed();
-    assert_eq!(b1["seq"].as_i64(), Some(2), "b continues after the one message it held: {b1}");
+    assert_eq!(b1["seq"].as_i64(), Some(4), "b continues after what the store holds: {b1}");
     assert!(
         taken_after >= Duration::from_millis(LEASE_MS + DRIFT_MS),
         "b decided a's rooms {taken_after:?} after the cut, before a's lease could have expired"
     );
-    assert_eq!(t.b.send(&alice, &room, "b-2", "x").await.body["seq"].as_i64(), Some(3));
+    assert_eq!(t.b.send(&alice, &room, "b-2", "x").await.body["seq"].as_i64(), Some(5));
+    // A retry of what a wrote back before the fence is that message.
+    let retry = t.b.send(&alice, &room, "pre-2", "x").await;
+    assert_eq!((retry.status, retry.body["seq"].as_i64()), (StatusCode::OK, Some(3)), "{:?}", retry.body);
 
     t.link.ctl("heal");
     store_link.ctl("heal");
     let stale_line = |by: &str| format!(r#"chatmesh_fenced_refused_total{{by="{by}"}} {stale}"#);
     crate::wait_metric(&a, &stale_line("store")).await;
     crate::wait_metric(&t.b, &stale_line("peer")).await;
-    let stored = || {
-        t.db.psql(&format!(
-            "SELECT string_agg(seq || ':' || client_msg_id, ',' ORDER BY seq) FROM messages WHERE room_id = '{room}'"
-        ))
-    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stored().trim() != "1:m1,2:b-1,3:b-2" {
-        assert!(Instant::now() < deadline, "the store holds {:?}, want b's messages at 2 and 3", stored());
+    while stored().trim() != "1:m1,2:pre-1,3:pre-2,4:b-1,5:b-2" {
+        assert!(Instant::now() < deadline, "the store holds {:?}, want b's messages at 4 and 5", stored());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // a learnt b decides its rooms now: it forwards them there.
     let fwd = until_acked(&a, &alice, &room, "a-fwd", Duration::from_secs(10), "a after the heal").await;
-    assert_eq!(fwd["seq"].as_i64(), Some(4), "{fwd}");
+    assert_eq!(fwd["seq"].as_i64(), Some(6), "{fwd}");
 
     // Give back.
     let (code, out, err) = takeover_with(&env_a, "a", "a");
@@ -683,14 +696,66 @@ async fn an_isolated_region_is_fenced_taken_over_automatically_and_given_back() 
     let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("report {out:?}: {e}"));
     assert_eq!((report["token"].as_i64(), report["previous_token"].as_i64()), (Some(3), Some(2)), "{report}");
     let back = until_acked(&a, &alice, &room, "a-back", Duration::from_secs(5), "a after the give-back").await;
-    assert_eq!(back["seq"].as_i64(), Some(5), "{back}");
+    assert_eq!(back["seq"].as_i64(), Some(7), "{back}");
     // a decides and serves its room from its own copy again: b's messages, not its stale ones.
     let r =
         a.call(Method::GET, &format!("/api/v1/rooms/{room}/messages?after_seq=0&limit=50"), None, Some(&alice)).await;
     let cmids: Vec<&str> =
         r.body["messages"].as_array().unwrap().iter().map(|m| m["client_msg_id"].as_str().unwrap()).collect();
-    assert_eq!(cmids, ["m1", "b-1", "b-2", "a-fwd", "a-back"], "{:?}", r.body);
-    until_history(&t.b, &alice, &room, 5, "b after the give-back").await;
+    assert_eq!(cmids, ["m1", "pre-1", "pre-2", "b-1", "b-2", "a-fwd", "a-back"], "{:?}", r.body);
+    until_history(&t.b, &alice, &room, 7, "b after the give-back").await;
+}
+
+/// Each region pulls each peer with exactly one instance: the singleton job lease
+/// `repl:<region>:<peer>` in the store. With two instances in b, one holds it and pulls (it alone
+/// reports the lag); when it dies the other takes the lease over once it lapsed and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_instance_per_region_pulls_each_peer() {
+    let mut t = two_regions(vec![]).await;
+    let mut env = t.env_b.clone();
+    for (k, v) in env.iter_mut() {
+        match *k {
+            "CHATMESH_BIND" => *v = format!("127.0.0.1:{}", free_port()),
+            "CHATMESH_INSTANCE_ID" => *v = "b2".to_string(),
+            _ => {}
+        }
+    }
+    let mut b2 = spawn_with(Spawn { env, ..Default::default() }).await;
+    let (_, alice) = t.a.register("alice").await;
+    let room = t.a.create_room(&alice, "home-a", "public").await;
+    assert_eq!(t.a.send(&alice, &room, "m1", "x").await.status, StatusCode::CREATED);
+    let holder = || t.db.psql("SELECT holder FROM leases WHERE name = 'repl:b:a'").trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !["b1", "b2"].contains(&holder().as_str()) {
+        assert!(Instant::now() < deadline, "nobody in b holds repl:b:a: {:?}", holder());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = holder();
+    let (puller, other) = if first == "b1" { (&t.b, &b2) } else { (&b2, &t.b) };
+    crate::wait_metric(puller, r#"chatmesh_replication_applied_total{peer="a",kind="message"} 1"#).await;
+    let lag = |app: &TestApp| {
+        let app = app.http.get(format!("{}/metrics", app.url));
+        async move { app.send().await.unwrap().text().await.unwrap().contains("chatmesh_replication_lag_seconds{") }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lag(puller).await {
+        assert!(Instant::now() < deadline, "the holder pulls and reports the lag (every second)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!lag(other).await, "the other instance does not pull");
+
+    if first == "b1" {
+        t.b.signal("KILL");
+        t.b.wait_exit(Duration::from_secs(5));
+    } else {
+        b2.signal("KILL");
+        b2.wait_exit(Duration::from_secs(5));
+    }
+    let survivor = if first == "b1" { &b2 } else { &t.b };
+    assert_eq!(t.a.send(&alice, &room, "m2", "x").await.status, StatusCode::CREATED);
+    crate::wait_metric(survivor, r#"chatmesh_replication_applied_total{peer="a",kind="message"} 1"#).await;
+    let next = holder();
+    assert!(next != first && ["b1", "b2"].contains(&next.as_str()), "the lease moved from {first} to {next}");
 }
 
 /// Ack level `region`: a send is acknowledged only once the other region holds it, so with the
