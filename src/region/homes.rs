@@ -258,6 +258,7 @@ impl Homes {
                     rooms = report.rooms,
                     written_back = report.written_back,
                     dropped_beyond_gap = report.dropped_beyond_gap,
+                    landed_past_held = report.landed_past_held,
                     "took over the rooms homed there (automatic takeover)"
                 );
             }
