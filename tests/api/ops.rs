@@ -219,6 +219,10 @@ async fn every_documented_metric_is_exported_with_bounded_labels_and_moves_with_
         "chatmesh_lease_token",
         "chatmesh_lease_held",
         "chatmesh_lease_renewed_age_seconds",
+        "chatmesh_sends_lapsed_total",
+        "chatmesh_fenced_refused_total",
+        "chatmesh_takeovers_total",
+        "chatmesh_region_acks_degraded_total",
         "chatmesh_rate_limited_total",
         "chatmesh_socket_events_total",
         // Only once a forged pub/sub payload arrived (cluster mode).

@@ -662,6 +662,7 @@ async fn an_isolated_region_is_fenced_taken_over_automatically_and_given_back() 
         "b decided a's rooms {taken_after:?} after the cut, before a's lease could have expired"
     );
     assert_eq!(t.b.send(&alice, &room, "b-2", "x").await.body["seq"].as_i64(), Some(5));
+    crate::wait_metric(&t.b, r#"chatmesh_takeovers_total{home="a",how="auto"} 1"#).await;
     // A retry of what a wrote back before the fence is that message.
     let retry = t.b.send(&alice, &room, "pre-2", "x").await;
     assert_eq!((retry.status, retry.body["seq"].as_i64()), (StatusCode::OK, Some(3)), "{:?}", retry.body);

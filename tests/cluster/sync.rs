@@ -133,6 +133,11 @@ fn the_send_script_runs_on_a_redis_cluster() {
                 "",
                 "0",
                 "1000",
+                // One region: no epoch, publish at once.
+                "",
+                "",
+                "",
+                "",
             ])
         };
         for (i, expect) in [(1, "ok"), (2, "ok"), (1, "dup")] {
@@ -158,19 +163,23 @@ fn the_send_script_runs_on_a_redis_cluster() {
     for r in 0..3 {
         let room = format!("01REPL{r:020}");
         let put = |seq: u32| {
-            let msg = format!("{{\"seq\":{seq}}}");
+            let msg = format!("{{\"seq\":{seq},\"sender_id\":\"u1\",\"client_msg_id\":\"c{seq}\"}}");
             let reply = cluster.cli(&[
                 "EVAL",
                 &apply,
-                "3",
+                "4",
                 &keys.seq(&room),
                 &keys.history(&room),
                 &keys.replica_pending(&room),
+                &keys.room_epoch(&room),
                 &seq.to_string(),
                 &msg,
                 &keys.channel(&room),
                 "0",
                 "2000",
+                "",
+                &keys.dedupe_prefix(&room),
+                "3600",
             ]);
             assert!(!reply.contains("ERR"), "room {r}: {reply}");
             reply.lines().map(str::trim).collect::<Vec<_>>().join(" ")
@@ -180,6 +189,11 @@ fn the_send_script_runs_on_a_redis_cluster() {
         assert_eq!(put(3), "gap 1", "room {r}");
         assert_eq!(put(2), "ok 3", "room {r}: 2 unblocked the waiting 3");
         assert_eq!(cluster.cli(&["XLEN", &keys.history(&room)]).trim(), "3", "room {r}");
+        // Each applied message keeps its dedupe key here too (a retry after a takeover).
+        for seq in 1..=3 {
+            let key = keys.dedupe(&room, "u1", &format!("c{seq}"));
+            assert_eq!(cluster.cli(&["EXISTS", &key]).trim(), "1", "room {r}: dedupe key of {seq}");
+        }
     }
 }
 
