@@ -198,6 +198,16 @@ async fn cluster_mode(
     if c.sync_worker {
         tokio::spawn(worker.run(stats.clone()));
     }
+    Arc::new(crate::sync::retention::Retention {
+        store: store.clone(),
+        redis: redis.clone(),
+        keys: keys.clone(),
+        region: region.to_string(),
+        instance: instance_id.to_string(),
+        recent_per_room: SyncConfig::default().recent_per_room,
+        every: c.retention_every,
+    })
+    .spawn();
     Ok(Mode {
         backends: Backends {
             store: store.clone(),

@@ -329,6 +329,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CHATMESH_TAKEOVER_AFTER_MS", value_name = "CHATMESH_TAKEOVER_AFTER_MS",
           default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub takeover_after_ms: u64,
+    /// Cluster mode: how often the retention job (one instance per region at a time) trims every
+    /// room's recent history in Redis below what the store holds.
+    #[arg(long, env = "CHATMESH_RETENTION_EVERY_MS", value_name = "CHATMESH_RETENTION_EVERY_MS",
+          default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1_000..=86_400_000))]
+    pub retention_every_ms: u64,
     /// Cluster mode: prefix of every Redis key and channel (several clusters can share a Redis).
     #[arg(long, env = "CHATMESH_REDIS_PREFIX", value_name = "CHATMESH_REDIS_PREFIX", default_value = "cm")]
     pub redis_prefix: String,
@@ -533,6 +538,8 @@ pub struct ClusterConfig {
     pub region_ca_file: Option<PathBuf>,
     pub region_outbox_len: u64,
     pub hlc_max_ahead: Duration,
+    /// How often the retention job runs (CHATMESH_RETENTION_EVERY_MS).
+    pub retention_every: Duration,
     /// The home leases (CHATMESH_HOME_LEASE_MS, CHATMESH_LEASE_DRIFT_MS).
     pub leases: crate::region::homes::LeaseTiming,
 }
@@ -693,6 +700,7 @@ impl Config {
                     region_ca_file: args.region_ca_file.clone(),
                     region_outbox_len: args.region_outbox_len,
                     hlc_max_ahead: Duration::from_millis(args.hlc_max_ahead_ms),
+                    retention_every: Duration::from_millis(args.retention_every_ms),
                     leases: crate::region::homes::LeaseTiming {
                         ttl: Duration::from_millis(args.home_lease_ms),
                         margin: Duration::from_millis(args.lease_drift_ms),

@@ -32,6 +32,10 @@ impl Keys {
     pub fn seq(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}:seq", self.tag(room_id))
     }
+    /// Matches every room's history stream (SCAN).
+    pub fn history_pattern(&self) -> String {
+        format!("{}:*:room:*:hist", self.prefix)
+    }
     pub fn history(&self, room_id: &str) -> String {
         format!("{}:room:{room_id}:hist", self.tag(room_id))
     }

@@ -2,6 +2,7 @@
 //! store. Embedded mode has nothing to sync (the sequencer writes the store directly).
 
 pub mod redis;
+pub mod retention;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 

@@ -229,3 +229,40 @@ async fn a_full_backlog_refuses_sends_with_unavailable() {
     assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 5, dead: 0 });
     assert_eq!(p.sequencer.send(request(&room, &uid, "m5")).await.unwrap().message().seq, 6);
 }
+
+/// The retention job trims every room's recent history to the last `recent_per_room` messages
+/// below the store's head — never what the store does not hold — and runs on one instance of the
+/// region at a time (the singleton job lease `retention:<region>` in the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_job_runs_on_one_instance_and_trims_only_what_the_store_holds() {
+    use chatmesh::sync::retention::{Retention, Round};
+    let redis = RedisServer::start();
+    let db = TestDatabase::create();
+    let p = parts(&redis.url(), &db.url()).await;
+    let (uid, room) = seed(&*p.store).await;
+    send_n(&p.sequencer, &room, &uid, "m", 10).await;
+    // The write-back stores the first 10 (keeping them all in recent history: its own bound is
+    // 1000); 5 more wait in Redis.
+    let w = worker(&p, "w", Duration::from_secs(30));
+    w.ensure_groups().await.unwrap();
+    assert_eq!(w.run_once(Duration::ZERO).await, SyncOutcome::Synced { stored: 10, dead: 0 });
+    send_n(&p.sequencer, &room, &uid, "n", 5).await;
+    assert_eq!(redis.cli(&["XLEN", &p.keys.history(&room)]).trim(), "15");
+    let job = |instance: &str| Retention {
+        store: p.store.clone(),
+        redis: p.redis.clone(),
+        keys: p.keys.clone(),
+        region: "local".into(),
+        instance: instance.into(),
+        recent_per_room: 3,
+        every: Duration::from_secs(60),
+    };
+    let (one, other) = (job("i1"), job("i2"));
+    assert_eq!(one.run_once().await.unwrap(), Round::Trimmed { rooms: 1, entries: 6 });
+    assert_eq!(other.run_once().await.unwrap(), Round::NotHolder, "one instance at a time");
+    // Kept: from seq 7 (the store's head 10 minus 3) on, the 5 not yet stored included.
+    let first = redis.cli(&["XRANGE", &p.keys.history(&room), "-", "+", "COUNT", "1"]);
+    assert!(first.lines().next().unwrap_or_default().trim() == "7-0", "{first}");
+    assert_eq!(redis.cli(&["XLEN", &p.keys.history(&room)]).trim(), "9");
+    assert_eq!(one.run_once().await.unwrap(), Round::Trimmed { rooms: 0, entries: 0 }, "nothing more to trim");
+}
