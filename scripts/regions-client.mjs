@@ -380,17 +380,9 @@ function storeHistory(storeUrl, room) {
   });
 }
 
-// ---- partition -------------------------------------------------------------------------------------
-
-async function partition(argv) {
-  const o = parseArgs(argv, { rate: 5, before: 5, cut: 5, after: 5, timeoutMs: 1500, storeUrl: '', details: '', marginMs: 1000 });
-  if (!o.storeUrl) die('--store-url is needed (the database the regions share)');
-  const urls = stackUrls();
-  const A = urls.a.lb;
-  const B = urls.b.lb;
-  log(`regions: a ${A}, b ${B}`);
-
-  // Users: two senders and one receiver per region (the senders receive too).
+// Two senders and one receiver per region (the senders receive too), a room homed in a (created
+// through a) and one in b, every user's socket connected and joined to both rooms.
+async function twoRoomsSetup(A, B) {
   const specs = [
     ['sa1', 'a', true], ['sa2', 'a', true], ['ra1', 'a', false],
     ['sb1', 'b', true], ['sb2', 'b', true], ['rb1', 'b', false],
@@ -405,12 +397,42 @@ async function partition(argv) {
   if (roomB.home_region !== 'b') problems.push(`room created through b has home_region ${roomB.home_region}`);
   const rooms = [roomA.id, roomB.id];
   log(`rooms: ${roomA.id} (home ${roomA.home_region}), ${roomB.id} (home ${roomB.home_region})`);
-
   const members = specs.map(([name, region]) => new Member(name, region, region === 'a' ? A : B, users[name].token, rooms));
   await Promise.all(members.map((m) => m.connect()));
   await Promise.all(members.map((m) => m.joining));
-  for (const m of members) if (m.joinErrors.length) problems.push(`${m.name}: room:join errors before the cut: ${m.joinErrors.join(',')}`);
+  for (const m of members) if (m.joinErrors.length) problems.push(`${m.name}: room:join errors at the start: ${m.joinErrors.join(',')}`);
   log(`${members.length} sockets connected and joined to both rooms`);
+  const senders = members.filter((m) => specs.find((sp) => sp[0] === m.name)[2]);
+  return { users, roomA, roomB, home, rooms, problems, members, senders };
+}
+
+// Each sender sends one message into each room every 1000/rate ms without waiting for the answers,
+// until stop() says so: client_msg_id `<name>-<home>-<tag><n>` (`fire` sends and records it).
+function startSenders(senders, rooms, home, rate, tag, stop, fire) {
+  return senders.map(async (m) => {
+    let n = 0;
+    const start = performance.now();
+    while (!stop()) {
+      n += 1;
+      for (const room of rooms) {
+        fire(m, room, `${m.name}-${home[room]}-${tag}${n}`, `${m.name} -> room homed in ${home[room]} #${tag}${n}`);
+      }
+      await sleep(Math.max(0, start + (n * 1000) / rate - performance.now()));
+    }
+  });
+}
+
+// ---- partition -------------------------------------------------------------------------------------
+
+async function partition(argv) {
+  const o = parseArgs(argv, { rate: 5, before: 5, cut: 5, after: 5, timeoutMs: 1500, storeUrl: '', details: '', marginMs: 1000 });
+  if (!o.storeUrl) die('--store-url is needed (the database the regions share)');
+  const urls = stackUrls();
+  const A = urls.a.lb;
+  const B = urls.b.lb;
+  log(`regions: a ${A}, b ${B}`);
+
+  const { users, home, rooms, problems, members, senders } = await twoRoomsSetup(A, B);
 
   // Senders: every 1000/rate ms one message into each room, without waiting for the previous ack.
   const sends = []; // one per attempt
@@ -432,24 +454,11 @@ async function partition(argv) {
     return rec;
   }
   const bodies = new Map();
-  const senders = members.filter((m) => specs.find((s) => s[0] === m.name)[2]);
-  const loops = senders.map(async (m) => {
-    let n = 0;
-    const interval = 1000 / o.rate;
-    const start = performance.now();
-    while (!stopping) {
-      n += 1;
-      for (const room of rooms) {
-        const cmid = `${m.name}-${home[room]}-${n}`;
-        const body = `${m.name} -> room homed in ${home[room]} #${n}`;
-        bodies.set(cmid, { m, room, body });
-        const p = send(m, room, cmid, body, 1);
-        pending.add(p);
-        p.finally(() => pending.delete(p));
-      }
-      const next = start + n * interval;
-      await sleep(Math.max(0, next - performance.now()));
-    }
+  const loops = startSenders(senders, rooms, home, o.rate, '', () => stopping, (m, room, cmid, body) => {
+    bodies.set(cmid, { m, room, body });
+    const p = send(m, room, cmid, body, 1);
+    pending.add(p);
+    p.finally(() => pending.delete(p));
   });
 
   await sleep(o.before * 1000);
@@ -823,21 +832,7 @@ async function takeover(argv) {
   const B = urls.b.lb;
   log(`regions: a ${A}, b ${B}; phases ${phases.join(', ')}`);
 
-  const specs = [
-    ['sa1', 'a', true], ['sa2', 'a', true], ['ra1', 'a', false],
-    ['sb1', 'b', true], ['sb2', 'b', true], ['rb1', 'b', false],
-  ];
-  const users = {};
-  for (const [name, region] of specs) users[name] = await register(region === 'a' ? A : B, name);
-  const roomA = await createRoom(A, users.sa1.token, `homed in a ${runTag}`);
-  const roomB = await createRoom(B, users.sb1.token, `homed in b ${runTag}`);
-  const home = { [roomA.id]: 'a', [roomB.id]: 'b' };
-  const rooms = [roomA.id, roomB.id];
-  const problems = [];
-  if (roomA.home_region !== 'a' || roomB.home_region !== 'b') problems.push('rooms not homed where created');
-  const members = specs.map(([name, region]) => new Member(name, region, region === 'a' ? A : B, users[name].token, rooms));
-  await Promise.all(members.map((m) => m.connect()));
-  await Promise.all(members.map((m) => m.joining));
+  const { roomA, home, rooms, problems, members, senders } = await twoRoomsSetup(A, B);
   const aMembers = members.filter((m) => m.region === 'a');
 
   const t0 = performance.now();
@@ -856,23 +851,13 @@ async function takeover(argv) {
     return rec;
   }
   let stopping = false;
-  const senders = members.filter((m) => specs.find((sp) => sp[0] === m.name)[2]);
-  const loops = senders.map(async (m) => {
-    let n = 0;
-    const start = performance.now();
-    while (!stopping) {
-      n += 1;
-      for (const room of rooms) {
-        const cmid = `${m.name}-${home[room]}-${n}`;
-        const body = `${m.name} -> room homed in ${home[room]} #${n}`;
-        bodies.set(cmid, { m, room, body });
-        const p = send(m, room, cmid, body, 1);
-        pending.add(p);
-        p.finally(() => pending.delete(p));
-      }
-      await sleep(Math.max(0, start + (n * 1000) / o.rate - performance.now()));
-    }
-  });
+  const fire = (m, room, cmid, body) => {
+    bodies.set(cmid, { m, room, body });
+    const p = send(m, room, cmid, body, 1);
+    pending.add(p);
+    p.finally(() => pending.delete(p));
+  };
+  const loops = startSenders(senders, rooms, home, o.rate, '', () => stopping, fire);
   const acked = new Map(); // cmid -> seq
   const firstAckOfA = (after, region) =>
     sends.filter((x) => x.ok && x.room === roomA.id && x.t_sent >= after && (!region || x.region === region))
@@ -971,25 +956,7 @@ async function takeover(argv) {
     }
     // The next phase sends again, with new client_msg_ids.
     stopping = false;
-    for (const m of senders) {
-      loops.push((async () => {
-        let n = 0;
-        const start = performance.now();
-        const tag = `${name}`.replace(/[^a-z]/g, '');
-        while (!stopping) {
-          n += 1;
-          for (const room of rooms) {
-            const cmid = `${m.name}-${home[room]}-${tag}${n}`;
-            const body = `${m.name} -> room homed in ${home[room]} #${tag}${n}`;
-            bodies.set(cmid, { m, room, body });
-            const p = send(m, room, cmid, body, 1);
-            pending.add(p);
-            p.finally(() => pending.delete(p));
-          }
-          await sleep(Math.max(0, start + (n * 1000) / o.rate - performance.now()));
-        }
-      })());
-    }
+    loops.push(...startSenders(senders, rooms, home, o.rate, name.replace(/[^a-z]/g, ''), () => stopping, fire));
     return ok;
   }
 

@@ -247,13 +247,7 @@ async fn take_over_locked(
         // What this region held itself (replicated): the store may hold more, written back by
         // the old home.
         let own: i64 = conn.get::<_, Option<i64>>(keys.seq(&id)).await?.unwrap_or(0);
-        let head: i64 = raise
-            .key(keys.seq(&id))
-            .key(keys.room_epoch(&id))
-            .arg(stored)
-            .arg(lease.token)
-            .invoke_async(&mut conn)
-            .await?;
+        let head = raise_room(&raise, &mut conn, &keys, &id, stored, lease.token).await?;
         rooms.push((id, stored, head, own));
     }
     let fences: Vec<RoomFence> = rooms
@@ -267,13 +261,7 @@ async fn take_over_locked(
         let room = RoomId::from(id.as_str());
         let landed = store.head_seq(&room).await?.unwrap_or(0);
         let mut conn = redis.conn().await;
-        let _: i64 = raise
-            .key(keys.seq(&id))
-            .key(keys.room_epoch(&id))
-            .arg(landed)
-            .arg(lease.token)
-            .invoke_async(&mut conn)
-            .await?;
+        raise_room(&raise, &mut conn, &keys, &id, landed, lease.token).await?;
         // What the old home wrote back past what this region held (before the fence): never
         // replicated here, but kept; a retry of one of them is that message (its dedupe key).
         let mut after = own;
@@ -318,6 +306,18 @@ async fn take_over_locked(
     }
     tracing::info!(lease = %name, token = lease.token, rooms = report.rooms, "takeover done");
     Ok(report)
+}
+
+/// Runs [`RAISE`] for a room: its counter to at least `head`, its epoch floor to `token`.
+async fn raise_room(
+    raise: &redis::Script,
+    conn: &mut redis::aio::ConnectionManager,
+    keys: &Keys,
+    room: &str,
+    head: i64,
+    token: i64,
+) -> redis::RedisResult<i64> {
+    raise.key(keys.seq(room)).key(keys.room_epoch(room)).arg(head).arg(token).invoke_async(conn).await
 }
 
 /// What [`step_down`] did.
