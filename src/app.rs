@@ -28,6 +28,7 @@ use crate::redis_io::{Keys, Redis, apply_script};
 use crate::region::apply::Applier;
 use crate::region::homes::Homes;
 use crate::region::replicator::{OutboxServer, Replicator};
+use crate::region::takeover::Takeovers;
 use crate::region::{HoldElsewhere, NoOutbox, PeerClient, PeersHold, RedisOutbox, Regions};
 use crate::revocation::{LocalRevocations, RedisRevocations};
 use crate::sequencer::embedded::LocalSequencer;
@@ -145,8 +146,16 @@ async fn cluster_mode(
     };
     // Who decides each region's rooms (issue 17): read by routing, the self-fencing gate and the
     // hold of ack level `region`.
-    let homes = (!peers.is_empty())
-        .then(|| Arc::new(Homes::new(region, instance_id, store.clone(), redis.clone(), keys.clone(), c.leases)));
+    let homes = (!peers.is_empty()).then(|| {
+        let takeovers = Takeovers {
+            store: store.clone(),
+            redis: redis.clone(),
+            keys: keys.clone(),
+            timing: c.leases,
+            dedupe_ttl: c.dedupe_ttl,
+        };
+        Arc::new(Homes::new(region, instance_id, takeovers))
+    });
     let elsewhere: Option<Arc<dyn HoldElsewhere>> = (c.ack_level == AckLevel::Region).then(|| {
         Arc::new(PeersHold { peers: peers.clone(), timeout: c.region_timeout, homes: homes.clone() })
             as Arc<dyn HoldElsewhere>

@@ -706,7 +706,6 @@ impl Config {
                         margin: Duration::from_millis(args.lease_drift_ms),
                         takeover_after: (args.takeover_after_ms > 0)
                             .then(|| Duration::from_millis(args.takeover_after_ms)),
-                        dedupe_ttl: Duration::from_secs(args.dedupe_ttl_hours * 3600),
                     },
                 })
             }

@@ -91,8 +91,14 @@ fn takeover(args: TakeoverArgs) -> ExitCode {
         let redis = chatmesh::redis_io::Redis::connect(cluster.redis.clone()).await?;
         let keys = chatmesh::redis_io::Keys::new(&cluster.prefix, cluster.shards);
         let actor = format!("command:{}", std::process::id());
-        chatmesh::region::takeover::take_over(store, redis, keys, &args.region, &config.region, cluster.leases, &actor)
-            .await
+        let takeovers = chatmesh::region::takeover::Takeovers {
+            store,
+            redis,
+            keys,
+            timing: cluster.leases,
+            dedupe_ttl: cluster.dedupe_ttl,
+        };
+        takeovers.take_over(&args.region, &config.region, &actor).await
     };
     match runtime.block_on(work) {
         Ok(report) => {

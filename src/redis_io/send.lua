@@ -8,8 +8,7 @@
 -- ARGV[10] outbox length bound ('' when there are no peer regions: no outbox)
 -- ARGV[11] the fencing token of the home lease the send is decided under ('' with one region)
 -- ARGV[12] until when (Unix ms) that lease lets this region decide ('' with one region)
--- ARGV[13] the home region of that lease ('' with one region)
--- ARGV[14] '1': publish nothing (ack level `region`: the instance publishes once another region
+-- ARGV[13] '1': publish nothing (ack level `region`: the instance publishes once another region
 --   holds the message, so that nobody sees a message that a takeover could still replace)
 -- Returns {'dup', json} | {'revoked'} | {'init'} | {'full'} | {'lapsed'} | {'ok', json}
 local existing = redis.call('GET', KEYS[2])
@@ -47,13 +46,13 @@ end
 local seq = redis.call('INCR', KEYS[1])
 local msg = ARGV[2] .. seq .. ARGV[3]
 redis.call('XADD', KEYS[3], seq .. '-0', 'm', msg)
-redis.call('XADD', KEYS[4], '*', 'm', msg, 'r', ARGV[7], 's', seq, 't', ARGV[8], 'ep', ARGV[11], 'eh', ARGV[13])
+redis.call('XADD', KEYS[4], '*', 'm', msg, 'r', ARGV[7], 's', seq, 't', ARGV[8], 'ep', ARGV[11])
 redis.call('SET', KEYS[2], msg, 'EX', tonumber(ARGV[4]))
 if ARGV[10] ~= '' then
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'r', ARGV[7], 's', seq, 'm', msg, 'ep', ARGV[11], 'eh', ARGV[13])
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[10], '*', 'r', ARGV[7], 's', seq, 'm', msg, 'ep', ARGV[11])
 end
 -- seal() is defined by the prelude the instance puts before this script (fanout::seal).
-if ARGV[14] ~= '1' then
+if ARGV[13] ~= '1' then
   redis.call('PUBLISH', ARGV[5], seal(ARGV[5], msg))
 end
 return {'ok', msg}

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 
+use super::takeover::Takeovers;
 use crate::domain::Timestamp;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics as m;
 use crate::redis_io::{Keys, Redis};
-use crate::store::{Epoch, Lease, Store};
+use crate::store::{Epoch, Lease};
 
 /// The lease that says who decides the rooms homed in `region`.
 pub fn lease_name(region: &str) -> String {
@@ -40,9 +41,6 @@ pub struct LeaseTiming {
     /// Automatic takeover: a home lease not renewed for this long (and lapsed past the margin)
     /// is taken over by this region (`None`: only by the operator's command).
     pub takeover_after: Option<Duration>,
-    /// How long a message's dedupe key is kept (CHATMESH_DEDUPE_TTL_HOURS): a takeover writes
-    /// some.
-    pub dedupe_ttl: Duration,
 }
 
 impl LeaseTiming {
@@ -66,10 +64,9 @@ pub struct Homes {
     own: String,
     /// This instance (the holder of the singleton job leases it takes).
     instance: String,
-    store: Arc<dyn Store>,
-    redis: Redis,
-    keys: Keys,
-    timing: LeaseTiming,
+    /// The store, this region's Redis and the lease timing; also what takeovers and step-downs
+    /// run on.
+    takeovers: Takeovers,
     /// Every home lease as last read: home region -> holder region.
     holders: RwLock<HashMap<String, Lease>>,
     /// The home leases this region decides under: home region -> token and validity.
@@ -81,21 +78,11 @@ pub struct Homes {
 }
 
 impl Homes {
-    pub fn new(
-        own: &str,
-        instance: &str,
-        store: Arc<dyn Store>,
-        redis: Redis,
-        keys: Keys,
-        timing: LeaseTiming,
-    ) -> Self {
+    pub fn new(own: &str, instance: &str, takeovers: Takeovers) -> Self {
         Self {
             own: own.to_string(),
             instance: instance.to_string(),
-            store,
-            redis,
-            keys,
-            timing,
+            takeovers,
             holders: RwLock::default(),
             held: RwLock::default(),
             renewed: RwLock::default(),
@@ -118,11 +105,9 @@ impl Homes {
         let held = self.held.read().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         match held.get(home) {
-            Some(h) if now < h.until => Ok(Epoch {
-                home: home.to_string(),
-                token: h.token,
-                until_ms: Timestamp::now().0 + (h.until - now).as_millis() as i64,
-            }),
+            Some(h) if now < h.until => {
+                Ok(Epoch { token: h.token, until_ms: Timestamp::now().0 + (h.until - now).as_millis() as i64 })
+            }
             _ => Err(ApiError::Unavailable(format!(
                 "this region does not hold the lease on the rooms homed in `{home}` right now (it could not renew it, \
                  or another region took them over); retry"
@@ -155,7 +140,7 @@ impl Homes {
     pub async fn start(self: Arc<Self>) {
         self.tick().await;
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(self.timing.renew_every());
+            let mut every = tokio::time::interval(self.takeovers.timing.renew_every());
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every.tick().await;
             loop {
@@ -168,7 +153,7 @@ impl Homes {
     /// One round, bounded: a store that hangs (a cut link drops packets) must not stop the next
     /// round once it answers again.
     async fn tick(self: &Arc<Self>) {
-        match tokio::time::timeout(self.timing.ttl, self.round()).await {
+        match tokio::time::timeout(self.takeovers.timing.ttl, self.round()).await {
             Err(_) => tracing::warn!("the home leases could not be read or renewed in time"),
             Ok(Some(leases)) => self.clone().follow_up(leases),
             Ok(None) => {}
@@ -183,11 +168,12 @@ impl Homes {
         for lease in leases {
             let Some(home) = home_in(&lease.name).map(str::to_string) else { continue };
             let job = if lease.holder != self.own {
-                let unrenewed_ms = now.0 - (lease.expires_at.0 - self.timing.ttl.as_millis() as i64);
-                let lapsed = now.0 >= lease.expires_at.0 + self.timing.margin.as_millis() as i64;
-                let due = self.timing.takeover_after.is_some_and(|after| unrenewed_ms >= after.as_millis() as i64);
+                let unrenewed_ms = now.0 - (lease.expires_at.0 - self.takeovers.timing.ttl.as_millis() as i64);
+                let lapsed = now.0 >= lease.expires_at.0 + self.takeovers.timing.margin.as_millis() as i64;
+                let due =
+                    self.takeovers.timing.takeover_after.is_some_and(|after| unrenewed_ms >= after.as_millis() as i64);
                 if lapsed && due { Job::TakeOver } else { Job::StepDown(lease.token) }
-            } else if home != self.own && self.timing.takeover_after.is_some() && lease.expires_at.0 > now.0 {
+            } else if home != self.own && self.takeovers.timing.takeover_after.is_some() && lease.expires_at.0 > now.0 {
                 Job::Finish(lease.token)
             } else {
                 continue;
@@ -211,7 +197,7 @@ impl Homes {
                 if self.marker(&name).await.is_none_or(|m| m >= token) {
                     return;
                 }
-                match super::takeover::step_down(&self.store, &self.redis, &self.keys, home, token).await {
+                match self.takeovers.step_down(home, token).await {
                     Ok(done) => {
                         tracing::warn!(
                             home,
@@ -220,8 +206,8 @@ impl Homes {
                             dropped = done.dropped,
                             "another region took over the rooms homed there: stepped down, catching up from it"
                         );
-                        let mut conn = self.redis.conn().await;
-                        let _: redis::RedisResult<()> = conn.del(self.keys.home_marker(&name)).await;
+                        let mut conn = self.takeovers.redis.conn().await;
+                        let _: redis::RedisResult<()> = conn.del(self.takeovers.keys.home_marker(&name)).await;
                     }
                     Err(e) => tracing::warn!(home, error = %e, "stepping down failed; retried next round"),
                 }
@@ -239,17 +225,7 @@ impl Homes {
     /// A takeover by this region (one at a time: `take_over` holds the singleton lease
     /// `takeover:<home>` in the store).
     async fn take_over(&self, home: &str, how: &'static str) {
-        let done = super::takeover::take_over(
-            self.store.clone(),
-            self.redis.clone(),
-            self.keys.clone(),
-            home,
-            &self.own,
-            self.timing,
-            &self.instance,
-        )
-        .await;
-        match done {
+        match self.takeovers.take_over(home, &self.own, &self.instance).await {
             Ok(report) if !report.already_done => {
                 metrics::counter!(m::TAKEOVERS, "home" => home.to_string(), "how" => how).increment(1);
                 tracing::warn!(
@@ -273,7 +249,7 @@ impl Homes {
         for (name, at) in self.renewed.read().unwrap_or_else(|e| e.into_inner()).iter() {
             metrics::gauge!(m::LEASE_RENEWED_AGE, "name" => name.clone()).set(at.elapsed().as_secs_f64());
         }
-        let leases = match self.store.leases().await {
+        let leases = match self.takeovers.store.leases().await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "the home leases could not be read; deciding stops when they lapse");
@@ -308,7 +284,6 @@ impl Homes {
             }
         }
         let mut kept = HashMap::new();
-        let held_before: Vec<String> = self.held.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         for lease in mine {
             let Some(home) = home_in(&lease.name).map(str::to_string) else { continue };
             let renewed = if lease.expires_at.0 <= now.0 {
@@ -322,8 +297,8 @@ impl Homes {
                 }
                 self.take(&lease.name).await
             } else {
-                let ttl = self.timing.ttl.as_millis() as i64;
-                match self.store.renew_lease(&lease.name, &self.own, lease.token, ttl, now).await {
+                let ttl = self.takeovers.timing.ttl.as_millis() as i64;
+                match self.takeovers.store.renew_lease(&lease.name, &self.own, lease.token, ttl, now).await {
                     Ok(Some(l)) => Some(l),
                     Ok(None) => {
                         tracing::warn!(lease = %lease.name, token = lease.token, "a home lease was lost before its renewal");
@@ -339,11 +314,8 @@ impl Homes {
             metrics::gauge!(m::LEASE_TOKEN, "name" => lease.name.clone()).set(lease.token as f64);
             self.renewed.write().unwrap_or_else(|e| e.into_inner()).insert(lease.name.clone(), Instant::now());
             metrics::gauge!(m::LEASE_RENEWED_AGE, "name" => lease.name.clone()).set(0.0);
-            let marker = self.marker(&lease.name).await;
-            if marker == Some(lease.token) {
-                kept.insert(home, Held { token: lease.token, until: self.timing.valid_until(started) });
-            } else if held_before.contains(&home) {
-                tracing::warn!(lease = %lease.name, token = lease.token, marker, "the epoch marker changed");
+            if self.marker(&lease.name).await == Some(lease.token) {
+                kept.insert(home, Held { token: lease.token, until: self.takeovers.timing.valid_until(started) });
             }
         }
         let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
@@ -365,8 +337,8 @@ impl Homes {
     /// Acquires `name` for this region (a first epoch, or its own lapsed lease back) and marks
     /// the epoch ready at once: nobody else decided under it in between.
     async fn take(&self, name: &str) -> Option<Lease> {
-        let ttl = self.timing.ttl.as_millis() as i64;
-        let lease = match self.store.acquire_lease(name, &self.own, ttl, Timestamp::now()).await {
+        let ttl = self.takeovers.timing.ttl.as_millis() as i64;
+        let lease = match self.takeovers.store.acquire_lease(name, &self.own, ttl, Timestamp::now()).await {
             Ok(Some(l)) => l,
             Ok(None) => return None,
             Err(e) => {
@@ -375,13 +347,13 @@ impl Homes {
             }
         };
         tracing::info!(lease = name, token = lease.token, "home lease acquired");
-        set_marker(&self.redis, &self.keys, name, lease.token).await.ok()?;
+        set_marker(&self.takeovers.redis, &self.takeovers.keys, name, lease.token).await.ok()?;
         Some(lease)
     }
 
     async fn marker(&self, name: &str) -> Option<i64> {
-        let mut conn = self.redis.conn().await;
-        conn.get::<_, Option<i64>>(self.keys.home_marker(name)).await.ok().flatten()
+        let mut conn = self.takeovers.redis.conn().await;
+        conn.get::<_, Option<i64>>(self.takeovers.keys.home_marker(name)).await.ok().flatten()
     }
 }
 
@@ -409,21 +381,11 @@ mod tests {
 
     #[test]
     fn validity_ends_a_margin_before_the_lease() {
-        let t = LeaseTiming {
-            ttl: Duration::from_secs(10),
-            margin: Duration::from_secs(2),
-            takeover_after: None,
-            dedupe_ttl: Duration::ZERO,
-        };
+        let t = LeaseTiming { ttl: Duration::from_secs(10), margin: Duration::from_secs(2), takeover_after: None };
         let at = Instant::now();
         assert_eq!(t.valid_until(at) - at, Duration::from_secs(8));
         assert_eq!(t.renew_every(), Duration::from_millis(2500));
-        let odd = LeaseTiming {
-            ttl: Duration::from_secs(1),
-            margin: Duration::from_secs(5),
-            takeover_after: None,
-            dedupe_ttl: Duration::ZERO,
-        };
+        let odd = LeaseTiming { ttl: Duration::from_secs(1), margin: Duration::from_secs(5), takeover_after: None };
         assert_eq!(odd.valid_until(at), at, "a margin past the lease time never lets its holder act");
     }
 

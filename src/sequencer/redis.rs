@@ -81,10 +81,10 @@ impl RedisSequencer {
         let lanes = (0..LANES)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                let publisher = config.elsewhere.as_ref().map(|_| {
+                let publisher = config.elsewhere.clone().map(|elsewhere| {
                     let (ptx, prx) = mpsc::unbounded_channel();
                     tokio::spawn(publish_when_held(redis.clone(), keys.clone(), config.seal.clone(), prx));
-                    ptx
+                    (elsewhere, ptx)
                 });
                 let worker = Worker {
                     redis: redis.clone(),
@@ -115,8 +115,9 @@ struct Worker {
     store: Arc<dyn Store>,
     config: RedisSequencerConfig,
     script: redis::Script,
-    /// Ack level `region`: where the lane's batches go to be published, in order, once held.
-    publisher: Option<mpsc::UnboundedSender<Holding>>,
+    /// Ack level `region`: what gets a batch into another region, and where the lane's batches
+    /// go to be published, in order, once held.
+    publisher: Option<(Arc<dyn crate::region::HoldElsewhere>, mpsc::UnboundedSender<Holding>)>,
 }
 
 /// Ack level `region`: publishes each batch's messages once another region holds them, batch
@@ -313,7 +314,7 @@ impl Worker {
     /// (measured: ack p50 144 ms against 100 ms for forward + hold at a 25 ms link). The lane's
     /// publisher publishes the batch once held (the script published nothing), in lane order.
     fn answer(&self, done: Vec<(Reply, Result<SendOutcome, ApiError>)>) {
-        let (Some(elsewhere), Some(publisher)) = (self.config.elsewhere.clone(), &self.publisher) else {
+        let Some((elsewhere, publisher)) = &self.publisher else {
             for (reply, result) in done {
                 let _ = reply.send(result);
             }
@@ -321,7 +322,7 @@ impl Worker {
         };
         let messages: Vec<Message> =
             done.iter().filter_map(|(_, r)| r.as_ref().ok().map(|outcome| outcome.message().clone())).collect();
-        let to_hold = messages.clone();
+        let (elsewhere, to_hold) = (elsewhere.clone(), messages.clone());
         let hold =
             tokio::spawn(async move { if to_hold.is_empty() { Ok(()) } else { elsewhere.hold(&to_hold).await } });
         let _ = publisher.send(Holding { hold, messages, done });
@@ -358,8 +359,8 @@ impl Worker {
                     .arg(req.membership)
                     .arg(self.config.outbox_len.map(|n| n.to_string()).unwrap_or_default());
                 match &req.epoch {
-                    Some(e) => pipe.arg(e.token).arg(e.until_ms).arg(&e.home),
-                    None => pipe.arg("").arg("").arg(""),
+                    Some(e) => pipe.arg(e.token).arg(e.until_ms),
+                    None => pipe.arg("").arg(""),
                 };
                 pipe.arg(if self.publisher.is_some() { "1" } else { "" });
             }

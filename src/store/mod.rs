@@ -123,13 +123,11 @@ pub struct SendRequest {
     pub epoch: Option<Epoch>,
 }
 
-/// The home lease a message is sequenced under: the lease of the rooms homed in `home`, its
-/// fencing token, and until when (Unix ms, this instance's clock) its holder may still act on
-/// it. The token travels with the message to the store and to other regions, which refuse it
-/// once a newer epoch fenced the room (issue 17).
+/// The home lease a message is sequenced under: its fencing token, and until when (Unix ms, this
+/// instance's clock) its holder may still act on it. The token travels with the message to the
+/// store and to other regions, which refuse it once a newer epoch fenced the room (issue 17).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Epoch {
-    pub home: String,
     pub token: i64,
     pub until_ms: i64,
 }

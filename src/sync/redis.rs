@@ -193,14 +193,13 @@ impl SyncWorker {
             return SyncOutcome::Idle;
         }
         let (good, bad): (Vec<Entry>, Vec<Entry>) = entries.into_iter().partition(|e| e.message.is_some());
-        let messages: Vec<Message> = good.iter().filter_map(|e| e.message.clone()).collect();
         let mut dead = Vec::new();
         dead.extend(bad);
         let mut stored = Vec::new();
         // Traces: one span per batch around the store write, and per message a span that continues
         // the send's trace, so one trace shows the message from send to durable.
         let (batch_span, durable_spans) = if telemetry::traces_enabled() {
-            let batch = tracing::info_span!("sync batch", entries = messages.len());
+            let batch = tracing::info_span!("sync batch", entries = good.len());
             let per_message: Vec<tracing::Span> = good
                 .iter()
                 .map(|e| {
@@ -214,7 +213,7 @@ impl SyncWorker {
             (tracing::Span::none(), Vec::new())
         };
         let write_span = if telemetry::traces_enabled() {
-            tracing::info_span!(parent: &batch_span, "store write", otel.name = "store upsert_messages", rows = messages.len())
+            tracing::info_span!(parent: &batch_span, "store write", otel.name = "store upsert_messages", rows = good.len())
         } else {
             tracing::Span::none()
         };

@@ -137,7 +137,6 @@ fn the_send_script_runs_on_a_redis_cluster() {
                 "",
                 "",
                 "",
-                "",
             ])
         };
         for (i, expect) in [(1, "ok"), (2, "ok"), (1, "dup")] {
